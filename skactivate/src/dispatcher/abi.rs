@@ -1,0 +1,298 @@
+//! Rust mirrors of the structs in `ebpf/skactivate.h`.
+//!
+//! Each type says which C struct it mirrors; `tests::layout_matches_the_object`
+//! compares sizes and offsets with the `skactivate_layout` the object exports.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+use crate::binding::{Binding, Family, Ports, Protocol};
+
+/// `SKA_LAYOUT_VERSION`.
+pub const LAYOUT_VERSION: u32 = 1;
+/// `SKA_MAX_BINDINGS`: trie entries.
+pub const MAX_BINDINGS: u32 = 1 << 20;
+/// `SKA_MAX_DESTINATIONS`.
+pub const MAX_DESTINATIONS: u32 = 4096;
+/// `SKA_UNIT_NAME_MAX`.
+pub const UNIT_NAME_MAX: usize = 256;
+/// `SKA_PORTS_ENTRIES`.
+pub const PORTS_ENTRIES: u32 = 2 << 16;
+/// `SKA_KEY_HEADER_BITS`: protocol and port in front of the address.
+pub const KEY_HEADER_BITS: u32 = 24;
+
+/// Mirrors `struct ska_binding_key` without its leading `prefixlen`, which aya's
+/// `lpm_trie::Key` supplies.
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BindingKey {
+    pub protocol: u8,
+    /// Network byte order; 0 = every port.
+    pub port: [u8; 2],
+    /// IPv6, or IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+}
+
+// SAFETY: packed plain bytes, no padding, every bit pattern valid.
+unsafe impl aya::Pod for BindingKey {}
+
+/// Mirrors `struct ska_binding_value`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindingValue {
+    pub destination: u32,
+    /// The prefixlen of the entry's own key.
+    pub prefixlen: u32,
+}
+
+// SAFETY: two u32, no padding.
+unsafe impl aya::Pod for BindingValue {}
+
+/// Mirrors `struct ska_destination_key`.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct DestinationKey {
+    pub unit: [u8; UNIT_NAME_MAX],
+    pub family: u8,
+    pub protocol: u8,
+    pub pad: [u8; 2],
+}
+
+// SAFETY: bytes only, explicit padding.
+unsafe impl aya::Pod for DestinationKey {}
+
+impl std::fmt::Debug for DestinationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestinationKey")
+            .field("unit", &self.unit_name())
+            .field("family", &self.family)
+            .field("protocol", &self.protocol)
+            .finish()
+    }
+}
+
+impl DestinationKey {
+    /// `None` if the unit name does not fit (systemd's limit is 255 bytes).
+    pub fn new(unit: &str, family: Family, protocol: Protocol) -> Option<Self> {
+        let bytes = unit.as_bytes();
+        if bytes.len() >= UNIT_NAME_MAX || bytes.contains(&0) {
+            return None;
+        }
+        let mut name = [0u8; UNIT_NAME_MAX];
+        name[..bytes.len()].copy_from_slice(bytes);
+        Some(DestinationKey {
+            unit: name,
+            family: family.af(),
+            protocol: protocol.number(),
+            pad: [0; 2],
+        })
+    }
+
+    pub fn unit_name(&self) -> String {
+        let end = self
+            .unit
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(UNIT_NAME_MAX);
+        String::from_utf8_lossy(&self.unit[..end]).into_owned()
+    }
+}
+
+/// Mirrors `struct ska_destination_value`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DestinationValue {
+    pub id: u32,
+    pub refcount: u32,
+}
+
+// SAFETY: two u32, no padding.
+unsafe impl aya::Pod for DestinationValue {}
+
+/// Mirrors `struct ska_metrics`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Metrics {
+    pub lookups: u64,
+    pub misses: u64,
+    pub errors: u64,
+}
+
+// SAFETY: three u64, no padding.
+unsafe impl aya::Pod for Metrics {}
+
+/// Index into the `ports` array (`slot << 16 | port`, port 0 = wildcards).
+pub fn ports_index(protocol: Protocol, port: u16) -> u32 {
+    let slot = match protocol {
+        Protocol::Tcp => 0,
+        Protocol::Udp => 1,
+    };
+    slot << 16 | u32::from(port)
+}
+
+/// The address as the trie stores it: IPv6, or IPv4 v4-mapped.
+pub fn trie_addr(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The trie's prefix length for an address prefix: header bits plus the
+/// prefix, IPv4 counted inside `::ffff:0:0/96`.
+pub fn trie_prefixlen(prefix: &IpNet) -> u32 {
+    let len = u32::from(prefix.prefix_len());
+    KEY_HEADER_BITS
+        + match prefix {
+            IpNet::V4(_) => 96 + len,
+            IpNet::V6(_) => len,
+        }
+}
+
+/// One trie entry of a binding: `port` is 0 for `*`.
+pub fn binding_key(
+    protocol: Protocol,
+    prefix: &IpNet,
+    port: u16,
+) -> aya::maps::lpm_trie::Key<BindingKey> {
+    aya::maps::lpm_trie::Key::new(
+        trie_prefixlen(prefix),
+        BindingKey {
+            protocol: protocol.number(),
+            port: port.to_be_bytes(),
+            addr: trie_addr(prefix.addr()),
+        },
+    )
+}
+
+/// A full-length lookup key for one address and port.
+pub fn lookup_key(
+    protocol: Protocol,
+    addr: IpAddr,
+    port: u16,
+) -> aya::maps::lpm_trie::Key<BindingKey> {
+    aya::maps::lpm_trie::Key::new(
+        KEY_HEADER_BITS + 128,
+        BindingKey {
+            protocol: protocol.number(),
+            port: port.to_be_bytes(),
+            addr: trie_addr(addr),
+        },
+    )
+}
+
+/// The (protocol, prefix, port) a trie entry stands for, or `None` for an entry
+/// that skactivate would never have written.
+pub fn decode_binding_key(prefixlen: u32, key: &BindingKey) -> Option<(Binding, u16)> {
+    let protocol = Protocol::from_number(key.protocol)?;
+    let port = u16::from_be_bytes(key.port);
+    let addr_bits = prefixlen.checked_sub(KEY_HEADER_BITS)?;
+    let v6 = Ipv6Addr::from(key.addr);
+    let prefix = match v6.to_ipv4_mapped() {
+        Some(v4) if addr_bits >= 96 => {
+            IpNet::new(IpAddr::V4(v4), u8::try_from(addr_bits - 96).ok()?).ok()?
+        }
+        _ => IpNet::new(IpAddr::V6(v6), u8::try_from(addr_bits).ok()?).ok()?,
+    };
+    let ports = if port == 0 {
+        Ports::All
+    } else {
+        Ports::single(port)
+    };
+    Some((Binding::new(protocol, prefix, ports), port))
+}
+
+/// The all-zero IPv4 address, for tests and defaults.
+pub const V4_ANY: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+
+/// `struct bpf_sk_lookup` of `linux/bpf.h`, as `BPF_PROG_TEST_RUN` takes it.
+/// Every byte after `local_port` must be zero, tail padding included: hence the
+/// explicit trailing field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SkLookupCtx {
+    pub cookie: u64,
+    pub family: u32,
+    pub protocol: u32,
+    pub remote_ip4: u32,
+    pub remote_ip6: [u32; 4],
+    pub remote_port: u16,
+    pub pad0: u16,
+    pub local_ip4: u32,
+    pub local_ip6: [u32; 4],
+    pub local_port: u32,
+    pub ingress_ifindex: u32,
+    pub pad1: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use super::*;
+
+    /// `struct ska_layout`, read from the object's `.skactivate_layout` section.
+    fn object_layout() -> Vec<u32> {
+        use object::{Object, ObjectSection};
+        let file = object::File::parse(super::super::DISPATCHER_OBJECT).unwrap();
+        let section = file.section_by_name(".skactivate_layout").unwrap();
+        section
+            .data()
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn layout_matches_the_object() {
+        let c = object_layout();
+        let full_key = 4 + size_of::<BindingKey>();
+        let ours = [
+            LAYOUT_VERSION as usize,
+            full_key,
+            size_of::<BindingValue>(),
+            size_of::<DestinationKey>(),
+            size_of::<DestinationValue>(),
+            size_of::<Metrics>(),
+            4 + offset_of!(BindingKey, protocol),
+            4 + offset_of!(BindingKey, port),
+            4 + offset_of!(BindingKey, addr),
+            offset_of!(BindingValue, prefixlen),
+            offset_of!(DestinationKey, family),
+            offset_of!(DestinationKey, protocol),
+            offset_of!(DestinationValue, refcount),
+            offset_of!(Metrics, misses),
+            offset_of!(Metrics, errors),
+        ];
+        let ours: Vec<u32> = ours.iter().map(|&v| u32::try_from(v).unwrap()).collect();
+        assert_eq!(c, ours, "ebpf/skactivate.h and abi.rs disagree");
+        assert_eq!(size_of::<aya::maps::lpm_trie::Key<BindingKey>>(), full_key);
+    }
+
+    #[test]
+    fn sk_lookup_ctx_is_the_kernels_size() {
+        // sizeof(struct bpf_sk_lookup) in linux/bpf.h of 6.x: 68 bytes of
+        // fields, padded to 72 by the u64 cookie.
+        assert_eq!(size_of::<SkLookupCtx>(), 72);
+        assert_eq!(offset_of!(SkLookupCtx, local_port), 60);
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        for (text, port) in [
+            ("192.0.2.0/24", 80u16),
+            ("0.0.0.0/0", 0),
+            ("2001:db8::/64", 443),
+            ("::/0", 0),
+        ] {
+            let net: IpNet = text.parse().unwrap();
+            let key = binding_key(Protocol::Udp, &net, port);
+            let (b, p) = decode_binding_key(key.prefix_len(), &key.data()).unwrap();
+            assert_eq!(b.prefix, net);
+            assert_eq!(p, port);
+            assert_eq!(b.protocol, Protocol::Udp);
+        }
+    }
+}

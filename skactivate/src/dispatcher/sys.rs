@@ -1,0 +1,338 @@
+//! The few `bpf(2)` commands aya 0.14 does not expose: running a program
+//! (`BPF_PROG_TEST_RUN`, not offered for sk_lookup), replacing a link's program
+//! (`BPF_LINK_UPDATE`, private in aya), link and program info, and the element
+//! operations of the SOCKHASH, whose 8-byte values aya's `SockHash` refuses.
+//!
+//! Each attr struct is the prefix of the kernel's `union bpf_attr` member for
+//! that command; the kernel zero-fills what a shorter attr leaves out.
+
+use std::ffi::CString;
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `BPF_F_REPLACE`: update the link only if it still runs `old_prog_fd`.
+const BPF_F_REPLACE: u32 = 1 << 2;
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, properly sized #[repr(C)] prefix of union
+    // bpf_attr for `cmd`; pointers inside it point to live buffers.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn fd_from(r: libc::c_long) -> OwnedFd {
+    let fd = i32::try_from(r).expect("the kernel returns an int fd");
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn raw(fd: BorrowedFd<'_>) -> u32 {
+    u32::try_from(fd.as_raw_fd()).expect("fds are non-negative")
+}
+
+fn ptr<T>(p: *const T) -> u64 {
+    p as usize as u64
+}
+
+/// `BPF_OBJ_GET`: open a pinned object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut attr = Attr {
+        pathname: ptr(c.as_ptr()),
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_GET, &mut attr).map(fd_from)
+}
+
+/// The parts of `struct bpf_link_info` skactivate reads, for a netns link.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkInfo {
+    pub id: u32,
+    pub prog_id: u32,
+    /// 0 once the network namespace is gone (the link is auto-detached).
+    pub netns_ino: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+fn obj_info<T: Default>(fd: BorrowedFd<'_>) -> io::Result<T> {
+    let mut info = T::default();
+    let mut attr = InfoAttr {
+        bpf_fd: raw(fd),
+        info_len: u32::try_from(size_of::<T>()).expect("small struct"),
+        info: ptr(&mut info as *mut T),
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    // struct bpf_link_info { type, id, prog_id; union (8-aligned) { netns { netns_ino, attach_type } } }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Info {
+        link_type: u32,
+        id: u32,
+        prog_id: u32,
+        pad: u32,
+        netns_ino: u32,
+        attach_type: u32,
+    }
+    let i: Info = obj_info(link)?;
+    Ok(LinkInfo {
+        id: i.id,
+        prog_id: i.prog_id,
+        netns_ino: i.netns_ino,
+    })
+}
+
+/// The parts of `struct bpf_map_info` skactivate reads.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MapInfo {
+    pub map_type: u32,
+    pub id: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub map_flags: u32,
+}
+
+pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    obj_info(map)
+}
+
+/// The parts of `struct bpf_prog_info` skactivate reads.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgInfo {
+    pub id: u32,
+    pub tag: [u8; 8],
+}
+
+pub fn prog_info(prog: BorrowedFd<'_>) -> io::Result<ProgInfo> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Info {
+        prog_type: u32,
+        id: u32,
+        tag: [u8; 8],
+    }
+    let i: Info = obj_info(prog)?;
+    Ok(ProgInfo {
+        id: i.id,
+        tag: i.tag,
+    })
+}
+
+/// `BPF_PROG_GET_FD_BY_ID`.
+pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct Attr {
+        prog_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = Attr {
+        prog_id: id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(fd_from)
+}
+
+/// `BPF_LINK_UPDATE` with `BPF_F_REPLACE`: atomically swap the link's program,
+/// only if it still runs `old`.
+pub fn link_update(
+    link: BorrowedFd<'_>,
+    new: BorrowedFd<'_>,
+    old: BorrowedFd<'_>,
+) -> io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = Attr {
+        link_fd: raw(link),
+        new_prog_fd: raw(new),
+        flags: BPF_F_REPLACE,
+        old_prog_fd: raw(old),
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// What one `BPF_PROG_TEST_RUN` of an sk_lookup program returned.
+#[derive(Debug, Clone, Copy)]
+pub struct TestRun<C> {
+    pub retval: u32,
+    /// Mean ns per run, as the kernel measured it over `repeat` runs.
+    pub duration_ns: u32,
+    pub ctx_out: C,
+}
+
+/// `BPF_PROG_TEST_RUN` with a context and no packet data (what sk_lookup takes).
+pub fn prog_test_run<C: Copy>(
+    prog: BorrowedFd<'_>,
+    ctx_in: &C,
+    repeat: u32,
+) -> io::Result<TestRun<C>> {
+    #[repr(C)]
+    struct Attr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        pad: u32,
+    }
+    let mut out = *ctx_in;
+    let size = u32::try_from(size_of::<C>()).expect("small ctx");
+    let mut attr = Attr {
+        prog_fd: raw(prog),
+        retval: 0,
+        data_size_in: 0,
+        data_size_out: 0,
+        data_in: 0,
+        data_out: 0,
+        repeat,
+        duration: 0,
+        ctx_size_in: size,
+        ctx_size_out: size,
+        ctx_in: ptr(ctx_in as *const C),
+        ctx_out: ptr(&mut out as *mut C),
+        flags: 0,
+        cpu: 0,
+        batch_size: 0,
+        pad: 0,
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(TestRun {
+        retval: attr.retval,
+        duration_ns: attr.duration,
+        ctx_out: out,
+    })
+}
+
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64, // or next_key
+    flags: u64,
+}
+
+/// `BPF_MAP_UPDATE_ELEM` of a sock map: the value is the socket's fd as u64.
+pub fn sockmap_insert(map: BorrowedFd<'_>, key: u32, sock: BorrowedFd<'_>) -> io::Result<()> {
+    let value = u64::from(raw(sock));
+    let mut attr = ElemAttr {
+        map_fd: raw(map),
+        pad: 0,
+        key: ptr(&key),
+        value: ptr(&value),
+        flags: 0, // BPF_ANY: a new socket replaces the old one
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` of a sock map with 8-byte values: the socket's cookie,
+/// or `None` when the key is absent (its socket closed or never came).
+pub fn sockmap_cookie(map: BorrowedFd<'_>, key: u32) -> io::Result<Option<u64>> {
+    let mut value = 0u64;
+    let mut attr = ElemAttr {
+        map_fd: raw(map),
+        pad: 0,
+        key: ptr(&key),
+        value: ptr(&mut value as *mut u64),
+        flags: 0,
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_DELETE_ELEM`; absent is not an error.
+pub fn sockmap_remove(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: raw(map),
+        pad: 0,
+        key: ptr(&key),
+        value: 0,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Every key of a u32-keyed map of at most `max_entries` entries. (A hash map
+/// restarts its walk when the previous key vanished meanwhile; the bound keeps
+/// that from looping.)
+pub fn map_keys_u32(map: BorrowedFd<'_>, max_entries: u32) -> io::Result<Vec<u32>> {
+    let mut keys = Vec::new();
+    let mut next = 0u32;
+    while keys.len() <= max_entries as usize {
+        let prev = keys.last().copied();
+        let mut attr = ElemAttr {
+            map_fd: raw(map),
+            pad: 0,
+            key: prev.as_ref().map_or(0, |p| ptr(p)),
+            value: ptr(&mut next as *mut u32),
+            flags: 0,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => keys.push(next),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+            Err(e) => return Err(e),
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    Ok(keys)
+}

@@ -1,0 +1,24 @@
+//! Every path skactivate uses, in one place.
+
+use std::path::{Path, PathBuf};
+
+/// Where bpffs is mounted on a systemd host (systemd mounts it at boot;
+/// `skactivate daemon --bpffs` overrides it).
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+/// The network namespace of the calling thread.
+pub const SELF_NETNS: &str = "/proc/thread-self/ns/net";
+
+/// Our directory on a bpffs: `<bpffs>/skactivate`.
+pub fn state_root(bpffs: &Path) -> PathBuf {
+    bpffs.join("skactivate")
+}
+
+/// The pinned state of the dispatcher of one network namespace, named by the
+/// namespace's inode: `<bpffs>/skactivate/<netns inode>`.
+pub fn netns_state(bpffs: &Path, netns_inode: u64) -> PathBuf {
+    state_root(bpffs).join(netns_inode.to_string())
+}
+
+/// The pin of the dispatcher's bpf_link inside a state directory.
+pub const LINK_PIN: &str = "link";

@@ -1,0 +1,1052 @@
+//! The dispatcher on the real kernel: real sockets, real connections, real
+//! bytes, a fresh network namespace and a private bpffs per test. The scenario
+//! list follows the kernel's sk_lookup selftests (redirect by port and by
+//! address, IPv4 into a dual-stack socket, reuseport groups, drop, several
+//! programs in one netns) plus skactivate's own precedence and lifecycle rules.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::mem::size_of;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ipnet::IpNet;
+use skactivate::binding::{Binding, Destination, Family, Ports, Protocol};
+use skactivate::dispatcher::{Dispatcher, DispatcherError, Verdict};
+
+fn open(fs: &Bpffs) -> Dispatcher {
+    Dispatcher::open(thread_netns(), &fs.path).expect("open dispatcher")
+}
+
+fn bind(protocol: Protocol, prefix: &str, ports: Ports) -> Binding {
+    Binding::new(protocol, prefix.parse::<IpNet>().unwrap(), ports)
+}
+
+/// Register `server` as the socket of `unit` and bind `bindings` to it.
+fn serve(d: &mut Dispatcher, unit: &str, server: &Server, bindings: &[Binding]) -> Destination {
+    let regs = d.register_sockets(unit, &[server.fd()]).expect("register");
+    let destination = regs[0].0.clone();
+    let items: Vec<_> = bindings.iter().map(|b| (*b, destination.clone())).collect();
+    d.add_bindings(&items).expect("add bindings");
+    destination
+}
+
+fn v4(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Addresses of 2001:db8::/64 spread over the whole /64: first, last and a
+/// deterministic sample in between.
+fn v6_sample(n: u64) -> Vec<IpAddr> {
+    let base = u128::from("2001:db8::".parse::<Ipv6Addr>().unwrap());
+    let mut out = vec![base, base | 1, base | u128::from(u64::MAX)];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push(base | u128::from(x));
+    }
+    out.into_iter()
+        .map(|a| IpAddr::V6(Ipv6Addr::from(a)))
+        .collect()
+}
+
+fn all_of_v4_24(prefix: [u8; 3]) -> impl Iterator<Item = IpAddr> {
+    (0..=255u8).map(move |i| IpAddr::V4(Ipv4Addr::new(prefix[0], prefix[1], prefix[2], i)))
+}
+
+#[test]
+fn tcp_ipv4_whole_prefix_reaches_one_socket() {
+    in_netns("tcp_ipv4_whole_prefix_reaches_one_socket", |fs| {
+        local_route("192.0.2.0/24");
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "web.socket",
+            &web,
+            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
+        );
+        for ip in all_of_v4_24([192, 0, 2]) {
+            assert_eq!(
+                tcp_ask(sa(ip, 80)).unwrap_or_else(|e| panic!("{ip}:80: {e}")),
+                "web"
+            );
+        }
+        assert_eq!(web.served.load(Ordering::Relaxed), 256);
+        // Port 81 is not bound: nobody listens there.
+        assert!(tcp_refused(sa(v4("192.0.2.1"), 81)));
+    });
+}
+
+#[test]
+fn tcp_ipv6_prefix_reaches_one_socket() {
+    in_netns("tcp_ipv6_prefix_reaches_one_socket", |fs| {
+        local_route("2001:db8::/64");
+        let web = tcp_server("web6", "[::1]:8080", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "web.socket",
+            &web,
+            &[bind(Protocol::Tcp, "2001:db8::/64", Ports::single(443))],
+        );
+        let sample = v6_sample(253);
+        for ip in &sample {
+            assert_eq!(
+                tcp_ask(sa(*ip, 443)).unwrap_or_else(|e| panic!("{ip}: {e}")),
+                "web6"
+            );
+        }
+        assert_eq!(web.served.load(Ordering::Relaxed), sample.len());
+    });
+}
+
+#[test]
+fn udp_ipv4_whole_prefix_reaches_one_socket() {
+    in_netns("udp_ipv4_whole_prefix_reaches_one_socket", |fs| {
+        local_route("192.0.2.0/24");
+        let dns = udp_server("dns", "127.0.0.1:5353");
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "dns.socket",
+            &dns,
+            &[bind(Protocol::Udp, "192.0.2.0/24", Ports::single(5353))],
+        );
+        for ip in all_of_v4_24([192, 0, 2]) {
+            assert_eq!(
+                udp_ask(sa(ip, 5353)).unwrap_or_else(|e| panic!("{ip}: {e}")),
+                "dns"
+            );
+        }
+    });
+}
+
+#[test]
+fn udp_ipv6_prefix_reaches_one_socket() {
+    in_netns("udp_ipv6_prefix_reaches_one_socket", |fs| {
+        local_route("2001:db8::/64");
+        let dns = udp_server("dns6", "[::1]:5353");
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "dns.socket",
+            &dns,
+            &[bind(Protocol::Udp, "2001:db8::/64", Ports::single(5353))],
+        );
+        // 2001:db8:: itself is the subnet-router anycast address, which Linux will
+        // not send from, so no UDP server can answer from it (TCP above can).
+        for ip in v6_sample(253).into_iter() {
+            assert_eq!(
+                udp_ask(sa(ip, 5353)).unwrap_or_else(|e| panic!("{ip}: {e}")),
+                "dns6"
+            );
+        }
+    });
+}
+
+#[test]
+fn wildcard_port_takes_a_thousand_ports() {
+    in_netns("wildcard_port_takes_a_thousand_ports", |fs| {
+        local_route("203.0.113.0/24");
+        let any = tcp_server("any", "127.0.0.1:9999", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "any.socket",
+            &any,
+            &[bind(Protocol::Tcp, "203.0.113.7/32", Ports::All)],
+        );
+        for port in 1..=1000u16 {
+            let port = port * 61 % 65535 + 1; // spread over the whole range
+            assert_eq!(
+                tcp_ask(sa(v4("203.0.113.7"), port)).unwrap(),
+                "any",
+                "port {port}"
+            );
+        }
+        // Another address of the routed prefix is not bound.
+        assert!(tcp_refused(sa(v4("203.0.113.8"), 80)));
+    });
+}
+
+/// The seed demo: one echo socket answering ports 7, 77, 777 and 7777.
+#[test]
+fn seed_demo_one_socket_four_ports() {
+    in_netns("seed_demo_one_socket_four_ports", |fs| {
+        let echo = tcp_server("echo", "127.0.0.1:7", false);
+        let mut d = open(fs);
+        let b: Vec<Binding> = [7, 77, 777, 7777]
+            .iter()
+            .map(|&p| bind(Protocol::Tcp, "127.0.0.1/32", Ports::single(p)))
+            .collect();
+        serve(&mut d, "echo.socket", &echo, &b);
+        for port in [7, 77, 777, 7777] {
+            assert_eq!(tcp_ask(sa(v4("127.0.0.1"), port)).unwrap(), "echo");
+        }
+        assert!(tcp_refused(sa(v4("127.0.0.1"), 78)));
+    });
+}
+
+#[test]
+fn port_range_is_inclusive_and_nothing_more() {
+    in_netns("port_range_is_inclusive_and_nothing_more", |fs| {
+        local_route("192.0.2.0/24");
+        let r = tcp_server("range", "127.0.0.1:9000", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "range.socket",
+            &r,
+            &[bind(
+                Protocol::Tcp,
+                "192.0.2.1/32",
+                Ports::Range(1000, 1999),
+            )],
+        );
+        for port in [1000, 1001, 1500, 1998, 1999] {
+            assert_eq!(
+                tcp_ask(sa(v4("192.0.2.1"), port)).unwrap(),
+                "range",
+                "port {port}"
+            );
+        }
+        assert!(tcp_refused(sa(v4("192.0.2.1"), 999)));
+        assert!(tcp_refused(sa(v4("192.0.2.1"), 2000)));
+        let listed = d.bindings().unwrap();
+        assert_eq!(
+            listed.len(),
+            1,
+            "a range is listed as one binding: {listed:?}"
+        );
+        assert_eq!(listed[0].binding.to_string(), "tcp:192.0.2.1/32:1000-1999");
+    });
+}
+
+#[test]
+fn precedence_longest_prefix_then_specific_port() {
+    in_netns("precedence_longest_prefix_then_specific_port", |fs| {
+        local_route("192.0.2.0/24");
+        local_route("203.0.113.0/24");
+        let wide = tcp_server("wide", "127.0.0.1:9001", false);
+        let narrow = tcp_server("narrow", "127.0.0.1:9002", false);
+        let any = tcp_server("any", "127.0.0.1:9003", false);
+        let host = tcp_server("host", "127.0.0.1:9004", false);
+        let mut d = open(fs);
+        // Longest prefix wins.
+        serve(
+            &mut d,
+            "wide.socket",
+            &wide,
+            &[
+                bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80)),
+                bind(Protocol::Tcp, "203.0.113.0/24", Ports::single(443)),
+            ],
+        );
+        serve(
+            &mut d,
+            "narrow.socket",
+            &narrow,
+            &[bind(Protocol::Tcp, "192.0.2.0/25", Ports::single(80))],
+        );
+        // Equal length: the specific port beats `*`.
+        serve(
+            &mut d,
+            "any.socket",
+            &any,
+            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::All)],
+        );
+        // 203.0.113.0/24:443 vs 203.0.113.4/32:* — the /32 wins for .4:443.
+        serve(
+            &mut d,
+            "host.socket",
+            &host,
+            &[bind(Protocol::Tcp, "203.0.113.4/32", Ports::All)],
+        );
+
+        assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 80)).unwrap(), "narrow");
+        assert_eq!(tcp_ask(sa(v4("192.0.2.127"), 80)).unwrap(), "narrow");
+        assert_eq!(tcp_ask(sa(v4("192.0.2.128"), 80)).unwrap(), "wide");
+        assert_eq!(tcp_ask(sa(v4("192.0.2.200"), 80)).unwrap(), "wide");
+        assert_eq!(tcp_ask(sa(v4("192.0.2.200"), 22)).unwrap(), "any");
+        assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 8080)).unwrap(), "any");
+        assert_eq!(tcp_ask(sa(v4("203.0.113.4"), 443)).unwrap(), "host");
+        assert_eq!(tcp_ask(sa(v4("203.0.113.4"), 22)).unwrap(), "host");
+        assert_eq!(tcp_ask(sa(v4("203.0.113.5"), 443)).unwrap(), "wide");
+        assert!(tcp_refused(sa(v4("203.0.113.5"), 22)));
+
+        // `bindings` lists them in the same order.
+        let order: Vec<String> = d
+            .bindings()
+            .unwrap()
+            .iter()
+            .map(|b| b.binding.to_string())
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "tcp:203.0.113.4/32:*",
+                "tcp:192.0.2.0/25:80",
+                "tcp:192.0.2.0/24:80",
+                "tcp:203.0.113.0/24:443",
+                "tcp:192.0.2.0/24:*",
+            ]
+        );
+    });
+}
+
+#[test]
+fn two_services_share_port_53_on_disjoint_prefixes() {
+    in_netns("two_services_share_port_53_on_disjoint_prefixes", |fs| {
+        local_route("198.51.100.0/24");
+        let a = udp_server("resolver-a", "127.0.0.1:53");
+        let b = udp_server("resolver-b", "127.0.0.2:53");
+        let ta = tcp_server("resolver-a", "127.0.0.1:53", false);
+        let tb = tcp_server("resolver-b", "127.0.0.2:53", false);
+        let mut d = open(fs);
+        let da = d.register_sockets("a.socket", &[a.fd(), ta.fd()]).unwrap();
+        let db = d.register_sockets("b.socket", &[b.fd(), tb.fd()]).unwrap();
+        let mut items = Vec::new();
+        for (dests, prefix) in [(&da, "198.51.100.0/25"), (&db, "198.51.100.128/25")] {
+            for (destination, _) in dests.iter() {
+                items.push((
+                    bind(destination.protocol, prefix, Ports::single(53)),
+                    destination.clone(),
+                ));
+            }
+        }
+        d.add_bindings(&items).unwrap();
+        for last in [0u8, 1, 100, 127] {
+            let ip = IpAddr::V4(Ipv4Addr::new(198, 51, 100, last));
+            assert_eq!(udp_ask(sa(ip, 53)).unwrap(), "resolver-a", "{ip}");
+            assert_eq!(tcp_ask(sa(ip, 53)).unwrap(), "resolver-a", "{ip}");
+        }
+        for last in [128u8, 129, 200, 255] {
+            let ip = IpAddr::V4(Ipv4Addr::new(198, 51, 100, last));
+            assert_eq!(udp_ask(sa(ip, 53)).unwrap(), "resolver-b", "{ip}");
+            assert_eq!(tcp_ask(sa(ip, 53)).unwrap(), "resolver-b", "{ip}");
+        }
+    });
+}
+
+#[test]
+fn dual_stack_ipv6_socket_takes_ipv4_traffic() {
+    in_netns("dual_stack_ipv6_socket_takes_ipv4_traffic", |fs| {
+        local_route("192.0.2.0/24");
+        local_route("2001:db8::/64");
+        let ds = tcp_server("dual", "[::]:8443", false);
+        let mut d = open(fs);
+        let regs = d.register_sockets("dual.socket", &[ds.fd()]).unwrap();
+        assert_eq!(regs[0].0.family, Family::V6);
+        assert!(!regs[0].1.v6only);
+        let to = regs[0].0.clone();
+        d.add_bindings(&[
+            (
+                bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(443)),
+                to.clone(),
+            ),
+            (bind(Protocol::Tcp, "2001:db8::/64", Ports::single(443)), to),
+        ])
+        .unwrap();
+        assert_eq!(tcp_ask(sa(v4("192.0.2.9"), 443)).unwrap(), "dual");
+        assert_eq!(
+            tcp_ask(sa("2001:db8::9".parse().unwrap(), 443)).unwrap(),
+            "dual"
+        );
+    });
+}
+
+#[test]
+fn ipv6_only_socket_cannot_take_ipv4_and_counts_an_error() {
+    in_netns(
+        "ipv6_only_socket_cannot_take_ipv4_and_counts_an_error",
+        |fs| {
+            local_route("192.0.2.0/24");
+            // A V6ONLY socket, as BindIPv6Only=ipv6-only makes.
+            let fd = nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Inet6,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::empty(),
+                None,
+            )
+            .unwrap();
+            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Ipv6V6Only, &true)
+                .unwrap();
+            let addr: SocketAddr = "[::1]:8444".parse().unwrap();
+            nix::sys::socket::bind(
+                fd.as_raw_fd(),
+                &nix::sys::socket::SockaddrStorage::from(addr),
+            )
+            .unwrap();
+            nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(8).unwrap()).unwrap();
+            let mut d = open(fs);
+            use std::os::fd::AsFd;
+            let regs = d.register_sockets("v6only.socket", &[fd.as_fd()]).unwrap();
+            assert!(regs[0].1.v6only);
+            d.add_bindings(&[(
+                bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(443)),
+                regs[0].0.clone(),
+            )])
+            .unwrap();
+            // The kernel refuses the assignment; the program drops and counts it.
+            assert!(tcp_refused(sa(v4("192.0.2.9"), 443)));
+            let m = d.destinations().unwrap()[0].metrics;
+            assert!(m.errors >= 1, "{m:?}");
+        },
+    );
+}
+
+#[test]
+fn reuseport_group_spreads_load_over_its_members() {
+    in_netns("reuseport_group_spreads_load_over_its_members", |fs| {
+        local_route("192.0.2.0/24");
+        let members: Vec<Server> = (0..3)
+            .map(|i| tcp_server(&format!("member{i}"), "127.0.0.1:8088", true))
+            .collect();
+        let mut d = open(fs);
+        let fds: Vec<_> = members.iter().map(Server::fd).collect();
+        let regs = d.register_sockets("group.socket", &fds).unwrap();
+        assert_eq!(regs.len(), 1, "one reuseport group is one destination");
+        assert_eq!(
+            regs[0].1.cookie, members[0].cookie,
+            "its first member is registered"
+        );
+        d.add_bindings(&[(
+            bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80)),
+            regs[0].0.clone(),
+        )])
+        .unwrap();
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for i in 0..300u32 {
+            let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, (i % 256) as u8));
+            *seen.entry(tcp_ask(sa(ip, 80)).unwrap()).or_default() += 1;
+        }
+        assert_eq!(seen.len(), 3, "every member served: {seen:?}");
+    });
+}
+
+#[test]
+fn two_sockets_of_one_kind_are_ambiguous() {
+    in_netns("two_sockets_of_one_kind_are_ambiguous", |fs| {
+        let a = tcp_server("a", "127.0.0.1:8001", false);
+        let b = tcp_server("b", "127.0.0.1:8002", false);
+        let mut d = open(fs);
+        let err = d
+            .register_sockets("two.socket", &[a.fd(), b.fd()])
+            .unwrap_err();
+        assert!(
+            matches!(err, DispatcherError::AmbiguousSockets { .. }),
+            "{err}"
+        );
+        assert!(
+            d.destinations().unwrap().is_empty(),
+            "nothing half-registered"
+        );
+    });
+}
+
+#[test]
+fn closed_socket_drops_and_counts_a_miss() {
+    in_netns("closed_socket_drops_and_counts_a_miss", |fs| {
+        local_route("192.0.2.0/24");
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "web.socket",
+            &web,
+            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
+        );
+        assert_eq!(tcp_ask(sa(v4("192.0.2.5"), 80)).unwrap(), "web");
+        web.close();
+        // An ordinary socket on the same port elsewhere must not get the traffic.
+        let _other = tcp_server("other", "0.0.0.0:80", false);
+        assert!(tcp_refused(sa(v4("192.0.2.5"), 80)));
+        let info = &d.destinations().unwrap()[0];
+        assert_eq!(info.socket, None, "the socket left the map when it closed");
+        assert!(info.metrics.misses >= 1, "{:?}", info.metrics);
+        assert!(info.metrics.lookups >= 2, "{:?}", info.metrics);
+        let l = d.lookup(Protocol::Tcp, v4("192.0.2.5"), 80).unwrap();
+        assert_eq!(l.verdict, Verdict::Drop);
+        assert_eq!(l.destination.unwrap().unit, "web.socket");
+    });
+}
+
+#[test]
+fn unbound_traffic_reaches_ordinary_sockets() {
+    in_netns("unbound_traffic_reaches_ordinary_sockets", |fs| {
+        local_route("192.0.2.0/24");
+        let plain = tcp_server("plain", "127.0.0.1:80", false);
+        let plain_udp = udp_server("plain", "127.0.0.1:5300");
+        let plain_other_port = tcp_server("plain5555", "0.0.0.0:5555", false);
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "web.socket",
+            &web,
+            &[
+                bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80)),
+                bind(Protocol::Tcp, "192.0.2.0/24", Ports::Range(5000, 5100)),
+            ],
+        );
+        assert_eq!(tcp_ask(sa(v4("192.0.2.3"), 80)).unwrap(), "web");
+        // Same port, address outside every binding: the kernel's lookup.
+        assert_eq!(tcp_ask(sa(v4("127.0.0.1"), 80)).unwrap(), "plain");
+        // Unbound port, inside the prefix: the kernel's lookup (INADDR_ANY).
+        assert_eq!(tcp_ask(sa(v4("192.0.2.3"), 5555)).unwrap(), "plain5555");
+        assert_eq!(udp_ask(sa(v4("127.0.0.1"), 5300)).unwrap(), "plain");
+        drop((plain, plain_udp, plain_other_port));
+    });
+}
+
+/// Another sk_lookup program attached to the netns before ours — here a
+/// second, independent dispatcher with its own maps on its own bpffs — keeps
+/// working: each program redirects its own traffic, and on a port both claim
+/// the earlier program's choice stands.
+#[test]
+fn another_program_attached_before_ours_still_works() {
+    in_netns("another_program_attached_before_ours_still_works", |fs| {
+        local_route("192.0.2.0/24");
+        let theirs_fs = Bpffs::mount();
+        let mut theirs = Dispatcher::open(thread_netns(), &theirs_fs.path).unwrap();
+        let t = tcp_server("theirs", "127.0.0.1:9100", false);
+        serve(
+            &mut theirs,
+            "theirs.socket",
+            &t,
+            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::Range(9, 10))],
+        );
+
+        let mut ours = open(fs);
+        let o = tcp_server("ours", "127.0.0.1:9200", false);
+        serve(
+            &mut ours,
+            "ours.socket",
+            &o,
+            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::Range(7, 10))],
+        );
+
+        assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 9)).unwrap(), "theirs");
+        assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 7)).unwrap(), "ours");
+        assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 10)).unwrap(), "theirs");
+        assert!(ours.attached() && theirs.attached());
+        theirs.destroy().unwrap();
+        assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 9)).unwrap(), "ours");
+    });
+}
+
+#[test]
+fn conflicting_binding_is_refused_and_nothing_is_half_applied() {
+    in_netns(
+        "conflicting_binding_is_refused_and_nothing_is_half_applied",
+        |fs| {
+            let a = tcp_server("a", "127.0.0.1:8001", false);
+            let b = tcp_server("b", "127.0.0.1:8002", false);
+            let mut d = open(fs);
+            serve(
+                &mut d,
+                "a.socket",
+                &a,
+                &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
+            );
+            let db = d.register_sockets("b.socket", &[b.fd()]).unwrap()[0]
+                .0
+                .clone();
+            let before = d.bindings().unwrap();
+            let err = d
+                .add_bindings(&[
+                    (
+                        bind(Protocol::Tcp, "198.51.100.0/24", Ports::single(80)),
+                        db.clone(),
+                    ),
+                    (
+                        bind(Protocol::Tcp, "192.0.2.0/24", Ports::Range(79, 81)),
+                        db.clone(),
+                    ),
+                ])
+                .unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains("a.socket") && msg.contains("192.0.2.0/24:80"),
+                "{msg}"
+            );
+            assert_eq!(
+                d.bindings().unwrap(),
+                before,
+                "the first binding of the refused set was not applied"
+            );
+            // A different protocol or a different prefix length is no conflict.
+            d.add_bindings(&[(bind(Protocol::Tcp, "192.0.2.0/25", Ports::single(80)), db)])
+                .unwrap();
+        },
+    );
+}
+
+#[test]
+fn replacing_a_units_bindings_applies_only_the_difference() {
+    in_netns(
+        "replacing_a_units_bindings_applies_only_the_difference",
+        |fs| {
+            local_route("192.0.2.0/24");
+            let web = tcp_server("web", "127.0.0.1:8080", false);
+            let mut d = open(fs);
+            let to = d.register_sockets("web.socket", &[web.fd()]).unwrap()[0]
+                .0
+                .clone();
+            let first = [
+                (
+                    bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80)),
+                    to.clone(),
+                ),
+                (
+                    bind(Protocol::Tcp, "192.0.2.0/24", Ports::Range(8000, 8009)),
+                    to.clone(),
+                ),
+            ];
+            assert_eq!(
+                d.replace_unit_bindings("web.socket", &first).unwrap().added,
+                11
+            );
+            let second = [
+                (
+                    bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80)),
+                    to.clone(),
+                ),
+                (
+                    bind(Protocol::Tcp, "192.0.2.0/24", Ports::Range(8005, 8014)),
+                    to.clone(),
+                ),
+            ];
+            let c = d.replace_unit_bindings("web.socket", &second).unwrap();
+            assert_eq!((c.added, c.removed), (5, 5));
+            assert_eq!(tcp_ask(sa(v4("192.0.2.2"), 8014)).unwrap(), "web");
+            assert!(tcp_refused(sa(v4("192.0.2.2"), 8004)));
+            let c = d.unregister_unit("web.socket").unwrap();
+            assert_eq!(c.removed, 11);
+            assert!(d.bindings().unwrap().is_empty());
+            assert!(d.destinations().unwrap().is_empty());
+            assert!(tcp_refused(sa(v4("192.0.2.2"), 80)));
+        },
+    );
+}
+
+#[test]
+fn registration_checks_the_socket() {
+    let outside = tcp_server("outside", "127.0.0.1:0", false); // the host's netns
+    let outside = Arc::new(outside);
+    in_netns("registration_checks_the_socket", move |fs| {
+        let mut d = open(fs);
+        // TCP that is bound but not listening.
+        let unbound = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        nix::sys::socket::bind(
+            unbound.as_raw_fd(),
+            &nix::sys::socket::SockaddrStorage::from(sa(v4("127.0.0.1"), 8111)),
+        )
+        .unwrap();
+        use std::os::fd::AsFd;
+        let err = d
+            .register_sockets("x.socket", &[unbound.as_fd()])
+            .unwrap_err();
+        assert!(matches!(err, DispatcherError::NotListening { .. }), "{err}");
+        // UDP that is connected.
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.connect("127.0.0.1:9").unwrap();
+        let err = d.register_sockets("x.socket", &[u.as_fd()]).unwrap_err();
+        assert!(matches!(err, DispatcherError::Connected { .. }), "{err}");
+        // A socket of another network namespace.
+        let err = d.register_sockets("x.socket", &[outside.fd()]).unwrap_err();
+        assert!(matches!(err, DispatcherError::OtherNetns { .. }), "{err}");
+        // Not a socket at all.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let err = d.register_sockets("x.socket", &[f.as_fd()]).unwrap_err();
+        assert!(err.to_string().contains("fd"), "{err}");
+        assert!(d.destinations().unwrap().is_empty());
+    });
+}
+
+/// The state outlives the process that made it: a child process creates the
+/// dispatcher, binds and registers a socket it inherited, and exits; traffic
+/// still flows, and this process adopts everything it left.
+#[test]
+fn state_survives_its_process_and_is_adopted() {
+    in_netns("state_survives_its_process_and_is_adopted", |fs| {
+        local_route("192.0.2.0/24");
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let fd = web.fd().as_raw_fd();
+        nix::fcntl::fcntl(
+            web.fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_registers_and_exits",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("SKA_CHILD_BPFFS", &fs.path)
+            .env("SKA_CHILD_FD", fd.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "child: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("child registered"),
+            "the child ran"
+        );
+
+        assert_eq!(
+            tcp_ask(sa(v4("192.0.2.77"), 80)).unwrap(),
+            "web",
+            "traffic after the owner exited"
+        );
+        let mut d = open(fs);
+        let listed = d.bindings().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].binding.to_string(), "tcp:192.0.2.0/24:80");
+        assert_eq!(listed[0].destination.unit, "web.socket");
+        assert_eq!(listed[0].socket, Some(web.cookie));
+        // The adopted state takes changes.
+        let to = listed[0].destination.clone();
+        d.add_bindings(&[(bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(81)), to)])
+            .unwrap();
+        assert_eq!(tcp_ask(sa(v4("192.0.2.77"), 81)).unwrap(), "web");
+    });
+}
+
+/// Not a test on its own: the child of `state_survives_its_process_and_is_adopted`.
+#[test]
+#[ignore = "run by state_survives_its_process_and_is_adopted as a child process"]
+fn child_registers_and_exits() {
+    let Some(bpffs) = std::env::var_os("SKA_CHILD_BPFFS") else {
+        return;
+    };
+    let fd: i32 = std::env::var("SKA_CHILD_FD").unwrap().parse().unwrap();
+    // SAFETY: the parent left this fd open for us; we only borrow it.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut d = Dispatcher::open(thread_netns(), std::path::Path::new(&bpffs)).unwrap();
+    let to = d.register_sockets("web.socket", &[sock]).unwrap()[0]
+        .0
+        .clone();
+    d.add_bindings(&[(bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80)), to)])
+        .unwrap();
+    println!("child registered");
+}
+
+#[test]
+fn upgrade_under_a_connection_loop_loses_nothing() {
+    in_netns("upgrade_under_a_connection_loop_loses_nothing", |fs| {
+        local_route("192.0.2.0/24");
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "web.socket",
+            &web,
+            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
+        );
+        let before = d.program().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let client = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut i = 0u32;
+            while !s.load(Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(30)
+                && i < 100_000
+            {
+                let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, (i % 256) as u8));
+                match tcp_ask(sa(ip, 80)) {
+                    Ok(n) if n == "web" => o.fetch_add(1, Ordering::Relaxed),
+                    _ => f.fetch_add(1, Ordering::Relaxed),
+                };
+                i += 1;
+            }
+        });
+        let mut upgrades = 0;
+        while upgrades < 20 {
+            // Let connections run between upgrades.
+            let seen = ok.load(Ordering::Relaxed);
+            let t = Instant::now();
+            while ok.load(Ordering::Relaxed) < seen + 10 && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(d.upgrade(true).unwrap());
+            upgrades += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        client.join().unwrap();
+        let after = d.program().unwrap();
+        assert_ne!(before.id, after.id, "the program was replaced");
+        assert_eq!(before.tag, after.tag, "by the same build");
+        assert!(d.attached());
+        assert!(
+            ok.load(Ordering::Relaxed) >= 200,
+            "the loop ran: {}",
+            ok.load(Ordering::Relaxed)
+        );
+        assert_eq!(
+            failed.load(Ordering::Relaxed),
+            0,
+            "connections lost during upgrades"
+        );
+        // Same build and no force: nothing to do.
+        assert!(!d.upgrade(false).unwrap());
+    });
+}
+
+#[test]
+fn lookup_agrees_with_real_traffic() {
+    in_netns("lookup_agrees_with_real_traffic", |fs| {
+        local_route("192.0.2.0/24");
+        local_route("2001:db8::/64");
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let all = tcp_server("all", "[::]:8081", false);
+        let dns = udp_server("dns", "127.0.0.1:53");
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "web.socket",
+            &web,
+            &[bind(Protocol::Tcp, "192.0.2.0/25", Ports::single(80))],
+        );
+        serve(
+            &mut d,
+            "all.socket",
+            &all,
+            &[
+                bind(Protocol::Tcp, "192.0.2.0/24", Ports::All),
+                bind(Protocol::Tcp, "2001:db8::/64", Ports::All),
+            ],
+        );
+        serve(
+            &mut d,
+            "dns.socket",
+            &dns,
+            &[bind(Protocol::Udp, "192.0.2.0/24", Ports::single(53))],
+        );
+        let servers = [&web, &all, &dns];
+        let cases: [(Protocol, &str, u16); 7] = [
+            (Protocol::Tcp, "192.0.2.1", 80),
+            (Protocol::Tcp, "192.0.2.200", 80),
+            (Protocol::Tcp, "192.0.2.1", 22),
+            (Protocol::Tcp, "2001:db8::1", 80),
+            (Protocol::Udp, "192.0.2.1", 53),
+            (Protocol::Tcp, "198.51.100.1", 80),
+            (Protocol::Udp, "192.0.2.1", 54),
+        ];
+        for (proto, ip, port) in cases {
+            let ip: IpAddr = ip.parse().unwrap();
+            let l = d.lookup(proto, ip, port).unwrap();
+            let real = match proto {
+                Protocol::Tcp => tcp_ask(sa(ip, port)).ok(),
+                Protocol::Udp => udp_ask(sa(ip, port)).ok(),
+            };
+            match l.verdict {
+                Verdict::Redirect => {
+                    let s = servers
+                        .iter()
+                        .find(|s| Some(s.cookie) == l.cookie)
+                        .expect("cookie of one of ours");
+                    assert_eq!(
+                        real.as_deref(),
+                        Some(s.name.as_str()),
+                        "{proto} {ip} {port}: {l:?}"
+                    );
+                    assert_eq!(
+                        l.destination.as_ref().unwrap().unit,
+                        format!("{}.socket", s.name)
+                    );
+                    assert!(l.binding.unwrap().prefix.contains(&ip));
+                }
+                Verdict::Pass => {
+                    assert_eq!(real, None, "{proto} {ip} {port}: nothing listens there")
+                }
+                Verdict::Drop => panic!("no binding here lacks a socket: {l:?}"),
+            }
+        }
+        assert_eq!(
+            d.lookup(Protocol::Tcp, v4("192.0.2.1"), 80)
+                .unwrap()
+                .binding
+                .unwrap()
+                .to_string(),
+            "tcp:192.0.2.0/25:80"
+        );
+        assert_eq!(
+            d.lookup(Protocol::Tcp, v4("192.0.2.1"), 81)
+                .unwrap()
+                .binding
+                .unwrap()
+                .to_string(),
+            "tcp:192.0.2.0/24:*"
+        );
+    });
+}
+
+#[test]
+fn ipv6_wildcard_prefix_does_not_catch_ipv4() {
+    in_netns("ipv6_wildcard_prefix_does_not_catch_ipv4", |fs| {
+        local_route("192.0.2.0/24");
+        let v6 = tcp_server("v6", "[::]:8082", false);
+        let plain = tcp_server("plain", "0.0.0.0:80", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "v6.socket",
+            &v6,
+            &[bind(Protocol::Tcp, "::/0", Ports::single(80))],
+        );
+        assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 80)).unwrap(), "plain");
+        assert_eq!(tcp_ask(sa("::1".parse().unwrap(), 80)).unwrap(), "v6");
+        drop(plain);
+    });
+}
+
+#[test]
+fn metrics_count_lookups_per_destination() {
+    in_netns("metrics_count_lookups_per_destination", |fs| {
+        local_route("192.0.2.0/24");
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "web.socket",
+            &web,
+            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
+        );
+        for i in 0..25u8 {
+            tcp_ask(sa(IpAddr::V4(Ipv4Addr::new(192, 0, 2, i)), 80)).unwrap();
+        }
+        let m = d.destinations().unwrap()[0].metrics;
+        assert_eq!(
+            (m.lookups, m.misses, m.errors),
+            (25, 0, 0),
+            "one lookup per SYN"
+        );
+    });
+}
+
+/// A pinned map of another layout is refused, not silently reused.
+#[test]
+fn foreign_map_layout_is_refused() {
+    in_netns("foreign_map_layout_is_refused", |fs| {
+        let d = open(fs);
+        let dir = d.dir().to_owned();
+        drop(d);
+        let ports = dir.join("ports");
+        std::fs::remove_file(&ports).unwrap();
+        pin_array_map(&ports, 8);
+        let err = Dispatcher::open(thread_netns(), &fs.path).unwrap_err();
+        assert!(
+            matches!(err, DispatcherError::Layout { map: "ports", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("value 8 B"), "{err}");
+    });
+}
+
+/// BPF_MAP_CREATE an ARRAY with `value_size`, pinned at `path` (raw, since aya
+/// creates maps only from an object).
+fn pin_array_map(path: &std::path::Path, value_size: u32) {
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    }
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut c = Create {
+        map_type: 2,
+        key_size: 4,
+        value_size,
+        max_entries: 4,
+    };
+    // SAFETY: a live attr struct of the right size for BPF_MAP_CREATE (0).
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &mut c as *mut Create, size_of::<Create>()) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = Pin {
+        pathname: p.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: as above, BPF_OBJ_PIN (6).
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, &mut pin as *mut Pin, size_of::<Pin>()) };
+    assert!(r == 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: fd came from the kernel above.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn pinned_state_is_not_world_readable() {
+    in_netns("pinned_state_is_not_world_readable", |fs| {
+        use std::os::unix::fs::PermissionsExt;
+        let d = open(fs);
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&fs.path.join("skactivate")), 0o750);
+        assert_eq!(mode(d.dir()), 0o750);
+        for name in [
+            "bindings",
+            "sockets",
+            "destinations",
+            "metrics",
+            "ports",
+            "link",
+        ] {
+            assert_eq!(mode(&d.dir().join(name)), 0o640, "{name}");
+        }
+    });
+}
+
+#[test]
+fn destroy_detaches_the_program() {
+    in_netns("destroy_detaches_the_program", |fs| {
+        local_route("192.0.2.0/24");
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let plain = tcp_server("plain", "0.0.0.0:80", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "web.socket",
+            &web,
+            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
+        );
+        assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 80)).unwrap(), "web");
+        let dir = d.dir().to_owned();
+        d.destroy().unwrap();
+        assert!(!dir.exists());
+        assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 80)).unwrap(), "plain");
+        drop(plain);
+    });
+}
