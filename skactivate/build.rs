@@ -33,7 +33,8 @@ fn main() {
     if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
         panic!("<bpf/bpf_helpers.h> not found: on Debian/Ubuntu: apt-get install libbpf-dev");
     }
-    for name in ["dispatcher"] {
+    // empty: the baseline program of the benchmarks (benches/dispatcher.rs).
+    for name in ["dispatcher", "empty"] {
         let src = ebpf.join(format!("{name}.bpf.c"));
         println!("cargo::rerun-if-changed={}", src.display());
         let obj = out.join(format!("{name}.bpf.o"));

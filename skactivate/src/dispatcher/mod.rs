@@ -1165,11 +1165,7 @@ fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
     let link: FdLink = prog
         .take_link(link_id)
         .map_err(DispatcherError::Program)?
-        .try_into()
-        .map_err(|e| DispatcherError::Io {
-            path: dir.to_owned(),
-            source: io::Error::other(format!("link: {e}")),
-        })?;
+        .into();
     let pin = dir.join(paths::LINK_PIN);
     link.pin(&pin).map_err(|e| DispatcherError::Io {
         path: pin.clone(),

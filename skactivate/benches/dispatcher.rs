@@ -1,0 +1,738 @@
+//! `cargo bench -p skactivate --bench dispatcher`: what one lookup costs the
+//! dispatcher, held against the budget of DESIGN.md ("Its budget"), and what
+//! loading bindings costs. The table goes to stdout and to `BENCHMARKS.md` at
+//! the repository root.
+//!
+//! Root only: like the netns tests, it unshares a network namespace on a thread
+//! of its own and mounts a private bpffs, so nothing of the host is touched.
+//!
+//! Method. One dispatcher is grown through 1, 1k, 100k and 1M bindings (only the
+//! new bindings are added at each step, in chunks, timed: that is the loading
+//! figure). At each size every case is run with `BPF_PROG_TEST_RUN`, `REPEAT`
+//! times per run; the kernel reports the mean ns per run; a case is `RUNS`
+//! runs, each on another probe (another bound or unbound address), and the
+//! reported figure is the median of the runs. Before a case is timed, one run
+//! checks that the program answers as the case says (the listener's cookie for
+//! a hit, a plain pass for a miss). The baseline is `ebpf/empty.bpf.c`, an
+//! sk_lookup program that only returns `SK_PASS`, run the same way.
+//!
+//! Run without `--bench` (as `cargo test --benches` does) it is a smoke test:
+//! small sizes, few repeats, no file written.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use aya::programs::SkLookup;
+use ipnet::{IpNet, Ipv4Net};
+use skactivate::binding::{Binding, Destination, Ports, Protocol};
+use skactivate::dispatcher::{self, Dispatcher};
+
+/// The baseline program, built from `ebpf/empty.bpf.c` by build.rs.
+static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/empty.bpf.o"));
+
+/// Bulk bindings are TCP /32s drawn from 2^21 (port, address) pairs: the 2^17
+/// addresses of 198.18.0.0/15 (set aside for benchmarks, RFC 2544) on 16 ports
+/// from `FIRST_PORT`. BPF_PROG_TEST_RUN sends no packet: none of these
+/// addresses ever appears on a wire.
+const NET: u32 = 0xc612_0000;
+const ADDR_BITS: u32 = 17;
+const PORT_BITS: u32 = 4;
+const SPACE_BITS: u32 = ADDR_BITS + PORT_BITS;
+const FIRST_PORT: u16 = 8000;
+/// A port no binding has.
+const UNBOUND_PORT: u16 = 22;
+/// Where the listener itself is bound (no binding points at it).
+const LISTEN: &str = "127.0.0.1:7999";
+
+/// Binding `i` (for `i < 2^20`) and miss probe `j` (index `2^20 + j`) are
+/// slots of one permutation of the 2^21 pairs, so that consecutive bindings
+/// spread over the whole space and no miss probe is ever bound.
+fn slot(i: u32) -> (Ipv4Addr, u16) {
+    const MASK: u32 = (1 << SPACE_BITS) - 1;
+    // Odd multipliers and right xorshifts are bijections modulo 2^21.
+    let mut x = i.wrapping_mul(0x9e37_79b1) & MASK;
+    x ^= x >> 11;
+    x = x.wrapping_mul(0x85eb_ca6b) & MASK;
+    x ^= x >> 7;
+    let addr = Ipv4Addr::from(NET | (x & ((1 << ADDR_BITS) - 1)));
+    let port = FIRST_PORT + u16::try_from(x >> ADDR_BITS).expect("PORT_BITS wide");
+    (addr, port)
+}
+
+fn binding(i: u32) -> Binding {
+    let (addr, port) = slot(i);
+    let net = Ipv4Net::new(addr, 32).expect("/32 is valid");
+    Binding::new(Protocol::Tcp, IpNet::V4(net), Ports::single(port))
+}
+
+/// The first index no binding ever takes.
+const MISS_BASE: u32 = 1 << 20;
+
+/// The benchmark's scale: full, or a smoke test.
+struct Plan {
+    sizes: &'static [u32],
+    repeat: u32,
+    runs: usize,
+    chunk: u32,
+    write: bool,
+}
+
+const FULL: Plan = Plan {
+    sizes: &[1, 1_000, 100_000, 1_000_000],
+    repeat: 1_000_000,
+    runs: 7,
+    chunk: 10_000,
+    write: true,
+};
+
+const SMOKE: Plan = Plan {
+    sizes: &[1, 1_000],
+    repeat: 10_000,
+    runs: 3,
+    chunk: 500,
+    write: false,
+};
+
+/// Every loop checks this: the whole benchmark, loading included, takes well
+/// under a minute here.
+const DEADLINE: Duration = Duration::from_secs(600);
+
+fn check_deadline(start: Instant, what: &str) {
+    assert!(
+        start.elapsed() < DEADLINE,
+        "benchmark exceeded {DEADLINE:?} while {what}"
+    );
+}
+
+/// What a probe must get before it is timed.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// Redirected to the socket with this cookie.
+    Hit(u64),
+    /// Passed on untouched.
+    Pass,
+}
+
+/// One timed case: per-run means (ns), in run order.
+struct Sample {
+    runs: Vec<u32>,
+}
+
+impl Sample {
+    fn sorted(&self) -> Vec<u32> {
+        let mut v = self.runs.clone();
+        v.sort_unstable();
+        v
+    }
+    fn median(&self) -> u32 {
+        let v = self.sorted();
+        v[v.len() / 2]
+    }
+    fn min(&self) -> u32 {
+        self.sorted()[0]
+    }
+    fn max(&self) -> u32 {
+        *self.sorted().last().expect("at least one run")
+    }
+}
+
+/// Time `prog` on `probes` (run `r` uses probe `r % len`).
+fn measure(
+    plan: &Plan,
+    start: Instant,
+    prog: BorrowedFd<'_>,
+    probes: &[(IpAddr, u16)],
+    expect: Expect,
+) -> Sample {
+    for &(addr, port) in probes {
+        let r = dispatcher::test_run(prog, Protocol::Tcp, addr, port, 1).expect("test run");
+        match expect {
+            Expect::Hit(cookie) => assert!(
+                r.retval == 1 && r.ctx_out.cookie == cookie,
+                "{addr}:{port}: expected a redirect to cookie {cookie}, got retval {} cookie {}",
+                r.retval,
+                r.ctx_out.cookie
+            ),
+            Expect::Pass => assert!(
+                r.retval == 1 && r.ctx_out.cookie == 0,
+                "{addr}:{port}: expected a plain pass, got retval {} cookie {}",
+                r.retval,
+                r.ctx_out.cookie
+            ),
+        }
+    }
+    let mut runs = Vec::with_capacity(plan.runs);
+    for r in 0..plan.runs {
+        check_deadline(start, "timing lookups");
+        let (addr, port) = probes[r % probes.len()];
+        let out =
+            dispatcher::test_run(prog, Protocol::Tcp, addr, port, plan.repeat).expect("test run");
+        runs.push(out.duration_ns);
+    }
+    Sample { runs }
+}
+
+/// Bound (address, port) pairs spread over the first `n` bindings.
+fn hit_probes(plan: &Plan, n: u32) -> Vec<(IpAddr, u16)> {
+    let k = u32::try_from(plan.runs).expect("few runs");
+    (0..k)
+        .map(|r| {
+            let (a, p) = slot(u64_to_u32(
+                u64::from(n) * u64::from(2 * r + 1) / u64::from(2 * k),
+            ));
+            (IpAddr::V4(a), p)
+        })
+        .collect()
+}
+
+fn u64_to_u32(v: u64) -> u32 {
+    u32::try_from(v).expect("index below 2^21")
+}
+
+/// Unbound addresses of 198.18.0.0/15 on ports that the first `n` bindings use.
+fn miss_probes(plan: &Plan, n: u32) -> Vec<(IpAddr, u16)> {
+    let used: HashSet<u16> = (0..n).map(|i| slot(i).1).collect();
+    let out: Vec<_> = (MISS_BASE..MISS_BASE + 10_000)
+        .map(slot)
+        .filter(|(_, p)| used.contains(p))
+        .take(plan.runs)
+        .map(|(a, p)| (IpAddr::V4(a), p))
+        .collect();
+    assert_eq!(out.len(), plan.runs, "no bound port to miss on");
+    out
+}
+
+/// Addresses of the bulk range on a port no binding has.
+fn unbound_port_probes(plan: &Plan) -> Vec<(IpAddr, u16)> {
+    (0..plan.runs)
+        .map(|r| {
+            let (a, _) = slot(u32::try_from(r).expect("few runs"));
+            (IpAddr::V4(a), UNBOUND_PORT)
+        })
+        .collect()
+}
+
+/// What the design's table says for a case.
+#[derive(Clone, Copy)]
+enum Budget {
+    /// An absolute bound (ns).
+    AtMost(u32),
+    /// At most this fraction of tubular's figure.
+    OfTubular(f64),
+    /// At most this multiple of the empty program.
+    OfEmpty(f64),
+    /// Not budgeted: shown for context.
+    None,
+}
+
+struct Row {
+    case: String,
+    sample: Sample,
+    tubular: Option<u32>,
+    demo: Option<u32>,
+    budget: Budget,
+}
+
+impl Row {
+    fn limit(&self, empty: u32) -> Option<f64> {
+        match self.budget {
+            Budget::AtMost(n) => Some(f64::from(n)),
+            Budget::OfTubular(f) => self.tubular.map(|t| f * f64::from(t)),
+            Budget::OfEmpty(f) => Some(f * f64::from(empty)),
+            Budget::None => None,
+        }
+    }
+
+    fn target_text(&self, empty: u32) -> String {
+        match (self.budget, self.limit(empty)) {
+            (Budget::AtMost(n), _) => format!("≤ {n}"),
+            (Budget::OfTubular(f), Some(l)) => format!("≤ {l:.0} ({f}× tubular)"),
+            (Budget::OfEmpty(f), Some(l)) => format!("≤ {l:.0} ({f}× empty)"),
+            _ => "—".to_owned(),
+        }
+    }
+
+    fn verdict(&self, empty: u32) -> String {
+        match self.limit(empty) {
+            Some(l) if f64::from(self.sample.median()) <= l => "meets".to_owned(),
+            Some(l) => format!(
+                "**misses** by {:.0} ns",
+                f64::from(self.sample.median()) - l
+            ),
+            None => "(context)".to_owned(),
+        }
+    }
+}
+
+/// Loading figures of one growth step.
+struct Load {
+    from: u32,
+    to: u32,
+    elapsed: Duration,
+}
+
+impl Load {
+    fn us_per_entry(&self) -> f64 {
+        self.elapsed.as_secs_f64() * 1e6 / f64::from(self.to - self.from)
+    }
+}
+
+fn count(n: u32) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+/// The design's reference figures by size: (tubular, one-lookup demo).
+fn reference_hit(n: u32) -> (Option<u32>, Option<u32>) {
+    match n {
+        1 => (Some(96), Some(122)),
+        1_000 => (Some(205), Some(154)),
+        100_000 => (Some(312), Some(211)),
+        1_000_000 => (Some(354), Some(235)),
+        _ => (None, None),
+    }
+}
+
+fn reference_miss(n: u32) -> Option<(u32, u32)> {
+    match n {
+        1_000 => Some((182, 96)),
+        1_000_000 => Some((335, 156)),
+        _ => None,
+    }
+}
+
+struct Results {
+    rows: Vec<Row>,
+    empty: u32,
+    loads: Vec<Load>,
+    adopt: Option<(u32, Duration)>,
+    program_tag: String,
+    total: Duration,
+}
+
+fn load_empty() -> aya::Ebpf {
+    let mut ebpf = aya::Ebpf::load(EMPTY_OBJECT).expect("load empty.bpf.o");
+    let prog: &mut SkLookup = ebpf
+        .program_mut("skactivate_empty")
+        .expect("program in empty.bpf.o")
+        .try_into()
+        .expect("an sk_lookup program");
+    prog.load().expect("load the empty program");
+    ebpf
+}
+
+fn empty_fd(ebpf: &aya::Ebpf) -> BorrowedFd<'_> {
+    let prog: &SkLookup = ebpf
+        .program("skactivate_empty")
+        .expect("loaded")
+        .try_into()
+        .expect("an sk_lookup program");
+    prog.fd().expect("loaded").as_fd()
+}
+
+fn run_all(plan: &Plan, fs: &common::Bpffs) -> Results {
+    let start = Instant::now();
+    let listener = TcpListener::bind(LISTEN).expect("listen");
+    let cookie = dispatcher::socket::socket_cookie(listener.as_fd()).expect("SO_COOKIE");
+    let mut d = Dispatcher::open(common::thread_netns(), &fs.path).expect("open dispatcher");
+    let regs = d
+        .register_sockets("bench.socket", &[listener.as_fd()])
+        .expect("register the listener");
+    let dest: Destination = regs[0].0.clone();
+    let program_tag = d.program().expect("program info").tag_hex();
+    let prog = {
+        // The dispatcher's own program, through the public test-run entry.
+        let id = d.program().expect("program info").id;
+        prog_fd_by_id(id)
+    };
+
+    let empty_obj = load_empty();
+    let empty_sample = measure(
+        plan,
+        start,
+        empty_fd(&empty_obj),
+        &unbound_port_probes(plan),
+        Expect::Pass,
+    );
+    let empty = empty_sample.median();
+    let mut rows = vec![Row {
+        case: "empty `SK_PASS` program (baseline)".to_owned(),
+        sample: empty_sample,
+        tubular: None,
+        demo: None,
+        budget: Budget::None,
+    }];
+
+    let mut loads = Vec::new();
+    let mut have = 0u32;
+    for &n in plan.sizes {
+        let step = Instant::now();
+        while have < n {
+            check_deadline(start, "loading bindings");
+            let upto = n.min(have + plan.chunk);
+            let items: Vec<(Binding, Destination)> =
+                (have..upto).map(|i| (binding(i), dest.clone())).collect();
+            let changes = d.add_bindings(&items).expect("add bindings");
+            assert_eq!(changes.added, items.len());
+            have = upto;
+        }
+        if n > 1 {
+            loads.push(Load {
+                from: loads.last().map_or(1, |l: &Load| l.to),
+                to: n,
+                elapsed: step.elapsed(),
+            });
+        }
+
+        let (tubular, demo) = reference_hit(n);
+        rows.push(Row {
+            case: format!("hit, {} binding{}", count(n), if n == 1 { "" } else { "s" }),
+            sample: measure(
+                plan,
+                start,
+                prog.as_fd(),
+                &hit_probes(plan, n),
+                Expect::Hit(cookie),
+            ),
+            tubular,
+            demo,
+            budget: if n == 1 {
+                Budget::AtMost(90)
+            } else {
+                Budget::OfTubular(0.7)
+            },
+        });
+        if let Some((tubular, demo)) = reference_miss(n) {
+            rows.push(Row {
+                case: format!("miss, {} bindings (bound port)", count(n)),
+                sample: measure(
+                    plan,
+                    start,
+                    prog.as_fd(),
+                    &miss_probes(plan, n),
+                    Expect::Pass,
+                ),
+                tubular: Some(tubular),
+                demo: Some(demo),
+                budget: Budget::OfTubular(0.5),
+            });
+        }
+        if n == *plan.sizes.last().expect("sizes") {
+            rows.push(Row {
+                case: format!("miss, {} bindings, port with no binding", count(n)),
+                sample: measure(
+                    plan,
+                    start,
+                    prog.as_fd(),
+                    &unbound_port_probes(plan),
+                    Expect::Pass,
+                ),
+                tubular: None,
+                demo: None,
+                budget: Budget::OfEmpty(2.0),
+            });
+        }
+    }
+
+    // Context, not budget: once the protocol has a `*` binding, no port is
+    // unbound any more and every lookup walks the trie's wildcard part.
+    let wild = Binding::new(
+        Protocol::Tcp,
+        "192.0.2.1/32".parse().expect("prefix"),
+        Ports::All,
+    );
+    d.add_bindings(&[(wild, dest.clone())])
+        .expect("add a wildcard binding");
+    let n = have;
+    rows.push(Row {
+        case: format!("miss, {} bindings + one `*` binding, bound port", count(n)),
+        sample: measure(
+            plan,
+            start,
+            prog.as_fd(),
+            &miss_probes(plan, n),
+            Expect::Pass,
+        ),
+        tubular: None,
+        demo: None,
+        budget: Budget::None,
+    });
+    rows.push(Row {
+        case: format!(
+            "miss, {} bindings + one `*` binding, port with no binding",
+            count(n)
+        ),
+        sample: measure(
+            plan,
+            start,
+            prog.as_fd(),
+            &unbound_port_probes(plan),
+            Expect::Pass,
+        ),
+        tubular: None,
+        demo: None,
+        budget: Budget::None,
+    });
+
+    // A restarted daemon adopts the pinned state and reads the trie back.
+    let t = Instant::now();
+    let again = Dispatcher::open(common::thread_netns(), &fs.path).expect("adopt");
+    let adopt = Some((n + 1, t.elapsed()));
+    drop(again);
+
+    drop(listener);
+    Results {
+        rows,
+        empty,
+        loads,
+        adopt,
+        program_tag,
+        total: start.elapsed(),
+    }
+}
+
+/// The dispatcher's program by id (the bench runs it like `lookup` does, but
+/// needs the fd to time it on arbitrary probes).
+fn prog_fd_by_id(id: u32) -> std::os::fd::OwnedFd {
+    dispatcher::sys::prog_fd_by_id(id).expect("BPF_PROG_GET_FD_BY_ID")
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|e| format!("({path}: {e})"))
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// UTC date and time, `YYYY-MM-DD HH:MM`.
+fn now_utc() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        rem / 3_600,
+        rem % 3_600 / 60
+    )
+}
+
+fn git_revision(root: &Path) -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(rev) => {
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "--",
+                "ebpf",
+                "skactivate/src/dispatcher",
+            ])
+            .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{rev} + uncommitted changes to the dispatcher")
+            } else {
+                rev
+            }
+        }
+        None => "unknown".to_owned(),
+    }
+}
+
+fn fmt_opt(v: Option<u32>) -> String {
+    v.map_or_else(|| "—".to_owned(), |v| v.to_string())
+}
+
+fn report(plan: &Plan, r: &Results, root: &Path) -> String {
+    let mut s = String::new();
+    let w = &mut s;
+    let _ = writeln!(w, "# Benchmarks\n");
+    let _ = writeln!(
+        w,
+        "Written by `cargo bench -p skactivate --bench dispatcher` (root; \
+         `skactivate/benches/dispatcher.rs`). Do not edit by hand: run it again.\n"
+    );
+    let _ = writeln!(w, "## Machine\n");
+    let _ = writeln!(w, "* date: {}", now_utc());
+    let _ = writeln!(
+        w,
+        "* kernel: {}",
+        read_trimmed("/proc/sys/kernel/osrelease")
+    );
+    let _ = writeln!(w, "* CPU: {}", cpu_model());
+    let _ = writeln!(
+        w,
+        "* nproc: {}",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+    );
+    let _ = writeln!(
+        w,
+        "* load average at the end: {}",
+        read_trimmed("/proc/loadavg")
+    );
+    let _ = writeln!(
+        w,
+        "* source: {}; program tag {}",
+        git_revision(root),
+        r.program_tag
+    );
+    let _ = writeln!(w, "* bench took {:.1} s\n", r.total.as_secs_f64());
+
+    let _ = writeln!(w, "## Lookup cost (ns per run, `BPF_PROG_TEST_RUN`)\n");
+    let _ = writeln!(
+        w,
+        "Median of {} runs of {} repeats each (min–max in brackets); each run \
+         probes another address. tubular and the one-lookup demo are the design's \
+         figures (DESIGN.md, \"Its budget\", same kernel series), not measured \
+         here.\n",
+        plan.runs, plan.repeat
+    );
+    let _ = writeln!(
+        w,
+        "| case | skactivate | tubular | one-lookup demo | target | verdict |"
+    );
+    let _ = writeln!(w, "| --- | ---: | ---: | ---: | --- | --- |");
+    for row in &r.rows {
+        let _ = writeln!(
+            w,
+            "| {} | **{}** ({}–{}) | {} | {} | {} | {} |",
+            row.case,
+            row.sample.median(),
+            row.sample.min(),
+            row.sample.max(),
+            fmt_opt(row.tubular),
+            fmt_opt(row.demo),
+            row.target_text(r.empty),
+            row.verdict(r.empty),
+        );
+    }
+
+    let _ = writeln!(w, "\n## Loading\n");
+    let _ = writeln!(
+        w,
+        "`Dispatcher::add_bindings` in chunks of {} bindings (one \
+         `BPF_MAP_UPDATE_ELEM` per trie entry), growing one dispatcher; the \
+         design's reference is ~4 µs per entry.\n",
+        plan.chunk
+    );
+    let _ = writeln!(w, "| step | entries | time | µs per entry |");
+    let _ = writeln!(w, "| --- | ---: | ---: | ---: |");
+    let mut total = Duration::ZERO;
+    let mut entries = 0;
+    for l in &r.loads {
+        total += l.elapsed;
+        entries += l.to - l.from;
+        let _ = writeln!(
+            w,
+            "| {} → {} | {} | {:.2} s | {:.2} |",
+            count(l.from),
+            count(l.to),
+            l.to - l.from,
+            l.elapsed.as_secs_f64(),
+            l.us_per_entry()
+        );
+    }
+    if entries > 0 {
+        let _ = writeln!(
+            w,
+            "| **1 → {}** | {} | {:.2} s | **{:.2}** |",
+            count(r.loads.last().map_or(0, |l| l.to)),
+            entries,
+            total.as_secs_f64(),
+            total.as_secs_f64() * 1e6 / f64::from(entries)
+        );
+    }
+    if let Some((n, t)) = r.adopt {
+        let _ = writeln!(
+            w,
+            "\nAdopting the pinned state again (`Dispatcher::open`, which reads \
+             the whole trie back into the index) with {n} entries: {:.2} s.",
+            t.as_secs_f64()
+        );
+    }
+
+    let _ = writeln!(w, "\n## Workload\n");
+    let _ = writeln!(
+        w,
+        "* One TCP listener (`{LISTEN}`) registered as `bench.socket`; every \
+         binding points at it.\n\
+         * Bindings are TCP /32s, one port each, drawn by a fixed permutation \
+         from 2^{SPACE_BITS} (port, address) pairs: 198.18.0.0/15 (RFC 2544's \
+         benchmarking range; test runs send no packet) on ports {FIRST_PORT}–{}. \
+         The trie therefore grows evenly, about log2(N) levels deep.\n\
+         * hit: a bound (address, port); miss (bound port): an address of the \
+         same range that no binding covers, on a port that has bindings; port \
+         with no binding: port {UNBOUND_PORT}.\n\
+         * No `*` binding exists until the last two rows, which add one \
+         (tcp:192.0.2.1/32:*) to show what the miss path costs once the \
+         protocol has a wildcard.",
+        FIRST_PORT + (1 << PORT_BITS) - 1
+    );
+    s
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let plan = if full { &FULL } else { &SMOKE };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the dispatcher benchmark needs root: it unshares a network namespace");
+        std::process::exit(1);
+    }
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let (tx, rx) = std::sync::mpsc::channel();
+    common::in_netns("dispatcher benchmark", move |fs| {
+        tx.send(run_all(plan, fs)).expect("main thread waits");
+    });
+    let Ok(results) = rx.recv() else {
+        return; // skipped: the kernel has no sk_lookup (in_netns said so)
+    };
+    let text = report(plan, &results, &root);
+    println!("{text}");
+    if plan.write {
+        let path = root.join("BENCHMARKS.md");
+        std::fs::write(&path, &text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        eprintln!("wrote {}", path.display());
+    }
+}
