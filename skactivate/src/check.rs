@@ -1,0 +1,227 @@
+//! `skactivate check [--root DIR] UNIT|FILE...`: offline validation.
+//!
+//! Reads each socket unit (by name from the search path under `root`, or a
+//! unit file given by path with its drop-ins from the search path), matches
+//! its `X-SkLookup=` values to the sockets of its `Listen…=` lines and
+//! reports every problem, one line each, on stderr:
+//!
+//! ```text
+//! /etc/systemd/system/webserver.socket.d/10-sklookup.conf:3: X-SkLookup=192.0.2.0/33:80: prefix length 33 is longer than 32
+//! webserver.socket: not found in the unit search path
+//! warning: dns.socket: udp [::]:53 gets X-SkLookup= traffic but PassPacketInfo= is not yes: …
+//! ```
+//!
+//! A unit without errors gets a summary of its bindings on stdout. Units
+//! checked together must not claim the same `(protocol, prefix, port)`, as
+//! the daemon would refuse the second.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::config::{self, Problem, Reason, Resolution, Setting, Socket};
+use crate::unit::{self, Severity, SocketUnit, UnitError};
+
+/// Runs the check on the process's stdout and stderr; exit code 0 when every
+/// unit is valid, 1 otherwise.
+pub fn main(root: &Path, targets: &[OsString]) -> ExitCode {
+    if !root.is_dir() {
+        eprintln!("skactivate: --root {}: not a directory", root.display());
+        return ExitCode::FAILURE;
+    }
+    let (stdout, stderr) = (io::stdout(), io::stderr());
+    match run(root, targets, &mut stdout.lock(), &mut stderr.lock()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("skactivate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Checks every target, writes the summaries to `out` and the problems to
+/// `err`; returns whether all units are valid.
+pub fn run(
+    root: &Path,
+    targets: &[OsString],
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> io::Result<bool> {
+    let mut checked: Vec<Checked> = targets.iter().map(|t| Checked::load(root, t)).collect();
+    find_conflicts(&mut checked);
+    let mut valid = true;
+    for c in &checked {
+        valid &= c.report(out, err)?;
+    }
+    Ok(valid)
+}
+
+/// One unit, checked.
+struct Checked {
+    /// How the unit is named in messages: its name, or the file as given.
+    label: String,
+    outcome: Result<Loaded, UnitError>,
+}
+
+struct Loaded {
+    unit: SocketUnit,
+    sockets: Vec<Socket>,
+    resolution: Resolution,
+}
+
+impl Checked {
+    fn load(root: &Path, target: &OsStr) -> Checked {
+        let (label, unit) = if target.as_bytes().contains(&b'/') {
+            let path = Path::new(target);
+            (
+                path.display().to_string(),
+                SocketUnit::from_file(root, path),
+            )
+        } else {
+            let given = target.to_string_lossy().into_owned();
+            match target
+                .to_str()
+                .ok_or(UnitError::InvalidName)
+                .and_then(unit::socket_unit_name)
+            {
+                Ok(name) => {
+                    let unit = SocketUnit::find(root, &name);
+                    (name, unit)
+                }
+                Err(e) => (given, Err(e)),
+            }
+        };
+        Checked {
+            label,
+            outcome: unit.map(Loaded::new),
+        }
+    }
+
+    /// Writes the problems, and the summary if there is no error.
+    fn report(&self, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<bool> {
+        let loaded = match &self.outcome {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                writeln!(err, "{}: {e}", self.label)?;
+                return Ok(false);
+            }
+        };
+        let mut problems: Vec<&Problem> = loaded.resolution.problems.iter().collect();
+        let files: Vec<&Path> = loaded.unit.files().collect();
+        problems.sort_by_key(|p| match &p.location {
+            Some(l) => (
+                files
+                    .iter()
+                    .position(|f| *f == l.path)
+                    .unwrap_or(files.len()),
+                l.line,
+            ),
+            None => (usize::MAX, 0),
+        });
+        for problem in &problems {
+            if problem.severity == Severity::Warning {
+                write!(err, "warning: ")?;
+            }
+            if problem.location.is_none() {
+                write!(err, "{}: ", self.label)?;
+            }
+            writeln!(err, "{problem}")?;
+        }
+        if !loaded.resolution.is_valid() {
+            return Ok(false);
+        }
+        self.summary(loaded, out)?;
+        Ok(true)
+    }
+
+    fn summary(&self, loaded: &Loaded, out: &mut dyn Write) -> io::Result<()> {
+        let bindings = &loaded.resolution.bindings;
+        match bindings.len() {
+            0 => writeln!(out, "{}: no bindings (no X-SkLookup= in force)", self.label)?,
+            1 => writeln!(out, "{}: 1 binding", self.label)?,
+            n => writeln!(out, "{}: {n} bindings", self.label)?,
+        }
+        writeln!(out, "  fragment {}", loaded.unit.fragment.display())?;
+        for dropin in &loaded.unit.dropins {
+            writeln!(out, "  drop-in  {}", dropin.display())?;
+        }
+        let shown: Vec<(String, String)> = bindings
+            .iter()
+            .map(|r| (r.binding.to_string(), loaded.sockets[r.socket].to_string()))
+            .collect();
+        let width = shown.iter().map(|(b, _)| b.len()).max().unwrap_or(0);
+        let socket_width = shown.iter().map(|(_, s)| s.len()).max().unwrap_or(0);
+        for ((binding, socket), resolved) in shown.iter().zip(bindings) {
+            writeln!(
+                out,
+                "  {binding:<width$} -> {socket:<socket_width$}  {}",
+                resolved.location
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Loaded {
+    fn new(unit: SocketUnit) -> Loaded {
+        let mut problems: Vec<Problem> = unit.issues.iter().cloned().map(Problem::from).collect();
+        let (listens, listen_problems) = config::listen_sockets(&unit);
+        problems.extend(listen_problems);
+        let sockets: Vec<Socket> = listens.iter().map(|l| l.socket).collect();
+        let mut resolution = config::resolve(&unit, &sockets);
+        problems.append(&mut resolution.problems);
+        resolution.problems = problems;
+        Loaded {
+            unit,
+            sockets,
+            resolution,
+        }
+    }
+}
+
+/// Refuses a binding that an earlier unit of the same check already claims
+/// (the daemon would refuse the second unit).
+fn find_conflicts(checked: &mut [Checked]) {
+    for j in 1..checked.len() {
+        let (earlier, rest) = checked.split_at_mut(j);
+        let Ok(later) = &mut rest[0].outcome else {
+            continue;
+        };
+        let mut kept = Vec::new();
+        for resolved in later.resolution.bindings.drain(..) {
+            let claimed = earlier.iter().find_map(|c| {
+                let first = c.outcome.as_ref().ok()?;
+                if first.unit.id == later.unit.id {
+                    return None;
+                }
+                let other = first
+                    .resolution
+                    .bindings
+                    .iter()
+                    .find(|r| config::same_key(&r.binding, &resolved.binding))?;
+                Some((first.unit.name.clone(), other))
+            });
+            match claimed {
+                None => kept.push(resolved),
+                Some((unit, other)) => later.resolution.problems.push(Problem {
+                    severity: Severity::Error,
+                    location: Some(resolved.location.clone()),
+                    setting: Some(Setting {
+                        key: "X-SkLookup",
+                        value: resolved.value.clone(),
+                    }),
+                    reason: Reason::Conflict {
+                        binding: resolved.binding,
+                        unit,
+                        value: other.value.clone(),
+                        at: other.location.clone(),
+                    },
+                }),
+            }
+        }
+        later.resolution.bindings = kept;
+    }
+}
