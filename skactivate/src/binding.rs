@@ -242,7 +242,7 @@ mod tests {
 
     #[test]
     fn precedence_longest_prefix_then_specific_port() {
-        let mut v = vec![
+        let mut v = [
             b("192.0.2.0/24", Ports::All),
             b("192.0.2.4/32", Ports::All),
             b("192.0.2.0/24", Ports::single(443)),

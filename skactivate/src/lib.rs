@@ -6,11 +6,21 @@
 //! * [`config`] — matching a unit's directives to its sockets.
 //! * [`check`] — `skactivate check`, offline validation.
 //! * [`dispatcher`] — the only owner of the BPF program and maps.
+//! * [`service`] — what the daemon does: register, reload, unregister units.
+//! * [`dbus`] — `org.skactivate1`, thin shims over [`service`].
+//! * [`daemon`] — `skactivate daemon`: bus, readiness, following systemd.
+//! * [`client`] — `skactivate register` / `unregister`.
+//! * [`generator`] — `skactivate-generator`, the systemd generator.
 
 pub mod binding;
 pub mod check;
+pub mod client;
 pub mod config;
+pub mod daemon;
+pub mod dbus;
 pub mod directive;
 pub mod dispatcher;
+pub mod generator;
 pub mod paths;
+pub mod service;
 pub mod unit;

@@ -22,3 +22,13 @@ pub fn netns_state(bpffs: &Path, netns_inode: u64) -> PathBuf {
 
 /// The pin of the dispatcher's bpf_link inside a state directory.
 pub const LINK_PIN: &str = "link";
+
+/// The installed binary, as units and generated drop-ins call it.
+pub const BINARY: &str = "/usr/bin/skactivate";
+
+/// The registration template the generator links socket units to.
+pub const TEMPLATE_UNIT: &str = "/usr/lib/systemd/system/skactivate@.service";
+
+/// The name the binary answers to when systemd runs it as a generator
+/// (installed as /usr/lib/systemd/system-generators/skactivate-generator).
+pub const GENERATOR_NAME: &str = "skactivate-generator";

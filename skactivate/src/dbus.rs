@@ -1,0 +1,585 @@
+//! `org.skactivate1` on D-Bus: thin shims over [`crate::service`], named
+//! errors, the caller check for every state-changing method, and the proxies
+//! for systemd that registration and the unit watch need.
+//!
+//! Reading is open to everyone. Changing state is root-only twice over: the
+//! bus policy (`units/org.skactivate1.conf`) and [`require_root`] here, so a
+//! loosened policy still leaves the daemon safe.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::UNIX_EPOCH;
+
+use zbus::fdo::DBusProxy;
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::proxy::CacheProperties;
+use zbus::zvariant::{ObjectPath, OwnedObjectPath};
+use zbus::{Connection, interface};
+
+use crate::binding::Protocol;
+use crate::dispatcher::Verdict;
+use crate::service::{Directives, Service, ServiceError, UnitFiles};
+
+pub const BUS_NAME: &str = "org.skactivate1";
+pub const MANAGER_PATH: &str = "/org/skactivate1";
+pub const MANAGER_INTERFACE: &str = "org.skactivate1.Manager";
+pub const UNIT_INTERFACE: &str = "org.skactivate1.Unit";
+
+/// Errors on the wire: `org.skactivate1.Error.*`.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.skactivate1.Error")]
+pub enum Error {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    /// A directive is invalid: the message names file, line, value and reason.
+    BadDirective(String),
+    /// A binding is already another unit's.
+    Conflict(String),
+    /// An fd is not one of the unit's listening sockets.
+    NotUnitSocket(String),
+    /// An fd is not a socket skactivate can use.
+    InvalidSocket(String),
+    NoSuchUnit(String),
+    AccessDenied(String),
+    InvalidArgs(String),
+    Failed(String),
+}
+
+impl From<ServiceError> for Error {
+    fn from(e: ServiceError) -> Self {
+        use crate::dispatcher::DispatcherError as D;
+        let msg = error_chain(&e);
+        match e {
+            ServiceError::BadDirective { .. } | ServiceError::UnitFile { .. } => {
+                Error::BadDirective(msg)
+            }
+            ServiceError::NotUnitSocket { .. } | ServiceError::NoSockets { .. } => {
+                Error::NotUnitSocket(msg)
+            }
+            ServiceError::NotRegistered { .. } => Error::NoSuchUnit(msg),
+            ServiceError::Dispatcher { source, .. } => match *source {
+                D::Conflict { .. } => Error::Conflict(msg),
+                D::Inspect { .. }
+                | D::NotListening { .. }
+                | D::Connected { .. }
+                | D::OtherNetns { .. }
+                | D::AmbiguousSockets { .. } => Error::InvalidSocket(msg),
+                D::UnitName(_) => Error::InvalidArgs(msg),
+                _ => Error::Failed(msg),
+            },
+        }
+    }
+}
+
+/// An error and its sources, `: `-joined.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The uid of the caller of a method: from the bus, or from the peer's
+/// credentials on a peer-to-peer connection.
+pub async fn caller_uid(header: &Header<'_>, conn: &Connection) -> zbus::Result<u32> {
+    match header.sender() {
+        Some(sender) if conn.unique_name().is_some() => {
+            let bus = DBusProxy::new(conn).await?;
+            Ok(bus.get_connection_unix_user(sender.clone().into()).await?)
+        }
+        _ => conn
+            .peer_creds()
+            .await?
+            .unix_user_id()
+            .ok_or_else(|| zbus::Error::Failure("peer has no uid".into())),
+    }
+}
+
+/// Every state-changing method begins here.
+pub async fn require_root(header: &Header<'_>, conn: &Connection, what: &str) -> Result<(), Error> {
+    let uid = caller_uid(header, conn).await?;
+    if uid != 0 {
+        return Err(Error::AccessDenied(format!(
+            "{what} is for root only (caller uid {uid})"
+        )));
+    }
+    Ok(())
+}
+
+/// systemd's object-path escaping (`bus_label_escape`): every byte but
+/// `[A-Za-z0-9]` becomes `_xx`.
+pub fn escape_label(s: &str) -> String {
+    if s.is_empty() {
+        return "_".to_owned();
+    }
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    out
+}
+
+pub fn unit_path(unit: &str) -> OwnedObjectPath {
+    ObjectPath::try_from(format!("{MANAGER_PATH}/unit/{}", escape_label(unit)))
+        .expect("escaped labels are valid object paths")
+        .into()
+}
+
+/// What the manager object shares with the daemon.
+pub struct Shared {
+    pub service: Mutex<Service>,
+    /// The system bus, where systemd lives; `None` when there is none (tests).
+    pub systemd: Option<Connection>,
+    /// Called after every change with the service, for `STATUS=` and logs.
+    pub on_change: Box<dyn Fn(&Service) + Send + Sync>,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Service> {
+        self.service
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Tell the daemon something changed (for `STATUS=`).
+    pub fn changed(&self) {
+        let s = self.lock();
+        (self.on_change)(&s);
+    }
+
+    /// Ask systemd where a socket unit's files are and what it listens on.
+    pub async fn unit_files(&self, unit: &str) -> Result<UnitFiles, Error> {
+        let conn = self
+            .systemd
+            .as_ref()
+            .ok_or_else(|| Error::Failed("no system bus: cannot ask systemd about units".into()))?;
+        systemd_unit_files(conn, unit).await
+    }
+}
+
+/// `FragmentPath`, `DropInPaths`, `Listen` and `BindIPv6Only` of a socket unit.
+pub async fn systemd_unit_files(conn: &Connection, unit: &str) -> Result<UnitFiles, Error> {
+    let manager = SystemdManagerProxy::new(conn).await?;
+    let path = manager
+        .get_unit(unit)
+        .await
+        .map_err(|e| Error::NoSuchUnit(format!("{unit}: systemd does not know it ({e})")))?;
+    let u = SystemdUnitProxy::builder(conn)
+        .path(path.clone())?
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await?;
+    let s = SystemdSocketProxy::builder(conn)
+        .path(path)?
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await?;
+    let fragment = u.fragment_path().await?;
+    if fragment.is_empty() {
+        return Err(Error::NoSuchUnit(format!(
+            "{unit}: systemd knows no unit file for it"
+        )));
+    }
+    Ok(UnitFiles {
+        fragment: fragment.into(),
+        dropins: u
+            .drop_in_paths()
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        listen: s.listen().await?,
+        bind_ipv6_only: s.bind_ipv6_only().await?,
+    })
+}
+
+/// A socket unit's `ActiveState`, or `None` if systemd has not loaded it.
+pub async fn systemd_active_state(conn: &Connection, unit: &str) -> zbus::Result<Option<String>> {
+    let manager = SystemdManagerProxy::new(conn).await?;
+    let Ok(path) = manager.get_unit(unit).await else {
+        return Ok(None);
+    };
+    let u = SystemdUnitProxy::builder(conn)
+        .path(path)?
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await?;
+    Ok(Some(u.active_state().await?))
+}
+
+/// The manager object, `/org/skactivate1`.
+pub struct Manager {
+    pub shared: Arc<Shared>,
+}
+
+#[interface(name = "org.skactivate1.Manager")]
+impl Manager {
+    /// Register a socket unit's listening sockets, reading its `X-SkLookup=`
+    /// lines from the files systemd reports. Returns (sockets, bindings).
+    async fn register_sockets(
+        &self,
+        unit: String,
+        fds: Vec<zbus::zvariant::OwnedFd>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(u32, u32), Error> {
+        require_root(&header, conn, "RegisterSockets").await?;
+        let files = self.shared.unit_files(&unit).await?;
+        self.register(unit, fds, Directives::Files(files), &emitter)
+            .await
+    }
+
+    /// Register sockets with directives given here instead of unit files
+    /// (`skactivate register --sklookup`). Returns (sockets, bindings).
+    async fn register_sockets_with_directives(
+        &self,
+        unit: String,
+        fds: Vec<zbus::zvariant::OwnedFd>,
+        directives: Vec<String>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(u32, u32), Error> {
+        require_root(&header, conn, "RegisterSocketsWithDirectives").await?;
+        self.register(unit, fds, Directives::Inline(directives), &emitter)
+            .await
+    }
+
+    /// Remove a unit's bindings and sockets.
+    async fn unregister_unit(
+        &self,
+        unit: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), Error> {
+        require_root(&header, conn, "UnregisterUnit").await?;
+        let r = self.shared.lock().unregister(&unit);
+        match r {
+            Ok(changes) => {
+                tracing::info!(unit = %unit, removed = changes.removed, "unregistered");
+                self.shared.changed();
+                Self::unit_unregistered(&emitter, &unit, unit_path(&unit).as_ref()).await?;
+                self.counts_changed(&emitter).await;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Re-read every registered unit and apply the differences, unit by unit;
+    /// a unit whose directives are now bad keeps its bindings and is named in
+    /// the error.
+    async fn reload(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), Error> {
+        require_root(&header, conn, "Reload").await?;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+        let failures = reload_all(&self.shared).await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        self.shared.changed();
+        self.counts_changed(&emitter).await;
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::BadDirective(failures.join("; ")))
+        }
+    }
+
+    /// Registered units: (name, object path, bindings, registered at µs since the epoch).
+    async fn list_units(&self) -> Vec<(String, OwnedObjectPath, u32, u64)> {
+        let s = self.shared.lock();
+        s.units()
+            .iter()
+            .map(|(name, u)| {
+                let at = u
+                    .registered
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(0);
+                (name.clone(), unit_path(name), u.bindings.len() as u32, at)
+            })
+            .collect()
+    }
+
+    /// Bindings in precedence order: (binding, unit, family, protocol, socket cookie or 0).
+    async fn list_bindings(&self) -> Result<Vec<(String, String, String, String, u64)>, Error> {
+        let s = self.shared.lock();
+        let list = s
+            .dispatcher()
+            .bindings()
+            .map_err(|e| Error::Failed(error_chain(&e)))?;
+        Ok(list
+            .into_iter()
+            .map(|b| {
+                (
+                    b.binding.to_string(),
+                    b.destination.unit,
+                    b.destination.family.to_string(),
+                    b.destination.protocol.to_string(),
+                    b.socket.unwrap_or(0),
+                )
+            })
+            .collect())
+    }
+
+    /// Where a packet would go, answered by running the live program:
+    /// (verdict `redirect`|`pass`|`drop`, unit, binding, socket cookie).
+    async fn lookup(
+        &self,
+        protocol: String,
+        address: String,
+        port: u16,
+    ) -> Result<(String, String, String, u64), Error> {
+        let protocol: Protocol = protocol
+            .parse()
+            .map_err(|e: crate::binding::UnknownProtocol| Error::InvalidArgs(e.to_string()))?;
+        let addr: std::net::IpAddr = address
+            .parse()
+            .map_err(|_| Error::InvalidArgs(format!("{address:?} is not an IP address")))?;
+        let s = self.shared.lock();
+        let l = s
+            .dispatcher()
+            .lookup(protocol, addr, port)
+            .map_err(|e| Error::Failed(error_chain(&e)))?;
+        let verdict = match l.verdict {
+            Verdict::Redirect => "redirect",
+            Verdict::Pass => "pass",
+            Verdict::Drop => "drop",
+        };
+        Ok((
+            verdict.to_owned(),
+            l.destination.map(|d| d.unit).unwrap_or_default(),
+            l.binding.map(|b| b.to_string()).unwrap_or_default(),
+            l.cookie.unwrap_or(0),
+        ))
+    }
+
+    #[zbus(property)]
+    async fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    /// Inode of the network namespace the dispatcher serves.
+    #[zbus(property, name = "NetNS")]
+    async fn net_ns(&self) -> u64 {
+        self.shared.lock().dispatcher().netns()
+    }
+
+    #[zbus(property)]
+    async fn program_id(&self) -> u32 {
+        self.shared
+            .lock()
+            .dispatcher()
+            .program()
+            .map(|p| p.id)
+            .unwrap_or(0)
+    }
+
+    #[zbus(property)]
+    async fn program_tag(&self) -> String {
+        self.shared
+            .lock()
+            .dispatcher()
+            .program()
+            .map(|p| p.tag_hex())
+            .unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    async fn attached(&self) -> bool {
+        self.shared.lock().dispatcher().attached()
+    }
+
+    #[zbus(property)]
+    async fn units(&self) -> u32 {
+        self.shared.lock().counts().units
+    }
+
+    #[zbus(property)]
+    async fn bindings(&self) -> u32 {
+        self.shared.lock().counts().bindings
+    }
+
+    #[zbus(property)]
+    async fn sockets(&self) -> u32 {
+        self.shared.lock().counts().sockets
+    }
+
+    #[zbus(signal)]
+    pub async fn unit_registered(
+        emitter: &SignalEmitter<'_>,
+        unit: &str,
+        path: ObjectPath<'_>,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn unit_unregistered(
+        emitter: &SignalEmitter<'_>,
+        unit: &str,
+        path: ObjectPath<'_>,
+    ) -> zbus::Result<()>;
+}
+
+impl Manager {
+    async fn register(
+        &self,
+        unit: String,
+        fds: Vec<zbus::zvariant::OwnedFd>,
+        directives: Directives,
+        emitter: &SignalEmitter<'_>,
+    ) -> Result<(u32, u32), Error> {
+        let fds: Vec<OwnedFd> = fds.into_iter().map(Into::into).collect();
+        let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+        let r = self.shared.lock().register(&unit, &borrowed, &directives);
+        // Our copies close here: the map entries now live as long as systemd's sockets.
+        drop(borrowed);
+        drop(fds);
+        match r {
+            Ok(o) => {
+                tracing::info!(unit = %unit, sockets = o.sockets, bindings = o.bindings, "registered: {o}");
+                self.shared.changed();
+                Self::unit_registered(emitter, &unit, unit_path(&unit).as_ref()).await?;
+                self.counts_changed(emitter).await;
+                Ok((o.sockets as u32, o.bindings as u32))
+            }
+            Err(e) => {
+                tracing::error!(unit = %unit, "registration refused: {}", error_chain(&e));
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn counts_changed(&self, emitter: &SignalEmitter<'_>) {
+        let _ = self.units_changed(emitter).await;
+        let _ = self.bindings_changed(emitter).await;
+        let _ = self.sockets_changed(emitter).await;
+    }
+}
+
+/// Re-read every registered unit; returns one message per unit that failed.
+pub async fn reload_all(shared: &Shared) -> Vec<String> {
+    let units: Vec<String> = shared.lock().units().keys().cloned().collect();
+    let mut failures = Vec::new();
+    for unit in units {
+        let files = match &shared.systemd {
+            Some(conn) => systemd_unit_files(conn, &unit).await.ok(),
+            None => None,
+        };
+        let r = shared.lock().reload(&unit, files.as_ref());
+        match r {
+            Ok(o) => tracing::info!(unit = %unit, "reloaded: {o}"),
+            Err(e) => {
+                let msg = error_chain(&e);
+                tracing::error!(unit = %unit, "reload refused, keeping the previous bindings: {msg}");
+                failures.push(msg);
+            }
+        }
+    }
+    failures
+}
+
+/// The client side of `org.skactivate1.Manager`.
+#[zbus::proxy(
+    interface = "org.skactivate1.Manager",
+    default_service = "org.skactivate1",
+    default_path = "/org/skactivate1"
+)]
+pub trait Skactivate {
+    fn register_sockets(
+        &self,
+        unit: &str,
+        fds: &[zbus::zvariant::Fd<'_>],
+    ) -> zbus::Result<(u32, u32)>;
+    fn register_sockets_with_directives(
+        &self,
+        unit: &str,
+        fds: &[zbus::zvariant::Fd<'_>],
+        directives: &[&str],
+    ) -> zbus::Result<(u32, u32)>;
+    /// Never starts the daemon just to unregister (it may be shutting down).
+    #[zbus(no_autostart)]
+    fn unregister_unit(&self, unit: &str) -> zbus::Result<()>;
+    fn reload(&self) -> zbus::Result<()>;
+    fn list_units(&self) -> zbus::Result<Vec<(String, OwnedObjectPath, u32, u64)>>;
+    fn list_bindings(&self) -> zbus::Result<Vec<(String, String, String, String, u64)>>;
+    fn lookup(
+        &self,
+        protocol: &str,
+        address: &str,
+        port: u16,
+    ) -> zbus::Result<(String, String, String, u64)>;
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn units(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn bindings(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn sockets(&self) -> zbus::Result<u32>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+pub trait SystemdManager {
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn subscribe(&self) -> zbus::Result<()>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+pub trait SystemdUnit {
+    #[zbus(property)]
+    fn fragment_path(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn drop_in_paths(&self) -> zbus::Result<Vec<String>>;
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Socket",
+    default_service = "org.freedesktop.systemd1"
+)]
+pub trait SystemdSocket {
+    #[zbus(property)]
+    fn listen(&self) -> zbus::Result<Vec<(String, String)>>;
+    #[zbus(property, name = "BindIPv6Only")]
+    fn bind_ipv6_only(&self) -> zbus::Result<String>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_paths_use_systemds_escaping() {
+        assert_eq!(
+            unit_path("webserver.socket").as_str(),
+            "/org/skactivate1/unit/webserver_2esocket"
+        );
+        assert_eq!(
+            unit_path("dns-a@eth0.socket").as_str(),
+            "/org/skactivate1/unit/dns_2da_40eth0_2esocket"
+        );
+        assert_eq!(escape_label(""), "_");
+    }
+}

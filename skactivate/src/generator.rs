@@ -1,0 +1,144 @@
+//! `skactivate-generator`: a systemd generator (systemd.generator(7)).
+//!
+//! For every socket unit that carries `X-SkLookup=` in its unit file or a
+//! drop-in, it makes the socket unit want `skactivate@NAME.service` (which
+//! registers the socket when it starts) and adds a drop-in whose
+//! `ExecStopPost=` unregisters it. The administrator writes the directive and
+//! nothing else.
+//!
+//! It reads units below `/`, or below `$SKACTIVATE_GENERATOR_ROOT` (for tests,
+//! like zram-generator's `ZRAM_GENERATOR_ROOT`).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::paths;
+use crate::unit::{SEARCH_PATH, SocketUnit};
+
+/// The drop-in the generator writes for each socket unit.
+pub const DROPIN_NAME: &str = "50-skactivate.conf";
+
+/// Every socket unit name in the search path (files, links, and instances
+/// that exist only as drop-in directories), templates excluded.
+fn socket_unit_names(root: &Path) -> Vec<String> {
+    let mut names = BTreeSet::new();
+    for dir in SEARCH_PATH {
+        let Ok(entries) = fs::read_dir(root.join(dir.trim_start_matches('/'))) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let unit = name.strip_suffix(".d").unwrap_or(&name);
+            if unit.ends_with(".socket") && !unit.ends_with("@.socket") && unit != ".socket" {
+                names.insert(unit.to_owned());
+            }
+        }
+    }
+    names.into_iter().collect()
+}
+
+/// What the generator makes of one unit: `None` if it has no `X-SkLookup=`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    pub unit: String,
+    /// `skactivate@webserver.service`.
+    pub registration: String,
+}
+
+/// The socket units that need registration, or why one was skipped.
+pub fn plan(root: &Path) -> (Vec<Generated>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut warnings = Vec::new();
+    for name in socket_unit_names(root) {
+        let unit = match SocketUnit::find(root, &name) {
+            Ok(u) => u,
+            // Masked or unreadable units are systemd's business, not ours.
+            Err(_) => continue,
+        };
+        // An alias is the same unit under another name: its real name is
+        // listed too, and one registration per socket is all there may be.
+        if unit.sklookup.is_empty() || unit.id != name {
+            continue;
+        }
+        let stem = name.strip_suffix(".socket").expect("listed as .socket");
+        if stem.contains('@') {
+            warnings.push(format!(
+                "{name}: X-SkLookup= on a template instance is not supported by the generator \
+                 (an instance name cannot hold '@'); start skactivate@ by hand with --sklookup"
+            ));
+            continue;
+        }
+        out.push(Generated {
+            unit: name.clone(),
+            registration: format!("skactivate@{stem}.service"),
+        });
+    }
+    (out, warnings)
+}
+
+fn write_new(path: &Path, contents: &str) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, contents)?;
+    fs::rename(&tmp, path)
+}
+
+/// Write the wants link and the unregister drop-in of each unit into `dir`
+/// (the generator's normal output directory).
+pub fn generate(root: &Path, dir: &Path) -> Result<Vec<String>> {
+    let (units, warnings) = plan(root);
+    for g in &units {
+        let wants = dir.join(format!("{}.wants", g.unit));
+        fs::create_dir_all(&wants).with_context(|| format!("{}", wants.display()))?;
+        let link = wants.join(&g.registration);
+        match fs::remove_file(&link) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("{}", link.display()));
+            }
+            _ => {}
+        }
+        std::os::unix::fs::symlink(paths::TEMPLATE_UNIT, &link)
+            .with_context(|| format!("{}", link.display()))?;
+
+        let dropins = dir.join(format!("{}.d", g.unit));
+        fs::create_dir_all(&dropins).with_context(|| format!("{}", dropins.display()))?;
+        let conf = dropins.join(DROPIN_NAME);
+        let text = format!(
+            "# Written by skactivate-generator because {unit} has X-SkLookup=.\n\
+             # Its bindings go when the socket stops (the daemon also follows systemd).\n\
+             [Socket]\n\
+             ExecStopPost=-{bin} unregister %n\n",
+            unit = g.unit,
+            bin = paths::BINARY,
+        );
+        write_new(&conf, &text).with_context(|| format!("{}", conf.display()))?;
+    }
+    Ok(warnings)
+}
+
+/// `skactivate-generator NORMAL [EARLY LATE]`.
+pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
+    let Some(normal) = args.first() else {
+        eprintln!(
+            "skactivate-generator: usage: skactivate-generator NORMAL-DIR [EARLY-DIR LATE-DIR]"
+        );
+        return std::process::ExitCode::from(2);
+    };
+    let root = std::env::var_os("SKACTIVATE_GENERATOR_ROOT")
+        .map_or_else(|| PathBuf::from("/"), PathBuf::from);
+    match generate(&root, Path::new(normal)) {
+        Ok(warnings) => {
+            for w in warnings {
+                eprintln!("skactivate-generator: {w}");
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("skactivate-generator: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
