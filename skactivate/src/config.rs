@@ -491,7 +491,6 @@ enum Fit {
 
 /// The sockets a value goes to: one per protocol it names or fits.
 fn place(value: &Value, sockets: &[Socket]) -> Result<Vec<(Protocol, usize)>, Reason> {
-    let all: Vec<Socket> = sockets.to_vec();
     let protocols = match value.protocol {
         Some(p) => vec![p],
         None => vec![Protocol::Tcp, Protocol::Udp],
@@ -505,7 +504,7 @@ fn place(value: &Value, sockets: &[Socket]) -> Result<Vec<(Protocol, usize)>, Re
             Fit::NoProtocol if value.protocol.is_some() => {
                 return Err(Reason::NoProtocol {
                     protocol,
-                    sockets: all,
+                    sockets: sockets.to_vec(),
                 });
             }
             Fit::NoFamily(v6only) => refused = refused.or(v6only),
@@ -518,7 +517,7 @@ fn place(value: &Value, sockets: &[Socket]) -> Result<Vec<(Protocol, usize)>, Re
             None => Reason::NoFamily {
                 protocol: value.protocol,
                 family: value.family(),
-                sockets: all,
+                sockets: sockets.to_vec(),
             },
         });
     }
@@ -558,7 +557,7 @@ fn fit(protocol: Protocol, family: Family, sockets: &[Socket]) -> Fit {
         [] => {
             let v6only = of_protocol
                 .iter()
-                .find(|(_, s)| family == Family::V4 && s.v6only)
+                .find(|(_, s)| family == Family::V4 && s.family() == Family::V6 && s.v6only)
                 .map(|(_, s)| **s);
             Fit::NoFamily(v6only)
         }
