@@ -1,0 +1,251 @@
+//! org.skactivate1.Manager over a peer-to-peer D-Bus connection on a
+//! socketpair, through the generated proxy: no bus daemon, but the real
+//! dispatcher in a fresh netns, real sockets passed as UNIX fds, and real
+//! connections. (The same interface on the real system bus, with busctl and
+//! systemd, is tests/systemd.rs.)
+
+mod common;
+
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use skactivate::dbus::{Manager, Shared, SkactivateProxy};
+use skactivate::dispatcher::Dispatcher;
+use skactivate::service::Service;
+use zbus::zvariant::Fd;
+
+/// Serve a Manager for the dispatcher of this netns on one end of a
+/// socketpair and hand the proxy of the other end to `f`.
+fn with_manager<F>(fs: &Bpffs, f: F)
+where
+    F: AsyncFnOnce(SkactivateProxy<'static>),
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let d = Dispatcher::open(thread_netns(), &fs.path).unwrap();
+    let service = Service::new(d, std::path::Path::new("/")).unwrap();
+    let shared = Arc::new(Shared {
+        service: Mutex::new(service),
+        systemd: None,
+        on_change: Box::new(|_| {}),
+    });
+    rt.block_on(async move {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let guid = zbus::Guid::generate();
+        let server = zbus::connection::Builder::unix_stream(a)
+            .server(guid)
+            .unwrap()
+            .p2p()
+            .serve_at("/org/skactivate1", Manager { shared })
+            .unwrap()
+            .build();
+        let client = zbus::connection::Builder::unix_stream(b).p2p().build();
+        let (server, client) = futures_util::future::join(server, client).await;
+        let (_server, client) = (server.unwrap(), client.unwrap());
+        let proxy = SkactivateProxy::builder(&client)
+            .destination("org.skactivate1")
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        f(proxy).await;
+    });
+}
+
+fn error_name(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn error_text(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(_, Some(m), _) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[test]
+fn register_with_directives_then_traffic_and_lookup() {
+    in_netns("register_with_directives_then_traffic_and_lookup", |fs| {
+        local_route("192.0.2.0/24");
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let dns = udp_server("dns", "127.0.0.1:53");
+        with_manager(fs, async |p| {
+            let fds = [Fd::from(web.fd()), Fd::from(dns.fd())];
+            let (sockets, bindings) = p
+                .register_sockets_with_directives(
+                    "edge.socket",
+                    &fds,
+                    &["tcp:192.0.2.0/24:80", "udp:192.0.2.0/24"],
+                )
+                .await
+                .unwrap();
+            assert_eq!((sockets, bindings), (2, 2));
+            assert_eq!(
+                tcp_ask(sa("192.0.2.10".parse().unwrap(), 80)).unwrap(),
+                "web"
+            );
+            assert_eq!(
+                udp_ask(sa("192.0.2.10".parse().unwrap(), 53)).unwrap(),
+                "dns"
+            );
+
+            let list = p.list_bindings().await.unwrap();
+            let shown: Vec<(&str, &str)> =
+                list.iter().map(|b| (b.0.as_str(), b.1.as_str())).collect();
+            assert_eq!(
+                shown,
+                [
+                    ("tcp:192.0.2.0/24:80", "edge.socket"),
+                    ("udp:192.0.2.0/24:53", "edge.socket")
+                ]
+            );
+            assert_eq!(list[0].4, web.cookie);
+
+            let (verdict, unit, binding, cookie) = p.lookup("tcp", "192.0.2.99", 80).await.unwrap();
+            assert_eq!(
+                (verdict.as_str(), unit.as_str(), binding.as_str()),
+                ("redirect", "edge.socket", "tcp:192.0.2.0/24:80")
+            );
+            assert_eq!(cookie, web.cookie);
+            let (verdict, ..) = p.lookup("tcp", "192.0.2.99", 81).await.unwrap();
+            assert_eq!(verdict, "pass");
+
+            let units = p.list_units().await.unwrap();
+            assert_eq!(units.len(), 1);
+            assert_eq!(units[0].0, "edge.socket");
+            assert_eq!(units[0].1.as_str(), "/org/skactivate1/unit/edge_2esocket");
+            assert_eq!(
+                (p.units().await.unwrap(), p.bindings().await.unwrap()),
+                (1, 2)
+            );
+
+            p.unregister_unit("edge.socket").await.unwrap();
+            assert!(p.list_bindings().await.unwrap().is_empty());
+            assert!(tcp_refused(sa("192.0.2.10".parse().unwrap(), 80)));
+        });
+    });
+}
+
+#[test]
+fn errors_are_named_and_leave_state_alone() {
+    in_netns("errors_are_named_and_leave_state_alone", |fs| {
+        let a = tcp_server("a", "127.0.0.1:8001", false);
+        let b = tcp_server("b", "127.0.0.1:8002", false);
+        with_manager(fs, async |p| {
+            p.register_sockets_with_directives(
+                "a.socket",
+                &[Fd::from(a.fd())],
+                &["192.0.2.0/24:80"],
+            )
+            .await
+            .unwrap();
+
+            // A bad directive: named error, names the value and why; nothing applied.
+            let e = p
+                .register_sockets_with_directives(
+                    "b.socket",
+                    &[Fd::from(b.fd())],
+                    &["198.51.100.0/24:80", "192.0.2.0/33:80"],
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.BadDirective");
+            let text = error_text(&e);
+            assert!(
+                text.contains("--sklookup:2")
+                    && text.contains("192.0.2.0/33:80")
+                    && text.contains("33"),
+                "{text}"
+            );
+            assert_eq!(p.list_bindings().await.unwrap().len(), 1);
+
+            // A conflict names the unit that has the binding.
+            let e = p
+                .register_sockets_with_directives(
+                    "b.socket",
+                    &[Fd::from(b.fd())],
+                    &["198.51.100.0/24:80", "192.0.2.0/24:80"],
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.Conflict");
+            assert!(error_text(&e).contains("a.socket"), "{}", error_text(&e));
+            let list = p.list_bindings().await.unwrap();
+            assert_eq!(list.len(), 1, "b.socket got nothing: {list:?}");
+            assert_eq!(p.list_units().await.unwrap().len(), 1);
+
+            // Not a listening socket.
+            let f = std::fs::File::open("/dev/null").unwrap();
+            let e = p
+                .register_sockets_with_directives(
+                    "c.socket",
+                    &[Fd::from(f.as_fd())],
+                    &["192.0.2.1"],
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.InvalidSocket");
+
+            // Unknown unit; bad arguments.
+            let e = p.unregister_unit("nope.socket").await.unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.NoSuchUnit");
+            let e = p.lookup("sctp", "192.0.2.1", 80).await.unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.InvalidArgs");
+            let e = p.lookup("tcp", "192.0.2.300", 80).await.unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.InvalidArgs");
+
+            // Registering from unit files needs systemd, which this connection lacks.
+            let e = p
+                .register_sockets("b.socket", &[Fd::from(b.fd())])
+                .await
+                .unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.Failed");
+        });
+    });
+}
+
+#[test]
+fn reregistration_replaces_the_units_bindings() {
+    in_netns("reregistration_replaces_the_units_bindings", |fs| {
+        local_route("192.0.2.0/24");
+        let first = tcp_server("first", "127.0.0.1:8080", false);
+        with_manager(fs, async |p| {
+            p.register_sockets_with_directives(
+                "web.socket",
+                &[Fd::from(first.fd())],
+                &["192.0.2.0/24:80"],
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                tcp_ask(sa("192.0.2.1".parse().unwrap(), 80)).unwrap(),
+                "first"
+            );
+            // The socket unit restarts: a new socket, new directives.
+            let second = tcp_server("second", "127.0.0.1:8081", false);
+            first.close();
+            p.register_sockets_with_directives(
+                "web.socket",
+                &[Fd::from(second.fd())],
+                &["192.0.2.0/25:8081"],
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                tcp_ask(sa("192.0.2.1".parse().unwrap(), 8081)).unwrap(),
+                "second"
+            );
+            assert!(tcp_refused(sa("192.0.2.1".parse().unwrap(), 80)));
+            let list = p.list_bindings().await.unwrap();
+            assert_eq!(list.len(), 1);
+            assert_eq!(list[0].0, "tcp:192.0.2.0/25:8081");
+            drop(second);
+        });
+    });
+}
