@@ -19,8 +19,72 @@
 //! Run without `--bench` (as `cargo test --benches` does) it is a smoke test:
 //! small sizes, few repeats, no file written.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+/// The netns tests' approach (tests/common), cut down to what a benchmark needs.
+mod netns {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    /// A private bpffs instance mounted on a temporary directory, unmounted
+    /// (taking every pin with it) when dropped.
+    pub struct Bpffs {
+        pub path: PathBuf,
+    }
+
+    impl Bpffs {
+        fn mount() -> Bpffs {
+            let path =
+                std::env::temp_dir().join(format!("skactivate-bench-bpffs-{}", std::process::id()));
+            std::fs::create_dir_all(&path).expect("bpffs mount point");
+            nix::mount::mount(
+                Some("bpf"),
+                &path,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .expect("mount -t bpf");
+            Bpffs { path }
+        }
+    }
+
+    impl Drop for Bpffs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir(&self.path);
+        }
+    }
+
+    /// The calling thread's network namespace.
+    pub fn thread_netns() -> &'static Path {
+        Path::new("/proc/thread-self/ns/net")
+    }
+
+    /// Run `f` on a thread of its own in a fresh network namespace with `lo`
+    /// up and a private bpffs; `None` (saying why) when the kernel has no
+    /// sk_lookup.
+    pub fn in_netns<T: Send + 'static>(f: impl FnOnce(&Bpffs) -> T + Send + 'static) -> Option<T> {
+        if !skactivate::dispatcher::is_supported() {
+            eprintln!("SKIP: kernel has no BPF sk_lookup (needs Linux >= 5.9)");
+            return None;
+        }
+        let handle = std::thread::spawn(move || {
+            // unshare acts on this thread only; it never returns to a pool.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET)");
+            let out = Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .output()
+                .expect("ip link set lo up");
+            assert!(out.status.success(), "ip link set lo up: {out:?}");
+            let fs = Bpffs::mount();
+            f(&fs)
+        });
+        match handle.join() {
+            Ok(v) => Some(v),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -340,11 +404,11 @@ fn empty_fd(ebpf: &aya::Ebpf) -> BorrowedFd<'_> {
     prog.fd().expect("loaded").as_fd()
 }
 
-fn run_all(plan: &Plan, fs: &common::Bpffs) -> Results {
+fn run_all(plan: &Plan, fs: &netns::Bpffs) -> Results {
     let start = Instant::now();
     let listener = TcpListener::bind(LISTEN).expect("listen");
     let cookie = dispatcher::socket::socket_cookie(listener.as_fd()).expect("SO_COOKIE");
-    let mut d = Dispatcher::open(common::thread_netns(), &fs.path).expect("open dispatcher");
+    let mut d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("open dispatcher");
     let regs = d
         .register_sockets("bench.socket", &[listener.as_fd()])
         .expect("register the listener");
@@ -486,7 +550,7 @@ fn run_all(plan: &Plan, fs: &common::Bpffs) -> Results {
 
     // A restarted daemon adopts the pinned state and reads the trie back.
     let t = Instant::now();
-    let again = Dispatcher::open(common::thread_netns(), &fs.path).expect("adopt");
+    let again = Dispatcher::open(netns::thread_netns(), &fs.path).expect("adopt");
     let adopt = Some((n + 1, t.elapsed()));
     drop(again);
 
@@ -721,12 +785,8 @@ fn main() {
         std::process::exit(1);
     }
     let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-    let (tx, rx) = std::sync::mpsc::channel();
-    common::in_netns("dispatcher benchmark", move |fs| {
-        tx.send(run_all(plan, fs)).expect("main thread waits");
-    });
-    let Ok(results) = rx.recv() else {
-        return; // skipped: the kernel has no sk_lookup (in_netns said so)
+    let Some(results) = netns::in_netns(move |fs| run_all(plan, fs)) else {
+        return;
     };
     let text = report(plan, &results, &root);
     println!("{text}");
