@@ -87,6 +87,7 @@ const struct ska_layout skactivate_layout SEC(".skactivate_layout") __attribute_
 	.metrics_size = sizeof(struct ska_metrics),
 	.off_binding_key_protocol = OFF(ska_binding_key, protocol),
 	.off_binding_key_port = OFF(ska_binding_key, port),
+	.off_binding_key_family = OFF(ska_binding_key, family),
 	.off_binding_key_addr = OFF(ska_binding_key, addr),
 	.off_binding_value_prefixlen = OFF(ska_binding_value, prefixlen),
 	.off_destination_key_family = OFF(ska_destination_key, family),
@@ -96,18 +97,6 @@ const struct ska_layout skactivate_layout SEC(".skactivate_layout") __attribute_
 	.off_metrics_errors = OFF(ska_metrics, errors),
 };
 
-/* A v4 lookup may only be answered by an IPv4 binding: an IPv6 prefix short
- * enough to cover ::ffff:0:0/96 (say ::/0) must not catch IPv4 traffic. */
-static __always_inline struct ska_binding_value *
-find(struct ska_binding_key *key, int v4)
-{
-	struct ska_binding_value *v = bpf_map_lookup_elem(&bindings, key);
-
-	if (v && v4 && v->prefixlen < SKA_KEY_V4_MIN_BITS)
-		return NULL;
-	return v;
-}
-
 SEC("sk_lookup")
 int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 {
@@ -115,9 +104,10 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	struct ska_binding_value *match = NULL, *wild;
 	struct ska_metrics *m;
 	struct bpf_sock *sk;
-	__u32 slot, idx, dest, port = ctx->local_port;
+	__u32 slot, idx, dest, full, port = ctx->local_port;
 	__u32 *specific_count, *wild_count;
-	int v4, err;
+	__u32 *addr = (__u32 *)key.addr;
+	int err;
 
 	if (ctx->protocol == IPPROTO_TCP)
 		slot = SKA_PORT_SLOT_TCP;
@@ -135,29 +125,33 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	if (!*specific_count && !*wild_count)
 		return SK_PASS; /* the common miss: one array read, no trie */
 
-	key.prefixlen = SKA_KEY_FULL_BITS;
 	key.protocol = ctx->protocol;
-	v4 = ctx->family == AF_INET;
-	if (v4) {
-		key.addr[10] = 0xff;
-		key.addr[11] = 0xff;
-		__builtin_memcpy(&key.addr[12], &ctx->local_ip4, 4);
+	key.family = ctx->family;
+	if (ctx->family == AF_INET) {
+		key.prefixlen = full = SKA_KEY_V4_FULL_BITS;
+		addr[0] = ctx->local_ip4;
 	} else if (ctx->family == AF_INET6) {
-		__builtin_memcpy(key.addr, ctx->local_ip6, 16);
+		key.prefixlen = full = SKA_KEY_V6_FULL_BITS;
+		addr[0] = ctx->local_ip6[0];
+		addr[1] = ctx->local_ip6[1];
+		addr[2] = ctx->local_ip6[2];
+		addr[3] = ctx->local_ip6[3];
 	} else {
 		return SK_PASS;
 	}
 
 	if (*specific_count) {
-		key.port = bpf_htons(port);
-		match = find(&key, v4);
+		key.port[0] = port >> 8;
+		key.port[1] = port;
+		match = bpf_map_lookup_elem(&bindings, &key);
 		/* A full-length prefix cannot be beaten by the wildcard. */
-		if (match && match->prefixlen == SKA_KEY_FULL_BITS)
+		if (match && match->prefixlen == full)
 			goto found;
 	}
 	if (*wild_count) {
-		key.port = 0;
-		wild = find(&key, v4);
+		key.port[0] = 0;
+		key.port[1] = 0;
+		wild = bpf_map_lookup_elem(&bindings, &key);
 		/* Equal length: the specific port wins, so only a longer one replaces. */
 		if (wild && (!match || wild->prefixlen > match->prefixlen))
 			match = wild;

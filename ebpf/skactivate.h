@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define SKA_LAYOUT_VERSION 1
+#define SKA_LAYOUT_VERSION 2
 
 /* Bindings: LPM trie entries (ranges are expanded to single ports). */
 #define SKA_MAX_BINDINGS (1u << 20)
@@ -27,20 +27,27 @@
 #define SKA_PORT_SLOT_UDP 1
 #define SKA_PORTS_ENTRIES (2u << 16)
 
-/* Bits of the trie key in front of the address: protocol (8) + port (16). */
-#define SKA_KEY_HEADER_BITS 24
-/* A full-length key: header plus 128 address bits (IPv4 is v4-mapped). */
-#define SKA_KEY_FULL_BITS (SKA_KEY_HEADER_BITS + 128)
-/* The shortest key an IPv4 binding can have (0.0.0.0/0 == ::ffff:0:0/96). */
-#define SKA_KEY_V4_MIN_BITS (SKA_KEY_HEADER_BITS + 96)
+/* Bits of the trie key in front of the address: protocol (8), port (16) and
+ * family (8).  The family is part of every prefix, so an IPv6 binding can
+ * never answer an IPv4 lookup, nor the other way round. */
+#define SKA_KEY_HEADER_BITS 32
+/* Full-length keys: a /32 or a /128 behind the header. */
+#define SKA_KEY_V4_FULL_BITS (SKA_KEY_HEADER_BITS + 32)
+#define SKA_KEY_V6_FULL_BITS (SKA_KEY_HEADER_BITS + 128)
 
-/* Key of the `bindings` trie. prefixlen counts bits of everything after it. */
+/* Key of the `bindings` trie. prefixlen counts bits of everything after it.
+ *
+ * Laid out for the trie's walk, which compares a key with each node 8 bytes
+ * at a time first: header and IPv4 address together are the first 8 bytes, so
+ * an IPv4 lookup costs one comparison per node.  No padding, 4-byte aligned:
+ * the address sits at offset 8 and is written as whole words. */
 struct ska_binding_key {
 	__u32 prefixlen;
-	__u8 protocol;   /* IPPROTO_TCP or IPPROTO_UDP */
-	__u16 port;      /* network byte order; 0 means every port */
-	__u8 addr[16];   /* IPv6, or IPv4 as ::ffff:a.b.c.d */
-} __attribute__((packed));
+	__u8 protocol;  /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 port[2];   /* network byte order; 0 means every port */
+	__u8 family;    /* AF_INET or AF_INET6 */
+	__u8 addr[16];  /* IPv6, or IPv4 in the first 4 bytes and zeros */
+};
 
 /* Value of the `bindings` trie: the trie does not say which prefix matched, so
  * the value carries the key's own prefixlen for the precedence comparison. */
@@ -80,6 +87,7 @@ struct ska_layout {
 	__u32 metrics_size;
 	__u32 off_binding_key_protocol;
 	__u32 off_binding_key_port;
+	__u32 off_binding_key_family;
 	__u32 off_binding_key_addr;
 	__u32 off_binding_value_prefixlen;
 	__u32 off_destination_key_family;

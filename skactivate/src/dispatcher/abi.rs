@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use crate::binding::{Binding, Family, Ports, Protocol};
 
 /// `SKA_LAYOUT_VERSION`.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// `SKA_MAX_BINDINGS`: trie entries.
 pub const MAX_BINDINGS: u32 = 1 << 20;
 /// `SKA_MAX_DESTINATIONS`.
@@ -19,22 +19,24 @@ pub const MAX_DESTINATIONS: u32 = 4096;
 pub const UNIT_NAME_MAX: usize = 256;
 /// `SKA_PORTS_ENTRIES`.
 pub const PORTS_ENTRIES: u32 = 2 << 16;
-/// `SKA_KEY_HEADER_BITS`: protocol and port in front of the address.
-pub const KEY_HEADER_BITS: u32 = 24;
+/// `SKA_KEY_HEADER_BITS`: protocol, port and family in front of the address.
+pub const KEY_HEADER_BITS: u32 = 32;
 
 /// Mirrors `struct ska_binding_key` without its leading `prefixlen`, which aya's
 /// `lpm_trie::Key` supplies.
-#[repr(C, packed)]
+#[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BindingKey {
     pub protocol: u8,
     /// Network byte order; 0 = every port.
     pub port: [u8; 2],
-    /// IPv6, or IPv4 as `::ffff:a.b.c.d`.
+    /// `AF_INET` or `AF_INET6`: part of every prefix, so the families never mix.
+    pub family: u8,
+    /// IPv6, or IPv4 in the first 4 bytes followed by zeros.
     pub addr: [u8; 16],
 }
 
-// SAFETY: packed plain bytes, no padding, every bit pattern valid.
+// SAFETY: plain bytes, no padding, every bit pattern valid.
 unsafe impl aya::Pod for BindingKey {}
 
 /// Mirrors `struct ska_binding_value`.
@@ -131,23 +133,31 @@ pub fn ports_index(protocol: Protocol, port: u16) -> u32 {
     slot << 16 | u32::from(port)
 }
 
-/// The address as the trie stores it: IPv6, or IPv4 v4-mapped.
+/// The address as the trie stores it: IPv6, or IPv4 followed by zeros.
 pub fn trie_addr(addr: IpAddr) -> [u8; 16] {
     match addr {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V4(a) => {
+            let mut out = [0; 16];
+            out[..4].copy_from_slice(&a.octets());
+            out
+        }
         IpAddr::V6(a) => a.octets(),
     }
 }
 
 /// The trie's prefix length for an address prefix: header bits plus the
-/// prefix, IPv4 counted inside `::ffff:0:0/96`.
+/// prefix.
 pub fn trie_prefixlen(prefix: &IpNet) -> u32 {
-    let len = u32::from(prefix.prefix_len());
-    KEY_HEADER_BITS
-        + match prefix {
-            IpNet::V4(_) => 96 + len,
-            IpNet::V6(_) => len,
-        }
+    KEY_HEADER_BITS + u32::from(prefix.prefix_len())
+}
+
+fn trie_key(protocol: Protocol, addr: IpAddr, port: u16) -> BindingKey {
+    BindingKey {
+        protocol: protocol.number(),
+        port: port.to_be_bytes(),
+        family: Family::of(&addr).af(),
+        addr: trie_addr(addr),
+    }
 }
 
 /// One trie entry of a binding: `port` is 0 for `*`.
@@ -158,11 +168,7 @@ pub fn binding_key(
 ) -> aya::maps::lpm_trie::Key<BindingKey> {
     aya::maps::lpm_trie::Key::new(
         trie_prefixlen(prefix),
-        BindingKey {
-            protocol: protocol.number(),
-            port: port.to_be_bytes(),
-            addr: trie_addr(prefix.addr()),
-        },
+        trie_key(protocol, prefix.addr(), port),
     )
 }
 
@@ -172,14 +178,11 @@ pub fn lookup_key(
     addr: IpAddr,
     port: u16,
 ) -> aya::maps::lpm_trie::Key<BindingKey> {
-    aya::maps::lpm_trie::Key::new(
-        KEY_HEADER_BITS + 128,
-        BindingKey {
-            protocol: protocol.number(),
-            port: port.to_be_bytes(),
-            addr: trie_addr(addr),
-        },
-    )
+    let bits = match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    };
+    aya::maps::lpm_trie::Key::new(KEY_HEADER_BITS + bits, trie_key(protocol, addr, port))
 }
 
 /// The (protocol, prefix, port) a trie entry stands for, or `None` for an entry
@@ -187,14 +190,15 @@ pub fn lookup_key(
 pub fn decode_binding_key(prefixlen: u32, key: &BindingKey) -> Option<(Binding, u16)> {
     let protocol = Protocol::from_number(key.protocol)?;
     let port = u16::from_be_bytes(key.port);
-    let addr_bits = prefixlen.checked_sub(KEY_HEADER_BITS)?;
-    let v6 = Ipv6Addr::from(key.addr);
-    let prefix = match v6.to_ipv4_mapped() {
-        Some(v4) if addr_bits >= 96 => {
-            IpNet::new(IpAddr::V4(v4), u8::try_from(addr_bits - 96).ok()?).ok()?
+    let addr_bits = u8::try_from(prefixlen.checked_sub(KEY_HEADER_BITS)?).ok()?;
+    let addr = match Family::from_af(key.family)? {
+        Family::V4 => {
+            let [a, b, c, d, ..] = key.addr;
+            IpAddr::V4(Ipv4Addr::new(a, b, c, d))
         }
-        _ => IpNet::new(IpAddr::V6(v6), u8::try_from(addr_bits).ok()?).ok()?,
+        Family::V6 => IpAddr::V6(Ipv6Addr::from(key.addr)),
     };
+    let prefix = IpNet::new(addr, addr_bits).ok()?;
     let ports = if port == 0 {
         Ports::All
     } else {
@@ -258,6 +262,7 @@ mod tests {
             size_of::<Metrics>(),
             4 + offset_of!(BindingKey, protocol),
             4 + offset_of!(BindingKey, port),
+            4 + offset_of!(BindingKey, family),
             4 + offset_of!(BindingKey, addr),
             offset_of!(BindingValue, prefixlen),
             offset_of!(DestinationKey, family),
@@ -280,11 +285,42 @@ mod tests {
     }
 
     #[test]
+    fn ipv4_keys_fit_the_first_eight_bytes() {
+        // The trie compares the first 8 bytes of a key in one go: an IPv4
+        // lookup should never need more.
+        let key = lookup_key(Protocol::Tcp, "192.0.2.7".parse().unwrap(), 80);
+        assert_eq!(key.prefix_len(), 64);
+        let data = key.data();
+        assert_eq!(data.family, libc::AF_INET as u8);
+        assert_eq!(
+            data.addr,
+            [192, 0, 2, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(offset_of!(BindingKey, addr) + 4, 8);
+    }
+
+    #[test]
+    fn families_never_share_a_prefix() {
+        // ::/0 and 0.0.0.0/0 differ in the family byte, inside both prefixes.
+        let v6 = binding_key(Protocol::Tcp, &"::/0".parse().unwrap(), 0);
+        let v4 = binding_key(Protocol::Tcp, &"0.0.0.0/0".parse().unwrap(), 0);
+        assert_eq!(v6.prefix_len(), KEY_HEADER_BITS);
+        assert_ne!(v6.data().family, v4.data().family);
+        // A v4-mapped IPv6 prefix stays IPv6.
+        let mapped: IpNet = "::ffff:192.0.2.0/120".parse().unwrap();
+        let key = binding_key(Protocol::Tcp, &mapped, 80);
+        let (b, _) = decode_binding_key(key.prefix_len(), &key.data()).unwrap();
+        assert_eq!(b.prefix, mapped);
+    }
+
+    #[test]
     fn keys_round_trip() {
         for (text, port) in [
             ("192.0.2.0/24", 80u16),
             ("0.0.0.0/0", 0),
+            ("203.0.113.7/32", 8080),
             ("2001:db8::/64", 443),
+            ("2001:db8::1/128", 53),
             ("::/0", 0),
         ] {
             let net: IpNet = text.parse().unwrap();

@@ -56,7 +56,7 @@ const MAPS: [MapSpec; 5] = [
     MapSpec {
         name: "bindings",
         map_type: 11,
-        key_size: 23,
+        key_size: 24,
         value_size: 8,
         max_entries: abi::MAX_BINDINGS,
     },
@@ -1062,7 +1062,7 @@ impl Dispatcher {
         for p in [port, 0] {
             match self.bindings.get(&abi::lookup_key(protocol, addr, p), 0) {
                 Ok(v) => {
-                    let v4_only = addr.is_ipv4() && v.prefixlen < abi::KEY_HEADER_BITS + 96;
+                    // The family is part of the key: an answer is of addr's family.
                     let entry = self.entries.iter().find(|(e, id)| {
                         **id == v.destination
                             && e.protocol == protocol
@@ -1070,7 +1070,7 @@ impl Dispatcher {
                             && abi::trie_prefixlen(&e.prefix) == v.prefixlen
                             && e.prefix.contains(&addr)
                     });
-                    if let (false, Some((e, id))) = (v4_only, entry) {
+                    if let Some((e, id)) = entry {
                         out.push((e.binding(), *id, v.prefixlen));
                     }
                 }
