@@ -231,7 +231,7 @@ async fn prune_inactive(conn: &Connection, sys: &Connection, shared: &Shared) {
                 unregister_gone(conn, shared, &unit, &state).await
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(unit = %unit, "cannot ask systemd about it: {e}"),
+            Err(e) => tracing::warn!(unit = %unit, "{unit}: cannot ask systemd about it: {e}"),
         }
     }
 }
@@ -244,7 +244,7 @@ async fn unregister_gone(conn: &Connection, shared: &Shared, unit: &str, state: 
     let r = shared.lock().unregister(unit);
     match r {
         Ok(c) => {
-            tracing::info!(unit = %unit, removed = c.removed, "socket unit is {state}: unregistered");
+            tracing::info!(unit = %unit, removed = c.removed, "{unit}: socket unit is {state}: unregistered");
             shared.changed();
             if let Ok(iface) = conn
                 .object_server()
@@ -312,7 +312,7 @@ async fn follow_systemd(conn: &Connection, sys: &Connection, shared: &Shared) ->
             }
             Ok(None) => unregister_gone(conn, shared, &unit, "unloaded").await,
             Ok(Some(_)) => {}
-            Err(e) => tracing::warn!(unit = %unit, "cannot ask systemd about it: {e}"),
+            Err(e) => tracing::warn!(unit = %unit, "{unit}: cannot ask systemd about it: {e}"),
         }
     }
     Ok(())

@@ -267,7 +267,7 @@ impl Manager {
         let r = self.shared.lock().unregister(&unit);
         match r {
             Ok(changes) => {
-                tracing::info!(unit = %unit, removed = changes.removed, "unregistered");
+                tracing::info!(unit = %unit, removed = changes.removed, "{unit}: unregistered");
                 self.shared.changed();
                 Self::unit_unregistered(&emitter, &unit, unit_path(&unit).as_ref()).await?;
                 self.counts_changed(&emitter).await;
@@ -450,7 +450,7 @@ impl Manager {
         drop(fds);
         match r {
             Ok(o) => {
-                tracing::info!(unit = %unit, sockets = o.sockets, bindings = o.bindings, "registered: {o}");
+                tracing::info!(unit = %unit, sockets = o.sockets, bindings = o.bindings, "{unit}: registered {o}");
                 self.shared.changed();
                 Self::unit_registered(emitter, &unit, unit_path(&unit).as_ref()).await?;
                 self.counts_changed(emitter).await;
@@ -481,7 +481,7 @@ pub async fn reload_all(shared: &Shared) -> Vec<String> {
         };
         let r = shared.lock().reload(&unit, files.as_ref());
         match r {
-            Ok(o) => tracing::info!(unit = %unit, "reloaded: {o}"),
+            Ok(o) => tracing::info!(unit = %unit, "{unit}: reloaded, {o}"),
             Err(e) => {
                 let msg = error_chain(&e);
                 tracing::error!(unit = %unit, "reload refused, keeping the previous bindings: {msg}");

@@ -1,0 +1,470 @@
+//! skactivate end to end under a real systemd: the installed binary, the real
+//! `units/`, the generator, the real dbus-daemon and busctl, and real traffic
+//! into the throwaway system's own network namespace. Each test boots its own
+//! systemd (tests/common/systemd.rs) and leaves nothing behind.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::systemd::{ADMIN_UNITS, SETTLE, Systemd, http_ask, poll_until};
+use common::{tcp_refused, udp_ask};
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// What `busctl` says `ListBindings` returns.
+fn list_bindings(sd: &Systemd) -> String {
+    sd.ok(&[
+        "busctl",
+        "--system",
+        "call",
+        "org.skactivate1",
+        "/org/skactivate1",
+        "org.skactivate1.Manager",
+        "ListBindings",
+    ])
+}
+
+/// Wait until `binding` of `unit` is registered (registration runs after
+/// `systemctl start` returns).
+fn wait_bound(sd: &Systemd, binding: &str, unit: &str) {
+    let needle = format!("\"{binding}\" \"{unit}\"");
+    assert!(
+        poll_until(SETTLE, || sd
+            .busctl(&[
+                "--system",
+                "call",
+                "org.skactivate1",
+                "/org/skactivate1",
+                "org.skactivate1.Manager",
+                "ListBindings"
+            ])
+            .stdout
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())),
+        "{binding} of {unit} never registered:\n{}\n{}\n{}",
+        list_bindings(sd),
+        sd.status(&format!(
+            "skactivate@{}.service",
+            unit.trim_end_matches(".socket")
+        )),
+        sd.journal("skactivate.service")
+    );
+}
+
+/// `Lookup` through busctl: `ssst "redirect" "unit" "binding" cookie`.
+fn lookup(sd: &Systemd, address: &str, port: u16) -> String {
+    let port = port.to_string();
+    sd.ok(&[
+        "busctl",
+        "--system",
+        "call",
+        "org.skactivate1",
+        "/org/skactivate1",
+        "org.skactivate1.Manager",
+        "Lookup",
+        "ssq",
+        "tcp",
+        address,
+        &port,
+    ])
+}
+
+fn wait_unbound(sd: &Systemd, unit: &str) {
+    let needle = format!("\"{unit}\"");
+    assert!(
+        poll_until(SETTLE, || !list_bindings(sd).contains(&needle)),
+        "{unit} still has bindings:\n{}\n{}",
+        list_bindings(sd),
+        sd.journal("skactivate.service")
+    );
+}
+
+fn boot() -> Option<Systemd> {
+    let sd = Systemd::boot()?;
+    sd.install_skactivate();
+    sd.local_route("192.0.2.0/24");
+    sd.local_route("198.51.100.0/24");
+    Some(sd)
+}
+
+/// The main job: one X-SkLookup= line in a drop-in, the generator does the
+/// rest, and all 256 addresses of the prefix reach the socket-activated
+/// service; the same for UDP.
+#[test]
+fn dropin_alone_serves_a_whole_prefix_through_socket_activation() {
+    let Some(sd) = boot() else { return };
+    // The generator wired the socket unit up.
+    let wants = sd.property("webserver.socket", "Wants");
+    assert!(
+        wants.contains("skactivate@webserver.service"),
+        "Wants={wants}"
+    );
+    let post = sd.property("webserver.socket", "ExecStopPost");
+    assert!(
+        post.contains("/usr/bin/skactivate") && post.contains("unregister"),
+        "ExecStopPost={post}"
+    );
+
+    sd.ok(&["systemctl", "start", "webserver.socket", "echo-udp.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+    wait_bound(&sd, "udp:198.51.100.0/24:5353", "echo-udp.socket");
+    // Registration did not start the service: the first connection will.
+    assert_eq!(sd.active_state("webserver.service"), "inactive");
+    assert_eq!(
+        sd.active_state("skactivate@webserver.service"),
+        "inactive",
+        "the template must not stay active"
+    );
+    assert_eq!(sd.active_state("skactivate.service"), "active");
+
+    let failures = sd.in_netns(|| {
+        let mut failures = Vec::new();
+        for i in 0..=255u8 {
+            let to = SocketAddr::new(std::net::Ipv4Addr::new(192, 0, 2, i).into(), 80);
+            match http_ask(to) {
+                Ok(name) if name == "webserver" => {}
+                other => failures.push(format!("{to}: {other:?}")),
+            }
+        }
+        for i in 0..=255u8 {
+            let to = SocketAddr::new(std::net::Ipv4Addr::new(198, 51, 100, i).into(), 5353);
+            match udp_ask(to) {
+                Ok(name) if name == "echo-udp" => {}
+                other => failures.push(format!("{to}: {other:?}")),
+            }
+        }
+        // Neither another port nor another prefix is taken.
+        if !tcp_refused(addr("192.0.2.1:81")) {
+            failures.push("192.0.2.1:81 answered".into());
+        }
+        failures
+    });
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:#?}",
+        failures.len()
+    );
+    assert_eq!(
+        sd.active_state("webserver.service"),
+        "active",
+        "socket-activated by the first connection"
+    );
+    assert_eq!(sd.active_state("echo-udp.service"), "active");
+
+    // The daemon reports it all.
+    let status = sd.status("skactivate.service");
+    assert!(
+        status.contains("2 units, 2 bindings, 2 sockets"),
+        "{status}"
+    );
+}
+
+#[test]
+fn stopping_the_socket_removes_its_bindings_and_starting_restores_them() {
+    let Some(sd) = boot() else { return };
+    sd.ok(&["systemctl", "start", "webserver.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+    assert_eq!(
+        sd.in_netns(|| http_ask(addr("192.0.2.7:80")).unwrap()),
+        "webserver"
+    );
+
+    sd.ok(&["systemctl", "stop", "webserver.socket"]);
+    wait_unbound(&sd, "webserver.socket");
+    assert!(
+        sd.in_netns(|| tcp_refused(addr("192.0.2.7:80"))),
+        "the prefix is refused once the socket stopped"
+    );
+
+    sd.ok(&["systemctl", "start", "webserver.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+    assert_eq!(
+        sd.in_netns(|| http_ask(addr("192.0.2.7:80")).unwrap()),
+        "webserver"
+    );
+}
+
+/// A socket unit that goes away without anyone calling `unregister` (no
+/// generator drop-in: registered by hand with --sklookup) loses its bindings:
+/// the daemon follows systemd.
+#[test]
+fn the_daemon_follows_socket_units_nobody_unregisters() {
+    let Some(sd) = boot() else { return };
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/lone.socket"),
+        b"[Socket]\nListenStream=127.0.0.1:8088\n",
+        0o644,
+    );
+    // systemd starts a socket only if it has a service to trigger.
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/lone.service"),
+        b"[Service]\nExecStart=/bin/true\n",
+        0o644,
+    );
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/lone-register.service"),
+        b"[Unit]\nRequires=skactivate.service\nAfter=skactivate.service\n\
+          [Service]\nType=oneshot\nSockets=lone.socket\n\
+          ExecStart=/usr/bin/skactivate register lone.socket --sklookup 203.0.113.0/24\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    sd.ok(&["systemctl", "start", "lone.socket"]);
+    sd.ok(&["systemctl", "start", "lone-register.service"]);
+    wait_bound(&sd, "tcp:203.0.113.0/24:8088", "lone.socket");
+    sd.ok(&["systemctl", "stop", "lone.socket"]);
+    wait_unbound(&sd, "lone.socket");
+    let journal = sd.journal("skactivate.service");
+    assert!(
+        journal.contains("lone.socket") && journal.contains("unregistered"),
+        "{journal}"
+    );
+}
+
+#[test]
+fn restarting_the_daemon_loses_no_connection() {
+    let Some(sd) = boot() else { return };
+    sd.ok(&["systemctl", "start", "webserver.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+    let pid_before = sd.property("skactivate.service", "MainPID");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let errors = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        let (stop2, ok2, failed2, errors) = (stop.clone(), ok.clone(), failed.clone(), &errors);
+        let sd = &sd;
+        s.spawn(move || {
+            sd.in_netns(|| {
+                let start = Instant::now();
+                let mut i = 0u32;
+                while !stop2.load(Ordering::Relaxed)
+                    && start.elapsed() < Duration::from_secs(60)
+                    && i < 20_000
+                {
+                    let to = SocketAddr::new(
+                        std::net::Ipv4Addr::new(192, 0, 2, (i % 256) as u8).into(),
+                        80,
+                    );
+                    match http_ask(to) {
+                        Ok(n) if n == "webserver" => {
+                            ok2.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            failed2.fetch_add(1, Ordering::Relaxed);
+                            errors.lock().unwrap().push(format!("{to}: {other:?}"));
+                        }
+                    }
+                    i += 1;
+                }
+            });
+        });
+        assert!(
+            poll_until(SETTLE, || ok.load(Ordering::Relaxed) >= 50),
+            "the loop runs"
+        );
+        for _ in 0..3 {
+            sd.ok(&["systemctl", "restart", "skactivate.service"]);
+            let seen = ok.load(Ordering::Relaxed);
+            assert!(
+                poll_until(SETTLE, || ok.load(Ordering::Relaxed) >= seen + 50),
+                "the loop goes on"
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert_ne!(
+        sd.property("skactivate.service", "MainPID"),
+        pid_before,
+        "the daemon was restarted"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "failed connections: {:?}",
+        errors.lock().unwrap()
+    );
+    assert!(ok.load(Ordering::Relaxed) >= 200);
+    // The restarted daemon adopted the unit and still answers for it.
+    assert!(list_bindings(&sd).contains("\"tcp:192.0.2.0/24:80\" \"webserver.socket\""));
+    let units = sd.ok(&[
+        "busctl",
+        "--system",
+        "get-property",
+        "org.skactivate1",
+        "/org/skactivate1",
+        "org.skactivate1.Manager",
+        "Units",
+    ]);
+    assert_eq!(units.trim(), "u 1");
+}
+
+/// A bad directive: the registration fails, `systemctl status` of the
+/// template and the journal name the file, the line and the reason, and
+/// nothing of the unit is registered.
+#[test]
+fn a_bad_directive_is_reported_with_file_and_line_and_registers_nothing() {
+    let Some(sd) = boot() else { return };
+    let dropin = format!("{ADMIN_UNITS}/webserver.socket.d/sklookup.conf");
+    sd.write_file(
+        &dropin,
+        b"[Socket]\nX-SkLookup=198.51.100.0/24:80\nX-SkLookup=192.0.2.0/33:80\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    sd.ok(&["systemctl", "start", "webserver.socket"]);
+    assert!(
+        poll_until(SETTLE, || sd
+            .property("skactivate@webserver.service", "Result")
+            == "exit-code"),
+        "{}",
+        sd.status("skactivate@webserver.service")
+    );
+    let wanted = format!("{dropin}:3");
+    // The client's stderr reaches the journal, and status, asynchronously.
+    let status_with_log = || {
+        let out = sd.systemctl(&[
+            "status",
+            "--no-pager",
+            "--full",
+            "--lines=20",
+            "skactivate@webserver.service",
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    poll_until(SETTLE, || status_with_log().contains(&wanted));
+    let status = status_with_log();
+    let journal = sd.journal("skactivate@webserver.service");
+    for text in [&status, &journal] {
+        assert!(
+            text.contains(&format!("{dropin}:3")),
+            "no file:line in:\n{text}"
+        );
+        assert!(
+            text.contains("192.0.2.0/33:80") && text.contains("prefix length 33 is longer than 32"),
+            "{text}"
+        );
+    }
+    assert!(
+        !list_bindings(&sd).contains("webserver.socket"),
+        "{}",
+        list_bindings(&sd)
+    );
+    // The socket itself is still up: the service behind it is reached as before.
+    assert_eq!(sd.active_state("webserver.socket"), "active");
+}
+
+#[test]
+fn reload_applies_the_difference_and_keeps_old_bindings_on_a_bad_edit() {
+    let Some(sd) = boot() else { return };
+    let dropin = format!("{ADMIN_UNITS}/webserver.socket.d/sklookup.conf");
+    sd.ok(&["systemctl", "start", "webserver.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+
+    sd.write_file(&dropin, b"[Socket]\nX-SkLookup=192.0.2.0/25:80\n", 0o644);
+    sd.daemon_reload();
+    sd.ok(&["systemctl", "reload", "skactivate.service"]);
+    let listed = list_bindings(&sd);
+    assert!(
+        listed.contains("\"tcp:192.0.2.0/25:80\"") && !listed.contains("/24"),
+        "{listed}"
+    );
+    assert_eq!(
+        sd.in_netns(|| http_ask(addr("192.0.2.1:80")).ok())
+            .as_deref(),
+        Some("webserver")
+    );
+    // 192.0.2.200 left the binding: the live program passes it to the kernel's
+    // own lookup (which finds webserver.socket's [::]:80 as for any local address).
+    assert!(
+        lookup(&sd, "192.0.2.200", 80).starts_with("ssst \"pass\""),
+        "{}",
+        lookup(&sd, "192.0.2.200", 80)
+    );
+    assert!(
+        lookup(&sd, "192.0.2.1", 80)
+            .contains("\"redirect\" \"webserver.socket\" \"tcp:192.0.2.0/25:80\"")
+    );
+
+    // A bad edit: the reload fails and says why; the old bindings stay in force.
+    sd.write_file(
+        &dropin,
+        b"[Socket]\n# a typo\nX-SkLookup=192.0.2.0/25:8o\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    let out = sd.systemctl(&["reload", "skactivate.service"]);
+    assert!(!out.status.success(), "a bad reload is reported as failed");
+    let journal = sd.journal("skactivate.service");
+    assert!(
+        journal.contains(&format!("{dropin}:3")) && journal.contains("192.0.2.0/25:8o"),
+        "{journal}"
+    );
+    assert!(list_bindings(&sd).contains("\"tcp:192.0.2.0/25:80\""));
+    assert_eq!(
+        sd.in_netns(|| http_ask(addr("192.0.2.1:80")).ok())
+            .as_deref(),
+        Some("webserver")
+    );
+    assert_eq!(sd.active_state("skactivate.service"), "active");
+}
+
+#[test]
+fn busctl_sees_org_skactivate1() {
+    let Some(sd) = boot() else { return };
+    // D-Bus activation starts the daemon on the first call.
+    let version = sd.ok(&[
+        "busctl",
+        "--system",
+        "get-property",
+        "org.skactivate1",
+        "/org/skactivate1",
+        "org.skactivate1.Manager",
+        "Version",
+    ]);
+    assert_eq!(
+        version.trim(),
+        format!("s \"{}\"", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(sd.active_state("skactivate.service"), "active");
+    let names = sd.ok(&["busctl", "--system", "--no-pager", "list"]);
+    assert!(names.contains("org.skactivate1"), "{names}");
+    let intro = sd.ok(&[
+        "busctl",
+        "--system",
+        "--no-pager",
+        "introspect",
+        "org.skactivate1",
+        "/org/skactivate1",
+    ]);
+    for member in [
+        "RegisterSockets",
+        "UnregisterUnit",
+        "Reload",
+        "ListUnits",
+        "ListBindings",
+        "Lookup",
+        "UnitRegistered",
+    ] {
+        assert!(intro.contains(member), "{member} missing:\n{intro}");
+    }
+    let attached = sd.ok(&[
+        "busctl",
+        "--system",
+        "get-property",
+        "org.skactivate1",
+        "/org/skactivate1",
+        "org.skactivate1.Manager",
+        "Attached",
+    ]);
+    assert_eq!(attached.trim(), "b true");
+    // The pinned state is where the design says, in the system's own bpffs.
+    let ls = sd.ok(&["ls", "/sys/fs/bpf/skactivate"]);
+    assert_eq!(ls.lines().count(), 1, "{ls}");
+}
