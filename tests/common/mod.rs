@@ -8,6 +8,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod systemd;
+
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
