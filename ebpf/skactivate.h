@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define SKA_LAYOUT_VERSION 2
+#define SKA_LAYOUT_VERSION 3
 
 /* Bindings: LPM trie entries (ranges are expanded to single ports). */
 #define SKA_MAX_BINDINGS (1u << 20)

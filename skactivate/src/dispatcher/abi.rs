@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use crate::binding::{Binding, Family, Ports, Protocol};
 
 /// `SKA_LAYOUT_VERSION`.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// `SKA_MAX_BINDINGS`: trie entries.
 pub const MAX_BINDINGS: u32 = 1 << 20;
 /// `SKA_MAX_DESTINATIONS`.

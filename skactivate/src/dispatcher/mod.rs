@@ -62,7 +62,7 @@ const MAPS: [MapSpec; 5] = [
     },
     MapSpec {
         name: "sockets",
-        map_type: 18,
+        map_type: 15,
         key_size: 4,
         value_size: 8,
         max_entries: abi::MAX_DESTINATIONS,

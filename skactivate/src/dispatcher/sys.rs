@@ -1,7 +1,7 @@
 //! The few `bpf(2)` commands aya 0.14 does not expose: running a program
 //! (`BPF_PROG_TEST_RUN`, not offered for sk_lookup), replacing a link's program
 //! (`BPF_LINK_UPDATE`, private in aya), link and program info, and the element
-//! operations of the SOCKHASH, whose 8-byte values aya's `SockHash` refuses.
+//! operations of the SOCKMAP, whose 8-byte values aya's `SockMap` refuses.
 //!
 //! Each attr struct is the prefix of the kernel's `union bpf_attr` member for
 //! that command; the kernel zero-fills what a shorter attr leaves out.
@@ -306,8 +306,15 @@ pub fn sockmap_remove(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
         flags: 0,
     };
     match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
-        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
-        _ => Ok(()),
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        // A SOCKMAP says EINVAL for an empty slot (and for an index out of
+        // range): absent unless the slot does hold a socket.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match sockmap_cookie(map, key)? {
+            None => Ok(()),
+            Some(_) => Err(e),
+        },
+        Err(e) => Err(e),
     }
 }
 
