@@ -530,6 +530,9 @@ impl Dispatcher {
     /// Detach the program and remove all pinned state of this namespace.
     pub fn destroy(self) -> Result<()> {
         let dir = self.dir.clone();
+        // Detach first, so that traffic is the kernel's again when this
+        // returns (releasing the pinned link alone happens asynchronously).
+        sys::link_detach(self.link.as_fd()).map_err(sys_err("BPF_LINK_DETACH"))?;
         drop(self);
         fs::remove_dir_all(&dir).map_err(io_err(&dir))
     }

@@ -22,6 +22,7 @@ const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `BPF_F_REPLACE`: update the link only if it still runs `old_prog_fd`.
 const BPF_F_REPLACE: u32 = 1 << 2;
@@ -192,6 +193,18 @@ pub fn link_update(
         old_prog_fd: raw(old),
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// `BPF_LINK_DETACH`: detach the link's program now. Dropping the last
+/// reference does too, but when that reference is a bpffs pin the kernel
+/// releases the link from a work queue, a moment later.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+    }
+    let mut attr = Attr { link_fd: raw(link) };
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
 /// What one `BPF_PROG_TEST_RUN` of an sk_lookup program returned.
