@@ -218,28 +218,46 @@ fn teardown_leaves_nothing() {
         "{} left",
         instance.state_dir.display()
     );
-    // No process holds any of its namespaces, and no nsfs mount pins one.
+    // No process sees its mounts (a process in its mount namespaces would:
+    // its binds name the state directory), none holds one of its namespaces,
+    // and no nsfs mount pins one. The kernel reuses a freed namespace's
+    // inode, so a holder that belongs to another instance booted meanwhile
+    // (its mounts or cgroup name another one) is not ours.
+    let state = instance.state_dir.to_string_lossy().into_owned();
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let proc = entry.path();
+        let Ok(mounts) = fs::read_to_string(proc.join("mountinfo")) else {
+            continue;
+        };
+        assert!(
+            !mounts.contains(&state),
+            "{} still sees the mounts of {}",
+            proc.display(),
+            instance.machine
+        );
+        let cgroup = fs::read_to_string(proc.join("cgroup")).unwrap_or_default();
+        let elsewhere = mounts.contains("/skactivate-systemd-")
+            || cgroup.contains("/ska") && !cgroup.contains(&instance.machine);
+        for (kind, ino) in &instance.namespaces {
+            let Ok(meta) = fs::metadata(proc.join("ns").join(kind)) else {
+                continue;
+            };
+            use std::os::unix::fs::MetadataExt;
+            assert!(
+                meta.ino() != *ino || elsewhere,
+                "{} still in the {kind} namespace of {}",
+                proc.display(),
+                instance.machine
+            );
+        }
+    }
     for (kind, ino) in &instance.namespaces {
         assert!(
             !mountinfo.contains(&format!("{kind}:[{ino}]")),
             "{kind} namespace {ino} is bind-mounted"
         );
-        for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(meta) = fs::metadata(entry.path().join("ns").join(kind)) else {
-                continue;
-            };
-            use std::os::unix::fs::MetadataExt;
-            assert_ne!(
-                meta.ino(),
-                *ino,
-                "{} still in the {kind} namespace of {}",
-                entry.path().display(),
-                instance.machine
-            );
-        }
     }
-    let state = instance.state_dir.to_string_lossy().into_owned();
     assert!(!mountinfo.contains(&state), "a mount under {state} is left");
     let leftovers: Vec<_> = mountinfo
         .lines()
@@ -483,7 +501,8 @@ fn bus_policy_lets_everyone_read_and_only_root_change() {
         common::systemd::describe(&["ListUnits"], &listed),
         sd.journal("skactivate.service")
     );
-    assert_eq!(sd.active_state("skactivate.service"), "active");
+    // The daemon answers once it owns its name, and says READY=1 just after.
+    sd.wait_state("skactivate.service", "active");
 
     let reads: [Vec<&str>; 7] = [
         dbus_send("org.skactivate1.Manager.ListUnits", &[]),

@@ -309,10 +309,22 @@ impl Systemd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Write `contents` to `path` inside (creating directories) with `mode`.
+    /// Write `contents` to `path` inside (creating directories) with `mode`,
+    /// atomically: whoever watches the directory (dbus-daemon does) sees the
+    /// whole file with its mode or nothing (the temporary name is hidden and
+    /// ends in `.tmp`, which neither systemd nor dbus-daemon reads).
     pub fn write_file(&self, path: &str, contents: &[u8], mode: u32) {
         let mode = format!("{mode:04o}");
-        let argv = ["install", "-D", "-m", &mode, "/dev/stdin", path];
+        let argv = [
+            "sh",
+            "-ec",
+            r#"tmp="$(dirname "$1")/.#$(basename "$1").tmp"
+               install -D -m "$2" /dev/stdin "$tmp"
+               mv -f "$tmp" "$1""#,
+            "sh",
+            path,
+            &mode,
+        ];
         let out = self.exec_input(&argv, Some(contents));
         assert!(out.status.success(), "{}", describe(&argv, &out));
     }
