@@ -360,10 +360,22 @@ impl Manager {
             Verdict::Pass => "pass",
             Verdict::Drop => "drop",
         };
+        // Name the binding as the unit wrote it (a range, not the one port of it).
+        let written = match (&l.destination, &l.binding) {
+            (Some(d), Some(b)) => s.units().get(&d.unit).and_then(|u| {
+                u.bindings.iter().map(|(w, _)| w).find(|w| {
+                    w.protocol == b.protocol
+                        && w.prefix == b.prefix
+                        && w.ports.is_wildcard() == b.ports.is_wildcard()
+                        && w.ports.contains(port)
+                })
+            }),
+            _ => None,
+        };
         Ok((
             verdict.to_owned(),
             l.destination.map(|d| d.unit).unwrap_or_default(),
-            l.binding.map(|b| b.to_string()).unwrap_or_default(),
+            written.or(l.binding.as_ref()).map(ToString::to_string).unwrap_or_default(),
             l.cookie.unwrap_or(0),
         ))
     }
