@@ -64,7 +64,9 @@ wait_gone() { local _; for _ in $(seq "$2"); do alive "$1" || return 0; sleep 0.
 install_nspawn() {
   command -v systemd-nspawn >/dev/null && return 0
   # Serialised: tests boot several instances at once.
-  exec 9>/run/lock/skactivate-throwaway-apt.lock 2>/dev/null || exec 9>/tmp/skactivate-throwaway-apt.lock
+  local lockdir=/run/lock
+  [ -d "$lockdir" ] || lockdir=/tmp
+  exec 9>"$lockdir/skactivate-throwaway-apt.lock"
   flock -w 300 9
   if ! command -v systemd-nspawn >/dev/null; then
     echo "throwaway: installing systemd-container" >&2
