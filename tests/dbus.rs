@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use skactivate::dbus::{Manager, Shared, SkactivateProxy};
+use skactivate::dbus::{Manager, Shared, SkactivateProxy, SkactivateUnitProxy};
 use skactivate::dispatcher::Dispatcher;
 use skactivate::service::Service;
 use zbus::zvariant::Fd;
@@ -105,7 +105,8 @@ fn register_with_directives_then_traffic_and_lookup() {
                     ("udp:192.0.2.0/24:53", "edge.socket")
                 ]
             );
-            assert_eq!(list[0].4, web.cookie);
+            assert!(list[0].4, "the socket is present");
+            assert_eq!(list[0].5, web.cookie);
 
             let (verdict, unit, binding, cookie) = p.lookup("tcp", "192.0.2.99", 80).await.unwrap();
             assert_eq!(
@@ -246,6 +247,163 @@ fn reregistration_replaces_the_units_bindings() {
             assert_eq!(list.len(), 1);
             assert_eq!(list[0].0, "tcp:192.0.2.0/25:8081");
             drop(second);
+        });
+    });
+}
+
+#[test]
+fn unit_objects_properties_signals_and_warnings() {
+    in_netns("unit_objects_properties_signals_and_warnings", |fs| {
+        local_route("192.0.2.0/24");
+        // 203.0.113.0/24 gets no local route: status must say so.
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let dns = udp_server("dns", "127.0.0.1:53");
+        with_manager(fs, async |p| {
+            use futures_util::StreamExt;
+            let mut registered = p.receive_unit_registered().await.unwrap();
+            let mut unregistered = p.receive_unit_unregistered().await.unwrap();
+            p.register_sockets_with_directives(
+                "edge.socket",
+                &[Fd::from(web.fd()), Fd::from(dns.fd())],
+                &[
+                    "tcp:192.0.2.0/24:80",
+                    "tcp:203.0.113.0/24:80",
+                    "udp:192.0.2.0/24",
+                ],
+            )
+            .await
+            .unwrap();
+            let signal = registered.next().await.unwrap();
+            let args = signal.args().unwrap();
+            assert_eq!(args.unit, "edge.socket");
+            assert_eq!(args.path.as_str(), "/org/skactivate1/unit/edge_2esocket");
+
+            let path = p.get_unit("edge.socket").await.unwrap();
+            assert_eq!(path, args.path);
+            let u = SkactivateUnitProxy::builder(p.inner().connection())
+                .destination("org.skactivate1")
+                .unwrap()
+                .path(path)
+                .unwrap()
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+                .unwrap();
+            assert_eq!(u.id().await.unwrap(), "edge.socket");
+            assert_eq!(u.source().await.unwrap(), "inline");
+            assert_eq!(
+                u.bindings().await.unwrap(),
+                [
+                    "tcp:192.0.2.0/24:80",
+                    "tcp:203.0.113.0/24:80",
+                    "udp:192.0.2.0/24:53"
+                ]
+            );
+            let sockets = u.sockets().await.unwrap();
+            assert!(
+                sockets.contains(&(
+                    "ipv4".into(),
+                    "tcp".into(),
+                    "127.0.0.1:8080".into(),
+                    web.cookie
+                )),
+                "{sockets:?}"
+            );
+            assert!(
+                sockets.contains(&(
+                    "ipv4".into(),
+                    "udp".into(),
+                    "127.0.0.1:53".into(),
+                    dns.cookie
+                )),
+                "{sockets:?}"
+            );
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros() as u64;
+            let at = u.registered_at().await.unwrap();
+            assert!(
+                at <= now && now - at < 60_000_000,
+                "registered {at}, now {now}"
+            );
+
+            // Counters follow real traffic.
+            for i in 0..5u8 {
+                tcp_ask(sa(
+                    std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, i)),
+                    80,
+                ))
+                .unwrap();
+            }
+            assert_eq!(u.lookups().await.unwrap(), 5);
+            let dests = p.list_destinations().await.unwrap();
+            let tcp = dests.iter().find(|d| d.2 == "tcp").unwrap();
+            assert_eq!(
+                (tcp.0.as_str(), tcp.3, tcp.4, tcp.5, tcp.6, tcp.7),
+                ("edge.socket", 5, 0, 0, true, web.cookie)
+            );
+
+            // What looks wrong: no route for 203.0.113.0/24; a UDP socket without packet info.
+            let warnings = u.warnings().await.unwrap();
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.contains("203.0.113.0/24 has no local route")
+                        && w.contains("ip route add local 203.0.113.0/24 dev lo")),
+                "{warnings:?}"
+            );
+            assert!(
+                !warnings
+                    .iter()
+                    .any(|w| w.contains("192.0.2.0/24 has no local route")),
+                "{warnings:?}"
+            );
+            assert!(
+                !warnings.iter().any(|w| w.contains("PassPacketInfo")),
+                "the test's UDP server passes packet info: {warnings:?}"
+            );
+
+            // Unregistering through the unit object; the object goes, the signal comes.
+            u.unregister().await.unwrap();
+            let gone = unregistered.next().await.unwrap();
+            assert_eq!(gone.args().unwrap().unit, "edge.socket");
+            assert!(p.list_units().await.unwrap().is_empty());
+            let e = p.get_unit("edge.socket").await.unwrap_err();
+            assert!(error_name(&e).ends_with("NoSuchUnit"));
+        });
+    });
+}
+
+#[test]
+fn a_udp_socket_without_packet_info_is_warned_about() {
+    in_netns("a_udp_socket_without_packet_info_is_warned_about", |fs| {
+        local_route("198.51.100.0/24");
+        let plain = std::net::UdpSocket::bind("127.0.0.1:5300").unwrap();
+        with_manager(fs, async |p| {
+            p.register_sockets_with_directives(
+                "plain.socket",
+                &[Fd::from(plain.as_fd())],
+                &["198.51.100.0/24"],
+            )
+            .await
+            .unwrap();
+            let u = SkactivateUnitProxy::builder(p.inner().connection())
+                .destination("org.skactivate1")
+                .unwrap()
+                .path(p.get_unit("plain.socket").await.unwrap())
+                .unwrap()
+                .build()
+                .await
+                .unwrap();
+            let warnings = u.warnings().await.unwrap();
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            assert!(
+                warnings[0].contains(
+                    "udp socket 127.0.0.1:5300 does not pass packet info (PassPacketInfo=yes)"
+                ),
+                "{warnings:?}"
+            );
         });
     });
 }

@@ -175,6 +175,10 @@ async fn serve(opts: &Options) -> Result<()> {
     if let Some(sys) = &shared.systemd {
         prune_inactive(&conn, sys, &shared).await;
     }
+    let adopted: Vec<String> = shared.lock().units().keys().cloned().collect();
+    for unit in adopted {
+        dbus::publish_unit(conn.object_server(), &shared, &unit).await?;
+    }
     let status = status_line(&shared.lock());
     sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)])
         .context("sd_notify READY=1")?;
@@ -246,18 +250,7 @@ async fn unregister_gone(conn: &Connection, shared: &Shared, unit: &str, state: 
         Ok(c) => {
             tracing::info!(unit = %unit, removed = c.removed, "{unit}: socket unit is {state}: unregistered");
             shared.changed();
-            if let Ok(iface) = conn
-                .object_server()
-                .interface::<_, Manager>(MANAGER_PATH)
-                .await
-            {
-                let _ = Manager::unit_unregistered(
-                    iface.signal_emitter(),
-                    unit,
-                    dbus::unit_path(unit).as_ref(),
-                )
-                .await;
-            }
+            dbus::retire_unit(conn.object_server(), unit).await;
         }
         Err(e) => tracing::debug!(unit = %unit, "{e}"),
     }

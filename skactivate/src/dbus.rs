@@ -12,7 +12,7 @@ use std::time::UNIX_EPOCH;
 
 use zbus::fdo::DBusProxy;
 use zbus::message::Header;
-use zbus::object_server::SignalEmitter;
+use zbus::object_server::{ObjectServer, SignalEmitter};
 use zbus::proxy::CacheProperties;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath};
 use zbus::{Connection, interface};
@@ -232,15 +232,17 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(u32, u32), Error> {
         require_root(&header, conn, "RegisterSockets").await?;
         let files = self.shared.unit_files(&unit).await?;
-        self.register(unit, fds, Directives::Files(files), &emitter)
+        self.register(unit, fds, Directives::Files(files), &emitter, server)
             .await
     }
 
     /// Register sockets with directives given here instead of unit files
     /// (`skactivate register --sklookup`). Returns (sockets, bindings).
+    #[allow(clippy::too_many_arguments, reason = "zbus injects header, connection, emitter and server")]
     async fn register_sockets_with_directives(
         &self,
         unit: String,
@@ -249,9 +251,10 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(u32, u32), Error> {
         require_root(&header, conn, "RegisterSocketsWithDirectives").await?;
-        self.register(unit, fds, Directives::Inline(directives), &emitter)
+        self.register(unit, fds, Directives::Inline(directives), &emitter, server)
             .await
     }
 
@@ -261,20 +264,10 @@ impl Manager {
         unit: String,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(), Error> {
         require_root(&header, conn, "UnregisterUnit").await?;
-        let r = self.shared.lock().unregister(&unit);
-        match r {
-            Ok(changes) => {
-                tracing::info!(unit = %unit, removed = changes.removed, "{unit}: unregistered");
-                self.shared.changed();
-                Self::unit_unregistered(&emitter, &unit, unit_path(&unit).as_ref()).await?;
-                self.counts_changed(&emitter).await;
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
+        unregister(&self.shared, server, &unit).await
     }
 
     /// Re-read every registered unit and apply the differences, unit by unit;
@@ -315,8 +308,11 @@ impl Manager {
             .collect()
     }
 
-    /// Bindings in precedence order: (binding, unit, family, protocol, socket cookie or 0).
-    async fn list_bindings(&self) -> Result<Vec<(String, String, String, String, u64)>, Error> {
+    /// Bindings in precedence order: (binding, unit, family, protocol,
+    /// socket present, socket cookie).
+    async fn list_bindings(
+        &self,
+    ) -> Result<Vec<(String, String, String, String, bool, u64)>, Error> {
         let s = self.shared.lock();
         let list = s
             .dispatcher()
@@ -330,10 +326,48 @@ impl Manager {
                     b.destination.unit,
                     b.destination.family.to_string(),
                     b.destination.protocol.to_string(),
+                    b.socket.is_some(),
                     b.socket.unwrap_or(0),
                 )
             })
             .collect())
+    }
+
+    /// Every destination with its counters: (unit, family, protocol,
+    /// lookups, misses, errors, socket present, socket cookie).
+    #[allow(clippy::type_complexity, reason = "the D-Bus signature a(ssstttbt)")]
+    async fn list_destinations(
+        &self,
+    ) -> Result<Vec<(String, String, String, u64, u64, u64, bool, u64)>, Error> {
+        let s = self.shared.lock();
+        let list = s
+            .dispatcher()
+            .destinations()
+            .map_err(|e| Error::Failed(error_chain(&e)))?;
+        Ok(list
+            .into_iter()
+            .map(|d| {
+                (
+                    d.destination.unit,
+                    d.destination.family.to_string(),
+                    d.destination.protocol.to_string(),
+                    d.metrics.lookups,
+                    d.metrics.misses,
+                    d.metrics.errors,
+                    d.socket.is_some(),
+                    d.socket.unwrap_or(0),
+                )
+            })
+            .collect())
+    }
+
+    /// The object path of a registered unit.
+    async fn get_unit(&self, unit: String) -> Result<OwnedObjectPath, Error> {
+        if self.shared.lock().units().contains_key(&unit) {
+            Ok(unit_path(&unit))
+        } else {
+            Err(Error::NoSuchUnit(format!("{unit}: not registered")))
+        }
     }
 
     /// Where a packet would go, answered by running the live program:
@@ -375,7 +409,10 @@ impl Manager {
         Ok((
             verdict.to_owned(),
             l.destination.map(|d| d.unit).unwrap_or_default(),
-            written.or(l.binding.as_ref()).map(ToString::to_string).unwrap_or_default(),
+            written
+                .or(l.binding.as_ref())
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             l.cookie.unwrap_or(0),
         ))
     }
@@ -389,6 +426,12 @@ impl Manager {
     #[zbus(property, name = "NetNS")]
     async fn net_ns(&self) -> u64 {
         self.shared.lock().dispatcher().netns()
+    }
+
+    /// Where the dispatcher's state is pinned.
+    #[zbus(property)]
+    async fn state_path(&self) -> String {
+        self.shared.lock().dispatcher().dir().display().to_string()
     }
 
     #[zbus(property)]
@@ -453,6 +496,7 @@ impl Manager {
         fds: Vec<zbus::zvariant::OwnedFd>,
         directives: Directives,
         emitter: &SignalEmitter<'_>,
+        server: &ObjectServer,
     ) -> Result<(u32, u32), Error> {
         let fds: Vec<OwnedFd> = fds.into_iter().map(Into::into).collect();
         let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
@@ -464,6 +508,7 @@ impl Manager {
             Ok(o) => {
                 tracing::info!(unit = %unit, sockets = o.sockets, bindings = o.bindings, "{unit}: registered {o}");
                 self.shared.changed();
+                publish_unit(server, &self.shared, &unit).await?;
                 Self::unit_registered(emitter, &unit, unit_path(&unit).as_ref()).await?;
                 self.counts_changed(emitter).await;
                 Ok((o.sockets as u32, o.bindings as u32))
@@ -475,10 +520,145 @@ impl Manager {
         }
     }
 
-    async fn counts_changed(&self, emitter: &SignalEmitter<'_>) {
+    pub async fn counts_changed(&self, emitter: &SignalEmitter<'_>) {
         let _ = self.units_changed(emitter).await;
         let _ = self.bindings_changed(emitter).await;
         let _ = self.sockets_changed(emitter).await;
+    }
+}
+
+/// Put a unit's object on the bus (no-op if it is there).
+pub async fn publish_unit(
+    server: &ObjectServer,
+    shared: &Arc<Shared>,
+    unit: &str,
+) -> zbus::Result<()> {
+    server
+        .at(
+            unit_path(unit),
+            UnitObject {
+                shared: shared.clone(),
+                unit: unit.to_owned(),
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+/// Unregister a unit: its bindings, its object, and the signals saying so.
+pub async fn unregister(shared: &Shared, server: &ObjectServer, unit: &str) -> Result<(), Error> {
+    let changes = shared.lock().unregister(unit)?;
+    tracing::info!(unit = %unit, removed = changes.removed, "{unit}: unregistered");
+    shared.changed();
+    retire_unit(server, unit).await;
+    Ok(())
+}
+
+/// Take a unit's object off the bus and tell subscribers it went.
+pub async fn retire_unit(server: &ObjectServer, unit: &str) {
+    let path = unit_path(unit);
+    let _ = server.remove::<UnitObject, _>(&path).await;
+    if let Ok(iface) = server.interface::<_, Manager>(MANAGER_PATH).await {
+        let emitter = iface.signal_emitter();
+        let _ = Manager::unit_unregistered(emitter, unit, path.as_ref()).await;
+        iface.get().await.counts_changed(emitter).await;
+    }
+}
+
+/// One registered unit, `/org/skactivate1/unit/<escaped name>`.
+pub struct UnitObject {
+    pub shared: Arc<Shared>,
+    pub unit: String,
+}
+
+#[interface(name = "org.skactivate1.Unit")]
+impl UnitObject {
+    /// Unregister this unit (as `UnregisterUnit`).
+    async fn unregister(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        require_root(&header, conn, "Unregister").await?;
+        // This object goes away: do it outside its own method call.
+        let (shared, conn, unit) = (self.shared.clone(), conn.clone(), self.unit.clone());
+        let r = shared.lock().unregister(&unit);
+        r?;
+        shared.changed();
+        tokio::spawn(async move { retire_unit(conn.object_server(), &unit).await });
+        Ok(())
+    }
+
+    #[zbus(property)]
+    async fn id(&self) -> String {
+        self.unit.clone()
+    }
+
+    /// `files` (X-SkLookup= from the unit's files) or `inline` (--sklookup).
+    #[zbus(property)]
+    async fn source(&self) -> String {
+        let s = self.shared.lock();
+        match s.units().get(&self.unit).map(|u| u.inline.is_some()) {
+            Some(true) => "inline".into(),
+            _ => "files".into(),
+        }
+    }
+
+    /// The unit's bindings as written: `tcp:192.0.2.0/24:80`.
+    #[zbus(property)]
+    async fn bindings(&self) -> Vec<String> {
+        let s = self.shared.lock();
+        s.units()
+            .get(&self.unit)
+            .map(|u| u.bindings.iter().map(|(b, _)| b.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    /// (family, protocol, local address, cookie); cookie 0 once the socket is gone.
+    #[zbus(property)]
+    async fn sockets(&self) -> Vec<(String, String, String, u64)> {
+        let s = self.shared.lock();
+        s.unit_sockets(&self.unit)
+            .into_iter()
+            .map(|k| {
+                (
+                    k.family.to_string(),
+                    k.protocol.to_string(),
+                    k.local.map(|a| a.to_string()).unwrap_or_default(),
+                    k.cookie.unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    #[zbus(property)]
+    async fn lookups(&self) -> u64 {
+        self.shared.lock().unit_metrics(&self.unit).lookups
+    }
+
+    #[zbus(property)]
+    async fn misses(&self) -> u64 {
+        self.shared.lock().unit_metrics(&self.unit).misses
+    }
+
+    #[zbus(property)]
+    async fn errors(&self) -> u64 {
+        self.shared.lock().unit_metrics(&self.unit).errors
+    }
+
+    /// µs since the epoch.
+    #[zbus(property)]
+    async fn registered_at(&self) -> u64 {
+        let s = self.shared.lock();
+        s.units()
+            .get(&self.unit)
+            .and_then(|u| u.registered.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_micros() as u64)
+    }
+
+    #[zbus(property)]
+    async fn warnings(&self) -> Vec<String> {
+        self.shared.lock().warnings(&self.unit)
     }
 }
 
@@ -526,8 +706,19 @@ pub trait Skactivate {
     #[zbus(no_autostart)]
     fn unregister_unit(&self, unit: &str) -> zbus::Result<()>;
     fn reload(&self) -> zbus::Result<()>;
+    // Reading never starts the daemon (as `systemctl status` starts nothing).
+    #[zbus(no_autostart)]
+    fn get_unit(&self, unit: &str) -> zbus::Result<OwnedObjectPath>;
+    #[zbus(no_autostart)]
     fn list_units(&self) -> zbus::Result<Vec<(String, OwnedObjectPath, u32, u64)>>;
-    fn list_bindings(&self) -> zbus::Result<Vec<(String, String, String, String, u64)>>;
+    #[zbus(no_autostart)]
+    fn list_bindings(&self) -> zbus::Result<Vec<(String, String, String, String, bool, u64)>>;
+    #[allow(clippy::type_complexity, reason = "the D-Bus signature a(ssstttbt)")]
+    #[zbus(no_autostart)]
+    fn list_destinations(
+        &self,
+    ) -> zbus::Result<Vec<(String, String, String, u64, u64, u64, bool, u64)>>;
+    #[zbus(no_autostart)]
     fn lookup(
         &self,
         protocol: &str,
@@ -536,12 +727,53 @@ pub trait Skactivate {
     ) -> zbus::Result<(String, String, String, u64)>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "NetNS")]
+    fn net_ns(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn state_path(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn program_id(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn program_tag(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn attached(&self) -> zbus::Result<bool>;
     #[zbus(property)]
     fn units(&self) -> zbus::Result<u32>;
     #[zbus(property)]
     fn bindings(&self) -> zbus::Result<u32>;
     #[zbus(property)]
     fn sockets(&self) -> zbus::Result<u32>;
+    #[zbus(signal)]
+    fn unit_registered(&self, unit: String, path: OwnedObjectPath) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn unit_unregistered(&self, unit: String, path: OwnedObjectPath) -> zbus::Result<()>;
+}
+
+/// The client side of `org.skactivate1.Unit`.
+#[zbus::proxy(
+    interface = "org.skactivate1.Unit",
+    default_service = "org.skactivate1"
+)]
+pub trait SkactivateUnit {
+    fn unregister(&self) -> zbus::Result<()>;
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn source(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn bindings(&self) -> zbus::Result<Vec<String>>;
+    #[zbus(property)]
+    fn sockets(&self) -> zbus::Result<Vec<(String, String, String, u64)>>;
+    #[zbus(property)]
+    fn lookups(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn misses(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn errors(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn registered_at(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn warnings(&self) -> zbus::Result<Vec<String>>;
 }
 
 #[zbus::proxy(

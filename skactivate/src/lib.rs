@@ -14,6 +14,7 @@
 
 pub mod binding;
 pub mod check;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
@@ -22,5 +23,7 @@ pub mod directive;
 pub mod dispatcher;
 pub mod generator;
 pub mod paths;
+pub mod route;
 pub mod service;
+pub mod status;
 pub mod unit;

@@ -145,6 +145,17 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// One socket of a registered unit, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitSocket {
+    pub family: crate::binding::Family,
+    pub protocol: Protocol,
+    /// Unknown (`None`) for units adopted after a daemon restart.
+    pub local: Option<SocketAddr>,
+    /// `None` once the socket has closed.
+    pub cookie: Option<u64>,
+}
+
 /// Counts for `STATUS=` and the manager's properties.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -212,6 +223,127 @@ impl Service {
             bindings: self.units.values().map(|u| u.bindings.len()).sum::<usize>() as u32,
             sockets: sockets as u32,
         }
+    }
+
+    /// A registered unit's sockets: as registered, with the cookie the map
+    /// still holds (a closed socket has left the map).
+    pub fn unit_sockets(&self, unit: &str) -> Vec<UnitSocket> {
+        let live: Vec<_> = self
+            .dispatcher
+            .destinations()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| d.destination.unit == unit)
+            .collect();
+        match self.units.get(unit).and_then(|u| u.sockets.as_ref()) {
+            Some(infos) => {
+                let mut out: Vec<UnitSocket> = Vec::new();
+                for i in infos {
+                    if out
+                        .iter()
+                        .any(|s| s.family == i.family && s.protocol == i.protocol)
+                    {
+                        continue; // a reuseport sibling
+                    }
+                    let cookie = live
+                        .iter()
+                        .find(|d| {
+                            d.destination.family == i.family && d.destination.protocol == i.protocol
+                        })
+                        .and_then(|d| d.socket)
+                        .filter(|&c| c == i.cookie);
+                    out.push(UnitSocket {
+                        family: i.family,
+                        protocol: i.protocol,
+                        local: Some(i.local),
+                        cookie,
+                    });
+                }
+                out
+            }
+            None => live
+                .iter()
+                .map(|d| UnitSocket {
+                    family: d.destination.family,
+                    protocol: d.destination.protocol,
+                    local: None,
+                    cookie: d.socket,
+                })
+                .collect(),
+        }
+    }
+
+    /// A unit's counters, summed over its destinations.
+    pub fn unit_metrics(&self, unit: &str) -> crate::dispatcher::abi::Metrics {
+        let mut m = crate::dispatcher::abi::Metrics::default();
+        for d in self.dispatcher.destinations().unwrap_or_default() {
+            if d.destination.unit == unit {
+                m.lookups += d.metrics.lookups;
+                m.misses += d.metrics.misses;
+                m.errors += d.metrics.errors;
+            }
+        }
+        m
+    }
+
+    /// What looks wrong with a registered unit: a bound prefix the routing
+    /// table does not deliver locally (sk_lookup never sees its traffic), a
+    /// socket that is gone (its traffic is dropped), a UDP socket that cannot
+    /// answer from the address it was reached at.
+    pub fn warnings(&self, unit: &str) -> Vec<String> {
+        let Some(state) = self.units.get(unit) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut checked = std::collections::HashSet::new();
+        for (b, _) in &state.bindings {
+            if !checked.insert(b.prefix) {
+                continue;
+            }
+            if let Ok(false) = crate::route::is_local(b.prefix.network()) {
+                let ip = if b.prefix.addr().is_ipv6() {
+                    "ip -6"
+                } else {
+                    "ip"
+                };
+                out.push(format!(
+                    "{b}: {} has no local route, so no traffic for it arrives (add one: {ip} route add local {} dev lo)",
+                    b.prefix, b.prefix
+                ));
+            }
+        }
+        for s in self.unit_sockets(unit) {
+            if s.cookie.is_none() {
+                out.push(format!(
+                    "{} {} socket{} is gone: traffic for its bindings is dropped until the unit registers again",
+                    s.family,
+                    s.protocol,
+                    s.local.map(|a| format!(" {a}")).unwrap_or_default()
+                ));
+            }
+        }
+        if let Some(infos) = &state.sockets {
+            for i in infos.iter().filter(|i| i.protocol == Protocol::Udp) {
+                if !i.pktinfo {
+                    out.push(format!(
+                        "udp socket {} does not pass packet info (PassPacketInfo=yes): it cannot answer from the \
+                         address a datagram was sent to",
+                        i.local
+                    ));
+                }
+                let v6_bound = state.bindings.iter().any(|(b, d)| {
+                    b.protocol == Protocol::Udp && d.family == i.family && b.prefix.addr().is_ipv6()
+                });
+                if v6_bound && !i.freebind {
+                    out.push(format!(
+                        "udp socket {} has no FreeBind=yes: IPv6 answers from a bound prefix's addresses fail \
+                         unless an interface carries them",
+                        i.local
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// Read and match a unit's directives against its sockets.

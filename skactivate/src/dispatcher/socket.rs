@@ -26,6 +26,13 @@ pub struct SocketInfo {
     /// IPv6 only; `false` for a dual-stack IPv6 socket and for IPv4.
     pub v6only: bool,
     pub reuseport: bool,
+    /// UDP: the socket learns each datagram's destination address
+    /// (`IP_PKTINFO`, `IPV6_RECVPKTINFO`: systemd's `PassPacketInfo=yes`),
+    /// so it can answer from the address it was reached at.
+    pub pktinfo: bool,
+    /// `IP_FREEBIND`/`IPV6_FREEBIND` (`FreeBind=yes`): over IPv6 the kernel
+    /// lets a socket answer from an address no interface carries only so.
+    pub freebind: bool,
     pub cookie: u64,
     /// Inode of the socket's network namespace.
     pub netns: u64,
@@ -203,6 +210,28 @@ impl SocketInfo {
         let reuseport = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT)
             .map_err(os("SO_REUSEPORT"))?
             != 0;
+        let (pktinfo, freebind) = match family {
+            Family::V4 => (
+                getsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO).map_err(os("IP_PKTINFO"))?
+                    != 0,
+                getsockopt_int(fd, libc::IPPROTO_IP, libc::IP_FREEBIND)
+                    .map_err(os("IP_FREEBIND"))?
+                    != 0,
+            ),
+            // A dual-stack socket needs both: IPv4 datagrams report through IP_PKTINFO.
+            Family::V6 => (
+                getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+                    .map_err(os("IPV6_RECVPKTINFO"))?
+                    != 0
+                    && (v6only
+                        || getsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO)
+                            .map_err(os("IP_PKTINFO"))?
+                            != 0),
+                getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_FREEBIND)
+                    .map_err(os("IPV6_FREEBIND"))?
+                    != 0,
+            ),
+        };
         Ok(SocketInfo {
             family,
             protocol,
@@ -211,6 +240,8 @@ impl SocketInfo {
             connected,
             v6only,
             reuseport,
+            pktinfo,
+            freebind,
             cookie: cookie(fd).map_err(os("SO_COOKIE"))?,
             netns: socket_netns(fd).map_err(os("SIOCGSKNS"))?,
         })
