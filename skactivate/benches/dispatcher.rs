@@ -144,6 +144,8 @@ struct Plan {
     sizes: &'static [u32],
     repeat: u32,
     runs: usize,
+    /// Bindings per `add_bindings` call while growing: one change each, as a
+    /// big unit's registration would be.
     chunk: u32,
     write: bool,
 }
@@ -152,7 +154,7 @@ const FULL: Plan = Plan {
     sizes: &[1, 1_000, 100_000, 1_000_000],
     repeat: 1_000_000,
     runs: 7,
-    chunk: 10_000,
+    chunk: 100_000,
     write: true,
 };
 
