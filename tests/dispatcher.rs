@@ -591,6 +591,110 @@ fn conflicting_binding_is_refused_and_nothing_is_half_applied() {
 }
 
 #[test]
+fn one_change_naming_an_entry_twice() {
+    in_netns("one_change_naming_an_entry_twice", |fs| {
+        let a = tcp_server("a", "127.0.0.1:8001", false);
+        let b = tcp_server("b", "127.0.0.1:8002", false);
+        let mut d = open(fs);
+        let da = d.register_sockets("a.socket", &[a.fd()]).unwrap()[0]
+            .0
+            .clone();
+        let db = d.register_sockets("b.socket", &[b.fd()]).unwrap()[0]
+            .0
+            .clone();
+        // Overlapping ranges of one destination: each port goes in once.
+        let changes = d
+            .add_bindings(&[
+                (
+                    bind(Protocol::Tcp, "192.0.2.0/24", Ports::Range(80, 90)),
+                    da.clone(),
+                ),
+                (
+                    bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(85)),
+                    da.clone(),
+                ),
+            ])
+            .unwrap();
+        assert_eq!(changes.added, 11);
+        let refcount = |d: &Dispatcher, dest: &Destination| {
+            d.destinations()
+                .unwrap()
+                .into_iter()
+                .find(|i| i.destination == *dest)
+                .map_or(0, |i| i.refcount)
+        };
+        assert_eq!(refcount(&d, &da), 11);
+        // The same entry for two destinations in one change: a conflict, and
+        // nothing of the change is applied.
+        let err = d
+            .add_bindings(&[
+                (
+                    bind(Protocol::Tcp, "198.51.100.0/24", Ports::single(443)),
+                    da.clone(),
+                ),
+                (
+                    bind(Protocol::Tcp, "198.51.100.0/24", Ports::single(443)),
+                    db.clone(),
+                ),
+            ])
+            .unwrap_err();
+        assert!(matches!(err, DispatcherError::Conflict { .. }), "{err}");
+        assert_eq!(refcount(&d, &da), 11);
+        assert_eq!(d.bindings().unwrap().len(), 1);
+    });
+}
+
+/// The trie holds 2^20 entries; the one that does not fit is named, and the
+/// change it belongs to is not applied at all.
+#[test]
+fn a_full_trie_refuses_by_name() {
+    in_netns("a_full_trie_refuses_by_name", |fs| {
+        let a = tcp_server("a", "127.0.0.1:8001", false);
+        let mut d = open(fs);
+        let da = d.register_sockets("a.socket", &[a.fd()]).unwrap()[0]
+            .0
+            .clone();
+        // 16 hosts x 65535 ports + 16 = 2^20 trie entries (no packet is sent).
+        let mut items: Vec<_> = (0..16)
+            .map(|i| {
+                let b = bind(
+                    Protocol::Tcp,
+                    &format!("198.18.0.{i}/32"),
+                    Ports::Range(1, 65535),
+                );
+                (b, da.clone())
+            })
+            .collect();
+        items.extend((0..16).map(|i| {
+            let b = bind(
+                Protocol::Tcp,
+                &format!("198.18.1.{i}/32"),
+                Ports::single(80),
+            );
+            (b, da.clone())
+        }));
+        assert_eq!(d.add_bindings(&items).unwrap().added, 1 << 20);
+        let one_more = bind(Protocol::Tcp, "198.18.2.0/32", Ports::Range(80, 81));
+        match d.add_bindings(&[(one_more, da.clone())]) {
+            Err(DispatcherError::BindingsFull { binding }) => {
+                assert_eq!(binding.to_string(), "tcp:198.18.2.0/32:80")
+            }
+            other => panic!("expected BindingsFull, got {other:?}"),
+        }
+        let info = d.destinations().unwrap();
+        assert_eq!(info[0].refcount, 1 << 20);
+        let probe = d
+            .lookup(Protocol::Tcp, "198.18.2.0".parse().unwrap(), 80)
+            .unwrap();
+        assert_eq!(
+            probe.verdict,
+            Verdict::Pass,
+            "nothing of the refused change"
+        );
+    });
+}
+
+#[test]
 fn replacing_a_units_bindings_applies_only_the_difference() {
     in_netns(
         "replacing_a_units_bindings_applies_only_the_difference",

@@ -224,6 +224,13 @@ impl Entry {
         abi::binding_key(self.protocol, &self.prefix, self.port)
     }
 
+    /// Sorts entries as the trie orders its keys.
+    fn trie_order(&self) -> (u8, [u8; 2], u8, [u8; 16], u32) {
+        let key = self.key();
+        let k = key.data();
+        (k.protocol, k.port, k.family, k.addr, key.prefix_len())
+    }
+
     fn binding(&self) -> Binding {
         let ports = if self.port == 0 {
             Ports::All
@@ -686,10 +693,22 @@ impl Dispatcher {
                 });
             }
         }
-        let add: Vec<(Entry, u32)> = add
+        let mut add: Vec<(Entry, u32)> = add
             .into_iter()
             .filter(|(e, _)| !self.entries.contains_key(e))
             .collect();
+        // In the trie's own order: each insert walks the path the previous one
+        // just walked, still in cache (in random order a big trie costs a
+        // cache miss per level).
+        add.sort_by_cached_key(|(e, id)| (e.trie_order(), *id));
+        add.dedup();
+        if let Some(w) = add.windows(2).find(|w| w[0].0 == w[1].0) {
+            let (e, first) = w[0];
+            return Err(DispatcherError::Conflict {
+                binding: e.binding(),
+                other: self.dests[&first].destination.clone(),
+            });
+        }
         let remove: Vec<Entry> = remove
             .into_iter()
             .filter(|e| self.entries.contains_key(e))
@@ -712,9 +731,13 @@ impl Dispatcher {
                     let _ = self.bindings.remove(&Entry::key(d));
                 }
                 let _ = self.bump_ports(&up, -1);
+                // The trie says ENOSPC when it is full.
                 return Err(match err {
                     MapError::SyscallError(ref s)
-                        if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                        if matches!(
+                            s.io_error.raw_os_error(),
+                            Some(libc::ENOSPC | libc::E2BIG)
+                        ) =>
                     {
                         DispatcherError::BindingsFull {
                             binding: e.binding(),
