@@ -23,7 +23,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{
-    Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+    Array, HashMap as BpfHashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
+    PerCpuValues,
 };
 use aya::programs::links::FdLink;
 use aya::programs::{ProgramError, SkLookup};
@@ -41,7 +42,8 @@ pub(crate) static DISPATCHER_OBJECT: &[u8] =
 
 const PROGRAM: &str = "skactivate_dispatch";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const BPF_NOEXIST: u64 = 1;
+/// Trie entries per `BPF_MAP_UPDATE_BATCH`.
+const UPDATE_BATCH: usize = 4096;
 
 /// What a pinned map must look like for this build to adopt it.
 struct MapSpec {
@@ -720,33 +722,37 @@ impl Dispatcher {
         }
         self.bump_ports(&up, 1)?;
 
-        let mut done = Vec::with_capacity(add.len());
-        for &(e, id) in &add {
-            let value = BindingValue {
-                destination: id,
-                prefixlen: abi::trie_prefixlen(&e.prefix),
-            };
-            if let Err(err) = self.bindings.insert(&e.key(), value, BPF_NOEXIST) {
-                for d in &done {
-                    let _ = self.bindings.remove(&Entry::key(d));
+        // In batches: one syscall per 4096 entries instead of one each. A batch
+        // cannot say BPF_NOEXIST; it need not, as the index has already left
+        // out every entry present and this process is the trie's only writer.
+        let mut done = 0;
+        for chunk in add.chunks(UPDATE_BATCH) {
+            let keys: Vec<_> = chunk.iter().map(|(e, _)| e.key()).collect();
+            let values: Vec<_> = chunk
+                .iter()
+                .map(|(e, id)| BindingValue {
+                    destination: *id,
+                    prefixlen: abi::trie_prefixlen(&e.prefix),
+                })
+                .collect();
+            let fd = self.bindings.map().fd().as_fd();
+            let (n, r) = sys::map_update_batch(fd, &keys, &values);
+            done += n;
+            if let Err(err) = r {
+                for (d, _) in &add[..done] {
+                    let _ = self.bindings.remove(&d.key());
                 }
                 let _ = self.bump_ports(&up, -1);
-                // The trie says ENOSPC when it is full.
-                return Err(match err {
-                    MapError::SyscallError(ref s)
-                        if matches!(
-                            s.io_error.raw_os_error(),
-                            Some(libc::ENOSPC | libc::E2BIG)
-                        ) =>
-                    {
+                // The trie says ENOSPC when it is full (add[done] did not fit).
+                return Err(match (err.raw_os_error(), add.get(done)) {
+                    (Some(libc::ENOSPC | libc::E2BIG), Some((e, _))) => {
                         DispatcherError::BindingsFull {
                             binding: e.binding(),
                         }
                     }
-                    other => map_err("bindings")(other),
+                    _ => sys_err("BPF_MAP_UPDATE_BATCH (bindings)")(err),
                 });
             }
-            done.push(e);
         }
         let mut touched: HashSet<u32> = HashSet::new();
         for (e, id) in add.iter() {

@@ -21,6 +21,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -307,6 +308,40 @@ pub fn sockmap_cookie(map: BorrowedFd<'_>, key: u32) -> io::Result<Option<u64>> 
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (`BPF_ANY`: the kernel takes no other flag for a
+/// batch): `values[i]` for `keys[i]`, in order. Returns how many went in, and
+/// the error that stopped the rest, if any.
+pub fn map_update_batch<K, V>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> (usize, io::Result<()>) {
+    #[repr(C)]
+    struct Attr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    assert_eq!(keys.len(), values.len());
+    let mut attr = Attr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: ptr(keys.as_ptr()),
+        values: ptr(values.as_ptr()),
+        count: u32::try_from(keys.len()).expect("batch fits u32"),
+        map_fd: raw(map),
+        elem_flags: 0,
+        flags: 0,
+    };
+    let r = bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map(drop);
+    (attr.count as usize, r)
 }
 
 /// `BPF_MAP_DELETE_ELEM`; absent is not an error.
