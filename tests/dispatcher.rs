@@ -1154,3 +1154,134 @@ fn destroy_detaches_the_program() {
         drop(plain);
     });
 }
+
+/// The daemon's unit grants only CAP_BPF and CAP_NET_ADMIN: a process with
+/// just those adopts the pinned state, upgrades the program, registers a
+/// socket, binds and looks up.
+#[test]
+fn cap_bpf_and_cap_net_admin_are_enough_to_adopt_and_serve() {
+    in_netns(
+        "cap_bpf_and_cap_net_admin_are_enough_to_adopt_and_serve",
+        |fs| {
+            local_route("192.0.2.0/24");
+            drop(open(fs)); // created with full privileges, as on first start
+            let web = tcp_server("web", "127.0.0.1:8080", false);
+            nix::fcntl::fcntl(
+                web.fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .unwrap();
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "child_with_two_capabilities",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("SKA_CHILD_BPFFS", &fs.path)
+                .env("SKA_CHILD_FD", web.fd().as_raw_fd().to_string())
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "child: {}{stdout}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                stdout.contains("child served with CAP_BPF CAP_NET_ADMIN"),
+                "{stdout}"
+            );
+            assert_eq!(tcp_ask(sa(v4("192.0.2.8"), 80)).unwrap(), "web");
+        },
+    );
+}
+
+/// Not a test on its own: the child of `cap_bpf_and_cap_net_admin_are_enough_to_adopt_and_serve`.
+#[test]
+#[ignore = "run by cap_bpf_and_cap_net_admin_are_enough_to_adopt_and_serve as a child process"]
+fn child_with_two_capabilities() {
+    let Some(bpffs) = std::env::var_os("SKA_CHILD_BPFFS") else {
+        return;
+    };
+    let fd: i32 = std::env::var("SKA_CHILD_FD").unwrap().parse().unwrap();
+    keep_only_capabilities(&[39 /* CAP_BPF */, 12 /* CAP_NET_ADMIN */]);
+    // SAFETY: the parent left this fd open for us; we only borrow it.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut d = Dispatcher::open(thread_netns(), std::path::Path::new(&bpffs)).expect("adopt");
+    d.upgrade(true).expect("upgrade");
+    let to = d.register_sockets("web.socket", &[sock]).expect("register")[0]
+        .0
+        .clone();
+    d.add_bindings(&[(bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80)), to)])
+        .expect("bind");
+    let l = d
+        .lookup(Protocol::Tcp, v4("192.0.2.8"), 80)
+        .expect("lookup");
+    assert_eq!(l.verdict, Verdict::Redirect);
+    println!("child served with CAP_BPF CAP_NET_ADMIN");
+}
+
+/// capset(2): the calling thread's effective and permitted sets become
+/// exactly `caps` (credentials are per thread; the test runs on this one).
+fn keep_only_capabilities(caps: &[u32]) {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut data = [Data::default(); 2];
+    for &c in caps {
+        let d = &mut data[(c / 32) as usize];
+        d.effective |= 1 << (c % 32);
+        d.permitted |= 1 << (c % 32);
+    }
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    // SAFETY: _LINUX_CAPABILITY_VERSION_3 header and two data structs.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    assert_eq!(r, 0, "capset: {}", std::io::Error::last_os_error());
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    assert!(eff.ends_with("0000008000001000"), "{eff}");
+}
+
+/// A program pin that is missing or not the link's (a crash between an
+/// upgrade's link update and its re-pin) is repaired on adoption.
+#[test]
+fn a_stale_program_pin_is_repaired_on_adoption() {
+    in_netns("a_stale_program_pin_is_repaired_on_adoption", |fs| {
+        local_route("192.0.2.0/24");
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "web.socket",
+            &web,
+            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
+        );
+        let dir = d.dir().to_owned();
+        drop(d);
+        std::fs::remove_file(dir.join("program")).unwrap();
+        let d = open(fs);
+        assert!(dir.join("program").exists(), "re-pinned");
+        assert!(d.attached());
+        assert_eq!(
+            d.lookup(Protocol::Tcp, v4("192.0.2.1"), 80)
+                .unwrap()
+                .verdict,
+            Verdict::Redirect
+        );
+        assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 80)).unwrap(), "web");
+    });
+}

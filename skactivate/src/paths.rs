@@ -23,6 +23,12 @@ pub fn netns_state(bpffs: &Path, netns_inode: u64) -> PathBuf {
 /// The pin of the dispatcher's bpf_link inside a state directory.
 pub const LINK_PIN: &str = "link";
 
+/// The pin of the program the link runs (opening it needs no CAP_SYS_ADMIN,
+/// unlike fetching the program by id), and the name a new program is pinned
+/// under before it replaces the old one (bpffs refuses names with a dot).
+pub const PROGRAM_PIN: &str = "program";
+pub const PROGRAM_PIN_NEW: &str = "program-new";
+
 /// The installed binary, as units and generated drop-ins call it.
 pub const BINARY: &str = "/usr/bin/skactivate";
 

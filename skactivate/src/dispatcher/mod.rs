@@ -410,7 +410,18 @@ impl Dispatcher {
         if u64::from(info.netns_ino) != ino {
             return Ok(None);
         }
-        let program = sys::prog_fd_by_id(info.prog_id).map_err(sys_err("BPF_PROG_GET_FD_BY_ID"))?;
+        let program = match open_program(dir, info.prog_id)? {
+            Some(fd) => fd,
+            // The pin is missing or stale (a crash between an upgrade's link
+            // update and its re-pin): run this build's program and pin it.
+            None => {
+                let new = load_program(dir)?;
+                sys::link_update(link.as_fd(), new.as_fd(), None)
+                    .map_err(sys_err("BPF_LINK_UPDATE"))?;
+                pin_program(dir, new.as_fd())?;
+                new
+            }
+        };
 
         let mut maps = HashMap::new();
         for spec in &MAPS {
@@ -551,27 +562,27 @@ impl Dispatcher {
     /// happens when the running program is already this build's. Returns
     /// whether the program was replaced.
     pub fn upgrade(&mut self, force: bool) -> Result<bool> {
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&self.dir)
-            .load(DISPATCHER_OBJECT)
-            .map_err(DispatcherError::Load)?;
-        let prog: &mut SkLookup = program_of(&mut ebpf)?;
-        prog.load().map_err(DispatcherError::Program)?;
-        let new = prog
-            .fd()
-            .map_err(DispatcherError::Program)?
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(sys_err("dup"))?;
+        let new = load_program(&self.dir)?;
         let new_tag = sys::prog_info(new.as_fd())
             .map_err(sys_err("BPF_OBJ_GET_INFO_BY_FD (prog)"))?
             .tag;
         if !force && new_tag == self.program()?.tag {
             return Ok(false);
         }
-        sys::link_update(self.link.as_fd(), new.as_fd(), self.program.as_fd())
-            .map_err(sys_err("BPF_LINK_UPDATE"))?;
+        // Pinned aside first, swapped in the link, then renamed over the old
+        // pin: whatever happens in between, adopt() finds a usable program.
+        let staged = self.dir.join(paths::PROGRAM_PIN_NEW);
+        let _ = fs::remove_file(&staged);
+        sys::obj_pin(new.as_fd(), &staged).map_err(io_err(&staged))?;
+        if let Err(e) = sys::link_update(self.link.as_fd(), new.as_fd(), Some(self.program.as_fd()))
+        {
+            let _ = fs::remove_file(&staged);
+            return Err(sys_err("BPF_LINK_UPDATE")(e));
+        }
         self.program = new;
+        restrict(&staged, 0o640)?;
+        let pin = self.dir.join(paths::PROGRAM_PIN);
+        fs::rename(&staged, &pin).map_err(io_err(&pin))?;
         Ok(true)
     }
 
@@ -1203,11 +1214,57 @@ fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
         path: pin.clone(),
         source: io::Error::other(e),
     })?;
+    let fd = prog
+        .fd()
+        .map_err(DispatcherError::Program)?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(sys_err("dup"))?;
+    pin_program(dir, fd.as_fd())?;
     for spec in &MAPS {
         restrict(&dir.join(spec.name), 0o640)?;
     }
     restrict(&pin, 0o640)?;
     Ok(())
+}
+
+/// Load this build's program against the maps pinned in `dir`.
+fn load_program(dir: &Path) -> Result<OwnedFd> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(DISPATCHER_OBJECT)
+        .map_err(DispatcherError::Load)?;
+    let prog: &mut SkLookup = program_of(&mut ebpf)?;
+    prog.load().map_err(DispatcherError::Program)?;
+    prog.fd()
+        .map_err(DispatcherError::Program)?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(sys_err("dup"))
+}
+
+/// Pin `prog` as the state's program, replacing the pin atomically.
+fn pin_program(dir: &Path, prog: BorrowedFd<'_>) -> Result<()> {
+    let staged = dir.join(paths::PROGRAM_PIN_NEW);
+    let _ = fs::remove_file(&staged);
+    sys::obj_pin(prog, &staged).map_err(io_err(&staged))?;
+    restrict(&staged, 0o640)?;
+    let pin = dir.join(paths::PROGRAM_PIN);
+    fs::rename(&staged, &pin).map_err(io_err(&pin))
+}
+
+/// The pinned program, if it is the one the link runs (`link_prog_id`).
+fn open_program(dir: &Path, link_prog_id: u32) -> Result<Option<OwnedFd>> {
+    let pin = dir.join(paths::PROGRAM_PIN);
+    let fd = match sys::obj_get(&pin) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(io_err(&pin)(e)),
+    };
+    let id = sys::prog_info(fd.as_fd())
+        .map_err(sys_err("BPF_OBJ_GET_INFO_BY_FD (prog)"))?
+        .id;
+    Ok((id == link_prog_id).then_some(fd))
 }
 
 fn restrict(path: &Path, mode: u32) -> Result<()> {

@@ -17,6 +17,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -69,6 +70,24 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         file_flags: 0,
     };
     bpf(BPF_OBJ_GET, &mut attr).map(fd_from)
+}
+
+/// `BPF_OBJ_PIN`: pin an object at `path` on a bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut attr = Attr {
+        pathname: ptr(c.as_ptr()),
+        bpf_fd: raw(fd),
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }
 
 /// The parts of `struct bpf_link_info` skactivate reads, for a netns link.
@@ -157,7 +176,9 @@ pub fn prog_info(prog: BorrowedFd<'_>) -> io::Result<ProgInfo> {
     })
 }
 
-/// `BPF_PROG_GET_FD_BY_ID`.
+/// `BPF_PROG_GET_FD_BY_ID`. The kernel allows it only with CAP_SYS_ADMIN, so
+/// the dispatcher never uses it (it opens its program through a pin); tests
+/// and diagnostics do, to see whether a program still exists.
 pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
     #[repr(C)]
     struct Attr {
@@ -173,12 +194,12 @@ pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
     bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(fd_from)
 }
 
-/// `BPF_LINK_UPDATE` with `BPF_F_REPLACE`: atomically swap the link's program,
-/// only if it still runs `old`.
+/// `BPF_LINK_UPDATE`: atomically swap the link's program; with `old`
+/// (`BPF_F_REPLACE`) only if it still runs that one.
 pub fn link_update(
     link: BorrowedFd<'_>,
     new: BorrowedFd<'_>,
-    old: BorrowedFd<'_>,
+    old: Option<BorrowedFd<'_>>,
 ) -> io::Result<()> {
     #[repr(C)]
     struct Attr {
@@ -190,8 +211,8 @@ pub fn link_update(
     let mut attr = Attr {
         link_fd: raw(link),
         new_prog_fd: raw(new),
-        flags: BPF_F_REPLACE,
-        old_prog_fd: raw(old),
+        flags: if old.is_some() { BPF_F_REPLACE } else { 0 },
+        old_prog_fd: old.map_or(0, raw),
     };
     bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
