@@ -217,6 +217,11 @@ pub enum Reason {
          its replies may leave from the wrong source address"
     )]
     NoPacketInfo { socket: Socket },
+    #[error(
+        "{socket} gets IPv6 X-SkLookup= traffic but FreeBind= is not yes: its replies \
+         from the bound prefix's addresses fail unless an interface carries them"
+    )]
+    NoFreeBind { socket: Socket },
 }
 
 fn list(sockets: &[Socket]) -> String {
@@ -462,6 +467,22 @@ pub fn resolve(unit: &SocketUnit, sockets: &[Socket]) -> Resolution {
             }
         }
     }
+    if !unit.free_bind() {
+        let mut warned = Vec::new();
+        for resolved in &resolution.bindings {
+            let socket = sockets[resolved.socket];
+            if socket.protocol == Protocol::Udp
+                && resolved.binding.prefix.addr().is_ipv6()
+                && !warned.contains(&resolved.socket)
+            {
+                warned.push(resolved.socket);
+                let reason = Reason::NoFreeBind { socket };
+                resolution
+                    .problems
+                    .push(Problem::unit(Severity::Warning, reason));
+            }
+        }
+    }
     resolution
 }
 
@@ -605,6 +626,7 @@ mod tests {
             bind_ipv6_only: None,
             reuse_port: None,
             pass_packet_info: None,
+            free_bind: None,
             file_descriptor_name: None,
             socket_protocol: None,
             issues: Vec::new(),
@@ -689,6 +711,7 @@ mod tests {
                 "/t.socket:4: X-SkLookup=192.0.2.0/24:80: tcp:192.0.2.0/24:80 is already claimed by X-SkLookup=192.0.2.0/24 at /t.socket:1",
                 "udp 0.0.0.0:53 gets X-SkLookup= traffic but PassPacketInfo= is not yes: its replies may leave from the wrong source address",
                 "udp [::]:53 (IPv6-only) gets X-SkLookup= traffic but PassPacketInfo= is not yes: its replies may leave from the wrong source address",
+                "udp [::]:53 (IPv6-only) gets IPv6 X-SkLookup= traffic but FreeBind= is not yes: its replies from the bound prefix's addresses fail unless an interface carries them",
             ]
         );
     }

@@ -365,6 +365,13 @@ impl Service {
             Directives::Inline(values) => inline_unit(unit, values),
         };
         let resolution = config::resolve(&socket_unit, sockets);
+        for p in resolution
+            .problems
+            .iter()
+            .filter(|p| p.severity < crate::unit::Severity::Error)
+        {
+            tracing::warn!(unit = %unit, "{unit}: {p}");
+        }
         if !resolution.is_valid() {
             return Err(ServiceError::BadDirective {
                 unit: unit.to_owned(),
@@ -591,6 +598,7 @@ fn inline_unit(unit: &str, values: &[String]) -> SocketUnit {
         bind_ipv6_only: None,
         reuse_port: None,
         pass_packet_info: None,
+        free_bind: None,
         file_descriptor_name: None,
         socket_protocol: None,
         issues: Vec::new(),

@@ -251,6 +251,9 @@ pub struct SocketUnit {
     pub bind_ipv6_only: Option<Located<BindIpv6Only>>,
     pub reuse_port: Option<Located<bool>>,
     pub pass_packet_info: Option<Located<bool>>,
+    /// `FreeBind=`: over IPv6 a UDP socket answers from an address no
+    /// interface carries (a prefix reached through a local route) only so.
+    pub free_bind: Option<Located<bool>>,
     pub file_descriptor_name: Option<Located<String>>,
     pub socket_protocol: Option<Located<SocketProtocol>>,
     /// Lines systemd would ignore or refuse.
@@ -354,6 +357,10 @@ impl SocketUnit {
         self.pass_packet_info.as_ref().is_some_and(|a| a.value)
     }
 
+    pub fn free_bind(&self) -> bool {
+        self.free_bind.as_ref().is_some_and(|a| a.value)
+    }
+
     fn empty(
         name: String,
         id: String,
@@ -373,6 +380,7 @@ impl SocketUnit {
             bind_ipv6_only: None,
             reuse_port: None,
             pass_packet_info: None,
+            free_bind: None,
             file_descriptor_name: None,
             socket_protocol: None,
             issues: Vec::new(),
@@ -502,6 +510,7 @@ impl SocketUnit {
                     &mut u.pass_packet_info
                 });
             }
+            "FreeBind" => self.set_boolean(&location, "FreeBind", value, |u| &mut u.free_bind),
             "BindIPv6Only" => match parse_bind_ipv6_only(value) {
                 Some(b) => self.bind_ipv6_only = Some(Located::at(&location, b)),
                 None => self.issue(
