@@ -242,7 +242,10 @@ impl Manager {
 
     /// Register sockets with directives given here instead of unit files
     /// (`skactivate register --sklookup`). Returns (sockets, bindings).
-    #[allow(clippy::too_many_arguments, reason = "zbus injects header, connection, emitter and server")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "zbus injects header, connection, emitter and server"
+    )]
     async fn register_sockets_with_directives(
         &self,
         unit: String,
