@@ -790,24 +790,7 @@ fn state_survives_its_process_and_is_adopted() {
     in_netns("state_survives_its_process_and_is_adopted", |fs| {
         local_route("192.0.2.0/24");
         let web = tcp_server("web", "127.0.0.1:8080", false);
-        let fd = web.fd().as_raw_fd();
-        nix::fcntl::fcntl(
-            web.fd(),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )
-        .unwrap();
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "child_registers_and_exits",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("SKA_CHILD_BPFFS", &fs.path)
-            .env("SKA_CHILD_FD", fd.to_string())
-            .output()
-            .unwrap();
+        let out = run_child("child_registers_and_exits", fs, &web);
         assert!(
             out.status.success(),
             "child: {}",
@@ -835,6 +818,28 @@ fn state_survives_its_process_and_is_adopted() {
             .unwrap();
         assert_eq!(tcp_ask(sa(v4("192.0.2.77"), 81)).unwrap(), "web");
     });
+}
+
+/// Run the ignored test `name` of this binary as a child process in this
+/// netns, handing it the bpffs and `server`'s socket (inherited, by number).
+fn run_child(name: &str, fs: &Bpffs, server: &Server) -> std::process::Output {
+    nix::fcntl::fcntl(
+        server.fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            name,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SKA_CHILD_BPFFS", &fs.path)
+        .env("SKA_CHILD_FD", server.fd().as_raw_fd().to_string())
+        .output()
+        .unwrap()
 }
 
 /// Not a test on its own: the child of `state_survives_its_process_and_is_adopted`.
@@ -1166,23 +1171,7 @@ fn cap_bpf_and_cap_net_admin_are_enough_to_adopt_and_serve() {
             local_route("192.0.2.0/24");
             drop(open(fs)); // created with full privileges, as on first start
             let web = tcp_server("web", "127.0.0.1:8080", false);
-            nix::fcntl::fcntl(
-                web.fd(),
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-            )
-            .unwrap();
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "child_with_two_capabilities",
-                    "--ignored",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env("SKA_CHILD_BPFFS", &fs.path)
-                .env("SKA_CHILD_FD", web.fd().as_raw_fd().to_string())
-                .output()
-                .unwrap();
+            let out = run_child("child_with_two_capabilities", fs, &web);
             let stdout = String::from_utf8_lossy(&out.stdout);
             assert!(
                 out.status.success(),

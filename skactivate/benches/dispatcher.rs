@@ -612,28 +612,14 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// UTC date and time, `YYYY-MM-DD HH:MM`.
+/// UTC date and time, `YYYY-MM-DD HH:MM UTC`.
 fn now_utc() -> String {
-    let secs = SystemTime::now()
+    let usec = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
-        rem / 3_600,
-        rem % 3_600 / 60
-    )
+        .map_or(0, |d| d.as_micros() as u64);
+    // "YYYY-MM-DD HH:MM:SS UTC" without the seconds.
+    let full = skactivate::status::format_utc(usec);
+    format!("{} UTC", &full[..16])
 }
 
 fn git_revision(root: &Path) -> String {

@@ -614,23 +614,9 @@ mod tests {
     }
 
     fn test_unit() -> SocketUnit {
-        SocketUnit {
-            name: "t.socket".into(),
-            id: "t.socket".into(),
-            names: vec!["t.socket".into()],
-            fragment: "/t.socket".into(),
-            dropins: Vec::new(),
-            sklookup: Vec::new(),
-            listens: Vec::new(),
-            accept: None,
-            bind_ipv6_only: None,
-            reuse_port: None,
-            pass_packet_info: None,
-            free_bind: None,
-            file_descriptor_name: None,
-            socket_protocol: None,
-            issues: Vec::new(),
-        }
+        let mut unit = SocketUnit::inline("t.socket", Vec::new());
+        unit.fragment = "/t.socket".into();
+        unit
     }
 
     fn shown(resolution: &Resolution) -> Vec<String> {

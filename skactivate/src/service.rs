@@ -435,18 +435,7 @@ impl Service {
             }
             infos.push(info);
         }
-        // One entry per (family, protocol): reuseport siblings count once.
-        let mut sockets: Vec<Socket> = Vec::new();
-        for i in &infos {
-            let s = Socket {
-                protocol: i.protocol,
-                address: i.local,
-                v6only: i.v6only,
-            };
-            if !sockets.contains(&s) {
-                sockets.push(s);
-            }
-        }
+        let sockets = distinct_sockets(&infos);
         let items = self.resolve(unit, directives, &sockets)?;
         let was_registered = self.units.contains_key(unit);
         self.dispatcher
@@ -510,20 +499,7 @@ impl Service {
             }
         };
         let sockets: Vec<Socket> = match (&state.sockets, files) {
-            (Some(infos), _) => {
-                let mut v: Vec<Socket> = Vec::new();
-                for i in infos {
-                    let s = Socket {
-                        protocol: i.protocol,
-                        address: i.local,
-                        v6only: i.v6only,
-                    };
-                    if !v.contains(&s) {
-                        v.push(s);
-                    }
-                }
-                v
-            }
+            (Some(infos), _) => distinct_sockets(infos),
             (None, Some(f)) => f.sockets(),
             (None, None) => Vec::new(),
         };
@@ -557,6 +533,23 @@ impl Service {
     }
 }
 
+/// The sockets as matching sees them, once each: the members of a
+/// reuseport group share an address and count once.
+fn distinct_sockets(infos: &[SocketInfo]) -> Vec<Socket> {
+    let mut sockets: Vec<Socket> = Vec::new();
+    for i in infos {
+        let s = Socket {
+            protocol: i.protocol,
+            address: i.local,
+            v6only: i.v6only,
+        };
+        if !sockets.contains(&s) {
+            sockets.push(s);
+        }
+    }
+    sockets
+}
+
 /// systemd reports `ListenStream=80` as `[::]:80`; a dual-stack socket bound
 /// there reports `[::]:80` too. IPv4-mapped forms are compared as IPv4.
 fn same_listen_address(listed: &SocketAddr, actual: &SocketAddr) -> bool {
@@ -586,23 +579,7 @@ fn inline_unit(unit: &str, values: &[String]) -> SocketUnit {
             },
         })
         .collect();
-    SocketUnit {
-        name: unit.to_owned(),
-        id: unit.to_owned(),
-        names: vec![unit.to_owned()],
-        fragment: PathBuf::from("--sklookup"),
-        dropins: Vec::new(),
-        sklookup: located,
-        listens: Vec::new(),
-        accept: None,
-        bind_ipv6_only: None,
-        reuse_port: None,
-        pass_packet_info: None,
-        free_bind: None,
-        file_descriptor_name: None,
-        socket_protocol: None,
-        issues: Vec::new(),
-    }
+    SocketUnit::inline(unit, located)
 }
 
 #[cfg(test)]

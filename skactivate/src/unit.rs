@@ -334,6 +334,21 @@ impl SocketUnit {
         Ok(unit)
     }
 
+    /// A unit made of `X-SkLookup=` values alone, read from no file (for
+    /// `register --sklookup`, and for tests): the locations say where each
+    /// value came from.
+    pub fn inline(name: &str, sklookup: Vec<Located<String>>) -> SocketUnit {
+        let mut unit = SocketUnit::empty(
+            name.to_owned(),
+            name.to_owned(),
+            vec![name.to_owned()],
+            PathBuf::new(),
+            Vec::new(),
+        );
+        unit.sklookup = sklookup;
+        unit
+    }
+
     /// The fragment, then the drop-ins.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         std::iter::once(self.fragment.as_path()).chain(self.dropins.iter().map(PathBuf::as_path))
