@@ -157,6 +157,19 @@ fn dropin_alone_serves_a_whole_prefix_through_socket_activation() {
     );
     assert_eq!(sd.active_state("echo-udp.service"), "active");
 
+    // The journal carries the unit and its bindings as fields.
+    sd.ok(&["journalctl", "--sync"]);
+    let fields = sd.ok(&[
+        "journalctl",
+        "--no-pager",
+        "-o",
+        "verbose",
+        "SKACTIVATE_UNIT=webserver.socket",
+    ]);
+    assert!(
+        fields.contains("SKACTIVATE_BINDING=tcp:192.0.2.0/24:80"),
+        "{fields}"
+    );
     // The daemon reports it all.
     let status = sd.status("skactivate.service");
     assert!(

@@ -73,8 +73,14 @@ pub fn init_logging() {
     let registry =
         tracing_subscriber::registry().with(tracing_subscriber::filter::LevelFilter::INFO);
     match journald {
+        // Fields become SKACTIVATE_UNIT=, SKACTIVATE_BINDING=, …: filter with
+        // `journalctl SKACTIVATE_UNIT=webserver.socket`.
         Some(layer) => registry
-            .with(layer.with_syslog_identifier("skactivate".into()))
+            .with(
+                layer
+                    .with_syslog_identifier("skactivate".into())
+                    .with_field_prefix(Some("SKACTIVATE".into())),
+            )
             .init(),
         None => registry
             .with(

@@ -509,7 +509,20 @@ impl Manager {
         drop(fds);
         match r {
             Ok(o) => {
-                tracing::info!(unit = %unit, sockets = o.sockets, bindings = o.bindings, "{unit}: registered {o}");
+                let bindings =
+                    self.shared
+                        .lock()
+                        .units()
+                        .get(&unit)
+                        .map_or_else(String::new, |u| {
+                            u.bindings
+                                .iter()
+                                .map(|(b, _)| b.to_string())
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        });
+                // Journal fields SKACTIVATE_UNIT=, SKACTIVATE_BINDING= (space-separated), …
+                tracing::info!(unit = %unit, binding = %bindings, sockets = o.sockets, "{unit}: registered {o}: {bindings}");
                 self.shared.changed();
                 publish_unit(server, &self.shared, &unit).await?;
                 Self::unit_registered(emitter, &unit, unit_path(&unit).as_ref()).await?;
