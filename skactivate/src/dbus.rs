@@ -420,24 +420,24 @@ impl Manager {
         ))
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     async fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_owned()
     }
 
     /// Inode of the network namespace the dispatcher serves.
-    #[zbus(property, name = "NetNS")]
+    #[zbus(property(emits_changed_signal = "const"), name = "NetNS")]
     async fn net_ns(&self) -> u64 {
         self.shared.lock().dispatcher().netns()
     }
 
     /// Where the dispatcher's state is pinned.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     async fn state_path(&self) -> String {
         self.shared.lock().dispatcher().dir().display().to_string()
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn program_id(&self) -> u32 {
         self.shared
             .lock()
@@ -447,7 +447,7 @@ impl Manager {
             .unwrap_or(0)
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn program_tag(&self) -> String {
         self.shared
             .lock()
@@ -457,7 +457,7 @@ impl Manager {
             .unwrap_or_default()
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn attached(&self) -> bool {
         self.shared.lock().dispatcher().attached()
     }
@@ -605,13 +605,13 @@ impl UnitObject {
         Ok(())
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     async fn id(&self) -> String {
         self.unit.clone()
     }
 
     /// `files` (X-SkLookup= from the unit's files) or `inline` (--sklookup).
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     async fn source(&self) -> String {
         let s = self.shared.lock();
         match s.units().get(&self.unit).map(|u| u.inline.is_some()) {
@@ -621,7 +621,7 @@ impl UnitObject {
     }
 
     /// The unit's bindings as written: `tcp:192.0.2.0/24:80`.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn bindings(&self) -> Vec<String> {
         let s = self.shared.lock();
         s.units()
@@ -631,7 +631,7 @@ impl UnitObject {
     }
 
     /// (family, protocol, local address, cookie); cookie 0 once the socket is gone.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn sockets(&self) -> Vec<(String, String, String, u64)> {
         let s = self.shared.lock();
         s.unit_sockets(&self.unit)
@@ -647,23 +647,23 @@ impl UnitObject {
             .collect()
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn lookups(&self) -> u64 {
         self.shared.lock().unit_metrics(&self.unit).lookups
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn misses(&self) -> u64 {
         self.shared.lock().unit_metrics(&self.unit).misses
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn errors(&self) -> u64 {
         self.shared.lock().unit_metrics(&self.unit).errors
     }
 
     /// µs since the epoch.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn registered_at(&self) -> u64 {
         let s = self.shared.lock();
         s.units()
@@ -672,7 +672,7 @@ impl UnitObject {
             .map_or(0, |d| d.as_micros() as u64)
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     async fn warnings(&self) -> Vec<String> {
         self.shared.lock().warnings(&self.unit)
     }

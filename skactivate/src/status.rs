@@ -348,11 +348,9 @@ pub fn render_bindings(rows: &[BindingRow]) -> String {
             r.binding, r.unit, r.family, r.protocol
         );
     }
-    let _ = writeln!(
-        out,
-        "\n{} bindings listed, most specific first.",
-        rows.len()
-    );
+    let n = rows.len();
+    let plural = if n == 1 { "" } else { "s" };
+    let _ = writeln!(out, "\n{n} binding{plural} listed, most specific first.");
     out
 }
 
