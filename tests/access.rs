@@ -308,19 +308,7 @@ fn busctl_introspects_reads_and_looks_up_what_real_traffic_does() {
     ] {
         let to: SocketAddr = format!("{ip}:{port}").parse().unwrap();
         let answered = sd.in_netns(|| http_ask(to).ok());
-        let lookup = sd.ok(&[
-            "busctl",
-            "--system",
-            "call",
-            "org.skactivate1",
-            "/org/skactivate1",
-            "org.skactivate1.Manager",
-            "Lookup",
-            "ssq",
-            "tcp",
-            ip,
-            &port.to_string(),
-        ]);
+        let lookup = sd.manager_call("Lookup", &["ssq", "tcp", ip, &port.to_string()]);
         if real {
             assert_eq!(answered.as_deref(), Some("webserver"));
             assert!(
@@ -334,42 +322,14 @@ fn busctl_introspects_reads_and_looks_up_what_real_traffic_does() {
         }
     }
     // The cookie Lookup names is the socket the unit object lists.
-    let sockets = sd.ok(&[
-        "busctl",
-        "--system",
-        "get-property",
-        "org.skactivate1",
-        "/org/skactivate1/unit/webserver_2esocket",
-        "org.skactivate1.Unit",
-        "Sockets",
-    ]);
-    let lookup = sd.ok(&[
-        "busctl",
-        "--system",
-        "call",
-        "org.skactivate1",
-        "/org/skactivate1",
-        "org.skactivate1.Manager",
-        "Lookup",
-        "ssq",
-        "tcp",
-        "192.0.2.3",
-        "80",
-    ]);
+    let sockets = sd.unit_property("webserver.socket", "Sockets");
+    let lookup = sd.manager_call("Lookup", &["ssq", "tcp", "192.0.2.3", "80"]);
     let cookie = lookup.split_whitespace().last().unwrap();
     assert!(
         sockets.contains(&format!("\"[::]:80\" {cookie}")),
         "{sockets} vs {lookup}"
     );
-    let lookups = sd.ok(&[
-        "busctl",
-        "--system",
-        "get-property",
-        "org.skactivate1",
-        "/org/skactivate1/unit/webserver_2esocket",
-        "org.skactivate1.Unit",
-        "Lookups",
-    ]);
+    let lookups = sd.unit_property("webserver.socket", "Lookups");
     assert!(
         lookups
             .trim()

@@ -19,15 +19,7 @@ fn addr(s: &str) -> SocketAddr {
 
 /// What `busctl` says `ListBindings` returns.
 fn list_bindings(sd: &Systemd) -> String {
-    sd.ok(&[
-        "busctl",
-        "--system",
-        "call",
-        "org.skactivate1",
-        "/org/skactivate1",
-        "org.skactivate1.Manager",
-        "ListBindings",
-    ])
+    sd.manager_call("ListBindings", &[])
 }
 
 /// Wait until `binding` of `unit` is registered (registration runs after
@@ -60,19 +52,7 @@ fn wait_bound(sd: &Systemd, binding: &str, unit: &str) {
 /// `Lookup` through busctl: `ssst "redirect" "unit" "binding" cookie`.
 fn lookup(sd: &Systemd, address: &str, port: u16) -> String {
     let port = port.to_string();
-    sd.ok(&[
-        "busctl",
-        "--system",
-        "call",
-        "org.skactivate1",
-        "/org/skactivate1",
-        "org.skactivate1.Manager",
-        "Lookup",
-        "ssq",
-        "tcp",
-        address,
-        &port,
-    ])
+    sd.manager_call("Lookup", &["ssq", "tcp", address, &port])
 }
 
 fn wait_unbound(sd: &Systemd, unit: &str) {
@@ -306,15 +286,7 @@ fn restarting_the_daemon_loses_no_connection() {
     assert!(ok.load(Ordering::Relaxed) >= 200);
     // The restarted daemon adopted the unit and still answers for it.
     assert!(list_bindings(&sd).contains("\"tcp:192.0.2.0/24:80\" \"webserver.socket\""));
-    let units = sd.ok(&[
-        "busctl",
-        "--system",
-        "get-property",
-        "org.skactivate1",
-        "/org/skactivate1",
-        "org.skactivate1.Manager",
-        "Units",
-    ]);
+    let units = sd.manager_property("Units");
     assert_eq!(units.trim(), "u 1");
 }
 
@@ -432,15 +404,7 @@ fn reload_applies_the_difference_and_keeps_old_bindings_on_a_bad_edit() {
 fn busctl_sees_org_skactivate1() {
     let Some(sd) = boot() else { return };
     // D-Bus activation starts the daemon on the first call.
-    let version = sd.ok(&[
-        "busctl",
-        "--system",
-        "get-property",
-        "org.skactivate1",
-        "/org/skactivate1",
-        "org.skactivate1.Manager",
-        "Version",
-    ]);
+    let version = sd.manager_property("Version");
     assert_eq!(
         version.trim(),
         format!("s \"{}\"", env!("CARGO_PKG_VERSION"))
@@ -467,15 +431,7 @@ fn busctl_sees_org_skactivate1() {
     ] {
         assert!(intro.contains(member), "{member} missing:\n{intro}");
     }
-    let attached = sd.ok(&[
-        "busctl",
-        "--system",
-        "get-property",
-        "org.skactivate1",
-        "/org/skactivate1",
-        "org.skactivate1.Manager",
-        "Attached",
-    ]);
+    let attached = sd.manager_property("Attached");
     assert_eq!(attached.trim(), "b true");
     // The pinned state is where the design says, in the system's own bpffs.
     let ls = sd.ok(&["ls", "/sys/fs/bpf/skactivate"]);

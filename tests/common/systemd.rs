@@ -262,6 +262,48 @@ impl Systemd {
         self.exec(&[&["busctl", "--system", "--no-pager"], args].concat())
     }
 
+    /// `busctl --system call` of a method of org.skactivate1.Manager:
+    /// `manager_call("Lookup", &["ssq", "tcp", "192.0.2.1", "80"])`.
+    pub fn manager_call(&self, member: &str, args: &[&str]) -> String {
+        let mut argv = vec![
+            "busctl",
+            "--system",
+            "call",
+            "org.skactivate1",
+            "/org/skactivate1",
+        ];
+        argv.extend(["org.skactivate1.Manager", member]);
+        argv.extend_from_slice(args);
+        self.ok(&argv)
+    }
+
+    /// `busctl --system get-property` of org.skactivate1.Manager: `u 1`.
+    pub fn manager_property(&self, name: &str) -> String {
+        self.ok(&[
+            "busctl",
+            "--system",
+            "get-property",
+            "org.skactivate1",
+            "/org/skactivate1",
+            "org.skactivate1.Manager",
+            name,
+        ])
+    }
+
+    /// `busctl --system get-property` of a registered unit's object.
+    pub fn unit_property(&self, unit: &str, name: &str) -> String {
+        let path = skactivate::dbus::unit_path(unit);
+        self.ok(&[
+            "busctl",
+            "--system",
+            "get-property",
+            "org.skactivate1",
+            path.as_str(),
+            "org.skactivate1.Unit",
+            name,
+        ])
+    }
+
     /// `systemctl show -P PROPERTY UNIT`, trimmed.
     pub fn property(&self, unit: &str, property: &str) -> String {
         self.ok(&["systemctl", "show", "-P", property, unit])
