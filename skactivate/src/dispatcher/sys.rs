@@ -54,8 +54,8 @@ fn ptr<T>(p: *const T) -> u64 {
     p as usize as u64
 }
 
-/// `BPF_OBJ_GET`: open a pinned object.
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+/// `BPF_OBJ_GET` and `BPF_OBJ_PIN` take a path and, for a pin, the fd.
+fn obj_path(cmd: libc::c_long, path: &Path, fd: u32) -> io::Result<libc::c_long> {
     #[repr(C)]
     struct Attr {
         pathname: u64,
@@ -66,28 +66,20 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut attr = Attr {
         pathname: ptr(c.as_ptr()),
-        bpf_fd: 0,
+        bpf_fd: fd,
         file_flags: 0,
     };
-    bpf(BPF_OBJ_GET, &mut attr).map(fd_from)
+    bpf(cmd, &mut attr)
+}
+
+/// `BPF_OBJ_GET`: open a pinned object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    obj_path(BPF_OBJ_GET, path, 0).map(fd_from)
 }
 
 /// `BPF_OBJ_PIN`: pin an object at `path` on a bpffs.
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-    #[repr(C)]
-    struct Attr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut attr = Attr {
-        pathname: ptr(c.as_ptr()),
-        bpf_fd: raw(fd),
-        file_flags: 0,
-    };
-    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+    obj_path(BPF_OBJ_PIN, path, raw(fd)).map(drop)
 }
 
 /// The parts of `struct bpf_link_info` skactivate reads, for a netns link.
