@@ -1242,7 +1242,8 @@ fn keep_only_capabilities(caps: &[u32]) {
     assert_eq!(r, 0, "capset: {}", std::io::Error::last_os_error());
     let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
     let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
-    assert!(eff.ends_with("0000008000001000"), "{eff}");
+    let mask = caps.iter().fold(0u64, |m, &c| m | 1 << c);
+    assert!(eff.ends_with(&format!("{mask:016x}")), "{eff}");
 }
 
 /// A program pin that is missing or not the link's (a crash between an
@@ -1273,4 +1274,37 @@ fn a_stale_program_pin_is_repaired_on_adoption() {
         );
         assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 80)).unwrap(), "web");
     });
+}
+
+/// Without CAP_BPF and CAP_NET_ADMIN the error says what is missing.
+#[test]
+fn without_capabilities_the_error_names_them() {
+    in_netns("without_capabilities_the_error_names_them", |fs| {
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let out = run_child("child_without_capabilities", fs, &web);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("refused as expected"), "{stdout}");
+    });
+}
+
+/// Not a test on its own: the child of `without_capabilities_the_error_names_them`.
+#[test]
+#[ignore = "run by without_capabilities_the_error_names_them as a child process"]
+fn child_without_capabilities() {
+    let Some(bpffs) = std::env::var_os("SKA_CHILD_BPFFS") else {
+        return;
+    };
+    keep_only_capabilities(&[]);
+    let err = Dispatcher::open(thread_netns(), std::path::Path::new(&bpffs)).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("CAP_BPF") && text.contains("CAP_NET_ADMIN"),
+        "{text}"
+    );
+    println!("refused as expected: {text}");
 }

@@ -96,6 +96,10 @@ const MAPS: [MapSpec; 5] = [
 pub enum DispatcherError {
     #[error("this kernel has no BPF sk_lookup programs (Linux 5.9 or later is needed)")]
     Unsupported,
+    #[error(
+        "the dispatcher needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN; this process lacks {missing}"
+    )]
+    Capabilities { missing: String },
     #[error("{path}: not a bpffs (mount one with `mount -t bpf bpf {path}`)")]
     NotBpffs { path: PathBuf },
     #[error("{path}")]
@@ -311,6 +315,26 @@ pub fn is_supported() -> bool {
     aya::sys::is_program_supported(aya::programs::ProgramType::SkLookup).unwrap_or(false)
 }
 
+/// The capabilities loading and attaching the dispatcher needs that the
+/// calling thread's effective set lacks (`None`: it has them all).
+pub fn missing_capabilities() -> Option<String> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let status = fs::read_to_string("/proc/thread-self/status").ok()?;
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    let eff = u64::from_str_radix(eff.trim(), 16).ok()?;
+    let has = |c: u32| eff & (1 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    (!missing.is_empty()).then(|| missing.join(" "))
+}
+
 /// The inode of a network namespace, given by a path like `/proc/self/ns/net`.
 pub fn netns_inode(netns: &Path) -> Result<u64> {
     let f = fs::File::open(netns).map_err(io_err(netns))?;
@@ -356,6 +380,11 @@ impl Dispatcher {
     /// directory that is renamed into place, so a crash never leaves half a
     /// dispatcher; state whose namespace has died is replaced.
     pub fn open(netns: &Path, bpffs: &Path) -> Result<Dispatcher> {
+        // Asked first: without privileges the feature probe fails too, and
+        // would blame the kernel.
+        if let Some(missing) = missing_capabilities() {
+            return Err(DispatcherError::Capabilities { missing });
+        }
         if !is_supported() {
             return Err(DispatcherError::Unsupported);
         }
