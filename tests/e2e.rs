@@ -437,3 +437,29 @@ fn busctl_sees_org_skactivate1() {
     let ls = sd.ok(&["ls", "/sys/fs/bpf/skactivate"]);
     assert_eq!(ls.lines().count(), 1, "{ls}");
 }
+
+/// With a short WatchdogSec= the daemon lives on by its own pings: systemd
+/// would kill it two seconds after a missed one.
+#[test]
+fn the_daemon_keeps_the_watchdog_fed() {
+    let Some(sd) = boot() else { return };
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/skactivate.service.d/watchdog.conf"),
+        b"[Service]\nWatchdogSec=2s\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    sd.ok(&["systemctl", "start", "skactivate.service"]);
+    assert_eq!(sd.property("skactivate.service", "WatchdogUSec"), "2s");
+    let pid = sd.property("skactivate.service", "MainPID");
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(sd.active_state("skactivate.service"), "active");
+    assert_eq!(
+        sd.property("skactivate.service", "MainPID"),
+        pid,
+        "not restarted"
+    );
+    assert_eq!(sd.property("skactivate.service", "NRestarts"), "0");
+    let journal = sd.journal("skactivate.service");
+    assert!(!journal.contains("Watchdog timeout"), "{journal}");
+}
