@@ -36,6 +36,21 @@ fn serve(d: &mut Dispatcher, unit: &str, server: &Server, bindings: &[Binding]) 
     destination
 }
 
+/// The common start: 192.0.2.0/24 routed locally, a TCP echo server "web" on
+/// 127.0.0.1:8080 registered as web.socket, and `tcp:192.0.2.0/24:80` bound to it.
+fn serve_web(fs: &Bpffs) -> (Server, Dispatcher) {
+    local_route("192.0.2.0/24");
+    let web = tcp_server("web", "127.0.0.1:8080", false);
+    let mut d = open(fs);
+    serve(
+        &mut d,
+        "web.socket",
+        &web,
+        &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
+    );
+    (web, d)
+}
+
 fn v4(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -64,15 +79,7 @@ fn all_of_v4_24(prefix: [u8; 3]) -> impl Iterator<Item = IpAddr> {
 #[test]
 fn tcp_ipv4_whole_prefix_reaches_one_socket() {
     in_netns("tcp_ipv4_whole_prefix_reaches_one_socket", |fs| {
-        local_route("192.0.2.0/24");
-        let web = tcp_server("web", "127.0.0.1:8080", false);
-        let mut d = open(fs);
-        serve(
-            &mut d,
-            "web.socket",
-            &web,
-            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
-        );
+        let (web, _d) = serve_web(fs);
         for ip in all_of_v4_24([192, 0, 2]) {
             assert_eq!(
                 tcp_ask(sa(ip, 80)).unwrap_or_else(|e| panic!("{ip}:80: {e}")),
@@ -455,15 +462,7 @@ fn two_sockets_of_one_kind_are_ambiguous() {
 #[test]
 fn closed_socket_drops_and_counts_a_miss() {
     in_netns("closed_socket_drops_and_counts_a_miss", |fs| {
-        local_route("192.0.2.0/24");
-        let web = tcp_server("web", "127.0.0.1:8080", false);
-        let mut d = open(fs);
-        serve(
-            &mut d,
-            "web.socket",
-            &web,
-            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
-        );
+        let (web, d) = serve_web(fs);
         assert_eq!(tcp_ask(sa(v4("192.0.2.5"), 80)).unwrap(), "web");
         web.close();
         // An ordinary socket on the same port elsewhere must not get the traffic.
@@ -864,15 +863,7 @@ fn child_registers_and_exits() {
 #[test]
 fn upgrade_under_a_connection_loop_loses_nothing() {
     in_netns("upgrade_under_a_connection_loop_loses_nothing", |fs| {
-        local_route("192.0.2.0/24");
-        let web = tcp_server("web", "127.0.0.1:8080", false);
-        let mut d = open(fs);
-        serve(
-            &mut d,
-            "web.socket",
-            &web,
-            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
-        );
+        let (_web, mut d) = serve_web(fs);
         let before = d.program().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -1035,15 +1026,7 @@ fn ipv6_wildcard_prefix_does_not_catch_ipv4() {
 #[test]
 fn metrics_count_lookups_per_destination() {
     in_netns("metrics_count_lookups_per_destination", |fs| {
-        local_route("192.0.2.0/24");
-        let web = tcp_server("web", "127.0.0.1:8080", false);
-        let mut d = open(fs);
-        serve(
-            &mut d,
-            "web.socket",
-            &web,
-            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
-        );
+        let (_web, d) = serve_web(fs);
         for i in 0..25u8 {
             tcp_ask(sa(IpAddr::V4(Ipv4Addr::new(192, 0, 2, i)), 80)).unwrap();
         }
@@ -1251,15 +1234,7 @@ fn keep_only_capabilities(caps: &[u32]) {
 #[test]
 fn a_stale_program_pin_is_repaired_on_adoption() {
     in_netns("a_stale_program_pin_is_repaired_on_adoption", |fs| {
-        local_route("192.0.2.0/24");
-        let web = tcp_server("web", "127.0.0.1:8080", false);
-        let mut d = open(fs);
-        serve(
-            &mut d,
-            "web.socket",
-            &web,
-            &[bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80))],
-        );
+        let (_web, d) = serve_web(fs);
         let dir = d.dir().to_owned();
         drop(d);
         std::fs::remove_file(dir.join("program")).unwrap();

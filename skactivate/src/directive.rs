@@ -463,19 +463,23 @@ mod tests {
         assert!(failed.is_empty(), "{}", failed.join("\n"));
     }
 
-    #[test]
-    fn list_keeps_every_value_and_every_error() {
-        let parsed =
-            parse_list("  192.0.2.0/24:80\t[2001:db8::]/64:443  192.0.2.0/33 tcp:198.51.100.1:* ");
-        let shown: Vec<String> = parsed
+    /// `ok VALUE` or `err MESSAGE` per word, for comparing lists.
+    fn outcomes(parsed: &[Result<Value, InvalidValue>]) -> Vec<String> {
+        parsed
             .iter()
             .map(|r| match r {
                 Ok(v) => format!("ok {v}"),
                 Err(e) => format!("err {e}"),
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn list_keeps_every_value_and_every_error() {
+        let parsed =
+            parse_list("  192.0.2.0/24:80\t[2001:db8::]/64:443  192.0.2.0/33 tcp:198.51.100.1:* ");
         assert_eq!(
-            shown,
+            outcomes(&parsed),
             [
                 "ok 192.0.2.0/24:80",
                 "ok [2001:db8::]/64:443",
@@ -484,15 +488,8 @@ mod tests {
             ]
         );
         assert!(parse_list(" \t ").is_empty());
-        let shown: Vec<String> = parse_list("192.0.2.1  # the ; web host ")
-            .iter()
-            .map(|r| match r {
-                Ok(v) => format!("ok {v}"),
-                Err(e) => format!("err {e}"),
-            })
-            .collect();
         assert_eq!(
-            shown,
+            outcomes(&parse_list("192.0.2.1  # the ; web host ")),
             [
                 "ok 192.0.2.1",
                 "err # the ; web host: a comment must be on a line of its own"
