@@ -10,8 +10,8 @@
  * counted as a miss.
  *
  * The miss path is as hot as the hit path (it runs for every service on the
- * host), so the `ports` array answers "can any binding match this port?" with
- * one inlined array read before the trie is touched, and the wildcard lookup
+ * host), so the `ports` bitmap answers "can any binding match this port?" with
+ * inlined array reads before the trie is touched, and the wildcard lookup
  * only happens when wildcard bindings exist for the protocol.
  */
 #include <linux/bpf.h>
@@ -53,6 +53,7 @@ struct {
 /* Names and ids; used only by user space, kept here so all state is pinned. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct ska_destination_key);
 	__type(value, struct ska_destination_value);
 	__uint(max_entries, SKA_MAX_DESTINATIONS);
@@ -67,13 +68,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } metrics SEC(".maps");
 
-/* slot << 16 | port -> number of trie entries with that protocol and port;
- * port 0 counts the protocol's wildcard entries. */
+/* Bit slot << 16 | port: the trie has entries of that protocol and port; bit
+ * slot << 16 (port 0): it has wildcard entries of the protocol.  Written by
+ * user space, which counts the entries. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
-	__type(value, __u32);
-	__uint(max_entries, SKA_PORTS_ENTRIES);
+	__type(value, __u64);
+	__uint(max_entries, SKA_PORTS_WORDS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ports SEC(".maps");
 
@@ -99,85 +101,126 @@ const struct ska_layout skactivate_layout SEC(".skactivate_layout") __attribute_
 	.off_metrics_errors = OFF(ska_metrics, errors),
 };
 
+/*
+ * The key is built in 32-bit words, never with byte stores.  Verifiers before
+ * 6.3 (Debian 11's 5.10, Debian 12's 6.1) refuse a narrow store into a stack
+ * slot that last received an 8-byte register store ("attempt to corrupt
+ * spilled pointer on stack") unless the loader has CAP_PERFMON, and clang
+ * zeroes a struct with 8-byte stores.  Every word here is written whole, once
+ * per lookup, and the header word (protocol, port, family) is rewritten whole
+ * for the wildcard lookup.
+ */
+union ska_key_words {
+	struct ska_binding_key key;
+	__u32 w[sizeof(struct ska_binding_key) / 4];
+};
+
+/* The header word of a key: protocol, port (network order) and family as they
+ * sit in memory at offsets 4..7, read as one little- or big-endian word. */
+static __always_inline __u32 key_header(__u32 protocol, __u32 port, __u32 family)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	return protocol | (port >> 8) << 8 | (port & 0xff) << 16 | family << 24;
+#else
+	return protocol << 24 | (port >> 8) << 16 | (port & 0xff) << 8 | family;
+#endif
+}
+
 SEC("sk_lookup")
 int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 {
-	struct ska_binding_key key = {};
-	struct ska_binding_value *match = NULL, *wild;
+	union ska_key_words k;
+	struct ska_binding_value *v;
 	struct ska_metrics *m;
 	struct bpf_sock *sk;
-	__u32 slot, idx, dest, full, port = ctx->local_port;
-	__u32 *specific_count, *wild_count;
-	__u32 *addr = (__u32 *)key.addr;
+	__u32 protocol = ctx->protocol, family = ctx->family;
+	__u32 port = ctx->local_port & 0xffff;
+	__u32 slot, idx, specific, wild, full, dest = 0, len = 0, found = 0;
+	__u64 *word;
 	int err;
 
-	if (ctx->protocol == IPPROTO_TCP)
+	if (protocol == IPPROTO_TCP)
 		slot = SKA_PORT_SLOT_TCP;
-	else if (ctx->protocol == IPPROTO_UDP)
+	else if (protocol == IPPROTO_UDP)
 		slot = SKA_PORT_SLOT_UDP;
 	else
 		return SK_PASS;
 
-	idx = slot << 16 | (port & 0xffff);
-	specific_count = bpf_map_lookup_elem(&ports, &idx);
-	idx = slot << 16;
-	wild_count = bpf_map_lookup_elem(&ports, &idx);
-	if (!specific_count || !wild_count)
+	/* Each pointer a helper returns is tested exactly once, and what it
+	 * points to is copied into scalars at once.  Verifiers without
+	 * CAP_PERFMON (6.12 among them) also walk the branch a second test of a
+	 * known-NULL pointer would not take, as a speculative path, and refuse
+	 * the dereference they find there ("invalid mem access 'scalar'"). */
+	idx = (slot << 16 | port) / 64;
+	word = bpf_map_lookup_elem(&ports, &idx);
+	if (!word)
 		return SK_PASS;
-	if (!*specific_count && !*wild_count)
-		return SK_PASS; /* the common miss: one array read, no trie */
+	specific = (*word >> (port & 63)) & 1;
+	idx = (slot << 16) / 64;
+	word = bpf_map_lookup_elem(&ports, &idx);
+	if (!word)
+		return SK_PASS;
+	wild = *word & 1;
+	if (!specific && !wild)
+		return SK_PASS; /* the common miss: two inlined array reads, no trie */
 
-	key.protocol = ctx->protocol;
-	key.family = ctx->family;
-	if (ctx->family == AF_INET) {
-		key.prefixlen = full = SKA_KEY_V4_FULL_BITS;
-		addr[0] = ctx->local_ip4;
-	} else if (ctx->family == AF_INET6) {
-		key.prefixlen = full = SKA_KEY_V6_FULL_BITS;
-		addr[0] = ctx->local_ip6[0];
-		addr[1] = ctx->local_ip6[1];
-		addr[2] = ctx->local_ip6[2];
-		addr[3] = ctx->local_ip6[3];
+	if (family == AF_INET) {
+		full = SKA_KEY_V4_FULL_BITS;
+		k.w[2] = ctx->local_ip4;
+		k.w[3] = 0;
+		k.w[4] = 0;
+		k.w[5] = 0;
+	} else if (family == AF_INET6) {
+		full = SKA_KEY_V6_FULL_BITS;
+		k.w[2] = ctx->local_ip6[0];
+		k.w[3] = ctx->local_ip6[1];
+		k.w[4] = ctx->local_ip6[2];
+		k.w[5] = ctx->local_ip6[3];
 	} else {
 		return SK_PASS;
 	}
+	k.w[0] = full;
 
-	if (*specific_count) {
-		key.port[0] = port >> 8;
-		key.port[1] = port;
-		match = bpf_map_lookup_elem(&bindings, &key);
-		/* A full-length prefix cannot be beaten by the wildcard. */
-		if (match && match->prefixlen == full)
-			goto found;
+	if (specific) {
+		k.w[1] = key_header(protocol, port, family);
+		v = bpf_map_lookup_elem(&bindings, &k);
+		if (v) {
+			dest = v->destination;
+			len = v->prefixlen;
+			found = 1;
+		}
 	}
-	if (*wild_count) {
-		key.port[0] = 0;
-		key.port[1] = 0;
-		wild = bpf_map_lookup_elem(&bindings, &key);
-		/* Equal length: the specific port wins, so only a longer one replaces. */
-		if (wild && (!match || wild->prefixlen > match->prefixlen))
-			match = wild;
+	/* A full-length prefix cannot be beaten by the wildcard; on equal length
+	 * the specific port wins, so only a longer wildcard replaces it. */
+	if (wild && !(found && len == full)) {
+		k.w[1] = key_header(protocol, 0, family);
+		v = bpf_map_lookup_elem(&bindings, &k);
+		if (v) {
+			__u32 wlen = v->prefixlen, wdest = v->destination;
+
+			if (!found || wlen > len) {
+				dest = wdest;
+				found = 1;
+			}
+		}
 	}
-	if (!match)
+	if (!found)
 		return SK_PASS;
 
-found:
-	dest = match->destination;
 	m = bpf_map_lookup_elem(&metrics, &dest);
-	if (m)
-		m->lookups++;
+	if (!m)
+		return SK_PASS; /* an id out of range: not ours to judge */
+	m->lookups++;
 
 	sk = bpf_map_lookup_elem(&sockets, &dest);
 	if (!sk) {
-		if (m)
-			m->misses++;
+		m->misses++;
 		return SK_DROP;
 	}
 	err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	if (err) {
-		if (m)
-			m->errors++;
+		m->errors++;
 		/* An earlier sk_lookup program in this netns already chose a socket:
 		 * leave its choice in force rather than drop the packet. */
 		return err == -17 /* EEXIST */ ? SK_PASS : SK_DROP;

@@ -12,20 +12,24 @@
 
 #include <linux/types.h>
 
-#define SKA_LAYOUT_VERSION 3
+#define SKA_LAYOUT_VERSION 4
 
 /* Bindings: LPM trie entries (ranges are expanded to single ports). */
 #define SKA_MAX_BINDINGS (1u << 20)
-/* Destinations: ids 0..SKA_MAX_DESTINATIONS-1 index the metrics array. */
-#define SKA_MAX_DESTINATIONS 4096
+/* Destinations: ids 0..SKA_MAX_DESTINATIONS-1 index the metrics array.  A
+ * destination is one socket of a unit (family and protocol): 1024 are some
+ * 500 dual-stack socket units.  The per-CPU metrics array costs 24 bytes per
+ * destination and CPU, so this is what keeps the maps small. */
+#define SKA_MAX_DESTINATIONS 1024
 /* systemd's UNIT_NAME_MAX is 256 including the terminating NUL. */
 #define SKA_UNIT_NAME_MAX 256
 
-/* Index into the ports array: protocol slot << 16 | port.  Port 0 holds the
- * number of wildcard bindings of the protocol. */
+/* The ports bitmap: bit (protocol slot << 16 | port) is set while the trie
+ * has entries of that protocol and port; port 0 stands for the protocol's
+ * wildcard entries.  64 bits a word: 16 KiB in all. */
 #define SKA_PORT_SLOT_TCP 0
 #define SKA_PORT_SLOT_UDP 1
-#define SKA_PORTS_ENTRIES (2u << 16)
+#define SKA_PORTS_WORDS ((2u << 16) / 64)
 
 /* Bits of the trie key in front of the address: protocol (8), port (16) and
  * family (8).  The family is part of every prefix, so an IPv6 binding can

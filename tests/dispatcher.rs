@@ -1143,18 +1143,68 @@ fn destroy_detaches_the_program() {
     });
 }
 
-/// The daemon's unit grants only CAP_BPF and CAP_NET_ADMIN: a process with
-/// just those adopts the pinned state, upgrades the program, registers a
+/// What the shipped units/skactivate.service grants the daemon: the
+/// capabilities of `CapabilityBoundingSet=` (as numbers) and `LimitMEMLOCK=`
+/// in bytes (`None`: infinity), read from the file itself.
+fn shipped_unit_limits() -> (Vec<(String, u32)>, Option<u64>) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../units/skactivate.service");
+    let unit = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let value = |key: &str| {
+        let mut v = unit
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+            .map(str::trim);
+        let first = v.next().unwrap_or_else(|| panic!("{path}: no {key}="));
+        assert!(v.next().is_none(), "{path}: {key}= given twice");
+        first.to_owned()
+    };
+    let caps = value("CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|name| {
+            let n = match name {
+                "CAP_NET_ADMIN" => 12,
+                "CAP_SYS_ADMIN" => 21,
+                "CAP_SYS_RESOURCE" => 24,
+                "CAP_PERFMON" => 38,
+                "CAP_BPF" => 39,
+                other => panic!("{path}: capability {other} unknown to this test"),
+            };
+            (name.to_owned(), n)
+        })
+        .collect();
+    let memlock = value("LimitMEMLOCK");
+    let bytes = if memlock == "infinity" {
+        None
+    } else {
+        let (num, unit) = memlock.split_at(
+            memlock
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(memlock.len()),
+        );
+        let mult: u64 = match unit {
+            "" => 1,
+            "K" => 1 << 10,
+            "M" => 1 << 20,
+            "G" => 1 << 30,
+            other => panic!("{path}: LimitMEMLOCK={memlock}: unit {other} unknown to this test"),
+        };
+        Some(num.parse::<u64>().unwrap() * mult)
+    };
+    (caps, bytes)
+}
+
+/// The daemon runs with exactly the capability set and memlock limit of the
+/// shipped unit: a process with just those creates the dispatcher (first
+/// start), adopts it again (restart), upgrades the program, registers a
 /// socket, binds and looks up.
 #[test]
-fn cap_bpf_and_cap_net_admin_are_enough_to_adopt_and_serve() {
+fn the_shipped_units_capabilities_and_memlock_are_enough_to_create_and_serve() {
     in_netns(
-        "cap_bpf_and_cap_net_admin_are_enough_to_adopt_and_serve",
+        "the_shipped_units_capabilities_and_memlock_are_enough_to_create_and_serve",
         |fs| {
             local_route("192.0.2.0/24");
-            drop(open(fs)); // created with full privileges, as on first start
             let web = tcp_server("web", "127.0.0.1:8080", false);
-            let out = run_child("child_with_two_capabilities", fs, &web);
+            let out = run_child("child_with_the_units_limits", fs, &web);
             let stdout = String::from_utf8_lossy(&out.stdout);
             assert!(
                 out.status.success(),
@@ -1162,7 +1212,7 @@ fn cap_bpf_and_cap_net_admin_are_enough_to_adopt_and_serve() {
                 String::from_utf8_lossy(&out.stderr)
             );
             assert!(
-                stdout.contains("child served with CAP_BPF CAP_NET_ADMIN"),
+                stdout.contains("child served under the unit's limits"),
                 "{stdout}"
             );
             assert_eq!(tcp_ask(sa(v4("192.0.2.8"), 80)).unwrap(), "web");
@@ -1170,18 +1220,53 @@ fn cap_bpf_and_cap_net_admin_are_enough_to_adopt_and_serve() {
     );
 }
 
-/// Not a test on its own: the child of `cap_bpf_and_cap_net_admin_are_enough_to_adopt_and_serve`.
+/// Not a test on its own: the child of
+/// `the_shipped_units_capabilities_and_memlock_are_enough_to_create_and_serve`.
 #[test]
-#[ignore = "run by cap_bpf_and_cap_net_admin_are_enough_to_adopt_and_serve as a child process"]
-fn child_with_two_capabilities() {
+#[ignore = "run by the_shipped_units_capabilities_and_memlock_are_enough_to_create_and_serve as a child process"]
+fn child_with_the_units_limits() {
     let Some(bpffs) = std::env::var_os("SKA_CHILD_BPFFS") else {
         return;
     };
     let fd: i32 = std::env::var("SKA_CHILD_FD").unwrap().parse().unwrap();
-    keep_only_capabilities(&[39 /* CAP_BPF */, 12 /* CAP_NET_ADMIN */]);
+    let (caps, memlock) = shipped_unit_limits();
+    // LimitMEMLOCK= sets soft and hard limits alike. A process without
+    // CAP_SYS_RESOURCE (a CI sandbox) cannot raise its hard limit: then the
+    // test runs with less than the unit grants, and says so.
+    let mut limit = memlock.unwrap_or(libc::RLIM_INFINITY);
+    let mut r = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: a live rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) } != 0 {
+        // SAFETY: a live rlimit.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) }, 0);
+        assert!(r.rlim_max < limit, "setrlimit failed for another reason");
+        limit = r.rlim_max;
+        r.rlim_cur = limit;
+        // SAFETY: a live rlimit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) }, 0);
+        println!(
+            "note: this process may not raise RLIMIT_MEMLOCK to the unit's {memlock:?}; \
+             running with its hard limit, {limit} bytes"
+        );
+    }
+    let numbers: Vec<u32> = caps.iter().map(|(_, n)| *n).collect();
+    keep_only_capabilities(&numbers);
+    println!(
+        "child: {} and LimitMEMLOCK={memlock:?}, kernel {}",
+        caps.iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        skactivate::dispatcher::kernel_release()
+    );
     // SAFETY: the parent left this fd open for us; we only borrow it.
     let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let mut d = Dispatcher::open(thread_netns(), std::path::Path::new(&bpffs)).expect("adopt");
+    let bpffs = std::path::Path::new(&bpffs);
+    drop(Dispatcher::open(thread_netns(), bpffs).expect("create"));
+    let mut d = Dispatcher::open(thread_netns(), bpffs).expect("adopt");
     d.upgrade(true).expect("upgrade");
     let to = d.register_sockets("web.socket", &[sock]).expect("register")[0]
         .0
@@ -1192,7 +1277,7 @@ fn child_with_two_capabilities() {
         .lookup(Protocol::Tcp, v4("192.0.2.8"), 80)
         .expect("lookup");
     assert_eq!(l.verdict, Verdict::Redirect);
-    println!("child served with CAP_BPF CAP_NET_ADMIN");
+    println!("child served under the unit's limits");
 }
 
 /// capset(2): the calling thread's effective and permitted sets become
@@ -1282,4 +1367,148 @@ fn child_without_capabilities() {
         "{text}"
     );
     println!("refused as expected: {text}");
+}
+
+/// Kernels whose trie has no batch operations (5.10) get one element per
+/// syscall; forced here so that path is covered on every kernel: a change
+/// goes in whole, a conflicting one changes nothing, removal works.
+#[test]
+fn one_element_updates_apply_and_roll_back_like_batches() {
+    in_netns(
+        "one_element_updates_apply_and_roll_back_like_batches",
+        |fs| {
+            local_route("192.0.2.0/24");
+            let a = tcp_server("a", "127.0.0.1:8001", false);
+            let b = tcp_server("b", "127.0.0.1:8002", false);
+            let mut d = open(fs);
+            eprintln!(
+                "batch updates of the trie on this kernel: {}",
+                d.batch_updates()
+            );
+            d.force_single_updates();
+            assert!(!d.batch_updates());
+            let da = serve(
+                &mut d,
+                "a.socket",
+                &a,
+                &[bind(
+                    Protocol::Tcp,
+                    "192.0.2.0/24",
+                    Ports::Range(1000, 1999),
+                )],
+            );
+            assert_eq!(tcp_ask(sa(v4("192.0.2.9"), 1500)).unwrap(), "a");
+            let db = d.register_sockets("b.socket", &[b.fd()]).unwrap()[0]
+                .0
+                .clone();
+            // 500 new ports, then one taken by a: nothing of it may stay.
+            let err = d
+                .add_bindings(&[
+                    (
+                        bind(Protocol::Tcp, "192.0.2.0/24", Ports::Range(3000, 3499)),
+                        db.clone(),
+                    ),
+                    (
+                        bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(1000)),
+                        db.clone(),
+                    ),
+                ])
+                .unwrap_err();
+            assert!(matches!(err, DispatcherError::Conflict { .. }), "{err}");
+            assert_eq!(
+                d.lookup(Protocol::Tcp, v4("192.0.2.9"), 3000)
+                    .unwrap()
+                    .verdict,
+                Verdict::Pass
+            );
+            d.add_bindings(&[(
+                bind(Protocol::Tcp, "192.0.2.128/25", Ports::single(1500)),
+                db,
+            )])
+            .unwrap();
+            assert_eq!(tcp_ask(sa(v4("192.0.2.200"), 1500)).unwrap(), "b");
+            assert_eq!(tcp_ask(sa(v4("192.0.2.100"), 1500)).unwrap(), "a");
+            let removed = d
+                .remove_bindings(&[bind(
+                    Protocol::Tcp,
+                    "192.0.2.0/24",
+                    Ports::Range(1000, 1999),
+                )])
+                .unwrap()
+                .removed;
+            assert_eq!(removed, 1000);
+            assert_eq!(
+                d.lookup(Protocol::Tcp, v4("192.0.2.9"), 1500)
+                    .unwrap()
+                    .verdict,
+                Verdict::Pass
+            );
+            assert_eq!(
+                d.destinations()
+                    .unwrap()
+                    .iter()
+                    .find(|i| i.destination == da)
+                    .unwrap()
+                    .refcount,
+                0
+            );
+        },
+    );
+}
+
+/// One writer per namespace: while a handle lives, a second opener (another
+/// process, or this one again) is refused at once with the holder's pid, and
+/// has changed nothing; once the handle is gone, opening works.
+#[test]
+fn a_second_writer_is_refused_with_the_holders_pid() {
+    in_netns("a_second_writer_is_refused_with_the_holders_pid", |fs| {
+        let (web, d) = serve_web(fs);
+        let before = d.program().unwrap();
+        let bindings = d.bindings().unwrap();
+        let out = run_child("child_opens_a_locked_dispatcher", fs, &web);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let me = std::process::id();
+        assert!(
+            stdout.contains(&format!("refused: held by {me}")),
+            "{stdout}"
+        );
+        match Dispatcher::open(thread_netns(), &fs.path) {
+            Err(DispatcherError::Locked { pid, .. }) => assert_eq!(pid, Some(me)),
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        // Nothing changed: the same program runs, the same bindings serve.
+        assert_eq!(d.program().unwrap(), before);
+        assert!(d.attached());
+        assert_eq!(d.bindings().unwrap(), bindings);
+        assert_eq!(tcp_ask(sa(v4("192.0.2.5"), 80)).unwrap(), "web");
+        drop(d);
+        let again = open(fs);
+        assert_eq!(again.program().unwrap(), before);
+    });
+}
+
+/// Not a test on its own: the child of `a_second_writer_is_refused_with_the_holders_pid`.
+#[test]
+#[ignore = "run by a_second_writer_is_refused_with_the_holders_pid as a child process"]
+fn child_opens_a_locked_dispatcher() {
+    let Some(bpffs) = std::env::var_os("SKA_CHILD_BPFFS") else {
+        return;
+    };
+    match Dispatcher::open(thread_netns(), std::path::Path::new(&bpffs)) {
+        Err(DispatcherError::Locked { pid: Some(pid), .. }) => {
+            let text = DispatcherError::Locked {
+                path: "x".into(),
+                pid: Some(pid),
+            }
+            .to_string();
+            assert!(text.contains(&pid.to_string()), "{text}");
+            println!("refused: held by {pid}");
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
 }

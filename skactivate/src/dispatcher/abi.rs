@@ -10,15 +10,16 @@ use ipnet::IpNet;
 use crate::binding::{Binding, Family, Ports, Protocol};
 
 /// `SKA_LAYOUT_VERSION`.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// `SKA_MAX_BINDINGS`: trie entries.
 pub const MAX_BINDINGS: u32 = 1 << 20;
 /// `SKA_MAX_DESTINATIONS`.
-pub const MAX_DESTINATIONS: u32 = 4096;
+pub const MAX_DESTINATIONS: u32 = 1024;
 /// `SKA_UNIT_NAME_MAX`.
 pub const UNIT_NAME_MAX: usize = 256;
-/// `SKA_PORTS_ENTRIES`.
-pub const PORTS_ENTRIES: u32 = 2 << 16;
+/// `SKA_PORTS_WORDS`: 64-bit words of the `ports` bitmap, a bit per protocol
+/// and port.
+pub const PORTS_WORDS: u32 = (2 << 16) / 64;
 /// `SKA_KEY_HEADER_BITS`: protocol, port and family in front of the address.
 pub const KEY_HEADER_BITS: u32 = 32;
 
@@ -124,7 +125,12 @@ pub struct Metrics {
 // SAFETY: three u64, no padding.
 unsafe impl aya::Pod for Metrics {}
 
-/// Index into the `ports` array (`slot << 16 | port`, port 0 = wildcards).
+/// The word of the `ports` bitmap and the bit in it of a `ports_index`.
+pub fn ports_word_bit(idx: u32) -> (u32, u32) {
+    (idx >> 6, idx & 63)
+}
+
+/// Index of a bit of the `ports` bitmap (`slot << 16 | port`, port 0 = wildcards).
 pub fn ports_index(protocol: Protocol, port: u16) -> u32 {
     let slot = match protocol {
         Protocol::Tcp => 0,

@@ -11,6 +11,8 @@
 //! no syscalls; it is the maps' only writer, so the index stays exact.
 
 pub mod abi;
+mod host;
+mod lock;
 pub mod socket;
 pub mod sys;
 
@@ -34,6 +36,7 @@ use ipnet::IpNet;
 use crate::binding::{Binding, Destination, Family, Ports, Protocol};
 use crate::paths;
 use abi::{BindingKey, BindingValue, DestinationKey, DestinationValue, Metrics};
+pub use host::kernel_release;
 pub use socket::SocketInfo;
 
 /// The dispatcher object, built from `ebpf/dispatcher.bpf.c` by build.rs.
@@ -57,45 +60,72 @@ struct MapSpec {
 const MAPS: [MapSpec; 5] = [
     MapSpec {
         name: "bindings",
-        map_type: 11,
+        map_type: sys::MAP_TYPE_LPM_TRIE,
         key_size: 24,
         value_size: 8,
         max_entries: abi::MAX_BINDINGS,
     },
     MapSpec {
         name: "sockets",
-        map_type: 15,
+        map_type: sys::MAP_TYPE_SOCKMAP,
         key_size: 4,
         value_size: 8,
         max_entries: abi::MAX_DESTINATIONS,
     },
     MapSpec {
         name: "destinations",
-        map_type: 1,
+        map_type: sys::MAP_TYPE_HASH,
         key_size: 260,
         value_size: 8,
         max_entries: abi::MAX_DESTINATIONS,
     },
     MapSpec {
         name: "metrics",
-        map_type: 6,
+        map_type: sys::MAP_TYPE_PERCPU_ARRAY,
         key_size: 4,
         value_size: 24,
         max_entries: abi::MAX_DESTINATIONS,
     },
     MapSpec {
         name: "ports",
-        map_type: 2,
+        map_type: sys::MAP_TYPE_ARRAY,
         key_size: 4,
-        value_size: 4,
-        max_entries: abi::PORTS_ENTRIES,
+        value_size: 8,
+        max_entries: abi::PORTS_WORDS,
     },
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatcherError {
-    #[error("this kernel has no BPF sk_lookup programs (Linux 5.9 or later is needed)")]
-    Unsupported,
+    #[error(
+        "Linux {release} has no BPF sk_lookup programs: skactivate needs Linux 5.9 or later \
+         (Debian 11's 5.10 or newer)"
+    )]
+    Unsupported { release: String },
+    #[error(
+        "Linux {release} refused the dispatcher program: {verdict} (verifier). Report this \
+         line and the kernel release; as a stopgap, grant CAP_PERFMON as well (add it to \
+         CapabilityBoundingSet= of skactivate.service)"
+    )]
+    Refused { release: String, verdict: String },
+    #[error(
+        "Linux {release} refused to create map {map} ({errno}): this kernel charges BPF maps \
+         to RLIMIT_MEMLOCK, which is {limit} here, and the dispatcher's maps need about \
+         {needed} MiB: raise LimitMEMLOCK= of skactivate.service (or `ulimit -l`)"
+    )]
+    Memlock {
+        release: String,
+        map: String,
+        errno: io::Error,
+        limit: String,
+        needed: u64,
+    },
+    #[error(
+        "{path}: the dispatcher of this network namespace is in use by {holder}; \
+         only one process may change it (stop that one first)",
+        holder = match pid { Some(p) => format!("process {p}"), None => "another process".to_owned() }
+    )]
+    Locked { path: PathBuf, pid: Option<u32> },
     #[error(
         "the dispatcher needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN; this process lacks {missing}"
     )]
@@ -203,6 +233,69 @@ fn sys_err(call: &'static str) -> impl FnOnce(io::Error) -> DispatcherError {
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DispatcherError {
     move |source| DispatcherError::Map { name, source }
+}
+
+/// A program the kernel refused: the verifier's own last line, and the release.
+fn program_err(e: ProgramError) -> DispatcherError {
+    match &e {
+        ProgramError::LoadError { verifier_log, .. } => {
+            match host::verifier_verdict(&format!("{verifier_log:?}")) {
+                Some(verdict) => DispatcherError::Refused {
+                    release: kernel_release(),
+                    verdict,
+                },
+                None => DispatcherError::Program(e),
+            }
+        }
+        _ => DispatcherError::Program(e),
+    }
+}
+
+/// Loading the object: a map the kernel would not create for want of memlock
+/// is said as such (the capabilities were checked before).
+fn load_err(e: EbpfError) -> DispatcherError {
+    match e {
+        EbpfError::MapError(MapError::CreateError { name, io_error })
+            if io_error.raw_os_error() == Some(libc::EPERM) =>
+        {
+            let (soft, _) = host::memlock_limit();
+            DispatcherError::Memlock {
+                release: kernel_release(),
+                map: name,
+                errno: io_error,
+                limit: soft.map_or("unlimited".to_owned(), |b| format!("{} KiB", b / 1024)),
+                needed: memlock_needed().div_ceil(1 << 20),
+            }
+        }
+        EbpfError::ProgramError(p) => program_err(p),
+        e => DispatcherError::Load(e),
+    }
+}
+
+/// What a kernel that charges maps to `RLIMIT_MEMLOCK` (before 5.11) charges
+/// for the dispatcher's maps, in bytes: it charges what `max_entries` could
+/// hold at creation, whether preallocated or not (and the program's pages,
+/// counted generously here).
+pub fn memlock_needed() -> u64 {
+    let cpus = nr_cpus().unwrap_or(1) as u64;
+    let r8 = |n: u32| u64::from(n).next_multiple_of(8);
+    let mut total = 64 << 10; // two programs (one while upgrading), a few pages each
+    for spec in &MAPS {
+        let n = u64::from(spec.max_entries);
+        total += match spec.map_type {
+            // lpm_trie_node: rcu_head, two children, prefixlen, flags; then data and value.
+            sys::MAP_TYPE_LPM_TRIE => {
+                n * (40 + u64::from(spec.key_size - 4) + u64::from(spec.value_size))
+            }
+            // htab_elem (48 bytes of header) + key + value, and a bucket each.
+            sys::MAP_TYPE_HASH => {
+                n * (48 + r8(spec.key_size) + r8(spec.value_size)) + n.next_power_of_two() * 16
+            }
+            sys::MAP_TYPE_PERCPU_ARRAY => n * (r8(spec.value_size) * cpus + 8),
+            _ => n * r8(spec.value_size),
+        };
+    }
+    total
 }
 
 /// One trie entry: a binding narrowed to one port (0 = `*`).
@@ -357,12 +450,20 @@ pub struct Dispatcher {
     sockets: MapData,
     destinations: BpfHashMap<MapData, DestinationKey, DestinationValue>,
     metrics: PerCpuArray<MapData, Metrics>,
-    ports: Array<MapData, u32>,
+    ports: Array<MapData, u64>,
+    /// Trie entries per `ports` bit (`abi::ports_index`), and the words as
+    /// written: derived from `entries`, never read back (see `bump_ports`).
+    port_counts: HashMap<u32, u32>,
+    port_words: Vec<u64>,
     /// id → destination and refcount, mirroring `destinations`.
     dests: BTreeMap<u32, DestState>,
     ids: HashMap<Destination, u32>,
     /// Every trie entry and its destination id, mirroring `bindings`.
     entries: HashMap<Entry, u32>,
+    /// Whether the trie takes `BPF_MAP_UPDATE_BATCH` (probed when opened).
+    batch: bool,
+    /// The namespace's writer lock, held as long as this handle lives.
+    lock: Option<lock::StateLock>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -385,14 +486,29 @@ impl Dispatcher {
         if let Some(missing) = missing_capabilities() {
             return Err(DispatcherError::Capabilities { missing });
         }
+        host::raise_memlock();
         if !is_supported() {
-            return Err(DispatcherError::Unsupported);
+            return Err(DispatcherError::Unsupported {
+                release: kernel_release(),
+            });
         }
         let ns = fs::File::open(netns).map_err(io_err(netns))?;
         let ino = socket::fd_inode(ns.as_raw_fd()).map_err(io_err(netns))?;
         check_bpffs(bpffs)?;
         let root = paths::state_root(bpffs);
         ensure_dir(&root)?;
+        // Before anything is changed (stale state removed, a program
+        // upgraded, a map written), and for as long as this handle lives.
+        let lock = lock::lock(&root, ino).map_err(|e| match e {
+            lock::LockError::Held { path, pid } => DispatcherError::Locked { path, pid },
+            lock::LockError::Io { path, source } => DispatcherError::Io { path, source },
+        })?;
+        let mut d = Self::open_locked(&root, ns.as_fd(), ino, bpffs)?;
+        d.lock = Some(lock);
+        Ok(d)
+    }
+
+    fn open_locked(root: &Path, ns: BorrowedFd<'_>, ino: u64, bpffs: &Path) -> Result<Dispatcher> {
         let dir = paths::netns_state(bpffs, ino);
         if dir.exists() {
             match Self::adopt(&dir, ino)? {
@@ -406,7 +522,7 @@ impl Dispatcher {
             fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
         ensure_dir(&tmp)?;
-        let built = build(&tmp, ns.as_fd());
+        let built = build(&tmp, ns);
         let renamed = built.and_then(|()| fs::rename(&tmp, &dir).map_err(io_err(&dir)));
         if let Err(e) = renamed {
             // Removing the pins detaches our link; someone may have won a race.
@@ -507,7 +623,12 @@ impl Dispatcher {
             dests: BTreeMap::new(),
             ids: HashMap::new(),
             entries: HashMap::new(),
+            batch: false,
+            lock: None,
+            port_counts: HashMap::new(),
+            port_words: vec![0; abi::PORTS_WORDS as usize],
         };
+        d.batch = d.probe_batch();
         d.load_index()?;
         Ok(Some(d))
     }
@@ -548,8 +669,45 @@ impl Dispatcher {
                 },
                 v.destination,
             );
+            *self
+                .port_counts
+                .entry(abi::ports_index(b.protocol, port))
+                .or_default() += 1;
+        }
+        for &idx in self.port_counts.keys() {
+            let (word, bit) = abi::ports_word_bit(idx);
+            self.port_words[word as usize] |= 1 << bit;
         }
         Ok(())
+    }
+
+    /// Whether the trie has batch updates: an empty `BPF_MAP_UPDATE_BATCH`
+    /// changes nothing, and says ENOTSUPP where the map has no batch
+    /// operations (the LPM trie before 6.0, e.g. on Debian 11's 5.10).
+    fn probe_batch(&self) -> bool {
+        let fd = self.bindings.map().fd().as_fd();
+        let none: [aya::maps::lpm_trie::Key<BindingKey>; 0] = [];
+        let values: [BindingValue; 0] = [];
+        match sys::map_update_batch(fd, &none, &values).1 {
+            Ok(()) => true,
+            Err(e) => {
+                debug_assert!(host::no_batch_support(&e), "{e}");
+                false
+            }
+        }
+    }
+
+    /// Whether changes to the trie go in batches (else one element per
+    /// syscall, as on kernels without batch operations for it).
+    pub fn batch_updates(&self) -> bool {
+        self.batch
+    }
+
+    /// Write the trie one element per syscall even where batches work: the
+    /// path kernels without batch operations take, kept testable on every
+    /// kernel.
+    pub fn force_single_updates(&mut self) {
+        self.batch = false;
     }
 
     /// The pinned state's directory.
@@ -708,15 +866,42 @@ impl Dispatcher {
 
     // ---- bindings ----
 
+    /// Count entries per (protocol, port) bit and write the words whose bits
+    /// change. A bit is set before its first entry appears and cleared after
+    /// its last one went, so the program never skips an entry; a crash in
+    /// between leaves a bit set with no entry, which costs a lookup and is
+    /// cleared by the next write of its word. Hence the words are derived from
+    /// the entries when the state is adopted, never read back.
     fn bump_ports(&mut self, deltas: &HashMap<u32, i64>, sign: i64) -> Result<()> {
+        let mut dirty = HashSet::new();
         for (&idx, &delta) in deltas {
             let d = delta * sign;
             if d == 0 {
                 continue;
             }
-            let cur = i64::from(self.ports.get(&idx, 0).map_err(map_err("ports"))?);
-            let new = u32::try_from((cur + d).max(0)).unwrap_or(u32::MAX);
-            self.ports.set(idx, new, 0).map_err(map_err("ports"))?;
+            let cur = self.port_counts.get(&idx).copied().unwrap_or(0);
+            let new = u32::try_from((i64::from(cur) + d).max(0)).unwrap_or(u32::MAX);
+            if new == 0 {
+                self.port_counts.remove(&idx);
+            } else {
+                self.port_counts.insert(idx, new);
+            }
+            let (word, bit) = abi::ports_word_bit(idx);
+            let w = &mut self.port_words[word as usize];
+            let before = *w;
+            if new == 0 {
+                *w &= !(1 << bit);
+            } else {
+                *w |= 1 << bit;
+            }
+            if *w != before {
+                dirty.insert(word);
+            }
+        }
+        for word in dirty {
+            self.ports
+                .set(word, self.port_words[word as usize], 0)
+                .map_err(map_err("ports"))?;
         }
         Ok(())
     }
@@ -776,7 +961,11 @@ impl Dispatcher {
                 })
                 .collect();
             let fd = self.bindings.map().fd().as_fd();
-            let (n, r) = sys::map_update_batch(fd, &keys, &values);
+            let (n, r) = if self.batch {
+                sys::map_update_batch(fd, &keys, &values)
+            } else {
+                update_each(fd, &keys, &values)
+            };
             done += n;
             if let Err(err) = r {
                 for (d, _) in &add[..done] {
@@ -1199,6 +1388,21 @@ pub fn test_run(
     sys::prog_test_run(prog, &ctx, repeat).map_err(sys_err("BPF_PROG_TEST_RUN"))
 }
 
+/// One `BPF_MAP_UPDATE_ELEM` per element, stopping at the first error: the
+/// same contract as `sys::map_update_batch`.
+fn update_each<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> (usize, io::Result<()>) {
+    for (i, (k, v)) in keys.iter().zip(values).enumerate() {
+        if let Err(e) = sys::map_update_elem(map, k, v, 0) {
+            return (i, Err(e));
+        }
+    }
+    (keys.len(), Ok(()))
+}
+
 /// `IpNet` ordered by family, address and length, for grouping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct IpNetOrd(IpNet);
@@ -1230,9 +1434,9 @@ fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .load(DISPATCHER_OBJECT)
-        .map_err(DispatcherError::Load)?;
+        .map_err(load_err)?;
     let prog = program_of(&mut ebpf)?;
-    prog.load().map_err(DispatcherError::Program)?;
+    prog.load().map_err(program_err)?;
     let link_id = prog.attach(netns).map_err(DispatcherError::Program)?;
     let link: FdLink = prog
         .take_link(link_id)
@@ -1262,9 +1466,9 @@ fn load_program(dir: &Path) -> Result<OwnedFd> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .load(DISPATCHER_OBJECT)
-        .map_err(DispatcherError::Load)?;
+        .map_err(load_err)?;
     let prog: &mut SkLookup = program_of(&mut ebpf)?;
-    prog.load().map_err(DispatcherError::Program)?;
+    prog.load().map_err(program_err)?;
     prog.fd()
         .map_err(DispatcherError::Program)?
         .as_fd()

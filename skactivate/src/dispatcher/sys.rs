@@ -13,18 +13,27 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_LINK_DETACH: libc::c_long = 34;
+use aya_obj::generated::{bpf_cmd, bpf_map_type};
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = bpf_cmd::BPF_MAP_LOOKUP_ELEM as libc::c_long;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = bpf_cmd::BPF_MAP_UPDATE_ELEM as libc::c_long;
+const BPF_MAP_DELETE_ELEM: libc::c_long = bpf_cmd::BPF_MAP_DELETE_ELEM as libc::c_long;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = bpf_cmd::BPF_MAP_GET_NEXT_KEY as libc::c_long;
+const BPF_OBJ_PIN: libc::c_long = bpf_cmd::BPF_OBJ_PIN as libc::c_long;
+const BPF_OBJ_GET: libc::c_long = bpf_cmd::BPF_OBJ_GET as libc::c_long;
+const BPF_PROG_TEST_RUN: libc::c_long = bpf_cmd::BPF_PROG_TEST_RUN as libc::c_long;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = bpf_cmd::BPF_PROG_GET_FD_BY_ID as libc::c_long;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long;
+const BPF_LINK_UPDATE: libc::c_long = bpf_cmd::BPF_LINK_UPDATE as libc::c_long;
+const BPF_LINK_DETACH: libc::c_long = bpf_cmd::BPF_LINK_DETACH as libc::c_long;
+
+/// Map types (`enum bpf_map_type`) the dispatcher uses.
+pub const MAP_TYPE_HASH: u32 = bpf_map_type::BPF_MAP_TYPE_HASH as u32;
+pub const MAP_TYPE_ARRAY: u32 = bpf_map_type::BPF_MAP_TYPE_ARRAY as u32;
+pub const MAP_TYPE_PERCPU_ARRAY: u32 = bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY as u32;
+pub const MAP_TYPE_LPM_TRIE: u32 = bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u32;
+pub const MAP_TYPE_SOCKMAP: u32 = bpf_map_type::BPF_MAP_TYPE_SOCKMAP as u32;
 
 /// `BPF_F_REPLACE`: update the link only if it still runs `old_prog_fd`.
 const BPF_F_REPLACE: u32 = 1 << 2;
@@ -355,6 +364,24 @@ pub fn map_update_batch<K, V>(
     };
     let r = bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map(drop);
     (attr.count as usize, r)
+}
+
+/// `BPF_MAP_UPDATE_ELEM` of one element (`flags`: `BPF_ANY`, `BPF_NOEXIST`,
+/// `BPF_EXIST`): the path for maps whose kernel has no batch operations.
+pub fn map_update_elem<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+    flags: u64,
+) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: raw(map),
+        pad: 0,
+        key: ptr(key as *const K),
+        value: ptr(value as *const V),
+        flags,
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
 /// `BPF_MAP_DELETE_ELEM`; absent is not an error.
