@@ -236,6 +236,9 @@ pub struct SkLookupCtx {
     pub pad1: u32,
 }
 
+// SAFETY: u64, u32 and u16 fields with explicit padding; any bit pattern is valid.
+unsafe impl aya::Pod for SkLookupCtx {}
+
 #[cfg(test)]
 mod tests {
     use std::mem::{offset_of, size_of};

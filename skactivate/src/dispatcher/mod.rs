@@ -57,40 +57,48 @@ struct MapSpec {
     max_entries: u32,
 }
 
+/// `size_of::<T>()` as the kernel's u32 key or value size.
+const fn size<T>() -> u32 {
+    size_of::<T>() as u32
+}
+
+/// The maps as `ebpf/dispatcher.bpf.c` declares them; sizes come from the
+/// `abi` mirrors, which the layout test holds against the object.
 const MAPS: [MapSpec; 5] = [
     MapSpec {
         name: "bindings",
         map_type: sys::MAP_TYPE_LPM_TRIE,
-        key_size: 24,
-        value_size: 8,
+        key_size: size::<aya::maps::lpm_trie::Key<BindingKey>>(),
+        value_size: size::<BindingValue>(),
         max_entries: abi::MAX_BINDINGS,
     },
     MapSpec {
         name: "sockets",
         map_type: sys::MAP_TYPE_SOCKMAP,
-        key_size: 4,
-        value_size: 8,
+        key_size: size::<u32>(),
+        // The socket's cookie when user space looks it up.
+        value_size: size::<u64>(),
         max_entries: abi::MAX_DESTINATIONS,
     },
     MapSpec {
         name: "destinations",
         map_type: sys::MAP_TYPE_HASH,
-        key_size: 260,
-        value_size: 8,
+        key_size: size::<DestinationKey>(),
+        value_size: size::<DestinationValue>(),
         max_entries: abi::MAX_DESTINATIONS,
     },
     MapSpec {
         name: "metrics",
         map_type: sys::MAP_TYPE_PERCPU_ARRAY,
-        key_size: 4,
-        value_size: 24,
+        key_size: size::<u32>(),
+        value_size: size::<Metrics>(),
         max_entries: abi::MAX_DESTINATIONS,
     },
     MapSpec {
         name: "ports",
         map_type: sys::MAP_TYPE_ARRAY,
-        key_size: 4,
-        value_size: 8,
+        key_size: size::<u32>(),
+        value_size: size::<u64>(),
         max_entries: abi::PORTS_WORDS,
     },
 ];
@@ -1538,4 +1546,39 @@ fn check_bpffs(path: &Path) -> Result<()> {
 
 fn nr_cpus() -> Result<usize> {
     aya::util::nr_cpus().map_err(|(_, e)| sys_err("possible CPUs")(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every map of the object, as aya parses it, is what `MAPS` expects of a
+    /// pinned one: the adoption check and the C declarations agree.
+    #[test]
+    fn map_specs_match_the_object() {
+        let obj = aya_obj::Object::parse(DISPATCHER_OBJECT).unwrap();
+        for spec in &MAPS {
+            let map = obj
+                .maps
+                .get(spec.name)
+                .unwrap_or_else(|| panic!("{} missing", spec.name));
+            assert_eq!(
+                (
+                    map.map_type(),
+                    map.key_size(),
+                    map.value_size(),
+                    map.max_entries()
+                ),
+                (
+                    spec.map_type,
+                    spec.key_size,
+                    spec.value_size,
+                    spec.max_entries
+                ),
+                "{}",
+                spec.name
+            );
+        }
+        assert_eq!(obj.maps.len(), MAPS.len());
+    }
 }

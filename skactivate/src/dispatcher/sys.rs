@@ -38,9 +38,17 @@ pub const MAP_TYPE_SOCKMAP: u32 = bpf_map_type::BPF_MAP_TYPE_SOCKMAP as u32;
 /// `BPF_F_REPLACE`: update the link only if it still runs `old_prog_fd`.
 const BPF_F_REPLACE: u32 = 1 << 2;
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, properly sized #[repr(C)] prefix of union
-    // bpf_attr for `cmd`; pointers inside it point to live buffers.
+/// `bpf(cmd, attr, sizeof attr)`.
+///
+/// # Safety
+///
+/// `T` must be a `#[repr(C)]` prefix of the `union bpf_attr` member of `cmd`,
+/// and every pointer in it must point to a live buffer of the size and type
+/// the kernel reads from or writes to for `cmd`, valid for any bit pattern
+/// the kernel may write (see the `Pod` bounds of the callers).
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: the caller's contract; the kernel reads at most size_of::<T>()
+    // bytes of `attr`, which is live for the call.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -78,7 +86,8 @@ fn obj_path(cmd: libc::c_long, path: &Path, fd: u32) -> io::Result<libc::c_long>
         bpf_fd: fd,
         file_flags: 0,
     };
-    bpf(cmd, &mut attr)
+    // SAFETY: Attr is the BPF_OBJ_GET/BPF_OBJ_PIN prefix; `c` outlives the call.
+    unsafe { bpf(cmd, &mut attr) }
 }
 
 /// `BPF_OBJ_GET`: open a pinned object.
@@ -108,21 +117,22 @@ struct InfoAttr {
     info: u64,
 }
 
-fn obj_info<T: Default>(fd: BorrowedFd<'_>) -> io::Result<T> {
+fn obj_info<T: Default + aya::Pod>(fd: BorrowedFd<'_>) -> io::Result<T> {
     let mut info = T::default();
     let mut attr = InfoAttr {
         bpf_fd: raw(fd),
         info_len: u32::try_from(size_of::<T>()).expect("small struct"),
         info: ptr(&mut info as *mut T),
     };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: InfoAttr is the info prefix; `info` is a live Pod of info_len bytes.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(info)
 }
 
 pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     // struct bpf_link_info { type, id, prog_id; union (8-aligned) { netns { netns_ino, attach_type } } }
     #[repr(C)]
-    #[derive(Default)]
+    #[derive(Default, Clone, Copy)]
     struct Info {
         link_type: u32,
         id: u32,
@@ -131,6 +141,8 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         netns_ino: u32,
         attach_type: u32,
     }
+    // SAFETY: u32 fields, no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for Info {}
     let i: Info = obj_info(link)?;
     Ok(LinkInfo {
         id: i.id,
@@ -151,6 +163,9 @@ pub struct MapInfo {
     pub map_flags: u32,
 }
 
+// SAFETY: u32 fields, no padding; any bit pattern is valid.
+unsafe impl aya::Pod for MapInfo {}
+
 pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
     obj_info(map)
 }
@@ -164,12 +179,14 @@ pub struct ProgInfo {
 
 pub fn prog_info(prog: BorrowedFd<'_>) -> io::Result<ProgInfo> {
     #[repr(C)]
-    #[derive(Default)]
+    #[derive(Default, Clone, Copy)]
     struct Info {
         prog_type: u32,
         id: u32,
         tag: [u8; 8],
     }
+    // SAFETY: u32 and bytes, no padding; any bit pattern is valid.
+    unsafe impl aya::Pod for Info {}
     let i: Info = obj_info(prog)?;
     Ok(ProgInfo {
         id: i.id,
@@ -192,7 +209,8 @@ pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
         next_id: 0,
         open_flags: 0,
     };
-    bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(fd_from)
+    // SAFETY: Attr is the BPF_PROG_GET_FD_BY_ID prefix; no pointers.
+    unsafe { bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) }.map(fd_from)
 }
 
 /// `BPF_LINK_UPDATE`: atomically swap the link's program; with `old`
@@ -215,7 +233,8 @@ pub fn link_update(
         flags: if old.is_some() { BPF_F_REPLACE } else { 0 },
         old_prog_fd: old.map_or(0, raw),
     };
-    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+    // SAFETY: Attr is the BPF_LINK_UPDATE prefix; no pointers.
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
 /// `BPF_LINK_DETACH`: detach the link's program now. Dropping the last
@@ -227,7 +246,8 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
         link_fd: u32,
     }
     let mut attr = Attr { link_fd: raw(link) };
-    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+    // SAFETY: Attr is the BPF_LINK_DETACH prefix; no pointers.
+    unsafe { bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
 }
 
 /// What one `BPF_PROG_TEST_RUN` of an sk_lookup program returned.
@@ -240,7 +260,7 @@ pub struct TestRun<C> {
 }
 
 /// `BPF_PROG_TEST_RUN` with a context and no packet data (what sk_lookup takes).
-pub fn prog_test_run<C: Copy>(
+pub fn prog_test_run<C: aya::Pod>(
     prog: BorrowedFd<'_>,
     ctx_in: &C,
     repeat: u32,
@@ -284,7 +304,9 @@ pub fn prog_test_run<C: Copy>(
         batch_size: 0,
         pad: 0,
     };
-    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    // SAFETY: Attr is the test-run prefix; ctx_in and ctx_out are live Pod
+    // values of ctx_size_in/out bytes.
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
     Ok(TestRun {
         retval: attr.retval,
         duration_ns: attr.duration,
@@ -311,7 +333,8 @@ pub fn sockmap_insert(map: BorrowedFd<'_>, key: u32, sock: BorrowedFd<'_>) -> io
         value: ptr(&value),
         flags: 0, // BPF_ANY: a new socket replaces the old one
     };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+    // SAFETY: ElemAttr; key and value are live Pod values of the map's sizes.
+    unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
 }
 
 /// `BPF_MAP_LOOKUP_ELEM` of a sock map with 8-byte values: the socket's cookie,
@@ -325,7 +348,8 @@ pub fn sockmap_cookie(map: BorrowedFd<'_>, key: u32) -> io::Result<Option<u64>> 
         value: ptr(&mut value as *mut u64),
         flags: 0,
     };
-    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+    // SAFETY: ElemAttr; key and the 8-byte value buffer are live.
+    match unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
         Ok(_) => Ok(Some(value)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
@@ -335,7 +359,7 @@ pub fn sockmap_cookie(map: BorrowedFd<'_>, key: u32) -> io::Result<Option<u64>> 
 /// `BPF_MAP_UPDATE_BATCH` (`BPF_ANY`: the kernel takes no other flag for a
 /// batch): `values[i]` for `keys[i]`, in order. Returns how many went in, and
 /// the error that stopped the rest, if any.
-pub fn map_update_batch<K, V>(
+pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     keys: &[K],
     values: &[V],
@@ -362,7 +386,8 @@ pub fn map_update_batch<K, V>(
         elem_flags: 0,
         flags: 0,
     };
-    let r = bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map(drop);
+    // SAFETY: Attr is the batch prefix; `count` Pod keys and values are live.
+    let r = unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }.map(drop);
     (attr.count as usize, r)
 }
 
@@ -381,7 +406,8 @@ pub fn map_update_elem<K: aya::Pod, V: aya::Pod>(
         value: ptr(value as *const V),
         flags,
     };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+    // SAFETY: ElemAttr; key and value are live Pod values of the map's sizes.
+    unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
 }
 
 /// `BPF_MAP_DELETE_ELEM`; absent is not an error.
@@ -393,7 +419,8 @@ pub fn sockmap_remove(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
         value: 0,
         flags: 0,
     };
-    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+    // SAFETY: ElemAttr; the key is live.
+    match unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) } {
         Ok(_) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         // A SOCKMAP says EINVAL for an empty slot (and for an index out of
@@ -421,7 +448,8 @@ pub fn map_keys_u32(map: BorrowedFd<'_>, max_entries: u32) -> io::Result<Vec<u32
             value: ptr(&mut next as *mut u32),
             flags: 0,
         };
-        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        // SAFETY: ElemAttr; key (or none) and the u32 next-key buffer are live.
+        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
             Ok(_) => keys.push(next),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
             Err(e) => return Err(e),
