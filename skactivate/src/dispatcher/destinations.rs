@@ -1,0 +1,220 @@
+//! Destinations: ids, refcounts, names and sockets (one socket of one unit,
+//! per family and protocol).
+
+use super::*;
+
+impl Dispatcher {
+    pub(super) fn destination_key(d: &Destination) -> Result<DestinationKey> {
+        DestinationKey::new(&d.unit, d.family, d.protocol)
+            .ok_or_else(|| DispatcherError::UnitName(d.unit.clone()))
+    }
+
+    /// The id of a destination, allocating the lowest free one (with zeroed
+    /// counters) if it has none.
+    pub(super) fn ensure_destination(&mut self, d: &Destination) -> Result<u32> {
+        if let Some(&id) = self.ids.get(d) {
+            return Ok(id);
+        }
+        let key = Self::destination_key(d)?;
+        let id = (0..abi::MAX_DESTINATIONS)
+            .find(|i| !self.dests.contains_key(i))
+            .ok_or(DispatcherError::DestinationsFull)?;
+        let zeros = PerCpuValues::try_from(vec![Metrics::default(); nr_cpus()?])
+            .map_err(sys_err("per-CPU values"))?;
+        self.metrics.set(id, zeros, 0).map_err(map_err("metrics"))?;
+        self.destinations
+            .insert(key, DestinationValue { id, refcount: 0 }, 0)
+            .map_err(map_err("destinations"))?;
+        self.ids.insert(d.clone(), id);
+        self.dests.insert(
+            id,
+            DestState {
+                destination: d.clone(),
+                refcount: 0,
+            },
+        );
+        Ok(id)
+    }
+
+    pub(super) fn socket_cookie(&self, id: u32) -> Result<Option<u64>> {
+        sys::sockmap_cookie(self.sockets.fd().as_fd(), id)
+            .map_err(sys_err("BPF_MAP_LOOKUP_ELEM (sockets)"))
+    }
+
+    /// Forget destinations that have neither bindings nor a socket.
+    pub(super) fn collect_garbage(&mut self) -> Result<()> {
+        let idle: Vec<u32> = self
+            .dests
+            .iter()
+            .filter(|(_, s)| s.refcount == 0)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in idle {
+            if self.socket_cookie(id)?.is_some() {
+                continue;
+            }
+            self.forget_destination(id)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn forget_destination(&mut self, id: u32) -> Result<()> {
+        let Some(state) = self.dests.remove(&id) else {
+            return Ok(());
+        };
+        self.ids.remove(&state.destination);
+        sys::sockmap_remove(self.sockets.fd().as_fd(), id)
+            .map_err(sys_err("BPF_MAP_DELETE_ELEM (sockets)"))?;
+        let key = Self::destination_key(&state.destination)?;
+        match self.destinations.remove(&key) {
+            Ok(()) => Ok(()),
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err("destinations")(e)),
+        }
+    }
+
+    pub(super) fn write_refcounts(&mut self, ids: impl IntoIterator<Item = u32>) -> Result<()> {
+        for id in ids {
+            let Some(state) = self.dests.get(&id) else {
+                continue;
+            };
+            let key = Self::destination_key(&state.destination)?;
+            self.destinations
+                .insert(
+                    key,
+                    DestinationValue {
+                        id,
+                        refcount: state.refcount,
+                    },
+                    0,
+                )
+                .map_err(map_err("destinations"))?;
+        }
+        Ok(())
+    }
+
+    /// Every destination, with its socket's cookie and its counters summed
+    /// over CPUs.
+    pub fn destinations(&self) -> Result<Vec<DestinationInfo>> {
+        let mut out = Vec::new();
+        for (&id, state) in &self.dests {
+            let per_cpu = self.metrics.get(&id, 0).map_err(map_err("metrics"))?;
+            let mut m = Metrics::default();
+            for c in per_cpu.iter() {
+                m.lookups += c.lookups;
+                m.misses += c.misses;
+                m.errors += c.errors;
+            }
+            out.push(DestinationInfo {
+                destination: state.destination.clone(),
+                id,
+                refcount: state.refcount,
+                socket: self.socket_cookie(id)?,
+                metrics: m,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Register a unit's sockets: each becomes the socket of the destination
+    /// (unit, its family, its protocol), replacing any earlier one. Checked
+    /// first, all of them: TCP listening, UDP unconnected, this namespace, one
+    /// socket per family and protocol (members of one reuseport group count
+    /// once: the first is registered and the kernel spreads load in the group).
+    pub fn register_sockets(
+        &mut self,
+        unit: &str,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Vec<(Destination, SocketInfo)>> {
+        let mut chosen: Vec<(Destination, SocketInfo, BorrowedFd<'_>)> = Vec::new();
+        for fd in fds {
+            let info = SocketInfo::inspect(*fd).map_err(|source| DispatcherError::Inspect {
+                fd: fd.as_raw_fd(),
+                source,
+            })?;
+            match info.protocol {
+                Protocol::Tcp if !info.listening => {
+                    return Err(DispatcherError::NotListening {
+                        local: info.local,
+                        protocol: info.protocol,
+                    });
+                }
+                Protocol::Udp if info.connected => {
+                    return Err(DispatcherError::Connected { local: info.local });
+                }
+                _ => {}
+            }
+            if info.netns != self.netns {
+                return Err(DispatcherError::OtherNetns {
+                    local: info.local,
+                    socket_netns: info.netns,
+                    dispatcher_netns: self.netns,
+                });
+            }
+            let destination = Destination {
+                unit: unit.to_owned(),
+                family: info.family,
+                protocol: info.protocol,
+            };
+            if let Some((_, first, _)) = chosen.iter().find(|(d, _, _)| *d == destination) {
+                let same_group = first.reuseport && info.reuseport && first.local == info.local;
+                if same_group {
+                    continue;
+                }
+                return Err(DispatcherError::AmbiguousSockets {
+                    unit: unit.to_owned(),
+                    family: info.family,
+                    protocol: info.protocol,
+                    first: first.local,
+                    second: info.local,
+                });
+            }
+            chosen.push((destination, info, *fd));
+        }
+        let mut out = Vec::new();
+        for (destination, info, fd) in chosen {
+            let id = self.ensure_destination(&destination)?;
+            sys::sockmap_insert(self.sockets.fd().as_fd(), id, fd)
+                .map_err(sys_err("BPF_MAP_UPDATE_ELEM (sockets)"))?;
+            out.push((destination, info));
+        }
+        Ok(out)
+    }
+
+    /// Remove everything of a unit: its bindings, its sockets, its destinations.
+    pub fn unregister_unit(&mut self, unit: &str) -> Result<Changes> {
+        let remove = self
+            .entries
+            .iter()
+            .filter(|(_, id)| {
+                self.dests
+                    .get(id)
+                    .is_some_and(|s| s.destination.unit == unit)
+            })
+            .map(|(e, _)| *e)
+            .collect();
+        let changes = self.apply(Vec::new(), remove)?;
+        let ids: Vec<u32> = self
+            .dests
+            .iter()
+            .filter(|(_, s)| s.destination.unit == unit)
+            .map(|(&i, _)| i)
+            .collect();
+        for id in ids {
+            self.forget_destination(id)?;
+        }
+        Ok(changes)
+    }
+
+    /// The units that have a destination here.
+    pub fn units(&self) -> Vec<String> {
+        let mut u: Vec<String> = self
+            .dests
+            .values()
+            .map(|s| s.destination.unit.clone())
+            .collect();
+        u.sort();
+        u.dedup();
+        u
+    }
+}

@@ -1,0 +1,425 @@
+//! Pinned state: create, adopt, pin, upgrade and destroy the dispatcher of
+//! one network namespace, under its writer lock.
+
+use super::*;
+
+impl Dispatcher {
+    /// Adopt the dispatcher of the network namespace `netns` pinned under
+    /// `bpffs`, or create and attach one. Creation happens in a temporary
+    /// directory that is renamed into place, so a crash never leaves half a
+    /// dispatcher; state whose namespace has died is replaced.
+    pub fn open(netns: &Path, bpffs: &Path) -> Result<Dispatcher> {
+        // Asked first: without privileges the feature probe fails too, and
+        // would blame the kernel.
+        if let Some(missing) = missing_capabilities() {
+            return Err(DispatcherError::Capabilities { missing });
+        }
+        host::raise_memlock();
+        if !is_supported() {
+            return Err(DispatcherError::Unsupported {
+                release: kernel_release(),
+            });
+        }
+        let ns = fs::File::open(netns).map_err(io_err(netns))?;
+        let ino = socket::fd_inode(ns.as_raw_fd()).map_err(io_err(netns))?;
+        check_bpffs(bpffs)?;
+        let root = paths::state_root(bpffs);
+        ensure_dir(&root)?;
+        // Before anything is changed (stale state removed, a program
+        // upgraded, a map written), and for as long as this handle lives.
+        let lock = lock::lock(&root, ino).map_err(|e| match e {
+            lock::LockError::Held { path, pid } => DispatcherError::Locked { path, pid },
+            lock::LockError::Io { path, source } => DispatcherError::Io { path, source },
+        })?;
+        let mut d = Self::open_locked(&root, ns.as_fd(), ino, bpffs)?;
+        d.lock = Some(lock);
+        Ok(d)
+    }
+
+    pub(super) fn open_locked(
+        root: &Path,
+        ns: BorrowedFd<'_>,
+        ino: u64,
+        bpffs: &Path,
+    ) -> Result<Dispatcher> {
+        let dir = paths::netns_state(bpffs, ino);
+        if dir.exists() {
+            match Self::adopt(&dir, ino)? {
+                Some(d) => return Ok(d),
+                None => fs::remove_dir_all(&dir).map_err(io_err(&dir))?,
+            }
+        }
+        // bpffs refuses names with a dot, so no hidden name.
+        let tmp = root.join(format!("new-{ino}-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        ensure_dir(&tmp)?;
+        let built = build(&tmp, ns);
+        let renamed = built.and_then(|()| fs::rename(&tmp, &dir).map_err(io_err(&dir)));
+        if let Err(e) = renamed {
+            // Removing the pins detaches our link; someone may have won a race.
+            let _ = fs::remove_dir_all(&tmp);
+            if !dir.exists() {
+                return Err(e);
+            }
+        }
+        Self::adopt(&dir, ino)?.ok_or_else(|| DispatcherError::Io {
+            path: dir.clone(),
+            source: io::Error::other("freshly created dispatcher is not attached"),
+        })
+    }
+
+    /// Open pinned state; `None` if its link no longer serves this namespace.
+    pub(super) fn adopt(dir: &Path, ino: u64) -> Result<Option<Dispatcher>> {
+        let link_path = dir.join(paths::LINK_PIN);
+        let link = match sys::obj_get(&link_path) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => {
+                return Err(DispatcherError::Io {
+                    path: link_path,
+                    source: e,
+                });
+            }
+        };
+        let info =
+            sys::link_info(link.as_fd()).map_err(sys_err("BPF_OBJ_GET_INFO_BY_FD (link)"))?;
+        if u64::from(info.netns_ino) != ino {
+            return Ok(None);
+        }
+        let program = match open_program(dir, info.prog_id)? {
+            Some(fd) => fd,
+            // The pin is missing or stale (a crash between an upgrade's link
+            // update and its re-pin): run this build's program and pin it.
+            None => {
+                let new = load_program(dir)?;
+                sys::link_update(link.as_fd(), new.as_fd(), None)
+                    .map_err(sys_err("BPF_LINK_UPDATE"))?;
+                pin_program(dir, new.as_fd())?;
+                new
+            }
+        };
+
+        let mut maps = HashMap::new();
+        for spec in &MAPS {
+            let path = dir.join(spec.name);
+            let data = MapData::from_pin(&path).map_err(map_err(spec.name))?;
+            let found = sys::map_info(data.fd().as_fd())
+                .map_err(sys_err("BPF_OBJ_GET_INFO_BY_FD (map)"))?;
+            if (
+                found.map_type,
+                found.key_size,
+                found.value_size,
+                found.max_entries,
+            ) != (
+                spec.map_type,
+                spec.key_size,
+                spec.value_size,
+                spec.max_entries,
+            ) {
+                return Err(DispatcherError::Layout {
+                    path: dir.to_owned(),
+                    map: spec.name,
+                    found_type: found.map_type,
+                    found_key: found.key_size,
+                    found_value: found.value_size,
+                    found_max: found.max_entries,
+                    want_type: spec.map_type,
+                    want_key: spec.key_size,
+                    want_value: spec.value_size,
+                    want_max: spec.max_entries,
+                });
+            }
+            maps.insert(spec.name, data);
+        }
+        let mut take = |name: &'static str| maps.remove(name).expect("opened above");
+        let bindings =
+            LpmTrie::try_from(Map::LpmTrie(take("bindings"))).map_err(map_err("bindings"))?;
+        let sockets = take("sockets");
+        let destinations = BpfHashMap::try_from(Map::HashMap(take("destinations")))
+            .map_err(map_err("destinations"))?;
+        let metrics =
+            PerCpuArray::try_from(Map::PerCpuArray(take("metrics"))).map_err(map_err("metrics"))?;
+        let ports = Array::try_from(Map::Array(take("ports"))).map_err(map_err("ports"))?;
+
+        let mut d = Dispatcher {
+            dir: dir.to_owned(),
+            netns: ino,
+            link,
+            program,
+            bindings,
+            sockets,
+            destinations,
+            metrics,
+            ports,
+            dests: BTreeMap::new(),
+            ids: HashMap::new(),
+            entries: HashMap::new(),
+            batch: false,
+            lock: None,
+            port_counts: HashMap::new(),
+            port_words: vec![0; abi::PORTS_WORDS as usize],
+        };
+        d.batch = d.probe_batch();
+        d.load_index()?;
+        Ok(Some(d))
+    }
+
+    /// Read the destinations and the trie into the in-memory index.
+    pub(super) fn load_index(&mut self) -> Result<()> {
+        for item in self.destinations.iter() {
+            let (k, v) = item.map_err(map_err("destinations"))?;
+            let (Some(family), Some(protocol)) =
+                (Family::from_af(k.family), Protocol::from_number(k.protocol))
+            else {
+                continue;
+            };
+            let destination = Destination {
+                unit: k.unit_name(),
+                family,
+                protocol,
+            };
+            self.ids.insert(destination.clone(), v.id);
+            self.dests.insert(
+                v.id,
+                DestState {
+                    destination,
+                    refcount: v.refcount,
+                },
+            );
+        }
+        for item in self.bindings.iter() {
+            let (k, v) = item.map_err(map_err("bindings"))?;
+            let Some((b, port)) = abi::decode_binding_key(k.prefix_len(), &k.data()) else {
+                continue;
+            };
+            self.entries.insert(
+                Entry {
+                    protocol: b.protocol,
+                    prefix: b.prefix,
+                    port,
+                },
+                v.destination,
+            );
+            *self
+                .port_counts
+                .entry(abi::ports_index(b.protocol, port))
+                .or_default() += 1;
+        }
+        for &idx in self.port_counts.keys() {
+            let (word, bit) = abi::ports_word_bit(idx);
+            self.port_words[word as usize] |= 1 << bit;
+        }
+        Ok(())
+    }
+
+    /// Whether the trie has batch updates: an empty `BPF_MAP_UPDATE_BATCH`
+    /// changes nothing, and says ENOTSUPP where the map has no batch
+    /// operations (the LPM trie before 6.0, e.g. on Debian 11's 5.10).
+    pub(super) fn probe_batch(&self) -> bool {
+        let fd = self.bindings.map().fd().as_fd();
+        let none: [aya::maps::lpm_trie::Key<BindingKey>; 0] = [];
+        let values: [BindingValue; 0] = [];
+        match sys::map_update_batch(fd, &none, &values).1 {
+            Ok(()) => true,
+            Err(e) => {
+                debug_assert!(host::no_batch_support(&e), "{e}");
+                false
+            }
+        }
+    }
+
+    /// Whether changes to the trie go in batches (else one element per
+    /// syscall, as on kernels without batch operations for it).
+    pub fn batch_updates(&self) -> bool {
+        self.batch
+    }
+
+    /// Write the trie one element per syscall even where batches work: the
+    /// path kernels without batch operations take, kept testable on every
+    /// kernel.
+    pub fn force_single_updates(&mut self) {
+        self.batch = false;
+    }
+
+    /// The pinned state's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Inode of the network namespace this dispatcher serves.
+    pub fn netns(&self) -> u64 {
+        self.netns
+    }
+
+    pub fn program(&self) -> Result<ProgramIdentity> {
+        let i = sys::prog_info(self.program.as_fd())
+            .map_err(sys_err("BPF_OBJ_GET_INFO_BY_FD (prog)"))?;
+        Ok(ProgramIdentity {
+            id: i.id,
+            tag: i.tag,
+        })
+    }
+
+    /// Whether the pinned link still attaches the program to the namespace.
+    pub fn attached(&self) -> bool {
+        sys::link_info(self.link.as_fd()).is_ok_and(|i| u64::from(i.netns_ino) == self.netns)
+    }
+
+    /// Detach the program and remove all pinned state of this namespace.
+    pub fn destroy(self) -> Result<()> {
+        let dir = self.dir.clone();
+        // Detach first, so that traffic is the kernel's again when this
+        // returns (releasing the pinned link alone happens asynchronously).
+        sys::link_detach(self.link.as_fd()).map_err(sys_err("BPF_LINK_DETACH"))?;
+        drop(self);
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))
+    }
+
+    /// Replace the running program with this build's, atomically
+    /// (`BPF_LINK_UPDATE`), reusing the pinned maps. With `force` false nothing
+    /// happens when the running program is already this build's. Returns
+    /// whether the program was replaced.
+    pub fn upgrade(&mut self, force: bool) -> Result<bool> {
+        let new = load_program(&self.dir)?;
+        let new_tag = sys::prog_info(new.as_fd())
+            .map_err(sys_err("BPF_OBJ_GET_INFO_BY_FD (prog)"))?
+            .tag;
+        if !force && new_tag == self.program()?.tag {
+            return Ok(false);
+        }
+        // Pinned aside first, swapped in the link, then renamed over the old
+        // pin: whatever happens in between, adopt() finds a usable program.
+        let staged = self.dir.join(paths::PROGRAM_PIN_NEW);
+        let _ = fs::remove_file(&staged);
+        sys::obj_pin(new.as_fd(), &staged).map_err(io_err(&staged))?;
+        if let Err(e) = sys::link_update(self.link.as_fd(), new.as_fd(), Some(self.program.as_fd()))
+        {
+            let _ = fs::remove_file(&staged);
+            return Err(sys_err("BPF_LINK_UPDATE")(e));
+        }
+        self.program = new;
+        restrict(&staged, 0o640)?;
+        let pin = self.dir.join(paths::PROGRAM_PIN);
+        fs::rename(&staged, &pin).map_err(io_err(&pin))?;
+        Ok(true)
+    }
+}
+
+pub(super) fn program_of(ebpf: &mut aya::Ebpf) -> Result<&mut SkLookup> {
+    let prog = ebpf
+        .program_mut(PROGRAM)
+        .ok_or_else(|| DispatcherError::Io {
+            path: PathBuf::from(PROGRAM),
+            source: io::Error::other("program missing from the embedded object"),
+        })?;
+    prog.try_into().map_err(DispatcherError::Program)
+}
+
+/// Create maps and program in `dir`, attach to `netns`, pin the link.
+pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(DISPATCHER_OBJECT)
+        .map_err(load_err)?;
+    let prog = program_of(&mut ebpf)?;
+    prog.load().map_err(program_err)?;
+    let link_id = prog.attach(netns).map_err(DispatcherError::Program)?;
+    let link: FdLink = prog
+        .take_link(link_id)
+        .map_err(DispatcherError::Program)?
+        .into();
+    let pin = dir.join(paths::LINK_PIN);
+    link.pin(&pin).map_err(|e| DispatcherError::Io {
+        path: pin.clone(),
+        source: io::Error::other(e),
+    })?;
+    let fd = prog
+        .fd()
+        .map_err(DispatcherError::Program)?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(sys_err("dup"))?;
+    pin_program(dir, fd.as_fd())?;
+    for spec in &MAPS {
+        restrict(&dir.join(spec.name), 0o640)?;
+    }
+    restrict(&pin, 0o640)?;
+    Ok(())
+}
+
+/// Load this build's program against the maps pinned in `dir`.
+pub(super) fn load_program(dir: &Path) -> Result<OwnedFd> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(DISPATCHER_OBJECT)
+        .map_err(load_err)?;
+    let prog: &mut SkLookup = program_of(&mut ebpf)?;
+    prog.load().map_err(program_err)?;
+    prog.fd()
+        .map_err(DispatcherError::Program)?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(sys_err("dup"))
+}
+
+/// Pin `prog` as the state's program, replacing the pin atomically.
+pub(super) fn pin_program(dir: &Path, prog: BorrowedFd<'_>) -> Result<()> {
+    let staged = dir.join(paths::PROGRAM_PIN_NEW);
+    let _ = fs::remove_file(&staged);
+    sys::obj_pin(prog, &staged).map_err(io_err(&staged))?;
+    restrict(&staged, 0o640)?;
+    let pin = dir.join(paths::PROGRAM_PIN);
+    fs::rename(&staged, &pin).map_err(io_err(&pin))
+}
+
+/// The pinned program, if it is the one the link runs (`link_prog_id`).
+pub(super) fn open_program(dir: &Path, link_prog_id: u32) -> Result<Option<OwnedFd>> {
+    let pin = dir.join(paths::PROGRAM_PIN);
+    let fd = match sys::obj_get(&pin) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(io_err(&pin)(e)),
+    };
+    let id = sys::prog_info(fd.as_fd())
+        .map_err(sys_err("BPF_OBJ_GET_INFO_BY_FD (prog)"))?
+        .id;
+    Ok((id == link_prog_id).then_some(fd))
+}
+
+pub(super) fn restrict(path: &Path, mode: u32) -> Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+pub(super) fn ensure_dir(dir: &Path) -> Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => restrict(dir, 0o750),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_err(dir)(e)),
+    }
+}
+
+pub(super) fn check_bpffs(path: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        DispatcherError::NotBpffs {
+            path: path.to_owned(),
+        }
+    })?;
+    // SAFETY: an all-zero statfs is valid; c is a live C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } < 0 {
+        return Err(io_err(path)(io::Error::last_os_error()));
+    }
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's width differs between targets"
+    )]
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(DispatcherError::NotBpffs {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
