@@ -102,28 +102,31 @@ const struct ska_layout skactivate_layout SEC(".skactivate_layout") __attribute_
 };
 
 /*
- * The key is built in 32-bit words, never with byte stores.  Verifiers before
- * 6.3 (Debian 11's 5.10, Debian 12's 6.1) refuse a narrow store into a stack
- * slot that last received an 8-byte register store ("attempt to corrupt
- * spilled pointer on stack") unless the loader has CAP_PERFMON, and clang
- * zeroes a struct with 8-byte stores.  Every word here is written whole, once
- * per lookup, and the header word (protocol, port, family) is rewritten whole
- * for the wildcard lookup.
+ * Every stack slot the program writes is written whole, 8 bytes at a time.
+ * Verifiers without CAP_PERFMON refuse a narrower store into a slot that
+ * holds a spilled register ("attempt to corrupt spilled pointer on stack"),
+ * and Debian 11's 5.10 counts a 4-byte store of a non-zero scalar at an
+ * 8-aligned offset as such a spill, so even a key built in 32-bit words fails
+ * there as soon as its second word is written.  Hence the key is three u64
+ * words, and the 4-byte map keys (`idx`, `dest`) live in u64 variables whose
+ * low half the helpers read (the BPF target is little-endian here; see the
+ * static assertion).
  */
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+	       "the u64 words below assume a little-endian BPF target");
+
 union ska_key_words {
 	struct ska_binding_key key;
-	__u32 w[sizeof(struct ska_binding_key) / 4];
+	__u64 q[sizeof(struct ska_binding_key) / 8];
 };
 
-/* The header word of a key: protocol, port (network order) and family as they
- * sit in memory at offsets 4..7, read as one little- or big-endian word. */
-static __always_inline __u32 key_header(__u32 protocol, __u32 port, __u32 family)
+/* The first word of a key: prefixlen, then protocol, port (network order)
+ * and family at offsets 4..7. */
+static __always_inline __u64 key_head(__u32 prefixlen, __u32 protocol, __u32 port, __u32 family)
 {
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-	return protocol | (port >> 8) << 8 | (port & 0xff) << 16 | family << 24;
-#else
-	return protocol << 24 | (port >> 8) << 16 | (port & 0xff) << 8 | family;
-#endif
+	__u32 header = protocol | (port >> 8) << 8 | (port & 0xff) << 16 | family << 24;
+
+	return (__u64)header << 32 | prefixlen;
 }
 
 SEC("sk_lookup")
@@ -135,7 +138,8 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	struct bpf_sock *sk;
 	__u32 protocol = ctx->protocol, family = ctx->family;
 	__u32 port = ctx->local_port & 0xffff;
-	__u32 slot, idx, specific, wild, full, dest = 0, len = 0, found = 0;
+	__u32 slot, specific, wild, full, len = 0, found = 0;
+	__u64 idx, dest = 0; /* 4-byte keys, read through their low half */
 	__u64 *word;
 	int err;
 
@@ -166,23 +170,18 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 
 	if (family == AF_INET) {
 		full = SKA_KEY_V4_FULL_BITS;
-		k.w[2] = ctx->local_ip4;
-		k.w[3] = 0;
-		k.w[4] = 0;
-		k.w[5] = 0;
+		k.q[1] = ctx->local_ip4;
+		k.q[2] = 0;
 	} else if (family == AF_INET6) {
 		full = SKA_KEY_V6_FULL_BITS;
-		k.w[2] = ctx->local_ip6[0];
-		k.w[3] = ctx->local_ip6[1];
-		k.w[4] = ctx->local_ip6[2];
-		k.w[5] = ctx->local_ip6[3];
+		k.q[1] = (__u64)ctx->local_ip6[1] << 32 | ctx->local_ip6[0];
+		k.q[2] = (__u64)ctx->local_ip6[3] << 32 | ctx->local_ip6[2];
 	} else {
 		return SK_PASS;
 	}
-	k.w[0] = full;
 
 	if (specific) {
-		k.w[1] = key_header(protocol, port, family);
+		k.q[0] = key_head(full, protocol, port, family);
 		v = bpf_map_lookup_elem(&bindings, &k);
 		if (v) {
 			dest = v->destination;
@@ -193,7 +192,7 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	/* A full-length prefix cannot be beaten by the wildcard; on equal length
 	 * the specific port wins, so only a longer wildcard replaces it. */
 	if (wild && !(found && len == full)) {
-		k.w[1] = key_header(protocol, 0, family);
+		k.q[0] = key_head(full, protocol, 0, family);
 		v = bpf_map_lookup_elem(&bindings, &k);
 		if (v) {
 			__u32 wlen = v->prefixlen, wdest = v->destination;
