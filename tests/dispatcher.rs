@@ -1215,6 +1215,12 @@ fn the_shipped_units_capabilities_and_memlock_are_enough_to_create_and_serve() {
                 stdout.contains("child served under the unit's limits"),
                 "{stdout}"
             );
+            // The child's lines follow libtest's "test NAME ... " on one line.
+            for line in stdout.lines() {
+                if let Some(i) = line.find("child: ").or_else(|| line.find("note: ")) {
+                    println!("{}", &line[i..]);
+                }
+            }
             assert_eq!(tcp_ask(sa(v4("192.0.2.8"), 80)).unwrap(), "web");
         },
     );
