@@ -652,14 +652,14 @@ fn run_all(plan: &Plan, fs: &netns::Bpffs, start: Instant) -> Results {
         budget: Budget::None,
     });
 
-    // A restarted daemon adopts the pinned state and reads the trie back.
+    // A restarted daemon adopts the pinned state and reads the trie back;
+    // the first handle goes first, as its process would (one writer).
+    let program_tag = s.program_tag.clone();
+    drop(s);
     let t = Instant::now();
     let again = Dispatcher::open(netns::thread_netns(), &fs.path).expect("adopt");
     let adopt = Some((n + 1, t.elapsed()));
     drop(again);
-
-    let program_tag = s.program_tag.clone();
-    drop(s);
     Results {
         rows,
         empty,
