@@ -179,7 +179,7 @@ impl Checked {
             .flat_map(|l| {
                 crate::directive::parse_list(&l.value)
                     .into_iter()
-                    .filter_map(|v| v.ok())
+                    .filter_map(Result::ok)
                     .map(move |v| (v.text, &l.location))
             })
             .collect();
@@ -187,9 +187,11 @@ impl Checked {
             0 => writeln!(out, "{}: no bindings (no X-SkLookup= in force)", self.label)?,
             n => writeln!(
                 out,
-                "{}: {n} value(s); the sockets are the daemon's own, so which socket each lands on \
-                 is checked by register-pid when the service starts",
-                self.label
+                "{}: {n} value{}, grammar checked; the sockets are the ones the service binds \
+                 itself, so which socket each value lands on is checked by register-pid when it \
+                 starts",
+                self.label,
+                if n == 1 { "" } else { "s" }
             )?,
         }
         writeln!(out, "  fragment {}", loaded.unit.fragment.display())?;

@@ -148,7 +148,9 @@ pub enum RegisterPidError {
         first: SocketAddr,
         second: SocketAddr,
     },
-    #[error("process {pid} belongs to no systemd service, socket or scope unit (cgroup {cgroup}): name one with --unit")]
+    #[error(
+        "process {pid} belongs to no systemd service, socket or scope unit (cgroup {cgroup}): name one with --unit"
+    )]
     NoUnit { pid: i32, cgroup: String },
     #[error("{unit}: {}", .problems.join("; "))]
     BadDirective { unit: String, problems: Vec<String> },
@@ -271,14 +273,7 @@ impl Process {
     /// A copy of the process's fd `number`; `None` if it has closed it.
     fn getfd(&self, number: RawFd) -> Result<Option<OwnedFd>, RegisterPidError> {
         // SAFETY: pidfd_getfd(pidfd, targetfd, flags) takes no pointers.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_getfd,
-                self.pidfd.as_raw_fd(),
-                number,
-                0,
-            )
-        };
+        let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.pidfd.as_raw_fd(), number, 0) };
         if r >= 0 {
             // SAFETY: the kernel just handed us this fd (O_CLOEXEC is set).
             return Ok(Some(unsafe { OwnedFd::from_raw_fd(r as RawFd) }));
@@ -310,7 +305,12 @@ impl Process {
                 continue;
             };
             match fs::read_link(entry.path()) {
-                Ok(target) if target.as_os_str().as_encoded_bytes().starts_with(b"socket:[") => {
+                Ok(target)
+                    if target
+                        .as_os_str()
+                        .as_encoded_bytes()
+                        .starts_with(b"socket:[") =>
+                {
                     out.push(number);
                 }
                 Ok(_) => {}
@@ -346,7 +346,11 @@ impl Process {
         }
         unit.ok_or(RegisterPidError::NoUnit {
             pid: self.pid,
-            cgroup: if cgroup.is_empty() { "?".into() } else { cgroup },
+            cgroup: if cgroup.is_empty() {
+                "?".into()
+            } else {
+                cgroup
+            },
         })
     }
 }
@@ -366,9 +370,7 @@ fn not_permitted(pid: i32, call: &'static str) -> RegisterPidError {
             _ => Some("an unknown setting"),
         };
         if let Some(says) = says {
-            why.push_str(&format!(
-                "; Yama's {YAMA_PTRACE_SCOPE} is {scope}: {says}"
-            ));
+            why.push_str(&format!("; Yama's {YAMA_PTRACE_SCOPE} is {scope}: {says}"));
         }
     }
     RegisterPidError::NotPermitted { pid, call, why }
@@ -410,8 +412,9 @@ pub fn unit_of_cgroup(path: &str) -> Option<String> {
 
 /// `(st_dev, st_ino)` of an fd: a namespace's identity.
 fn dev_ino(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
-    // SAFETY: fstat into a zeroed, live stat.
+    // SAFETY: an all-zero stat is valid.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is live and sized.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -482,8 +485,9 @@ pub fn take(
         match socket_netns(fd.as_fd()) {
             Ok(ns) if ns == netns => {}
             Ok((_, ino)) => {
-                scan.left
-                    .push(format!("{what} (in another network namespace, net:[{ino}])"));
+                scan.left.push(format!(
+                    "{what} (in another network namespace, net:[{ino}])"
+                ));
                 continue;
             }
             Err(e) => {
@@ -561,7 +565,10 @@ async fn unit_values(unit: &str) -> Result<SocketUnit> {
     let root = Path::new("/");
     let asked = async {
         let conn = zbus::Connection::system().await?;
-        let path = SystemdManagerProxy::new(&conn).await?.get_unit(unit).await?;
+        let path = SystemdManagerProxy::new(&conn)
+            .await?
+            .get_unit(unit)
+            .await?;
         let u = SystemdUnitProxy::builder(&conn)
             .path(path)?
             .cache_properties(zbus::proxy::CacheProperties::No)
@@ -601,7 +608,11 @@ fn inline_values(unit: &str, values: &[String]) -> SocketUnit {
 }
 
 /// Match the values to the taken sockets, as the daemon will.
-fn resolve(unit: &SocketUnit, name: &str, kept: &[Taken]) -> Result<config::Resolution, RegisterPidError> {
+fn resolve(
+    unit: &SocketUnit,
+    name: &str,
+    kept: &[Taken],
+) -> Result<config::Resolution, RegisterPidError> {
     let sockets: Vec<Socket> = kept
         .iter()
         .map(|t| Socket {
@@ -759,7 +770,12 @@ mod tests {
         let s: SocketSpec = "[2001:db8::1]:443".parse().unwrap();
         assert_eq!(s.protocol, None);
         assert_eq!(s.to_string(), "[2001:db8::1]:443");
-        for bad in ["sctp:1.2.3.4:80", "1.2.3.4", "tcp:1.2.3.4:99999", "2001:db8::1:80"] {
+        for bad in [
+            "sctp:1.2.3.4:80",
+            "1.2.3.4",
+            "tcp:1.2.3.4:99999",
+            "2001:db8::1:80",
+        ] {
             assert!(bad.parse::<SocketSpec>().is_err(), "{bad}");
         }
     }
@@ -767,7 +783,10 @@ mod tests {
     #[test]
     fn the_unit_is_the_last_unit_component_of_the_cgroup() {
         let v2 = "0::/system.slice/nginx.service\n";
-        assert_eq!(systemd_cgroup(v2).as_deref(), Some("/system.slice/nginx.service"));
+        assert_eq!(
+            systemd_cgroup(v2).as_deref(),
+            Some("/system.slice/nginx.service")
+        );
         assert_eq!(
             unit_of_cgroup("/system.slice/nginx.service").as_deref(),
             Some("nginx.service")
@@ -786,7 +805,8 @@ mod tests {
         );
         assert_eq!(unit_of_cgroup("/"), None);
         assert_eq!(unit_of_cgroup("/machine.slice"), None);
-        let hybrid = "12:pids:/system.slice/x.service\n1:name=systemd:/system.slice/x.service\n0::/\n";
+        let hybrid =
+            "12:pids:/system.slice/x.service\n1:name=systemd:/system.slice/x.service\n0::/\n";
         assert_eq!(
             systemd_cgroup(hybrid).as_deref(),
             Some("/system.slice/x.service")
