@@ -434,6 +434,151 @@ fn socket_netns(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     dev_ino(ns.as_fd())
 }
 
+fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<i64> {
+    let mut v: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: v and len are live and sized for an int or u64 option.
+    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut v).cast(), &mut len) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(if len == 4 {
+        i64::from(v as u32 as i32)
+    } else {
+        v as i64
+    })
+}
+
+/// `SO_NETNS_COOKIE` (Linux 5.14): the network namespace's cookie, which
+/// needs no privilege to read, unlike `SIOCGSKNS`.
+fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    getsockopt_int(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE).map(|v| v as u64)
+}
+
+/// Our network namespace's cookie, read from a socket made here.
+fn own_netns_cookie() -> io::Result<u64> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    netns_cookie(s.as_fd())
+}
+
+/// The socket's local address, `None` if it is not IPv4 or IPv6.
+fn local_addr(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: storage and len are live and sized.
+    if unsafe { libc::getsockname(fd.as_raw_fd(), (&raw mut storage).cast(), &mut len) } < 0 {
+        return None;
+    }
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: ss_family says this storage holds a sockaddr_in.
+            let sin = unsafe { &*(&raw const storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::new(
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into(),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: ss_family says this storage holds a sockaddr_in6.
+            let sin6 = unsafe { &*(&raw const storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::new(
+                std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into(),
+                u16::from_be(sin6.sin6_port),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// What matters about a socket of the process, read without privileges
+/// (the dispatcher's `SocketInfo::inspect` also asks `SIOCGSKNS`, which
+/// needs `CAP_NET_ADMIN`; the namespace is checked by [`in_netns`]).
+/// `None`: not a TCP or UDP socket over IP with an address, none of ours.
+fn inspect(fd: BorrowedFd<'_>) -> Option<SocketInfo> {
+    let opt = |level, name| getsockopt_int(fd, level, name).ok();
+    let family = match opt(libc::SOL_SOCKET, libc::SO_DOMAIN)? {
+        d if d == i64::from(libc::AF_INET) => Family::V4,
+        d if d == i64::from(libc::AF_INET6) => Family::V6,
+        _ => return None,
+    };
+    let protocol = match (
+        opt(libc::SOL_SOCKET, libc::SO_TYPE)?,
+        opt(libc::SOL_SOCKET, libc::SO_PROTOCOL)?,
+    ) {
+        (t, p) if t == i64::from(libc::SOCK_STREAM) && p == i64::from(libc::IPPROTO_TCP) => {
+            Protocol::Tcp
+        }
+        (t, p) if t == i64::from(libc::SOCK_DGRAM) && p == i64::from(libc::IPPROTO_UDP) => {
+            Protocol::Udp
+        }
+        _ => return None,
+    };
+    let local = local_addr(fd)?;
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: peer and len are live and sized.
+    let connected =
+        unsafe { libc::getpeername(fd.as_raw_fd(), (&raw mut peer).cast(), &mut len) } == 0;
+    let v6only = family == Family::V6 && opt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)? != 0;
+    let (pktinfo, freebind) = match family {
+        Family::V4 => (
+            opt(libc::IPPROTO_IP, libc::IP_PKTINFO)? != 0,
+            opt(libc::IPPROTO_IP, libc::IP_FREEBIND)? != 0,
+        ),
+        Family::V6 => (
+            opt(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)? != 0,
+            opt(libc::IPPROTO_IPV6, libc::IPV6_FREEBIND)? != 0,
+        ),
+    };
+    Some(SocketInfo {
+        family,
+        protocol,
+        local,
+        listening: opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0,
+        connected,
+        v6only,
+        reuseport: opt(libc::SOL_SOCKET, libc::SO_REUSEPORT)? != 0,
+        pktinfo,
+        freebind,
+        cookie: crate::dispatcher::socket::socket_cookie(fd).ok()?,
+        netns: 0,
+    })
+}
+
+/// How a socket of another namespace is shown: `tcp 127.0.0.1:8083` for a
+/// listening TCP or bound UDP socket, `None` for anything else.
+fn describe_foreign(fd: BorrowedFd<'_>) -> Option<String> {
+    let info = inspect(fd)?;
+    let ours = match info.protocol {
+        Protocol::Tcp => info.listening,
+        Protocol::Udp => !info.connected && info.local.port() != 0,
+    };
+    ours.then(|| format!("{} {}", info.protocol, info.local))
+}
+
+/// Whether a socket lives in our network namespace: by device and inode of
+/// the namespace `SIOCGSKNS` opens or, where that is refused (it needs
+/// `CAP_NET_ADMIN` over the socket's namespace: a caller that is not root),
+/// by the namespaces' cookies (`SO_NETNS_COOKIE`, Linux 5.14). `Err`: another
+/// namespace, named.
+fn in_netns(fd: BorrowedFd<'_>, ours: (u64, u64)) -> Result<(), String> {
+    match socket_netns(fd) {
+        Ok(ns) if ns == ours => Ok(()),
+        Ok((_, ino)) => Err(format!("net:[{ino}]")),
+        Err(_) => match (netns_cookie(fd), own_netns_cookie()) {
+            (Ok(theirs), Ok(mine)) if theirs == mine => Ok(()),
+            (Ok(theirs), Ok(_)) => Err(format!("netns cookie {theirs}")),
+            (Err(e), _) | (_, Err(e)) => Err(format!(
+                "unknown: neither SIOCGSKNS nor SO_NETNS_COOKIE answers: {e}"
+            )),
+        },
+    }
+}
+
 /// Our own network namespace, as `(dev, ino)`.
 pub fn own_netns() -> io::Result<(u64, u64)> {
     let f = fs::File::open(crate::paths::SELF_NETNS)?;
@@ -469,7 +614,15 @@ pub fn take(
             continue;
         }
         seen_inodes.push(ino);
-        let Ok(info) = SocketInfo::inspect(fd.as_fd()) else {
+        if let Err(which) = in_netns(fd.as_fd(), netns) {
+            if let Some(what) = describe_foreign(fd.as_fd()) {
+                scan.left.push(format!(
+                    "fd {number}: {what} (in another network namespace, {which})"
+                ));
+            }
+            continue;
+        }
+        let Some(info) = inspect(fd.as_fd()) else {
             continue; // not TCP or UDP over IP: none of ours
         };
         let what = format!("fd {number}: {} {}", info.protocol, info.local);
@@ -481,21 +634,6 @@ pub fn take(
             }
             Protocol::Udp if info.local.port() == 0 => continue,
             _ => {}
-        }
-        match socket_netns(fd.as_fd()) {
-            Ok(ns) if ns == netns => {}
-            Ok((_, ino)) => {
-                scan.left.push(format!(
-                    "{what} (in another network namespace, net:[{ino}])"
-                ));
-                continue;
-            }
-            Err(e) => {
-                return Err(RegisterPidError::Os {
-                    what: format!("SIOCGSKNS on {what}"),
-                    source: e,
-                });
-            }
         }
         if let Some(first) = scan.kept.iter_mut().find(|t| {
             t.info.reuseport
