@@ -505,4 +505,27 @@ fn a_service_with_x_sklookup_is_registered_at_every_start_and_gone_at_stop() {
     assert!(
         !journal[journal.rfind("Starting selfbound").unwrap()..].contains("registered 1 socket(s)")
     );
+
+    // Without the filter, the command (the service's dynamic user, no
+    // capabilities) may take its own process's fds, but registering is
+    // root's only: the system bus refuses the dynamic user's connection here
+    // (the daemon would refuse a caller that is not root), and the start
+    // fails.
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/selfbound.service.d/70-no-filter.conf"),
+        b"[Service]\nSystemCallFilter=\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    let out = sd.systemctl(&["start", "selfbound.service"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let journal = sd.journal("selfbound.service");
+    let last = &journal[journal.rfind("Starting selfbound").unwrap()..];
+    assert!(
+        last.contains("skactivate: registering selfbound.service (sockets of process")
+            && !last.contains("registered 1 socket(s)"),
+        "{journal}"
+    );
+    let bindings = skactivate(&sd, &["bindings"]);
+    assert!(!bindings.contains("selfbound.service"), "{bindings}");
 }
