@@ -53,6 +53,45 @@ fn unit_names(root: &Path, suffix: &str) -> Vec<String> {
     names.into_iter().collect()
 }
 
+/// Whether any service unit file or service drop-in in the search path
+/// mentions `X-SkLookup` (in any case) at all, or cannot be read. Resolving
+/// every service unit with its drop-ins costs tens of thousands of `stat`s
+/// on a stock system, where none has the setting; this one pass over the
+/// files lets the generator skip that.
+fn any_service_mentions_sklookup(root: &Path) -> bool {
+    let mentions = |path: &Path| match fs::read(path) {
+        Ok(bytes) => bytes
+            .windows(b"x-sklookup".len())
+            .any(|w| w.eq_ignore_ascii_case(b"x-sklookup")),
+        Err(_) => true,
+    };
+    for dir in SEARCH_PATH {
+        let Ok(entries) = fs::read_dir(root.join(dir.trim_start_matches('/'))) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = e.path();
+            if name.ends_with(".service") {
+                // A link to /dev/null (a masked unit) reads as nothing.
+                if path.is_file() && mentions(&path) {
+                    return true;
+                }
+            } else if name.ends_with(".service.d") || name == "service.d" {
+                let Ok(dropins) = fs::read_dir(&path) else {
+                    continue;
+                };
+                if dropins.flatten().any(|d| {
+                    d.file_name().to_string_lossy().ends_with(".conf") && mentions(&d.path())
+                }) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
 /// What the generator makes of one unit: `None` if it has no `X-SkLookup=`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Generated {
@@ -67,7 +106,12 @@ pub struct Generated {
 pub fn plan(root: &Path) -> (Vec<Generated>, Vec<String>) {
     let mut out = Vec::new();
     let mut warnings = Vec::new();
-    for name in unit_names(root, "service") {
+    let services = if any_service_mentions_sklookup(root) {
+        unit_names(root, "service")
+    } else {
+        Vec::new()
+    };
+    for name in services {
         let Ok(unit) = SocketUnit::find(root, &name) else {
             continue;
         };
