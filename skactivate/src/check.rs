@@ -85,7 +85,7 @@ impl Checked {
             match target
                 .to_str()
                 .ok_or(UnitError::InvalidName)
-                .and_then(unit::socket_unit_name)
+                .and_then(unit::sklookup_unit_name)
             {
                 Ok(name) => {
                     let unit = SocketUnit::find(root, &name);
@@ -138,6 +138,9 @@ impl Checked {
     }
 
     fn summary(&self, loaded: &Loaded, out: &mut dyn Write) -> io::Result<()> {
+        if loaded.unit.section == "Service" {
+            return self.service_summary(loaded, out);
+        }
         let bindings = &loaded.resolution.bindings;
         match bindings.len() {
             0 => writeln!(out, "{}: no bindings (no X-SkLookup= in force)", self.label)?,
@@ -165,8 +168,63 @@ impl Checked {
     }
 }
 
+impl Checked {
+    /// A service unit's values: their grammar is checked, but the sockets
+    /// they land on are the running daemon's own, unknown offline.
+    fn service_summary(&self, loaded: &Loaded, out: &mut dyn Write) -> io::Result<()> {
+        let values: Vec<(String, &unit::Location)> = loaded
+            .unit
+            .sklookup
+            .iter()
+            .flat_map(|l| {
+                crate::directive::parse_list(&l.value)
+                    .into_iter()
+                    .filter_map(Result::ok)
+                    .map(move |v| (v.text, &l.location))
+            })
+            .collect();
+        match values.len() {
+            0 => writeln!(out, "{}: no bindings (no X-SkLookup= in force)", self.label)?,
+            n => writeln!(
+                out,
+                "{}: {n} value{}, grammar checked; the sockets are the ones the service binds \
+                 itself, so which socket each value lands on is checked by register-pid when it \
+                 starts",
+                self.label,
+                if n == 1 { "" } else { "s" }
+            )?,
+        }
+        writeln!(out, "  fragment {}", loaded.unit.fragment.display())?;
+        for dropin in &loaded.unit.dropins {
+            writeln!(out, "  drop-in  {}", dropin.display())?;
+        }
+        let width = values.iter().map(|(v, _)| v.len()).max().unwrap_or(0);
+        for (value, location) in &values {
+            writeln!(out, "  {value:<width$}  {location}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Loaded {
     fn new(unit: SocketUnit) -> Loaded {
+        if unit.section == "Service" {
+            // No Listen…= to match against: the grammar, the file and the
+            // section are all that can be checked offline.
+            let mut problems: Vec<Problem> =
+                unit.issues.iter().cloned().map(Problem::from).collect();
+            let mut resolution = config::resolve(&unit, &[]);
+            resolution
+                .problems
+                .retain(|p| p.reason != Reason::NoIpSocket);
+            problems.append(&mut resolution.problems);
+            resolution.problems = problems;
+            return Loaded {
+                unit,
+                sockets: Vec::new(),
+                resolution,
+            };
+        }
         let mut problems: Vec<Problem> = unit.issues.iter().cloned().map(Problem::from).collect();
         let (listens, listen_problems) = config::listen_sockets(&unit);
         problems.extend(listen_problems);

@@ -62,6 +62,33 @@ pub enum Command {
         #[arg(long, value_name = "system|session|ADDRESS", default_value = "system")]
         bus: Bus,
     },
+    /// Take the listening sockets of a running process (a daemon that binds
+    /// its own) with pidfd_getfd and hand them to the daemon as UNIT's, with
+    /// UNIT's X-SkLookup= lines or the --sklookup values. Needs CAP_SYS_PTRACE
+    /// (or the process's uid) and Linux >= 5.6.
+    RegisterPid {
+        /// The process holding the sockets.
+        pid: i32,
+        /// The registration's name (default: the systemd unit the process
+        /// runs in, from its cgroup).
+        #[arg(long, value_name = "UNIT")]
+        unit: Option<String>,
+        /// Take only this socket (its local address as bound); may be
+        /// repeated. Default: every listening TCP and bound UDP socket.
+        #[arg(long = "socket", value_name = "[tcp:|udp:]ADDRESS:PORT")]
+        sockets: Vec<crate::register_pid::SocketSpec>,
+        /// X-SkLookup= values to use instead of UNIT's own lines; may be
+        /// repeated.
+        #[arg(long = "sklookup", value_name = "VALUE")]
+        sklookup: Vec<String>,
+        /// Wait up to SECONDS for the process to bind what is asked for
+        /// (the generated ExecStartPost= waits 30).
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        wait: u32,
+        /// The bus the daemon is on: system, session, or a D-Bus address.
+        #[arg(long, value_name = "system|session|ADDRESS", default_value = "system")]
+        bus: Bus,
+    },
     /// Remove UNIT's bindings and sockets (ExecStopPost= of socket units).
     Unregister {
         /// The socket unit (webserver.socket).

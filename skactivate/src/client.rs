@@ -94,7 +94,7 @@ pub fn unregister(unit: &str, bus: &Bus) -> Result<()> {
 
 /// A D-Bus error as a person reads it: the message, with the error name only
 /// when the message alone would not say what happened.
-fn describe(e: &zbus::Error) -> String {
+pub(crate) fn describe(e: &zbus::Error) -> String {
     match e {
         zbus::Error::MethodError(name, Some(msg), _) => match name.as_str() {
             "org.skactivate1.Error.AccessDenied" | "org.freedesktop.DBus.Error.AccessDenied" => {

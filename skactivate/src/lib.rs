@@ -10,6 +10,7 @@
 //! * [`dbus`] — `org.skactivate1`, thin shims over [`service`].
 //! * [`daemon`] — `skactivate daemon`: bus, readiness, following systemd.
 //! * [`client`] — `skactivate register` / `unregister`.
+//! * [`register_pid`] — `skactivate register-pid`: sockets of a running process.
 //! * [`generator`] — `skactivate-generator`, the systemd generator.
 
 pub mod binding;
@@ -23,6 +24,7 @@ pub mod directive;
 pub mod dispatcher;
 pub mod generator;
 pub mod paths;
+pub mod register_pid;
 pub mod route;
 pub mod service;
 pub mod status;

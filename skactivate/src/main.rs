@@ -37,6 +37,23 @@ fn main() -> ExitCode {
             sklookup,
             bus,
         } => report(skactivate::client::register(&unit, &sklookup, &bus)),
+        Command::RegisterPid {
+            pid,
+            unit,
+            sockets,
+            sklookup,
+            wait,
+            bus,
+        } => report(skactivate::register_pid::register_pid(
+            &skactivate::register_pid::Request {
+                pid,
+                unit,
+                sockets,
+                sklookup,
+                wait: std::time::Duration::from_secs(wait.into()),
+            },
+            &bus,
+        )),
         Command::Unregister { unit, bus } => report(skactivate::client::unregister(&unit, &bus)),
         Command::Status { unit, json, bus } => {
             report(skactivate::status::status(unit.as_deref(), json, &bus))

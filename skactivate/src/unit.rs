@@ -173,8 +173,13 @@ pub enum FileIssueKind {
     MissingEquals { text: String },
     #[error("{key}= outside of a section, ignored")]
     OutsideSection { key: String },
-    #[error("{key}= is read only in [Socket], not in [{section}]: ignored")]
-    NotInSocket { key: String, section: String },
+    #[error("{key}= is read only in [{expected}], not in [{section}]: ignored")]
+    NotInSocket {
+        key: String,
+        section: String,
+        /// `Socket`, or `Service` for a service unit.
+        expected: &'static str,
+    },
     #[error("{key}= is ignored: the setting is spelled X-SkLookup=")]
     Misspelled { key: String },
     #[error("{key}={value}: not a boolean, ignored")]
@@ -209,6 +214,8 @@ pub enum UnitError {
     InvalidName,
     #[error("not a socket unit")]
     NotSocket,
+    #[error("not a socket or service unit")]
+    NotSocketOrService,
     #[error("is a template: name an instance, such as {example}")]
     Template { example: String },
     #[error("not found in the unit search path")]
@@ -258,6 +265,10 @@ pub struct SocketUnit {
     pub socket_protocol: Option<Located<SocketProtocol>>,
     /// Lines systemd would ignore or refuse.
     pub issues: Vec<FileIssue>,
+    /// The section `X-SkLookup=` is read from: `Socket`, or `Service` for a
+    /// service unit (a daemon that binds its own sockets, registered with
+    /// `register-pid`); in a service unit nothing else is read.
+    pub section: &'static str,
 }
 
 impl SocketUnit {
@@ -265,7 +276,7 @@ impl SocketUnit {
     /// implied) in the search path under `root` and reads it with its
     /// drop-ins.
     pub fn find(root: &Path, name: &str) -> Result<SocketUnit, UnitError> {
-        let name = socket_unit_name(name)?;
+        let name = sklookup_unit_name(name)?;
         let tree = Tree::new(root);
         let mut names = vec![name.clone()];
         let fragment = tree.find_fragment(&name, &mut names)?;
@@ -286,8 +297,8 @@ impl SocketUnit {
             .and_then(|n| n.to_str())
             .ok_or(UnitError::InvalidName)?;
         let parsed = UnitName::parse(name).ok_or(UnitError::InvalidName)?;
-        if parsed.suffix != "socket" {
-            return Err(UnitError::NotSocket);
+        if section_of(parsed.suffix).is_none() {
+            return Err(UnitError::NotSocketOrService);
         }
         let tree = Tree::new(root);
         let names = vec![name.to_owned()];
@@ -321,7 +332,7 @@ impl SocketUnit {
         fragment: &Path,
         dropins: &[PathBuf],
     ) -> Result<SocketUnit, UnitError> {
-        let name = socket_unit_name(name)?;
+        let name = sklookup_unit_name(name)?;
         let tree = Tree::new(root);
         let mut unit = SocketUnit::empty(
             name.clone(),
@@ -383,7 +394,12 @@ impl SocketUnit {
         fragment: PathBuf,
         dropins: Vec<PathBuf>,
     ) -> Self {
+        let section = name
+            .rsplit_once('.')
+            .and_then(|(_, suffix)| section_of(suffix))
+            .unwrap_or("Socket");
         SocketUnit {
+            section,
             name,
             id,
             names,
@@ -481,7 +497,7 @@ impl SocketUnit {
             return true;
         }
         let Some((key, value)) = line.split_once('=') else {
-            if section.as_deref() == Some("Socket") {
+            if section.as_deref() == Some(self.section) {
                 self.issue(
                     location,
                     FileIssueKind::MissingEquals {
@@ -494,12 +510,13 @@ impl SocketUnit {
         let (key, value) = (key.trim_matches(WHITESPACE), value.trim_matches(WHITESPACE));
         let sklookup_like = key.eq_ignore_ascii_case("X-SkLookup");
         match section.as_deref() {
-            Some("Socket") => {}
+            Some(s) if s == self.section => {}
             Some(other) => {
                 if sklookup_like {
                     let kind = FileIssueKind::NotInSocket {
                         key: key.to_owned(),
                         section: other.to_owned(),
+                        expected: self.section,
                     };
                     self.issue(location, kind);
                 }
@@ -514,6 +531,10 @@ impl SocketUnit {
                 }
                 return true;
             }
+        }
+        if self.section != "Socket" && !sklookup_like {
+            // A service's own settings are systemd's business.
+            return true;
         }
         match key {
             "X-SkLookup" if value.is_empty() => self.sklookup.clear(),
@@ -707,6 +728,33 @@ pub fn socket_unit_name(name: &str) -> Result<String, UnitError> {
         });
     }
     Ok(full)
+}
+
+/// The section a unit type's `X-SkLookup=` lives in, if it may have one.
+fn section_of(suffix: &str) -> Option<&'static str> {
+    match suffix {
+        "socket" => Some("Socket"),
+        "service" => Some("Service"),
+        _ => None,
+    }
+}
+
+/// The full name of a unit that may carry `X-SkLookup=`: a socket unit
+/// (`.socket` implied without a type, as [`socket_unit_name`] does) or a
+/// service unit (`nginx.service`, for `register-pid`).
+pub fn sklookup_unit_name(name: &str) -> Result<String, UnitError> {
+    match UnitName::parse(name) {
+        Some(parsed) if parsed.suffix == "service" => {
+            if parsed.is_template() {
+                return Err(UnitError::Template {
+                    example: format!("{}@NAME.{}", parsed.prefix, parsed.suffix),
+                });
+            }
+            Ok(name.to_owned())
+        }
+        Some(parsed) if parsed.suffix != "socket" => Err(UnitError::NotSocketOrService),
+        _ => socket_unit_name(name),
+    }
 }
 
 /// The names whose `NAME.d/` directories hold drop-ins for `name`, in

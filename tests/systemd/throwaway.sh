@@ -105,6 +105,7 @@ EOF
   # namespace with its own /run and a fresh bpffs, so pins never reach the
   # host's bpffs and vanish with the container.
   #   --system-call-filter=bpf  nspawn's seccomp allow-list leaves bpf() out
+  #   --system-call-filter=pidfd_getfd  and pidfd_getfd() (register-pid)
   #   --capability=CAP_BPF      units restricted to CAP_BPF need it in the
   #                             container's bounding set (the kernel accepts
   #                             CAP_SYS_ADMIN for BPF, which nspawn keeps)
@@ -117,7 +118,8 @@ EOF
       'mount -t tmpfs tmpfs /run && mkdir /run/bpffs && mount -t bpf bpf /run/bpffs &&
        mount --bind / "$0" && exec "$@"' \
       "$D/root" systemd-nspawn --register=no --keep-unit --quiet -M "$N" -D "$D/root" \
-      --volatile=overlay --system-call-filter=bpf --capability=CAP_BPF \
+      --volatile=overlay --system-call-filter=bpf --system-call-filter=pidfd_getfd \
+      --capability=CAP_BPF \
       --bind=/run/bpffs:/sys/fs/bpf --bind="$D/units:/etc/systemd/system" \
       --bind-ro="$D/boot.target:/usr/lib/systemd/system/skactivate-test-boot.target" \
       "${net[@]}" -b -- systemd.unit=skactivate-test-boot.target
