@@ -11,6 +11,7 @@
 //! * [`daemon`] — `skactivate daemon`: bus, readiness, following systemd.
 //! * [`client`] — `skactivate register` / `unregister`.
 //! * [`generator`] — `skactivate-generator`, the systemd generator.
+//! * [`proxy`] — `skactivate proxy`, the socket-activated proxy.
 
 pub mod binding;
 pub mod check;
@@ -23,6 +24,7 @@ pub mod directive;
 pub mod dispatcher;
 pub mod generator;
 pub mod paths;
+pub mod proxy;
 pub mod route;
 pub mod service;
 pub mod status;
