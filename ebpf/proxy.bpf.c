@@ -14,11 +14,12 @@
  *  - before user space has armed the side (`sides` has no entry yet),
  *  - after a pass, until user space has read everything passed so far
  *    (`passed == drained`): a pass never lets later bytes overtake earlier ones,
- *  - when more than `limit` bytes sent towards the other socket are not yet
- *    acknowledged by its peer. The kernel has no backpressure of its own for
- *    redirected data: a slow backend would make the redirect queue grow
- *    without bound. Passed data is charged to the receiving socket, so TCP
- *    flow control then holds the sender back.
+ *  - when this side has redirected `allowed` bytes. The kernel has no
+ *    backpressure of its own for redirected data: a slow backend would make
+ *    the redirect queue grow without bound. User space hands out credit as
+ *    the peer's peer acknowledges (sk_skb programs may not look at TCP state).
+ *    Passed data is charged to the receiving socket, so TCP flow control
+ *    then holds the sender back.
  * See skactivate/src/proxy/sockmap.rs for the user-space half.
  */
 #include <linux/bpf.h>
@@ -28,11 +29,9 @@
 
 /* Mirrored by proxy::sockmap::Side. Written by user space only. */
 struct ska_proxy_side {
-	__u64 peer;       /* the other socket's cookie, its key in `socks` */
-	__u64 drained;    /* passed bytes user space has read */
-	__u64 written;    /* bytes user space wrote to the peer itself */
-	__u64 acked_base; /* the peer's tcpi_bytes_acked when armed */
-	__u64 limit;      /* bound on unacknowledged bytes towards the peer */
+	__u64 peer;    /* the other socket's cookie, its key in `socks` */
+	__u64 drained; /* passed bytes user space has read */
+	__u64 allowed; /* redirect while redirected + len <= allowed */
 };
 
 /* Mirrored by proxy::sockmap::Count. Written by this program only. */
@@ -62,40 +61,19 @@ struct {
 	__uint(max_entries, SKA_PROXY_MAX_SOCKETS);
 } counts SEC(".maps");
 
-/* Bytes the peer's peer has acknowledged since the side was armed, or
- * (u64)-1 if the peer is gone. */
-static __always_inline __u64 peer_acked(struct ska_proxy_side *s)
-{
-	struct bpf_sock *sk = bpf_map_lookup_elem(&socks, &s->peer);
-	struct bpf_tcp_sock *tp;
-	__u64 acked = (__u64)-1;
-
-	if (!sk)
-		return acked;
-	tp = bpf_tcp_sock(sk);
-	if (tp)
-		acked = tp->bytes_acked - s->acked_base;
-	bpf_sk_release(sk);
-	return acked;
-}
-
 SEC("sk_skb/stream_verdict")
 int ska_proxy_verdict(struct __sk_buff *skb)
 {
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	struct ska_proxy_count *c = bpf_map_lookup_elem(&counts, &cookie);
 	struct ska_proxy_side *s = bpf_map_lookup_elem(&sides, &cookie);
-	__u64 len = skb->len, acked;
+	__u64 len = skb->len;
 
 	if (!c)
 		return SK_PASS;
 	/* One verdict at a time per socket (the socket's lock), so the
 	 * counters need no atomics; user space only reads them. */
-	if (!s || c->passed != s->drained)
-		goto pass;
-	acked = peer_acked(s);
-	if (acked == (__u64)-1 ||
-	    s->written + c->redirected + len > acked + s->limit)
+	if (!s || c->passed != s->drained || c->redirected + len > s->allowed)
 		goto pass;
 	c->redirected += len;
 	return bpf_sk_redirect_hash(skb, &socks, &s->peer, 0);

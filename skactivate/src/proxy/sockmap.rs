@@ -43,11 +43,13 @@
 //!
 //! Redirected data has no backpressure: the source socket's receive queue is
 //! emptied as data arrives and the window stays open while a slow peer's
-//! redirect queue grows. The program therefore redirects only while fewer than
-//! [`LIMIT`] bytes towards the peer are unacknowledged; beyond that it passes,
-//! passed data is charged to the receiving socket, its window closes and the
-//! sender waits. We write passed bytes at the speed the peer's send queue
-//! takes them.
+//! redirect queue grows. The program therefore redirects only up to
+//! `allowed` bytes, a credit we hand out so that at most [`LIMIT`] bytes
+//! towards the peer are unacknowledged (an sk_skb program may not look at
+//! TCP state itself). Beyond it the program passes; passed data is charged
+//! to the receiving socket, its window closes and the sender waits. We write
+//! passed bytes at the speed the peer's send queue takes them, and renew the
+//! credit each time.
 
 use std::cell::RefCell;
 use std::io;
@@ -75,9 +77,7 @@ pub const LIMIT: u64 = 4 << 20;
 pub struct Side {
     pub peer: u64,
     pub drained: u64,
-    pub written: u64,
-    pub acked_base: u64,
-    pub limit: u64,
+    pub allowed: u64,
 }
 // SAFETY: repr(C), only u64 fields, no padding.
 unsafe impl aya::Pod for Side {}
@@ -194,6 +194,11 @@ impl End {
     fn written_since(&self) -> io::Result<u64> {
         Ok(sys::bytes_written(self.fd.get_ref().as_fd())? - self.written_base)
     }
+
+    fn acked_since(&self) -> io::Result<u64> {
+        let fd = self.fd.get_ref().as_fd();
+        Ok(sys::bytes_written(fd)? - sys::outq(fd)? - self.acked_base)
+    }
 }
 
 /// The connection's two ends while they are in the maps; leaving removes
@@ -246,9 +251,7 @@ pub fn arm(
         &Side {
             peer: armed.backend.cookie,
             drained: 0,
-            written: header,
-            acked_base: armed.backend.acked_base,
-            limit,
+            allowed: limit.saturating_sub(header),
         },
     )?;
     kernel.set_side(
@@ -256,9 +259,7 @@ pub fn arm(
         &Side {
             peer: armed.client.cookie,
             drained: 0,
-            written: 0,
-            acked_base: armed.client.acked_base,
-            limit,
+            allowed: limit,
         },
     )?;
     for end in [&armed.client, &armed.backend] {
@@ -304,15 +305,16 @@ pub async fn relay(
         super::write_all(&dst.fd, &buf[..n]).await?;
         written += n as u64;
         drained += n as u64;
+        // New credit: what keeps unacknowledged bytes towards dst <= limit.
+        let acked = dst.acked_since().map_err(Fault::Write)?;
+        let outstanding = (written + count.redirected).saturating_sub(acked);
         kernel
             .set_side(
                 src.cookie,
                 &Side {
                     peer: dst.cookie,
                     drained,
-                    written,
-                    acked_base: dst.acked_base,
-                    limit,
+                    allowed: count.redirected + limit.saturating_sub(outstanding),
                 },
             )
             .map_err(Fault::Write)?;
@@ -322,17 +324,24 @@ pub async fn relay(
 /// Wait until `total` bytes have entered `dst`'s send queue (the redirect
 /// work queue has caught up). Polls: the kernel says nothing when it has.
 async fn wait_sent(dst: &End, total: u64) -> Result<(), Fault> {
-    let mut pause = Duration::from_micros(50);
-    loop {
+    let mut pause = Duration::from_millis(1);
+    for round in 0u32.. {
         let now = dst.written_since().map_err(Fault::Write)?;
         if now >= total {
             return Ok(());
         }
         // The peer may have reset meanwhile: then nothing will ever move.
         sys::take_error(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
+        if round < 16 {
+            // The work queue usually catches up within microseconds; the
+            // timer's resolution is a millisecond.
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
     }
+    unreachable!()
 }
 
 /// Bytes the program moved for this connection so far (for idleness).
