@@ -322,6 +322,12 @@ pub struct Shared {
     /// When `open` last became 0.
     pub idle_since: Cell<Instant>,
     pub mode_line: String,
+    /// Connections served to their end.
+    pub served: Cell<u64>,
+    /// Bytes the kernel redirected, and bytes the proxy itself copied, over
+    /// the connections that ended (sockmap mode).
+    pub redirected: Cell<u64>,
+    pub copied: Cell<u64>,
 }
 
 impl Shared {
@@ -370,7 +376,7 @@ async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
                 .kernel
                 .as_ref()
                 .filter(|_| client_is_tcp && backend_is_tcp);
-            let (r, _) = relay_pair(
+            let (r, stats) = relay_pair(
                 kernel,
                 sockmap::LIMIT,
                 client,
@@ -379,6 +385,10 @@ async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
                 shared.opts.idle_timeout,
             )
             .await;
+            shared.served.set(shared.served.get() + 1);
+            let add = |c: &Cell<u64>, v: [u64; 2]| c.set(c.get() + v[0] + v[1]);
+            add(&shared.redirected, stats.redirected);
+            add(&shared.copied, stats.passed);
             match r {
                 Ok(()) => {}
                 Err(Fault::Idle(t)) => tracing::info!("{peer}: closed after {t:?} without traffic"),
@@ -426,12 +436,21 @@ async fn accept_loop(shared: Rc<Shared>, listener: OwnedFd) -> Result<()> {
 
 /// The `STATUS=` line.
 fn status_line(shared: &Shared) -> String {
-    format!(
-        "{}; {} connection{} open",
+    let mut line = format!(
+        "{}; {} connection{} open, {} served",
         shared.mode_line,
         shared.open.get(),
-        if shared.open.get() == 1 { "" } else { "s" }
-    )
+        if shared.open.get() == 1 { "" } else { "s" },
+        shared.served.get(),
+    );
+    if shared.kernel.is_some() {
+        line += &format!(
+            "; {} bytes redirected, {} bytes copied",
+            shared.redirected.get(),
+            shared.copied.get()
+        );
+    }
+    line
 }
 
 /// The sockets systemd passed us (LISTEN_FDS, this process's).
@@ -533,6 +552,9 @@ async fn serve(opts: Options) -> Result<()> {
         open: Cell::new(0),
         idle_since: Cell::new(Instant::now()),
         mode_line,
+        served: Cell::new(0),
+        redirected: Cell::new(0),
+        copied: Cell::new(0),
     });
     let mut tasks = tokio::task::JoinSet::new();
     for fd in streams {
