@@ -258,57 +258,76 @@ pub async fn relay_pair(
         sys::set_reset_on_close(a.get_ref().as_fd());
         sys::set_reset_on_close(b.get_ref().as_fd());
     };
-    if let Some(kernel) = kernel {
-        let ends = sockmap::End::new(client).and_then(|c| Ok((c, sockmap::End::new(backend)?)));
-        let (c, b) = match ends {
-            Ok(ends) => ends,
-            Err(e) => return (Err(Fault::Read(e)), stats),
-        };
-        if let Err(f) = write_all(&b.fd, header).await {
-            reset(&c.fd, &b.fd);
-            return (Err(f), stats);
-        }
-        let armed = match sockmap::arm(kernel, c, b, header.len() as u64, limit) {
-            Ok(a) => a,
-            Err(e) => return (Err(Fault::Write(e)), stats),
-        };
-        let both = async {
-            tokio::try_join!(
-                sockmap::relay(kernel, &armed.client, &armed.backend, header.len() as u64, limit, &activity),
-                sockmap::relay(kernel, &armed.backend, &armed.client, 0, limit, &activity),
-            )
-        };
-        let r = tokio::select! {
-            r = both => r.map(drop),
-            t = idle(idle_timeout, || activity.get() + sockmap::moved(kernel, &armed)) => Err(Fault::Idle(t)),
-        };
-        let (c, b) = sockmap::stats(kernel, &armed);
-        stats.redirected = [c.redirected, b.redirected];
-        stats.passed = [c.passed, b.passed];
-        if matches!(r, Err(Fault::Read(_) | Fault::Write(_))) {
-            reset(&armed.client.fd, &armed.backend.fd);
-        }
-        (r, stats)
-    } else {
+    let Some(kernel) = kernel else {
         if let Err(f) = write_all(&backend, header).await {
             reset(&client, &backend);
             return (Err(f), stats);
         }
-        let both = async {
-            tokio::try_join!(
-                splice::relay(&client, &backend, &activity),
-                splice::relay(&backend, &client, &activity),
-            )
-        };
-        let r = tokio::select! {
-            r = both => r.map(drop),
-            t = idle(idle_timeout, || activity.get()) => Err(Fault::Idle(t)),
-        };
-        if matches!(r, Err(Fault::Read(_) | Fault::Write(_))) {
-            reset(&client, &backend);
-        }
-        (r, stats)
+        return (splice_pair(&client, &backend, idle_timeout).await, stats);
+    };
+    let ends = sockmap::End::new(client).and_then(|c| Ok((c, sockmap::End::new(backend)?)));
+    let (c, b) = match ends {
+        Ok(ends) => ends,
+        Err(e) => return (Err(Fault::Read(e)), stats),
+    };
+    if let Err(f) = write_all(&b.fd, header).await {
+        reset(&c.fd, &b.fd);
+        return (Err(f), stats);
     }
+    // A socket that has seen its peer's FIN (a short request sent with
+    // shutdown, before we got here) can no longer join a SOCKHASH: splice.
+    let armed = if sockmap::established(&c) && sockmap::established(&b) {
+        sockmap::arm(kernel, &c, &b, header.len() as u64, limit)
+            .inspect_err(|e| tracing::debug!("not armed ({e}): splicing this connection"))
+            .ok()
+    } else {
+        None
+    };
+    let Some(armed) = armed else {
+        return (splice_pair(&c.fd, &b.fd, idle_timeout).await, stats);
+    };
+    let both = async {
+        tokio::try_join!(
+            sockmap::relay(&armed, &c, &b, header.len() as u64, limit, &activity),
+            sockmap::relay(&armed, &b, &c, 0, limit, &activity),
+        )
+    };
+    let r = tokio::select! {
+        r = both => r.map(drop),
+        t = idle(idle_timeout, || activity.get() + sockmap::moved(kernel, &armed)) => Err(Fault::Idle(t)),
+    };
+    let (cs, bs) = sockmap::stats(kernel, &armed);
+    stats.redirected = [cs.redirected, bs.redirected];
+    stats.passed = [cs.passed, bs.passed];
+    if matches!(r, Err(Fault::Read(_) | Fault::Write(_))) {
+        reset(&c.fd, &b.fd);
+    }
+    (r, stats)
+}
+
+/// Both directions with splice, until both have ended or one fails (then
+/// both sockets are set to reset when closed).
+async fn splice_pair(
+    client: &AsyncFd<OwnedFd>,
+    backend: &AsyncFd<OwnedFd>,
+    idle_timeout: Option<Duration>,
+) -> Result<(), Fault> {
+    let activity = Activity::default();
+    let both = async {
+        tokio::try_join!(
+            splice::relay(client, backend, &activity),
+            splice::relay(backend, client, &activity),
+        )
+    };
+    let r = tokio::select! {
+        r = both => r.map(drop),
+        t = idle(idle_timeout, || activity.get()) => Err(Fault::Idle(t)),
+    };
+    if matches!(r, Err(Fault::Read(_) | Fault::Write(_))) {
+        sys::set_reset_on_close(client.get_ref().as_fd());
+        sys::set_reset_on_close(backend.get_ref().as_fd());
+    }
+    r
 }
 
 /// State shared by every task of the process.

@@ -201,12 +201,19 @@ impl End {
     }
 }
 
-/// The connection's two ends while they are in the maps; leaving removes
-/// every entry.
-pub struct Armed<'k> {
-    kernel: &'k Kernel,
-    pub client: End,
-    pub backend: End,
+/// The connection's two ends while they are in the maps; dropping it
+/// removes every entry.
+pub struct Armed<'a> {
+    kernel: &'a Kernel,
+    pub client: &'a End,
+    pub backend: &'a End,
+    /// Both sockets are in the SOCKHASH and the program redirects. When
+    /// only the backend could be inserted (the client's FIN came between
+    /// our check and the insert: a socket that is no longer ESTABLISHED
+    /// cannot join a SOCKHASH) everything it receives is passed, and we copy
+    /// both directions ourselves: its passed bytes would be lost if we took
+    /// it out again.
+    pub full: bool,
 }
 
 impl Drop for Armed<'_> {
@@ -216,68 +223,90 @@ impl Drop for Armed<'_> {
     }
 }
 
+/// Whether a TCP socket may join a SOCKHASH (it must be ESTABLISHED).
+pub fn established(end: &End) -> bool {
+    sys::tcp_state(end.fd.get_ref().as_fd()).is_ok_and(|st| st == 1)
+}
+
 /// Steps 3 to 5 of the module's sequence. `header` bytes were already
-/// written to the backend.
-/// `limit` is [`LIMIT`] but for the probe, which makes it small to go
-/// through the pass path.
-pub fn arm(
-    kernel: &Kernel,
-    client: End,
-    backend: End,
+/// written to the backend. `limit` is [`LIMIT`] but for the probe, which
+/// makes it small to go through the pass path. An error means nothing was
+/// inserted: the connection can go on without the kernel's help.
+pub fn arm<'a>(
+    kernel: &'a Kernel,
+    client: &'a End,
+    backend: &'a End,
     header: u64,
     limit: u64,
-) -> io::Result<Armed<'_>> {
-    let armed = Armed {
+) -> io::Result<Armed<'a>> {
+    let mut armed = Armed {
         kernel,
         client,
         backend,
+        full: false,
     };
     {
         let mut counts = kernel.counts.borrow_mut();
-        for end in [&armed.client, &armed.backend] {
+        for end in [client, backend] {
             counts
                 .insert(end.cookie, Count::default(), 0)
                 .map_err(io::Error::other)?;
         }
-        let mut socks = kernel.socks.borrow_mut();
-        for end in [&armed.backend, &armed.client] {
-            socks
-                .insert(end.cookie, end.fd.get_ref().as_raw_fd(), 0)
-                .map_err(io::Error::other)?;
-        }
     }
+    kernel
+        .socks
+        .borrow_mut()
+        .insert(backend.cookie, backend.fd.get_ref().as_raw_fd(), 0)
+        .map_err(io::Error::other)?;
+    let client_in = kernel
+        .socks
+        .borrow_mut()
+        .insert(client.cookie, client.fd.get_ref().as_raw_fd(), 0);
+    if let Err(e) = client_in {
+        tracing::debug!("client socket not inserted ({e}): copying this connection");
+        kernel_kick(backend);
+        return Ok(armed);
+    }
+    armed.full = true;
     kernel.set_side(
-        armed.client.cookie,
+        client.cookie,
         &Side {
-            peer: armed.backend.cookie,
+            peer: backend.cookie,
             drained: 0,
             allowed: limit.saturating_sub(header),
         },
     )?;
     kernel.set_side(
-        armed.backend.cookie,
+        backend.cookie,
         &Side {
-            peer: armed.client.cookie,
+            peer: client.cookie,
             drained: 0,
             allowed: limit,
         },
     )?;
-    for end in [&armed.client, &armed.backend] {
-        sys::set_rcvlowat(end.fd.get_ref().as_fd(), 1)?;
-    }
+    kernel_kick(client);
+    kernel_kick(backend);
     Ok(armed)
+}
+
+/// Step 5: bytes that arrived before the insert go through the program now.
+fn kernel_kick(end: &End) {
+    if let Err(e) = sys::set_rcvlowat(end.fd.get_ref().as_fd(), 1) {
+        tracing::warn!("SO_RCVLOWAT: {e}");
+    }
 }
 
 /// One direction, `src` to `dst`, until EOF was forwarded. `written` is
 /// what user space already wrote to `dst` (the PROXY header).
 pub async fn relay(
-    kernel: &Kernel,
+    armed: &Armed<'_>,
     src: &End,
     dst: &End,
     mut written: u64,
     limit: u64,
     activity: &Activity,
 ) -> Result<(), Fault> {
+    let kernel = armed.kernel;
     let mut drained = 0u64;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -305,6 +334,9 @@ pub async fn relay(
         super::write_all(&dst.fd, &buf[..n]).await?;
         written += n as u64;
         drained += n as u64;
+        if !armed.full {
+            continue;
+        }
         // New credit: what keeps unacknowledged bytes towards dst <= limit.
         let acked = dst.acked_since().map_err(Fault::Write)?;
         let outstanding = (written + count.redirected).saturating_sub(acked);

@@ -414,3 +414,9 @@ pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
 pub fn set_rcvlowat(fd: BorrowedFd<'_>, v: libc::c_int) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, v)
 }
+
+/// The TCP state (`tcpi_state`: 1 is ESTABLISHED).
+pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+    let info: TcpInfo = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    Ok(info.head[0])
+}
