@@ -69,6 +69,12 @@ int ska_proxy_verdict(struct __sk_buff *skb)
 	struct ska_proxy_side *s = bpf_map_lookup_elem(&sides, &cookie);
 	__u64 len = skb->len;
 
+	/* A bare FIN arrives as an skb without data. Redirected, the target's
+	 * send path would count zero bytes sent as a broken pipe and fail the
+	 * socket; passed, it would read as an early end. It carries no byte,
+	 * and the socket's own state says EOF: drop it. */
+	if (len == 0)
+		return SK_DROP;
 	if (!c)
 		return SK_PASS;
 	/* One verdict at a time per socket (the socket's lock), so the

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use futures_util::TryFutureExt;
 use sd_notify::NotifyState;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Semaphore;
@@ -147,8 +148,17 @@ pub enum Fault {
     Read(#[source] io::Error),
     #[error("writing: {0}")]
     Write(#[source] io::Error),
+    /// Either of the above, on the socket named.
+    #[error("{0}: {1}")]
+    On(&'static str, #[source] Box<Fault>),
     #[error("idle for {0:?}")]
     Idle(Duration),
+}
+
+impl Fault {
+    fn on(self, what: &'static str) -> Fault {
+        Fault::On(what, Box::new(self))
+    }
 }
 
 /// A count of transfers, to tell an idle connection from a busy one.
@@ -288,8 +298,10 @@ pub async fn relay_pair(
     };
     let both = async {
         tokio::try_join!(
-            sockmap::relay(&armed, &c, &b, header.len() as u64, limit, &activity),
-            sockmap::relay(&armed, &b, &c, 0, limit, &activity),
+            sockmap::relay(&armed, &c, &b, header.len() as u64, limit, &activity)
+                .map_err(|e| e.on("client to backend")),
+            sockmap::relay(&armed, &b, &c, 0, limit, &activity)
+                .map_err(|e| e.on("backend to client")),
         )
     };
     let r = tokio::select! {
@@ -299,7 +311,7 @@ pub async fn relay_pair(
     let (cs, bs) = sockmap::stats(kernel, &armed);
     stats.redirected = [cs.redirected, bs.redirected];
     stats.passed = [cs.passed, bs.passed];
-    if matches!(r, Err(Fault::Read(_) | Fault::Write(_))) {
+    if matches!(r, Err(Fault::Read(_) | Fault::Write(_) | Fault::On(..))) {
         reset(&c.fd, &b.fd);
     }
     (r, stats)
@@ -315,15 +327,15 @@ async fn splice_pair(
     let activity = Activity::default();
     let both = async {
         tokio::try_join!(
-            splice::relay(client, backend, &activity),
-            splice::relay(backend, client, &activity),
+            splice::relay(client, backend, &activity).map_err(|e| e.on("client to backend")),
+            splice::relay(backend, client, &activity).map_err(|e| e.on("backend to client")),
         )
     };
     let r = tokio::select! {
         r = both => r.map(drop),
         t = idle(idle_timeout, || activity.get()) => Err(Fault::Idle(t)),
     };
-    if matches!(r, Err(Fault::Read(_) | Fault::Write(_))) {
+    if matches!(r, Err(Fault::Read(_) | Fault::Write(_) | Fault::On(..))) {
         sys::set_reset_on_close(client.get_ref().as_fd());
         sys::set_reset_on_close(backend.get_ref().as_fd());
     }

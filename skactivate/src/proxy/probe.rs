@@ -9,9 +9,9 @@
 //! * 2 MiB each way, with the kernel redirecting (its counters say so);
 //! * a backend that stops reading for a while makes the program stop
 //!   redirecting (the bound on queued memory) and the proxy go on in order;
-//! * the client's `shutdown(SHUT_WR)` reaches the backend as EOF (the FIN
-//!   handling fixed in Linux 6.4), and the backend's reply after it still
-//!   reaches the client, then its EOF;
+//! * the client's `shutdown(SHUT_WR)`, a FIN in a segment of its own,
+//!   reaches the backend as EOF (the FIN handling fixed in Linux 6.4), and
+//!   the backend's reply after it still reaches the client, then its EOF;
 //! * every step wakes up in time (stuck backlogs, lost wake-ups: a timeout).
 //!
 //! `SKACTIVATE_PROXY_PROBE=fail` in the environment makes the probe fail,
@@ -107,6 +107,9 @@ fn drive(client: TcpStream, mut server: TcpStream) -> Result<(), String> {
     let up2 = up.clone();
     let w = std::thread::spawn(move || -> std::io::Result<()> {
         writer.write_all(&up2)?;
+        // A FIN of its own, not on the last data segment: a bare FIN must
+        // not break the connection.
+        std::thread::sleep(Duration::from_millis(50));
         writer.shutdown(Shutdown::Write)
     });
     // The backend stalls first: the program must stop redirecting.
@@ -128,6 +131,7 @@ fn drive(client: TcpStream, mut server: TcpStream) -> Result<(), String> {
     }
     // Half-close: the reply after the client's EOF.
     server.write_all(&down).map_err(|x| e("backend replying after EOF", x))?;
+    std::thread::sleep(Duration::from_millis(50));
     server.shutdown(Shutdown::Write).map_err(|x| e("backend shutdown", x))?;
     let mut back = Vec::with_capacity(BULK);
     (&client)
