@@ -79,7 +79,9 @@ impl Proxy {
         ));
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).unwrap();
-        notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
@@ -127,7 +129,10 @@ impl Proxy {
             if let Some(st) = p.child.try_wait().unwrap() {
                 panic!("skactivate proxy {args:?} exited before READY=1: {st}");
             }
-            assert!(start.elapsed() < T, "no READY=1 from skactivate proxy {args:?}");
+            assert!(
+                start.elapsed() < T,
+                "no READY=1 from skactivate proxy {args:?}"
+            );
         }
         p
     }
@@ -165,7 +170,10 @@ impl Proxy {
             if f(&s) {
                 return s;
             }
-            assert!(start.elapsed() < T, "STATUS= never as expected; last: {s:?}");
+            assert!(
+                start.elapsed() < T,
+                "STATUS= never as expected; last: {s:?}"
+            );
         }
     }
 
@@ -294,7 +302,7 @@ fn request(to: SocketAddr, up: &[u8], reply_len: usize) -> (u64, u64, Vec<u8>) {
 }
 
 /// Full duplex: write `data` from one thread while reading the echo.
-fn echo_through(to: SocketAddr, data: Arc<Vec<u8>>) -> Vec<u8> {
+fn echo_through(to: SocketAddr, data: &Arc<Vec<u8>>) -> Vec<u8> {
     let c = TcpStream::connect(to).unwrap();
     timeouts(&c);
     let mut w = c.try_clone().unwrap();
@@ -337,17 +345,25 @@ fn large_transfers_both_ways_arrive_whole() {
             // 32 MiB each way at once (full duplex) ...
             let data = Arc::new(pattern(1, 32 << 20));
             let d2 = data.clone();
-            let duplex = thread::spawn(move || echo_through(e, d2));
+            let duplex = thread::spawn(move || echo_through(e, &d2));
             // ... and 16 MiB up, then 24 MiB down after the client's EOF.
             let up = pattern(2, 16 << 20);
             let (len, digest, reply) = request(r, &up, 24 << 20);
             assert_eq!(len, up.len() as u64, "{mode}: bytes the backend saw");
             assert_eq!(digest, Digest::of(&up), "{mode}: digest the backend saw");
             assert_eq!(reply.len(), 24 << 20, "{mode}: reply length");
-            assert_eq!(Digest::of(&reply), Digest::of(&pattern(7, 24 << 20)), "{mode}");
+            assert_eq!(
+                Digest::of(&reply),
+                Digest::of(&pattern(7, 24 << 20)),
+                "{mode}"
+            );
             let echoed = duplex.join().unwrap();
             assert_eq!(echoed.len(), data.len(), "{mode}: echo length");
-            assert_eq!(Digest::of(&echoed), Digest::of(&data), "{mode}: echo digest");
+            assert_eq!(
+                Digest::of(&echoed),
+                Digest::of(&data),
+                "{mode}: echo digest"
+            );
             assert_kernel_moved(&mut p, mode);
             assert_kernel_moved(&mut p2, mode);
         });
@@ -415,10 +431,17 @@ fn early_bytes_arrive_first_and_once() {
             second.write_all(&(0u64).to_le_bytes()).unwrap();
             second.write_all(&early).unwrap();
             thread::sleep(Duration::from_millis(200));
-            assert_eq!(b.accepted.load(Ordering::SeqCst), 1, "{mode}: at most one at a time");
+            assert_eq!(
+                b.accepted.load(Ordering::SeqCst),
+                1,
+                "{mode}: at most one at a time"
+            );
             drop(first);
             // Then more, once the proxy has it.
-            assert!(poll_until(T, || b.accepted.load(Ordering::SeqCst) == 2), "{mode}");
+            assert!(
+                poll_until(T, || b.accepted.load(Ordering::SeqCst) == 2),
+                "{mode}"
+            );
             let late = pattern(5, 300_000);
             second.write_all(&late).unwrap();
             second.shutdown(Shutdown::Write).unwrap();
@@ -460,7 +483,11 @@ fn many_concurrent_connections() {
                     })
                 })
                 .collect();
-            let ok = threads.into_iter().filter_map(|t| t.join().ok()).filter(|&ok| ok).count();
+            let ok = threads
+                .into_iter()
+                .filter_map(|t| t.join().ok())
+                .filter(|&ok| ok)
+                .count();
             assert_eq!(ok, 200, "{mode}: connections echoed intact");
             assert_eq!(b.accepted.load(Ordering::SeqCst), 200, "{mode}");
             assert_kernel_moved(&mut p, mode);
@@ -488,12 +515,20 @@ fn connections_max_makes_clients_wait_never_drops_them() {
                 })
                 .collect();
             thread::sleep(Duration::from_millis(300));
-            assert_eq!(b.accepted.load(Ordering::SeqCst), 2, "{mode}: none beyond the limit");
+            assert_eq!(
+                b.accepted.load(Ordering::SeqCst),
+                2,
+                "{mode}: none beyond the limit"
+            );
             drop(held);
             for (i, mut c) in waiting.into_iter().enumerate() {
                 let mut got = String::new();
                 c.read_to_string(&mut got).unwrap();
-                assert_eq!(got, format!("waiting {i}\n"), "{mode}: served after waiting");
+                assert_eq!(
+                    got,
+                    format!("waiting {i}\n"),
+                    "{mode}: served after waiting"
+                );
             }
             assert_eq!(b.accepted.load(Ordering::SeqCst), 5, "{mode}");
         });
@@ -524,7 +559,9 @@ fn idle_timeout_closes_idle_connections_only() {
             let mut rest = Vec::new();
             let r = idle.read_to_end(&mut rest);
             assert!(
-                matches!(r, Ok(0)) || r.as_ref().is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
+                matches!(r, Ok(0))
+                    || r.as_ref()
+                        .is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
                 "{mode}: idle connection still open: {r:?}"
             );
             busy.write_all(b"z").unwrap();
@@ -568,7 +605,11 @@ fn resets_and_refusal_propagate() {
             socket2_linger0(&c);
             drop(c);
             assert!(poll_until(T, || !SEEN.lock().unwrap().is_empty()), "{mode}");
-            assert_eq!(SEEN.lock().unwrap()[0], "ConnectionReset", "{mode}: client reset");
+            assert_eq!(
+                SEEN.lock().unwrap()[0],
+                "ConnectionReset",
+                "{mode}: client reset"
+            );
 
             // The backend resets: the client reads ECONNRESET.
             let mut c = TcpStream::connect(a).unwrap();
@@ -644,8 +685,14 @@ fn datagrams_from_several_clients_get_their_own_replies() {
             let front = UdpSocket::bind("127.0.0.1:0").unwrap();
             let at = front.local_addr().unwrap();
             let t = target.to_string();
-            let _p = Proxy::start(&["--mode", mode, "--idle-timeout", "1s", &t], &[&front], &[]);
-            let clients: Vec<UdpSocket> = (0..5).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+            let _p = Proxy::start(
+                &["--mode", mode, "--idle-timeout", "1s", &t],
+                &[&front],
+                &[],
+            );
+            let clients: Vec<UdpSocket> = (0..5)
+                .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+                .collect();
             let mut backend_peer = Vec::new();
             for round in 0..3 {
                 for (i, c) in clients.iter().enumerate() {
@@ -661,7 +708,10 @@ fn datagrams_from_several_clients_get_their_own_replies() {
                     if round == 0 {
                         backend_peer.push(peer.to_owned());
                     } else {
-                        assert_eq!(peer, backend_peer[i], "{mode}: one backend socket per client");
+                        assert_eq!(
+                            peer, backend_peer[i],
+                            "{mode}: one backend socket per client"
+                        );
                     }
                 }
             }
@@ -755,7 +805,11 @@ fn proxy_protocol_v1_and_v2_headers_come_first() {
             let front = UdpSocket::bind("127.0.0.1:0").unwrap();
             let at = front.local_addr().unwrap();
             let t = target.to_string();
-            let _p = Proxy::start(&["--mode", mode, "--proxy-protocol", "v2", &t], &[&front], &[]);
+            let _p = Proxy::start(
+                &["--mode", mode, "--proxy-protocol", "v2", &t],
+                &[&front],
+                &[],
+            );
             let c = UdpSocket::bind("127.0.0.1:0").unwrap();
             c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
             for i in 0..2 {
@@ -793,7 +847,8 @@ fn proxy_protocol_v1_and_v2_headers_come_first() {
 fn queued(s: &TcpStream, request: libc::Ioctl) -> usize {
     let mut v: libc::c_int = 0;
     // SAFETY: both ioctls take an int out-parameter.
-    assert_eq!(unsafe { libc::ioctl(s.as_raw_fd(), request, &raw mut v) }, 0);
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), request, &raw mut v) };
+    assert_eq!(r, 0);
     usize::try_from(v).unwrap()
 }
 
@@ -819,7 +874,9 @@ fn a_slow_backend_cannot_grow_kernel_memory_without_bound() {
                         d.update(&chunk[..n]);
                         sent += n;
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5))
+                    }
                     Err(e) => panic!("{mode}: {e}"),
                 }
                 // Accepted by the proxy's side but not yet in the backend's
@@ -830,7 +887,10 @@ fn a_slow_backend_cannot_grow_kernel_memory_without_bound() {
             eprintln!("{mode}: client sent {sent} bytes, proxy held at most {held_max}");
             // Socket buffers (at most 6 MiB receive, 4 MiB send by default)
             // plus the 4 MiB redirect credit; unbounded would be gigabytes.
-            assert!(held_max < 24 << 20, "{mode}: the proxy held {held_max} bytes");
+            assert!(
+                held_max < 24 << 20,
+                "{mode}: the proxy held {held_max} bytes"
+            );
             // Then everything arrives, in order.
             c.set_nonblocking(false).unwrap();
             c.shutdown(Shutdown::Write).unwrap();
@@ -866,17 +926,19 @@ fn auto_mode_probes_and_falls_back_when_the_probe_fails() {
         let st = p.status();
         assert!(st.starts_with("mode sockmap (probe passed"), "{st}");
         let data = Arc::new(pattern(11, 1 << 20));
-        assert_eq!(echo_through(a, data.clone()), *data);
+        assert_eq!(echo_through(a, &data), *data);
         assert_kernel_moved(&mut p, "sockmap");
         drop(p);
 
         let mut p = Proxy::start(&[&t], &[&l], &[("SKACTIVATE_PROXY_PROBE", "fail")]);
         let st = p.status();
         assert!(
-            st.starts_with("mode splice (sockmap probe failed: forced by SKACTIVATE_PROXY_PROBE=fail)"),
+            st.starts_with(
+                "mode splice (sockmap probe failed: forced by SKACTIVATE_PROXY_PROBE=fail)"
+            ),
             "{st}"
         );
-        assert_eq!(echo_through(a, data.clone()), *data);
+        assert_eq!(echo_through(a, &data), *data);
     });
 }
 
@@ -890,7 +952,10 @@ fn exit_idle_time_ends_the_process_when_nothing_is_open() {
             let mut c = TcpStream::connect(a).unwrap();
             timeouts(&c);
             thread::sleep(Duration::from_secs(2));
-            assert!(p.child.try_wait().unwrap().is_none(), "{mode}: exited with a connection open");
+            assert!(
+                p.child.try_wait().unwrap().is_none(),
+                "{mode}: exited with a connection open"
+            );
             c.write_all(b"still here").unwrap();
             c.shutdown(Shutdown::Write).unwrap();
             let mut got = String::new();
@@ -898,7 +963,11 @@ fn exit_idle_time_ends_the_process_when_nothing_is_open() {
             assert_eq!(got, "still here");
             drop(c);
             let st = p.wait_exit(Duration::from_secs(5));
-            assert_eq!(st.and_then(|s| s.code()), Some(0), "{mode}: exit after 1 s idle");
+            assert_eq!(
+                st.and_then(|s| s.code()),
+                Some(0),
+                "{mode}: exit after 1 s idle"
+            );
         });
     }
 }
@@ -911,7 +980,11 @@ fn socket_activated_under_systemd_with_type_notify() {
     sd.install_skactivate();
     let examples = common::systemd::repo().join("units/examples");
     for unit in ["webserver-proxy.socket", "webserver-proxy.service"] {
-        sd.copy_in(&examples.join(unit), &format!("{ADMIN_UNITS}/{unit}"), 0o644);
+        sd.copy_in(
+            &examples.join(unit),
+            &format!("{ADMIN_UNITS}/{unit}"),
+            0o644,
+        );
     }
     sd.daemon_reload();
     // The example exits after a minute idle; the test has no minute.
@@ -923,12 +996,20 @@ fn socket_activated_under_systemd_with_type_notify() {
         0o644,
     );
     sd.daemon_reload();
-    sd.ok(&["systemctl", "start", "webserver.socket", "webserver-proxy.socket"]);
+    sd.ok(&[
+        "systemctl",
+        "start",
+        "webserver.socket",
+        "webserver-proxy.socket",
+    ]);
     let to: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-    let reply = sd.in_netns(|| {
-        common::systemd::poll_for(SETTLE, || http_get(to).ok())
+    let reply = sd.in_netns(|| common::systemd::poll_for(SETTLE, || http_get(to).ok()));
+    let reply = reply.unwrap_or_else(|| {
+        panic!(
+            "no answer through the proxy: {}",
+            sd.journal("webserver-proxy.service")
+        )
     });
-    let reply = reply.unwrap_or_else(|| panic!("no answer through the proxy: {}", sd.journal("webserver-proxy.service")));
     assert_eq!(reply.status, 200);
     assert!(reply.body.starts_with("webserver "), "{reply:?}");
     sd.wait_state("webserver-proxy.service", "active");
@@ -936,10 +1017,16 @@ fn socket_activated_under_systemd_with_type_notify() {
     assert!(status.starts_with("mode sockmap (probe passed"), "{status}");
     assert_eq!(sd.property("webserver-proxy.service", "Type"), "notify");
     // Many requests, each through the kernel.
-    let ok = sd.in_netns(|| (0..50).filter(|_| http_get(to).is_ok_and(|r| r.status == 200)).count());
+    let ok = sd.in_netns(|| {
+        (0..50)
+            .filter(|_| http_get(to).is_ok_and(|r| r.status == 200))
+            .count()
+    });
     assert_eq!(ok, 50);
     assert!(
-        poll_until(SETTLE, || redirected(&sd.property("webserver-proxy.service", "StatusText")) > 0),
+        poll_until(SETTLE, || redirected(
+            &sd.property("webserver-proxy.service", "StatusText")
+        ) > 0),
         "{}",
         sd.property("webserver-proxy.service", "StatusText")
     );

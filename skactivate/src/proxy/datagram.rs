@@ -99,7 +99,8 @@ pub async fn serve(shared: Rc<Shared>, fd: OwnedFd) -> Result<()> {
                     },
                 );
                 shared.opened();
-                let (shared2, flows2, listener2) = (shared.clone(), flows.clone(), listener.clone());
+                let (shared2, flows2, listener2) =
+                    (shared.clone(), flows.clone(), listener.clone());
                 let (sock2, last2, client2) = (sock.clone(), last.clone(), client.clone());
                 tokio::task::spawn_local(async move {
                     replies(&listener2, &sock2, &client2, &last2, idle).await;

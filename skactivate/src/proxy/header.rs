@@ -19,7 +19,9 @@ impl std::str::FromStr for Version {
         match s {
             "v1" | "1" => Ok(Version::V1),
             "v2" | "2" => Ok(Version::V2),
-            other => Err(format!("{other:?} is not a PROXY protocol version (v1 or v2)")),
+            other => Err(format!(
+                "{other:?} is not a PROXY protocol version (v1 or v2)"
+            )),
         }
     }
 }
@@ -116,30 +118,62 @@ mod tests {
     #[test]
     fn v1_tcp4_tcp6_and_unknown() {
         assert_eq!(
-            encode(Version::V1, Transport::Stream, &a("192.0.2.1:5000"), &a("198.51.100.2:80")),
+            encode(
+                Version::V1,
+                Transport::Stream,
+                &a("192.0.2.1:5000"),
+                &a("198.51.100.2:80")
+            ),
             b"PROXY TCP4 192.0.2.1 198.51.100.2 5000 80\r\n"
         );
         assert_eq!(
-            encode(Version::V1, Transport::Stream, &a("[2001:db8::1]:5000"), &a("[2001:db8::2]:443")),
+            encode(
+                Version::V1,
+                Transport::Stream,
+                &a("[2001:db8::1]:5000"),
+                &a("[2001:db8::2]:443")
+            ),
             b"PROXY TCP6 2001:db8::1 2001:db8::2 5000 443\r\n"
         );
         assert_eq!(
-            encode(Version::V1, Transport::Stream, &a("192.0.2.1:5000"), &a("[2001:db8::2]:443")),
+            encode(
+                Version::V1,
+                Transport::Stream,
+                &a("192.0.2.1:5000"),
+                &a("[2001:db8::2]:443")
+            ),
             b"PROXY TCP6 ::ffff:192.0.2.1 2001:db8::2 5000 443\r\n"
         );
         assert_eq!(
-            encode(Version::V1, Transport::Stream, &Addr::Other, &Addr::Unix(b"/run/x".to_vec())),
+            encode(
+                Version::V1,
+                Transport::Stream,
+                &Addr::Other,
+                &Addr::Unix(b"/run/x".to_vec())
+            ),
             b"PROXY UNKNOWN\r\n"
         );
     }
 
     #[test]
     fn v2_inet_stream_and_dgram() {
-        let h = encode(Version::V2, Transport::Stream, &a("192.0.2.1:5000"), &a("198.51.100.2:80"));
+        let h = encode(
+            Version::V2,
+            Transport::Stream,
+            &a("192.0.2.1:5000"),
+            &a("198.51.100.2:80"),
+        );
         let mut want = V2_SIGNATURE.to_vec();
-        want.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0, 80]);
+        want.extend_from_slice(&[
+            0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0, 80,
+        ]);
         assert_eq!(h, want);
-        let h = encode(Version::V2, Transport::Datagram, &a("[2001:db8::1]:53"), &a("[2001:db8::2]:53"));
+        let h = encode(
+            Version::V2,
+            Transport::Datagram,
+            &a("[2001:db8::1]:53"),
+            &a("[2001:db8::2]:53"),
+        );
         assert_eq!(h[12..16], [0x21, 0x22, 0, 36]);
         assert_eq!(h.len(), 16 + 36);
         let h = encode(Version::V2, Transport::Stream, &Addr::Other, &Addr::Other);

@@ -399,10 +399,8 @@ async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
                 .proxy_protocol
                 .map(|v| header::encode(v, header::Transport::Stream, &peer, &local))
                 .unwrap_or_default();
-            let backend_is_tcp = matches!(
-                sys::local_addr(backend.get_ref().as_fd()),
-                Ok(Addr::Ip(_))
-            );
+            let backend_is_tcp =
+                matches!(sys::local_addr(backend.get_ref().as_fd()), Ok(Addr::Ip(_)));
             let kernel = shared
                 .kernel
                 .as_ref()
@@ -443,7 +441,10 @@ async fn accept_loop(shared: Rc<Shared>, listener: OwnedFd) -> Result<()> {
             .await
             .expect("never closed");
         let (fd, peer) = loop {
-            let mut g = listener.readable().await.context("waiting on a listening socket")?;
+            let mut g = listener
+                .readable()
+                .await
+                .context("waiting on a listening socket")?;
             match g.try_io(|l| sys::accept(l.get_ref().as_fd())) {
                 Err(_would_block) => continue,
                 Ok(Ok(c)) => break c,
@@ -496,7 +497,10 @@ fn passed_sockets() -> Result<Vec<OwnedFd>> {
         );
     }
     // SAFETY: systemd passed these fds to this process, nothing else owns them.
-    Ok(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect())
+    Ok(fds
+        .into_iter()
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect())
 }
 
 /// The mode to use, and the line that says which and why.
@@ -516,7 +520,10 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
             Ok(k) => (Some(k), "mode sockmap (as asked)".to_owned()),
             Err(e) => {
                 tracing::error!("--mode sockmap: {e}");
-                (None, format!("mode splice (sockmap asked for but unavailable: {e})"))
+                (
+                    None,
+                    format!("mode splice (sockmap asked for but unavailable: {e})"),
+                )
             }
         },
         Mode::Auto => match probe::probe().await {
@@ -559,7 +566,9 @@ async fn serve(opts: Options) -> Result<()> {
             libc::SOCK_STREAM if sys::is_listening(fd.as_fd())? => streams.push(fd),
             libc::SOCK_STREAM => connected.push(fd),
             libc::SOCK_DGRAM => datagrams.push(fd),
-            other => bail!("passed socket of type {other} (only stream and datagram sockets are proxied)"),
+            other => bail!(
+                "passed socket of type {other} (only stream and datagram sockets are proxied)"
+            ),
         }
     }
     if !datagrams.is_empty() {
@@ -689,9 +698,22 @@ mod tests {
             "localhost:8080".parse::<Target>(),
             Ok(Target::Host("localhost".into(), 8080))
         );
-        assert_eq!("/run/app.sock".parse::<Target>(), Ok(Target::Unix(b"/run/app.sock".to_vec())));
-        assert_eq!("@app".parse::<Target>(), Ok(Target::UnixAbstract(b"app".to_vec())));
-        for bad in ["localhost", "host:0", "host:70000", "2001:db8::1:80", "@", ":80"] {
+        assert_eq!(
+            "/run/app.sock".parse::<Target>(),
+            Ok(Target::Unix(b"/run/app.sock".to_vec()))
+        );
+        assert_eq!(
+            "@app".parse::<Target>(),
+            Ok(Target::UnixAbstract(b"app".to_vec()))
+        );
+        for bad in [
+            "localhost",
+            "host:0",
+            "host:70000",
+            "2001:db8::1:80",
+            "@",
+            ":80",
+        ] {
             assert!(bad.parse::<Target>().is_err(), "{bad}");
         }
     }

@@ -57,12 +57,12 @@ pub async fn probe() -> Result<Kernel, String> {
     let io = |what: &str, e: std::io::Error| format!("loopback pair: {what}: {e}");
     let front = TcpListener::bind("127.0.0.1:0").map_err(|e| io("bind", e))?;
     let back = TcpListener::bind("127.0.0.1:0").map_err(|e| io("bind", e))?;
-    let mut client =
-        TcpStream::connect(front.local_addr().map_err(|e| io("address", e))?).map_err(|e| io("connect", e))?;
+    let mut client = TcpStream::connect(front.local_addr().map_err(|e| io("address", e))?)
+        .map_err(|e| io("connect", e))?;
     let (accepted, _) = front.accept().map_err(|e| io("accept", e))?;
     client.write_all(EARLY).map_err(|e| io("write", e))?;
-    let backend =
-        TcpStream::connect(back.local_addr().map_err(|e| io("address", e))?).map_err(|e| io("connect", e))?;
+    let backend = TcpStream::connect(back.local_addr().map_err(|e| io("address", e))?)
+        .map_err(|e| io("connect", e))?;
     let (server, _) = back.accept().map_err(|e| io("accept", e))?;
     let fd = |s: TcpStream| -> Result<AsyncFd<OwnedFd>, String> {
         s.set_nonblocking(true).map_err(|e| io("O_NONBLOCK", e))?;
@@ -74,7 +74,9 @@ pub async fn probe() -> Result<Kernel, String> {
     let relay = super::relay_pair(Some(&kernel), PROBE_LIMIT, accepted, backend, b"", None);
     let (r, stats) = tokio::time::timeout(STEP_TIMEOUT * 4, relay)
         .await
-        .map_err(|_| "the proxied connection did not finish (lost wake-up or stuck queue)".to_owned())?;
+        .map_err(|_| {
+            "the proxied connection did not finish (lost wake-up or stuck queue)".to_owned()
+        })?;
     let d = tokio::time::timeout(STEP_TIMEOUT * 4, driver)
         .await
         .map_err(|_| "the test client did not finish".to_owned())?
@@ -88,18 +90,22 @@ pub async fn probe() -> Result<Kernel, String> {
         ));
     }
     if stats.passed[0] == 0 {
-        return Err("a stalled backend did not stop the redirect (no bound on queued bytes)".into());
+        return Err(
+            "a stalled backend did not stop the redirect (no bound on queued bytes)".into(),
+        );
     }
     tracing::debug!("sockmap probe: {stats:?}");
     Ok(kernel)
 }
 
 /// The client and the backend of the probe, on blocking sockets.
-fn drive(client: TcpStream, mut server: TcpStream) -> Result<(), String> {
+fn drive(mut client: TcpStream, mut server: TcpStream) -> Result<(), String> {
     let e = |what: &str, e: std::io::Error| format!("{what}: {e}");
     for s in [&client, &server] {
-        s.set_read_timeout(Some(STEP_TIMEOUT)).map_err(|x| e("timeout", x))?;
-        s.set_write_timeout(Some(STEP_TIMEOUT)).map_err(|x| e("timeout", x))?;
+        s.set_read_timeout(Some(STEP_TIMEOUT))
+            .map_err(|x| e("timeout", x))?;
+        s.set_write_timeout(Some(STEP_TIMEOUT))
+            .map_err(|x| e("timeout", x))?;
     }
     let up = pattern(1, BULK);
     let down = pattern(2, BULK);
@@ -121,20 +127,31 @@ fn drive(client: TcpStream, mut server: TcpStream) -> Result<(), String> {
     w.join()
         .map_err(|_| "writer panicked".to_owned())?
         .map_err(|x| e("client writing", x))?;
-    if got.len() != EARLY.len() + BULK || &got[..EARLY.len()] != EARLY || got[EARLY.len()..] != up[..] {
+    if got.len() != EARLY.len() + BULK
+        || &got[..EARLY.len()] != EARLY
+        || got[EARLY.len()..] != up[..]
+    {
         return Err(format!(
             "client to backend: {} bytes arrived, {} sent, {}",
             got.len(),
             EARLY.len() + BULK,
-            if got.starts_with(EARLY) { "early bytes first" } else { "early bytes not first" }
+            if got.starts_with(EARLY) {
+                "early bytes first"
+            } else {
+                "early bytes not first"
+            }
         ));
     }
     // Half-close: the reply after the client's EOF.
-    server.write_all(&down).map_err(|x| e("backend replying after EOF", x))?;
+    server
+        .write_all(&down)
+        .map_err(|x| e("backend replying after EOF", x))?;
     std::thread::sleep(Duration::from_millis(50));
-    server.shutdown(Shutdown::Write).map_err(|x| e("backend shutdown", x))?;
+    server
+        .shutdown(Shutdown::Write)
+        .map_err(|x| e("backend shutdown", x))?;
     let mut back = Vec::with_capacity(BULK);
-    (&client)
+    client
         .read_to_end(&mut back)
         .map_err(|x| e("client reading the reply after its own EOF", x))?;
     if back != down {

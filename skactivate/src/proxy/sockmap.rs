@@ -258,10 +258,11 @@ pub fn arm<'a>(
         .borrow_mut()
         .insert(backend.cookie, backend.fd.get_ref().as_raw_fd(), 0)
         .map_err(io::Error::other)?;
-    let client_in = kernel
-        .socks
-        .borrow_mut()
-        .insert(client.cookie, client.fd.get_ref().as_raw_fd(), 0);
+    let client_in =
+        kernel
+            .socks
+            .borrow_mut()
+            .insert(client.cookie, client.fd.get_ref().as_raw_fd(), 0);
     if let Err(e) = client_in {
         tracing::debug!("client socket not inserted ({e}): copying this connection");
         kernel_kick(backend);
@@ -389,4 +390,19 @@ pub fn stats(kernel: &Kernel, armed: &Armed<'_>) -> (Count, Count) {
         kernel.count(armed.client.cookie),
         kernel.count(armed.backend.cookie),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mirrors have the C structs' sizes (aya also refuses a map whose
+    /// value size differs, so a mismatch fails every sockmap test too).
+    #[test]
+    fn mirrors_match_the_c_structs() {
+        assert_eq!(size_of::<Side>(), 3 * 8, "struct ska_proxy_side");
+        assert_eq!(size_of::<Count>(), 2 * 8, "struct ska_proxy_count");
+        assert_eq!(std::mem::offset_of!(Side, allowed), 16);
+        assert_eq!(std::mem::offset_of!(Count, passed), 8);
+    }
 }

@@ -126,7 +126,10 @@ pub fn from_raw(ss: &libc::sockaddr_storage, len: libc::socklen_t) -> Addr {
             let sun: libc::sockaddr_un = unsafe { std::ptr::read((&raw const *ss).cast()) };
             let base = std::mem::offset_of!(libc::sockaddr_un, sun_path);
             let n = (len as usize).saturating_sub(base).min(sun.sun_path.len());
-            let bytes: Vec<u8> = sun.sun_path[..n].iter().map(|b| b.cast_unsigned()).collect();
+            let bytes: Vec<u8> = sun.sun_path[..n]
+                .iter()
+                .map(|b| b.cast_unsigned())
+                .collect();
             match bytes.split_first() {
                 None => Addr::Other,
                 Some((0, rest)) => Addr::UnixAbstract(rest.to_vec()),
@@ -148,13 +151,8 @@ pub fn family(addr: &Addr) -> libc::c_int {
 /// A new non-blocking, close-on-exec socket.
 pub fn socket(family: libc::c_int, ty: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall.
-    let fd = cvt(unsafe {
-        libc::socket(
-            family,
-            ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
+    let fd =
+        cvt(unsafe { libc::socket(family, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: a fresh fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -237,7 +235,15 @@ pub fn getsockopt<T: Copy>(
     let mut v: T = unsafe { zeroed() };
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: v/len describe writable storage of T.
-    cvt(unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut v).cast(), &raw mut len) })?;
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw mut v).cast(),
+            &raw mut len,
+        )
+    })?;
     Ok(v)
 }
 
