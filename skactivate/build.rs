@@ -33,8 +33,9 @@ fn main() {
     if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
         panic!("<bpf/bpf_helpers.h> not found: on Debian/Ubuntu: apt-get install libbpf-dev");
     }
-    // empty: the baseline program of the benchmarks (benches/dispatcher.rs).
-    for name in ["dispatcher", "empty"] {
+    // empty: the baseline program of the benchmarks (benches/dispatcher.rs);
+    // proxy: the verdict program of `skactivate proxy --mode sockmap`.
+    for name in ["dispatcher", "empty", "proxy"] {
         let src = ebpf.join(format!("{name}.bpf.c"));
         println!("cargo::rerun-if-changed={}", src.display());
         let obj = out.join(format!("{name}.bpf.o"));

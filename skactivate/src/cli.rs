@@ -142,4 +142,32 @@ pub enum Command {
         #[arg(long, value_name = "system|session|ADDRESS", default_value = "system")]
         bus: Bus,
     },
+    /// Proxy connections from the sockets systemd passed (LISTEN_FDS) to
+    /// TARGET, as systemd-socket-proxyd does, with the kernel moving the
+    /// bytes (SOCKMAP) where it can. Run by a service behind a socket unit.
+    Proxy {
+        /// Connections (and datagram flows) open at once; beyond it no more
+        /// are accepted and they wait in the kernel's backlog.
+        #[arg(long, short = 'c', value_name = "N", default_value_t = 256)]
+        connections_max: usize,
+        /// Exit when no connection has been open for this long (the socket
+        /// unit starts us again on the next one): 30s, 5min, 1h, or seconds.
+        #[arg(long, value_name = "TIME", value_parser = crate::proxy::parse_time)]
+        exit_idle_time: Option<std::time::Duration>,
+        /// Close a connection after this long without a byte either way;
+        /// datagram flows end after it (default 60s for them).
+        #[arg(long, value_name = "TIME", value_parser = crate::proxy::parse_time)]
+        idle_timeout: Option<std::time::Duration>,
+        /// Send a PROXY protocol header (v1 text or v2 binary) to the
+        /// backend before any byte of the client's.
+        #[arg(long, value_name = "v1|v2")]
+        proxy_protocol: Option<crate::proxy::header::Version>,
+        /// How bytes move: sockmap (in the kernel), splice (pipes, as
+        /// socket-proxyd), auto (sockmap if a probe at start shows it works).
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: crate::proxy::Mode,
+        /// HOST:PORT, /path (AF_UNIX) or @abstract.
+        #[arg(value_name = "TARGET")]
+        target: crate::proxy::Target,
+    },
 }

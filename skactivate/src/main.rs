@@ -69,5 +69,20 @@ fn main() -> ExitCode {
             protocol, address, port, json, &bus,
         )),
         Command::Metrics { bus } => report(skactivate::status::metrics(&bus)),
+        Command::Proxy {
+            connections_max,
+            exit_idle_time,
+            idle_timeout,
+            proxy_protocol,
+            mode,
+            target,
+        } => report(skactivate::proxy::run(skactivate::proxy::Options {
+            connections_max,
+            exit_idle_time,
+            idle_timeout,
+            proxy_protocol,
+            mode,
+            target,
+        })),
     }
 }

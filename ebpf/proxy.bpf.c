@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * skactivate proxy: the verdict program of `skactivate proxy --mode sockmap`.
+ *
+ * Each proxied connection is two TCP sockets, the client's (accepted) and the
+ * backend's (connected), both in `socks` under their socket cookies. The
+ * program runs for every chunk of data that arrives on either socket and
+ * sends it to the egress of the other one (bpf_sk_redirect_hash without
+ * BPF_F_INGRESS): the bytes never reach user space.
+ *
+ * It redirects only while user space allows it; otherwise it passes the data
+ * to the socket's own receive queue (SK_PASS), where the proxy reads it and
+ * writes it on itself, in order. That happens
+ *  - before user space has armed the side (`sides` has no entry yet),
+ *  - after a pass, until user space has read everything passed so far
+ *    (`passed == drained`): a pass never lets later bytes overtake earlier ones,
+ *  - when this side has redirected `allowed` bytes. The kernel has no
+ *    backpressure of its own for redirected data: a slow backend would make
+ *    the redirect queue grow without bound. User space hands out credit as
+ *    the peer's peer acknowledges (sk_skb programs may not look at TCP state).
+ *    Passed data is charged to the receiving socket, so TCP flow control
+ *    then holds the sender back.
+ * See skactivate/src/proxy/sockmap.rs for the user-space half.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#define SKA_PROXY_MAX_SOCKETS 65536
+
+/* Mirrored by proxy::sockmap::Side. Written by user space only. */
+struct ska_proxy_side {
+	__u64 peer;    /* the other socket's cookie, its key in `socks` */
+	__u64 drained; /* passed bytes user space has read */
+	__u64 allowed; /* redirect while redirected + len <= allowed */
+};
+
+/* Mirrored by proxy::sockmap::Count. Written by this program only. */
+struct ska_proxy_count {
+	__u64 redirected;
+	__u64 passed;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__type(key, __u64);
+	__type(value, __u32);
+	__uint(max_entries, SKA_PROXY_MAX_SOCKETS);
+} socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, struct ska_proxy_side);
+	__uint(max_entries, SKA_PROXY_MAX_SOCKETS);
+} sides SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, struct ska_proxy_count);
+	__uint(max_entries, SKA_PROXY_MAX_SOCKETS);
+} counts SEC(".maps");
+
+SEC("sk_skb/stream_verdict")
+int ska_proxy_verdict(struct __sk_buff *skb)
+{
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	struct ska_proxy_count *c = bpf_map_lookup_elem(&counts, &cookie);
+	struct ska_proxy_side *s = bpf_map_lookup_elem(&sides, &cookie);
+	__u64 len = skb->len;
+
+	/* A bare FIN arrives as an skb without data. Redirected, the target's
+	 * send path would count zero bytes sent as a broken pipe and fail the
+	 * socket; passed, it would read as an early end. It carries no byte,
+	 * and the socket's own state says EOF: drop it. */
+	if (len == 0)
+		return SK_DROP;
+	if (!c)
+		return SK_PASS;
+	/* One verdict at a time per socket (the socket's lock), so the
+	 * counters need no atomics; user space only reads them. */
+	if (!s || c->passed != s->drained || c->redirected + len > s->allowed)
+		goto pass;
+	c->redirected += len;
+	return bpf_sk_redirect_hash(skb, &socks, &s->peer, 0);
+pass:
+	c->passed += len;
+	return SK_PASS;
+}
+
+char _license[] SEC("license") = "Dual MIT/GPL";

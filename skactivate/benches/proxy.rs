@@ -1,0 +1,449 @@
+//! `cargo bench -p skactivate --bench proxy`: `skactivate proxy` (sockmap and
+//! splice modes) against `systemd-socket-proxyd`, in one interleaved run.
+//! The table goes to stdout and to `target/bench-proxy.md`.
+//!
+//! Root only: everything runs in a network namespace of its own, on
+//! loopback. Each proxy is a process of its own pinned to CPU 0 (taskset's
+//! `sched_setaffinity`), handed its listening socket as systemd does
+//! (`LISTEN_FDS`); the bench's clients and backends are threads pinned to
+//! CPU 1. Every measurement is taken for each proxy in turn, round after
+//! round, so slow drifts of the machine hit all of them alike.
+//!
+//! * latency: one connection, 1-byte ping-pong to an echo backend; every
+//!   round trip timed; median and p99 over all rounds.
+//! * bulk: the client sends `BULK` bytes through the proxy to a backend that
+//!   reads and discards; throughput, the proxy process's CPU time
+//!   (utime + stime from /proc/PID/stat) per GiB, and the same plus the CPU
+//!   time of every kernel thread (kworker/*, ksoftirqd/*: in sockmap mode the
+//!   redirected sends run in a kworker) over the same interval.
+//! * connections: sequential connect, 1 byte each way, close, for `CONN_TIME`.
+//! * slow reader: the backend reads nothing while the client pushes for
+//!   `SLOW_TIME`; the most the proxy held (bytes its client socket took,
+//!   minus those in the backend's receive queue).
+//!
+//! Run without `--bench` (as `cargo test --benches` does) it is a smoke test:
+//! small sizes, no file written.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SOCKET_PROXYD: &str = "/lib/systemd/systemd-socket-proxyd";
+
+struct Plan {
+    rounds: usize,
+    pings_per_round: usize,
+    bulk: usize,
+    conn_time: Duration,
+    slow_time: Duration,
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity on
+    // the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+    }
+}
+
+/// A proxy under test.
+struct Proxy {
+    name: &'static str,
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start a proxy to `target`; `sink`, when the target is one of ours that
+/// does not echo, is where its readiness probe arrives.
+fn start(
+    name: &'static str,
+    argv: &[&str],
+    target: SocketAddr,
+    sink: Option<&TcpListener>,
+) -> Proxy {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let fd = l.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
+        .args(argv)
+        .arg(target.to_string())
+        .env("LISTEN_FDS", "1")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::fcntl(3, libc::F_SETFD, 0);
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(l);
+    // Ready when it passes a connection on (the listening socket accepts
+    // in the kernel before the proxy runs).
+    if let Some(sink) = sink {
+        let _probe = TcpStream::connect(addr).unwrap();
+        let _ = sink.accept().unwrap();
+        return Proxy { name, child, addr };
+    }
+    let start = Instant::now();
+    loop {
+        if let Ok(mut c) = TcpStream::connect(addr) {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            if c.write_all(b"x").is_ok() {
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_ok() {
+                    break;
+                }
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{name} never answered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Proxy { name, child, addr }
+}
+
+/// CPU seconds of a process (all its threads).
+fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    ticks(&stat)
+}
+
+fn ticks(stat: &str) -> f64 {
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split(' ').collect();
+    let t: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: plain sysconf.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    t as f64 / hz
+}
+
+/// CPU seconds of every kworker and ksoftirqd thread.
+fn kernel_threads_cpu() -> f64 {
+    let mut total = 0.0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, r)| r.split_once(')'))
+            .map(|(n, _)| n);
+        if name.is_some_and(|n| n.starts_with("kworker") || n.starts_with("ksoftirqd")) {
+            total += ticks(&stat);
+        }
+    }
+    total
+}
+
+fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        pin(1);
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                pin(1);
+                let _ = c.set_nodelay(true);
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    a
+}
+
+fn latency(p: &Proxy, n: usize, samples: &mut Vec<f64>) {
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    c.set_nodelay(true).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    // Warm up (and let sockmap arm the connection).
+    for _ in 0..200 {
+        c.write_all(b"p").unwrap();
+        c.read_exact(&mut b).unwrap();
+    }
+    for _ in 0..n {
+        let t = Instant::now();
+        c.write_all(b"p").unwrap();
+        c.read_exact(&mut b).unwrap();
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+}
+
+struct Bulk {
+    secs: f64,
+    proxy_cpu: f64,
+    kthreads_cpu: f64,
+}
+
+fn bulk(p: &Proxy, sink: &TcpListener, bytes: usize) -> Bulk {
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut c = TcpStream::connect(p.addr).unwrap();
+    let (mut s, _) = sink.accept().unwrap();
+    let reader = std::thread::spawn(move || {
+        pin(1);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        got
+    });
+    // Connection set up and armed before the clock starts.
+    c.write_all(&chunk[..1]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let (cpu0, k0, t0) = (cpu_of(p.child.id()), kernel_threads_cpu(), Instant::now());
+    let mut sent = 0;
+    while sent < bytes {
+        c.write_all(&chunk).unwrap();
+        sent += chunk.len();
+    }
+    c.shutdown(Shutdown::Write).unwrap();
+    let got = reader.join().unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    let r = Bulk {
+        secs,
+        proxy_cpu: cpu_of(p.child.id()) - cpu0,
+        kthreads_cpu: kernel_threads_cpu() - k0,
+    };
+    assert_eq!(got, bytes + 1, "{}: bulk bytes", p.name);
+    r
+}
+
+fn conn_rate(p: &Proxy, for_: Duration) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u64;
+    let mut b = [0u8; 1];
+    while start.elapsed() < for_ {
+        let mut c = TcpStream::connect(p.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"c").unwrap();
+        c.read_exact(&mut b).unwrap();
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn queued(s: &TcpStream, request: libc::Ioctl) -> usize {
+    let mut v: libc::c_int = 0;
+    // SAFETY: both ioctls take an int out-parameter.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), request, &raw mut v) };
+    assert_eq!(r, 0);
+    usize::try_from(v).unwrap_or(0)
+}
+
+fn slow_reader(p: &Proxy, sink: &TcpListener, for_: Duration) -> usize {
+    let c = TcpStream::connect(p.addr).unwrap();
+    let (server, _) = sink.accept().unwrap();
+    c.set_nonblocking(true).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let (mut sent, mut held_max) = (0usize, 0usize);
+    let start = Instant::now();
+    while start.elapsed() < for_ {
+        match (&c).write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("{}: {e}", p.name),
+        }
+        let held = sent
+            .saturating_sub(queued(&c, libc::TIOCOUTQ))
+            .saturating_sub(queued(&server, libc::FIONREAD));
+        held_max = held_max.max(held);
+    }
+    held_max
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i]
+}
+
+fn run(plan: &Plan) -> String {
+    pin(1);
+    let echo = echo_backend();
+    let bin = env!("CARGO_BIN_EXE_skactivate");
+    let kinds: [(&'static str, Vec<&str>); 3] = [
+        ("systemd-socket-proxyd", vec![SOCKET_PROXYD]),
+        (
+            "skactivate sockmap",
+            vec![bin, "proxy", "--mode", "sockmap"],
+        ),
+        ("skactivate splice", vec![bin, "proxy", "--mode", "splice"]),
+    ];
+    let proxies: Vec<Proxy> = kinds
+        .iter()
+        .map(|(n, argv)| start(n, argv, echo, None))
+        .collect();
+    let sinks: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let sink_proxies: Vec<Proxy> = kinds
+        .iter()
+        .zip(&sinks)
+        .map(|((n, argv), s)| start(n, argv, s.local_addr().unwrap(), Some(s)))
+        .collect();
+    let n = proxies.len();
+    let mut lat: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut direct: Vec<f64> = Vec::new();
+    let mut bulks: Vec<Vec<Bulk>> = (0..n).map(|_| Vec::new()).collect();
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut held: Vec<usize> = vec![0; n];
+    for round in 0..plan.rounds {
+        for k in 0..n {
+            // Rotate the order each round.
+            let i = (k + round) % n;
+            latency(&proxies[i], plan.pings_per_round, &mut lat[i]);
+            bulks[i].push(bulk(&sink_proxies[i], &sinks[i], plan.bulk));
+            rates[i].push(conn_rate(&proxies[i], plan.conn_time));
+        }
+        let d = Proxy {
+            name: "direct",
+            child: Command::new("true").spawn().unwrap(),
+            addr: echo,
+        };
+        latency(&d, plan.pings_per_round, &mut direct);
+        eprintln!("round {} of {} done", round + 1, plan.rounds);
+    }
+    for i in 0..n {
+        held[i] = slow_reader(&sink_proxies[i], &sinks[i], plan.slow_time);
+    }
+    direct.sort_by(f64::total_cmp);
+    let mut out = String::new();
+    let gib = (plan.bulk as f64) / f64::from(1u32 << 30);
+    out += "| proxy | latency median µs | p99 µs | median ratio | p99 ratio | throughput GiB/s | proxy CPU s/GiB | ratio | + kernel threads s/GiB | ratio | connections/s | ratio | slow reader: held MiB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    let mut base = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for i in 0..n {
+        let mut l = lat[i].clone();
+        l.sort_by(f64::total_cmp);
+        let (med, p99) = (percentile(&l, 0.5), percentile(&l, 0.99));
+        let secs: f64 = bulks[i].iter().map(|b| b.secs).sum();
+        let total_gib = gib * bulks[i].len() as f64;
+        let cpu = bulks[i].iter().map(|b| b.proxy_cpu).sum::<f64>() / total_gib;
+        let kcpu = bulks[i]
+            .iter()
+            .map(|b| b.proxy_cpu + b.kthreads_cpu)
+            .sum::<f64>()
+            / total_gib;
+        let rate = rates[i].iter().sum::<f64>() / rates[i].len() as f64;
+        if i == 0 {
+            base = (med, p99, cpu, kcpu, rate);
+        }
+        out += &format!(
+            "| {} | {med:.1} | {p99:.1} | {:.2} | {:.2} | {:.2} | {cpu:.3} | {:.2} | {kcpu:.3} | {:.2} | {rate:.0} | {:.2} | {:.1} |\n",
+            proxies[i].name,
+            med / base.0,
+            p99 / base.1,
+            total_gib / secs,
+            cpu / base.2,
+            kcpu / base.3,
+            rate / base.4,
+            held[i] as f64 / f64::from(1u32 << 20),
+        );
+    }
+    out += &format!(
+        "\nNo proxy (client straight to the echo backend): median {:.1} µs, p99 {:.1} µs over {} round trips.\n\nEach proxy: {} round trips ({} rounds of {}); {} rounds of {:.0} MiB bulk; {} rounds of {:?} of connections; slow reader {:?}.\n",
+        percentile(&direct, 0.5),
+        percentile(&direct, 0.99),
+        direct.len(),
+        plan.rounds * plan.pings_per_round,
+        plan.rounds,
+        plan.pings_per_round,
+        plan.rounds,
+        plan.bulk as f64 / f64::from(1u32 << 20),
+        plan.rounds,
+        plan.conn_time,
+        plan.slow_time,
+    );
+    out
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let plan = if bench {
+        Plan {
+            rounds: 4,
+            pings_per_round: 6000,
+            bulk: 1 << 30,
+            conn_time: Duration::from_secs(2),
+            slow_time: Duration::from_secs(3),
+        }
+    } else {
+        Plan {
+            rounds: 1,
+            pings_per_round: 200,
+            bulk: 8 << 20,
+            conn_time: Duration::from_millis(200),
+            slow_time: Duration::from_millis(300),
+        }
+    };
+    if !std::path::Path::new(SOCKET_PROXYD).exists() {
+        eprintln!("SKIP: {SOCKET_PROXYD} not found (Debian: apt-get install systemd)");
+        return;
+    }
+    let out = std::thread::spawn(move || {
+        nix_unshare();
+        run(&plan)
+    })
+    .join()
+    .unwrap();
+    println!("{out}");
+    if bench {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let path = root.join("target/bench-proxy.md");
+        std::fs::write(&path, &out).unwrap();
+        eprintln!("written to {}", path.display());
+    }
+}
+
+/// A network namespace of our own with lo up, for this thread and the
+/// processes it starts.
+fn nix_unshare() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("unshare(CLONE_NEWNET): run as root");
+    let st = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}

@@ -1,0 +1,730 @@
+//! `skactivate proxy TARGET`: a socket-activated proxy, a drop-in for
+//! systemd-socket-proxyd, whose bytes stay in the kernel.
+//!
+//! * [`sockmap`] — `--mode sockmap`: a SOCKHASH and an sk_skb verdict program
+//!   redirect each side's data to the other's egress.
+//! * [`splice`] — `--mode splice`: pipes and splice(2), as socket-proxyd.
+//! * [`probe`] — `--mode auto`: try the sockmap path on a loopback pair at
+//!   start and use it only if it behaves.
+//! * [`datagram`] — `ListenDatagram=` sockets: one connected backend socket
+//!   per client address.
+//! * [`header`] — the PROXY protocol header.
+//!
+//! One thread; each connection is a task. Listening sockets come from systemd
+//! (`LISTEN_FDS`): stream listeners (`Accept=no`), datagram sockets, or a
+//! single connected stream socket (`Accept=yes`).
+
+pub mod datagram;
+pub mod header;
+pub mod probe;
+pub mod sockmap;
+pub mod splice;
+pub mod sys;
+
+use std::cell::Cell;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures_util::TryFutureExt;
+use sd_notify::NotifyState;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Semaphore;
+
+use sys::Addr;
+
+/// `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Auto,
+    Sockmap,
+    Splice,
+}
+
+/// Where connections go: `HOST:PORT`, `/path` or `@abstract`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A literal address.
+    Addr(SocketAddr),
+    /// A name, resolved for each connection (as socket-proxyd does).
+    Host(String, u16),
+    Unix(Vec<u8>),
+    UnixAbstract(Vec<u8>),
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(name) = s.strip_prefix('@') {
+            if name.is_empty() {
+                return Err("@ needs an abstract socket name after it".into());
+            }
+            return Ok(Target::UnixAbstract(name.as_bytes().to_vec()));
+        }
+        if s.starts_with('/') {
+            if s.len() >= 108 {
+                return Err(format!("{s}: a socket path has at most 107 bytes"));
+            }
+            return Ok(Target::Unix(s.as_bytes().to_vec()));
+        }
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            if a.port() == 0 {
+                return Err(format!("{s}: port 0"));
+            }
+            return Ok(Target::Addr(a));
+        }
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return Err(format!(
+                "{s:?} is not HOST:PORT, /path or @abstract (an IPv6 address goes in brackets: [2001:db8::1]:80)"
+            ));
+        };
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{s}: {port:?} is not a port (1-65535)"))?;
+        if host.is_empty() || host.contains(':') || host.contains(['[', ']']) {
+            return Err(format!(
+                "{s}: {host:?} is not a host name or address (an IPv6 address goes in brackets)"
+            ));
+        }
+        Ok(Target::Host(host.to_owned(), port))
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Addr(a) => write!(f, "{a}"),
+            Target::Host(h, p) => write!(f, "{h}:{p}"),
+            Target::Unix(p) => write!(f, "{}", String::from_utf8_lossy(p)),
+            Target::UnixAbstract(p) => write!(f, "@{}", String::from_utf8_lossy(p)),
+        }
+    }
+}
+
+impl Target {
+    /// The addresses to try, in order (a name is resolved now).
+    pub async fn resolve(&self) -> io::Result<Vec<Addr>> {
+        match self {
+            Target::Addr(a) => Ok(vec![Addr::Ip(*a)]),
+            Target::Unix(p) => Ok(vec![Addr::Unix(p.clone())]),
+            Target::UnixAbstract(p) => Ok(vec![Addr::UnixAbstract(p.clone())]),
+            Target::Host(h, p) => {
+                let (h, p) = (h.clone(), *p);
+                let addrs = tokio::task::spawn_blocking(move || (h.as_str(), p).to_socket_addrs())
+                    .await
+                    .map_err(io::Error::other)??;
+                Ok(addrs.map(Addr::Ip).collect())
+            }
+        }
+    }
+}
+
+/// What the command line says (see `skactivate proxy --help`).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub connections_max: usize,
+    pub exit_idle_time: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub proxy_protocol: Option<header::Version>,
+    pub mode: Mode,
+    pub target: Target,
+}
+
+/// How long a datagram flow lives without traffic when `--idle-timeout` is
+/// not given (a datagram "connection" has no end of its own).
+pub const DATAGRAM_IDLE_DEFAULT: Duration = Duration::from_secs(60);
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum Fault {
+    #[error("reading: {0}")]
+    Read(#[source] io::Error),
+    #[error("writing: {0}")]
+    Write(#[source] io::Error),
+    /// Either of the above, on the socket named.
+    #[error("{0}: {1}")]
+    On(&'static str, #[source] Box<Fault>),
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+}
+
+impl Fault {
+    fn on(self, what: &'static str) -> Fault {
+        Fault::On(what, Box::new(self))
+    }
+}
+
+/// A count of transfers, to tell an idle connection from a busy one.
+#[derive(Debug, Default)]
+pub struct Activity(Cell<u64>);
+
+impl Activity {
+    pub fn touch(&self) {
+        self.0.set(self.0.get().wrapping_add(1));
+    }
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+/// Register a non-blocking socket with the runtime.
+pub fn watch(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the fd; nothing closes or replaces it while
+    // registered (it is closed when the AsyncFd is dropped, after deregistering).
+    Ok(unsafe { AsyncFd::register(fd) }?)
+}
+
+/// Write all of `buf` to a non-blocking socket, waiting for room.
+pub async fn write_all(fd: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> Result<(), Fault> {
+    while !buf.is_empty() {
+        let mut g = fd.writable().await.map_err(Fault::Write)?;
+        match g.try_io(|fd| sys::send(fd.get_ref().as_fd(), buf)) {
+            Err(_would_block) => {}
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(Fault::Write(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Resolves when nothing moved (as `moved()` counts) for `timeout`; never
+/// without a timeout.
+pub async fn idle(timeout: Option<Duration>, moved: impl Fn() -> u64) -> Duration {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+    let mut last = moved();
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = moved();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= timeout {
+            return timeout;
+        }
+    }
+}
+
+/// Connect a stream socket to the first address of `target` that answers.
+pub async fn connect(target: &Target) -> io::Result<AsyncFd<OwnedFd>> {
+    let addrs = target.resolve().await?;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{target}: no address"));
+    for addr in addrs {
+        match connect_one(&addr).await {
+            Ok(fd) => return Ok(fd),
+            Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
+        }
+    }
+    Err(last)
+}
+
+async fn connect_one(addr: &Addr) -> io::Result<AsyncFd<OwnedFd>> {
+    let fd = sys::socket(sys::family(addr), libc::SOCK_STREAM)?;
+    let done = sys::connect(fd.as_fd(), addr)?;
+    let fd = watch(fd)?;
+    if !done {
+        let g = fd.writable().await?;
+        drop(g);
+        sys::take_error(fd.get_ref().as_fd())?;
+    }
+    Ok(fd)
+}
+
+/// What one connection did, for the probe and the journal.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    /// Bytes the kernel redirected client→backend and backend→client.
+    pub redirected: [u64; 2],
+    /// Bytes that went through user space (sockmap mode) client→backend and
+    /// backend→client.
+    pub passed: [u64; 2],
+}
+
+/// Move bytes between `client` and `backend` until both directions have
+/// ended (each EOF forwarded) or one fails; `header` goes to the backend
+/// first. With `kernel`, in sockmap mode, else with splice. On a fault both
+/// sockets are left set to reset when closed.
+pub async fn relay_pair(
+    kernel: Option<&sockmap::Kernel>,
+    limit: u64,
+    client: AsyncFd<OwnedFd>,
+    backend: AsyncFd<OwnedFd>,
+    header: &[u8],
+    idle_timeout: Option<Duration>,
+) -> (Result<(), Fault>, Stats) {
+    let activity = Activity::default();
+    let mut stats = Stats::default();
+    let reset = |a: &AsyncFd<OwnedFd>, b: &AsyncFd<OwnedFd>| {
+        sys::set_reset_on_close(a.get_ref().as_fd());
+        sys::set_reset_on_close(b.get_ref().as_fd());
+    };
+    let Some(kernel) = kernel else {
+        if let Err(f) = write_all(&backend, header).await {
+            reset(&client, &backend);
+            return (Err(f), stats);
+        }
+        return (splice_pair(&client, &backend, idle_timeout).await, stats);
+    };
+    let ends = sockmap::End::new(client).and_then(|c| Ok((c, sockmap::End::new(backend)?)));
+    let (c, b) = match ends {
+        Ok(ends) => ends,
+        Err(e) => return (Err(Fault::Read(e)), stats),
+    };
+    if let Err(f) = write_all(&b.fd, header).await {
+        reset(&c.fd, &b.fd);
+        return (Err(f), stats);
+    }
+    // A socket that has seen its peer's FIN (a short request sent with
+    // shutdown, before we got here) can no longer join a SOCKHASH: splice.
+    let armed = if sockmap::established(&c) && sockmap::established(&b) {
+        sockmap::arm(kernel, &c, &b, header.len() as u64, limit)
+            .inspect_err(|e| tracing::debug!("not armed ({e}): splicing this connection"))
+            .ok()
+    } else {
+        None
+    };
+    let Some(armed) = armed else {
+        return (splice_pair(&c.fd, &b.fd, idle_timeout).await, stats);
+    };
+    let both = async {
+        tokio::try_join!(
+            sockmap::relay(&armed, &c, &b, header.len() as u64, limit, &activity)
+                .map_err(|e| e.on("client to backend")),
+            sockmap::relay(&armed, &b, &c, 0, limit, &activity)
+                .map_err(|e| e.on("backend to client")),
+        )
+    };
+    let r = tokio::select! {
+        r = both => r.map(drop),
+        t = idle(idle_timeout, || activity.get() + sockmap::moved(kernel, &armed)) => Err(Fault::Idle(t)),
+    };
+    let (cs, bs) = sockmap::stats(kernel, &armed);
+    stats.redirected = [cs.redirected, bs.redirected];
+    stats.passed = [cs.passed, bs.passed];
+    if matches!(r, Err(Fault::Read(_) | Fault::Write(_) | Fault::On(..))) {
+        reset(&c.fd, &b.fd);
+    }
+    (r, stats)
+}
+
+/// Both directions with splice, until both have ended or one fails (then
+/// both sockets are set to reset when closed).
+async fn splice_pair(
+    client: &AsyncFd<OwnedFd>,
+    backend: &AsyncFd<OwnedFd>,
+    idle_timeout: Option<Duration>,
+) -> Result<(), Fault> {
+    let activity = Activity::default();
+    let both = async {
+        tokio::try_join!(
+            splice::relay(client, backend, &activity).map_err(|e| e.on("client to backend")),
+            splice::relay(backend, client, &activity).map_err(|e| e.on("backend to client")),
+        )
+    };
+    let r = tokio::select! {
+        r = both => r.map(drop),
+        t = idle(idle_timeout, || activity.get()) => Err(Fault::Idle(t)),
+    };
+    if matches!(r, Err(Fault::Read(_) | Fault::Write(_) | Fault::On(..))) {
+        sys::set_reset_on_close(client.get_ref().as_fd());
+        sys::set_reset_on_close(backend.get_ref().as_fd());
+    }
+    r
+}
+
+/// State shared by every task of the process.
+pub struct Shared {
+    pub opts: Options,
+    /// Loaded when the mode in use is sockmap.
+    pub kernel: Option<sockmap::Kernel>,
+    pub slots: Arc<Semaphore>,
+    /// Connections and datagram flows open now.
+    pub open: Cell<usize>,
+    /// When `open` last became 0.
+    pub idle_since: Cell<Instant>,
+    pub mode_line: String,
+    /// Connections served to their end.
+    pub served: Cell<u64>,
+    /// Bytes the kernel redirected, and bytes the proxy itself copied, over
+    /// the connections that ended (sockmap mode).
+    pub redirected: Cell<u64>,
+    pub copied: Cell<u64>,
+}
+
+impl Shared {
+    pub fn opened(&self) {
+        self.open.set(self.open.get() + 1);
+    }
+    pub fn closed(&self) {
+        self.open.set(self.open.get() - 1);
+        if self.open.get() == 0 {
+            self.idle_since.set(Instant::now());
+        }
+    }
+}
+
+/// One accepted (or systemd-accepted) client connection, start to end. The
+/// caller has counted it as open ([`Shared::opened`]).
+async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
+    let local = sys::local_addr(client.as_fd()).unwrap_or(Addr::Other);
+    let client_is_tcp = matches!(local, Addr::Ip(_));
+    let client = match watch(client) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("{peer}: {e}");
+            shared.closed();
+            return;
+        }
+    };
+    match connect(&shared.opts.target).await {
+        Err(e) => {
+            // Refused or unreachable: the client sees a reset, as it would
+            // from the backend itself.
+            tracing::warn!("{peer}: connecting to {}: {e}", shared.opts.target);
+            sys::set_reset_on_close(client.get_ref().as_fd());
+        }
+        Ok(backend) => {
+            let header = shared
+                .opts
+                .proxy_protocol
+                .map(|v| header::encode(v, header::Transport::Stream, &peer, &local))
+                .unwrap_or_default();
+            let backend_is_tcp =
+                matches!(sys::local_addr(backend.get_ref().as_fd()), Ok(Addr::Ip(_)));
+            let kernel = shared
+                .kernel
+                .as_ref()
+                .filter(|_| client_is_tcp && backend_is_tcp);
+            let (r, stats) = relay_pair(
+                kernel,
+                sockmap::LIMIT,
+                client,
+                backend,
+                &header,
+                shared.opts.idle_timeout,
+            )
+            .await;
+            shared.served.set(shared.served.get() + 1);
+            let add = |c: &Cell<u64>, v: [u64; 2]| c.set(c.get() + v[0] + v[1]);
+            add(&shared.redirected, stats.redirected);
+            add(&shared.copied, stats.passed);
+            match r {
+                Ok(()) => {}
+                Err(Fault::Idle(t)) => tracing::info!("{peer}: closed after {t:?} without traffic"),
+                Err(e) => tracing::info!("{peer}: {e}; reset both sides"),
+            }
+        }
+    }
+    shared.closed();
+}
+
+/// Accept on a listening stream socket, at most `--connections-max` at a
+/// time: at the limit we stop accepting, and new connections wait in the
+/// kernel's backlog.
+async fn accept_loop(shared: Rc<Shared>, listener: OwnedFd) -> Result<()> {
+    let listener = watch(listener).context("registering a listening socket")?;
+    loop {
+        let permit = shared
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let (fd, peer) = loop {
+            let mut g = listener
+                .readable()
+                .await
+                .context("waiting on a listening socket")?;
+            match g.try_io(|l| sys::accept(l.get_ref().as_fd())) {
+                Err(_would_block) => continue,
+                Ok(Ok(c)) => break c,
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+                Ok(Err(e)) => {
+                    // EMFILE, ENOBUFS, …: say so and retry later; the
+                    // connection waits in the backlog.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let shared = shared.clone();
+        shared.opened();
+        tokio::task::spawn_local(async move {
+            serve_connection(shared, fd, peer).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The `STATUS=` line.
+fn status_line(shared: &Shared) -> String {
+    let mut line = format!(
+        "{}; {} connection{} open, {} served",
+        shared.mode_line,
+        shared.open.get(),
+        if shared.open.get() == 1 { "" } else { "s" },
+        shared.served.get(),
+    );
+    if shared.kernel.is_some() {
+        line += &format!(
+            "; {} bytes redirected, {} bytes copied",
+            shared.redirected.get(),
+            shared.copied.get()
+        );
+    }
+    line
+}
+
+/// The sockets systemd passed us (LISTEN_FDS, this process's).
+fn passed_sockets() -> Result<Vec<OwnedFd>> {
+    let fds: Vec<RawFd> = sd_notify::listen_fds()
+        .context("reading LISTEN_FDS")?
+        .collect();
+    if fds.is_empty() {
+        bail!(
+            "no sockets were passed to this process (LISTEN_FDS is unset or LISTEN_PID is not \
+             ours): run it from a service started by a socket unit, or under systemd-socket-activate"
+        );
+    }
+    // SAFETY: systemd passed these fds to this process, nothing else owns them.
+    Ok(fds
+        .into_iter()
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect())
+}
+
+/// The mode to use, and the line that says which and why.
+async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
+    let unix_target = matches!(opts.target, Target::Unix(_) | Target::UnixAbstract(_));
+    match opts.mode {
+        Mode::Splice => (None, "mode splice (as asked)".to_owned()),
+        Mode::Sockmap if unix_target => (
+            None,
+            "mode splice (sockmap proxies TCP only and the target is an AF_UNIX socket)".to_owned(),
+        ),
+        Mode::Auto if unix_target => (
+            None,
+            "mode splice (the target is an AF_UNIX socket; sockmap proxies TCP only)".to_owned(),
+        ),
+        Mode::Sockmap => match sockmap::Kernel::load() {
+            Ok(k) => (Some(k), "mode sockmap (as asked)".to_owned()),
+            Err(e) => {
+                tracing::error!("--mode sockmap: {e}");
+                (
+                    None,
+                    format!("mode splice (sockmap asked for but unavailable: {e})"),
+                )
+            }
+        },
+        Mode::Auto => match probe::probe().await {
+            Ok(k) => (
+                Some(k),
+                "mode sockmap (probe passed: redirect, half-close, early data, bounded queue)"
+                    .to_owned(),
+            ),
+            Err(why) => (None, format!("mode splice (sockmap probe failed: {why})")),
+        },
+    }
+}
+
+pub fn run(opts: Options) -> Result<()> {
+    crate::daemon::init_logging();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let local = tokio::task::LocalSet::new();
+    let r = local.block_on(&rt, serve(opts));
+    if let Err(e) = &r {
+        tracing::error!("{e:#}");
+        let _ = sd_notify::notify(&[NotifyState::Status(&format!("failed: {e:#}"))]);
+    }
+    r
+}
+
+async fn serve(opts: Options) -> Result<()> {
+    let sockets = passed_sockets()?;
+    if opts.connections_max == 0 {
+        bail!("--connections-max must be at least 1");
+    }
+    let mut streams = Vec::new();
+    let mut connected = Vec::new();
+    let mut datagrams = Vec::new();
+    for fd in sockets {
+        let ty = sys::sock_type(fd.as_fd()).context("a passed fd is not a socket")?;
+        match ty {
+            libc::SOCK_STREAM if sys::is_listening(fd.as_fd())? => streams.push(fd),
+            libc::SOCK_STREAM => connected.push(fd),
+            libc::SOCK_DGRAM => datagrams.push(fd),
+            other => bail!(
+                "passed socket of type {other} (only stream and datagram sockets are proxied)"
+            ),
+        }
+    }
+    if !datagrams.is_empty() {
+        datagram::check_options(&opts)?;
+    }
+    for fd in streams.iter().chain(&datagrams).chain(&connected) {
+        sys::set_nonblocking(fd.as_fd()).context("O_NONBLOCK on a passed socket")?;
+    }
+    let (kernel, mode_line) = choose_mode(&opts).await;
+    tracing::info!(
+        "proxying to {}: {mode_line}; {} listening stream, {} datagram, {} connected socket(s)",
+        opts.target,
+        streams.len(),
+        datagrams.len(),
+        connected.len()
+    );
+    let shared = Rc::new(Shared {
+        slots: Arc::new(Semaphore::new(opts.connections_max)),
+        opts,
+        kernel,
+        open: Cell::new(0),
+        idle_since: Cell::new(Instant::now()),
+        mode_line,
+        served: Cell::new(0),
+        redirected: Cell::new(0),
+        copied: Cell::new(0),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for fd in streams {
+        tasks.spawn_local(accept_loop(shared.clone(), fd));
+    }
+    for fd in datagrams {
+        tasks.spawn_local(datagram::serve(shared.clone(), fd));
+    }
+    let accept_yes = !connected.is_empty();
+    for fd in connected {
+        let peer = sys::peer_addr(fd.as_fd()).unwrap_or(Addr::Other);
+        let shared = shared.clone();
+        shared.opened();
+        tokio::task::spawn_local(async move { serve_connection(shared, fd, peer).await });
+    }
+    let _ = sd_notify::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status_line(&shared)),
+    ]);
+    let mut last_status = status_line(&shared);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            r = tasks.join_next(), if !tasks.is_empty() => {
+                if let Some(r) = r {
+                    r.context("a listening task")??;
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        let line = status_line(&shared);
+        if line != last_status {
+            let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
+            last_status = line;
+        }
+        let idle = shared.open.get() == 0;
+        if accept_yes && idle && tasks.is_empty() {
+            // Accept=yes: our one connection is done.
+            return Ok(());
+        }
+        if let Some(t) = shared.opts.exit_idle_time
+            && idle
+            && shared.idle_since.get().elapsed() >= t
+        {
+            tracing::info!("no connection for {t:?}: exiting (--exit-idle-time)");
+            let _ = sd_notify::notify(&[NotifyState::Stopping]);
+            return Ok(());
+        }
+    }
+}
+
+/// A time span as systemd writes them: `30s`, `5min`, `1h`, `500ms`, `2min
+/// 30s`, or a bare number of seconds.
+pub fn parse_time(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a time span (like 30s, 5min, 1h, 500ms)");
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        let n: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = rest[digits..].trim_start();
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c.is_whitespace())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = rest[unit_len..].trim_start();
+        let secs = match unit {
+            "" | "s" | "sec" | "second" | "seconds" => 1.0,
+            "ms" | "msec" => 1e-3,
+            "us" | "usec" => 1e-6,
+            "m" | "min" | "minute" | "minutes" => 60.0,
+            "h" | "hr" | "hour" | "hours" => 3600.0,
+            "d" | "day" | "days" => 86400.0,
+            _ => return Err(bad()),
+        };
+        total += Duration::try_from_secs_f64(n * secs).map_err(|_| bad())?;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            "127.0.0.1:80".parse::<Target>(),
+            Ok(Target::Addr("127.0.0.1:80".parse().unwrap()))
+        );
+        assert_eq!(
+            "[2001:db8::1]:443".parse::<Target>(),
+            Ok(Target::Addr("[2001:db8::1]:443".parse().unwrap()))
+        );
+        assert_eq!(
+            "localhost:8080".parse::<Target>(),
+            Ok(Target::Host("localhost".into(), 8080))
+        );
+        assert_eq!(
+            "/run/app.sock".parse::<Target>(),
+            Ok(Target::Unix(b"/run/app.sock".to_vec()))
+        );
+        assert_eq!(
+            "@app".parse::<Target>(),
+            Ok(Target::UnixAbstract(b"app".to_vec()))
+        );
+        for bad in [
+            "localhost",
+            "host:0",
+            "host:70000",
+            "2001:db8::1:80",
+            "@",
+            ":80",
+        ] {
+            assert!(bad.parse::<Target>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(parse_time("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_time("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_time("2min 30s"), Ok(Duration::from_secs(150)));
+        assert_eq!(parse_time("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_time("soon").is_err());
+        assert!(parse_time("").is_err());
+    }
+}

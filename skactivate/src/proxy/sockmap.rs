@@ -1,0 +1,408 @@
+//! `--mode sockmap`: the kernel moves the bytes (ebpf/proxy.bpf.c).
+//!
+//! This module is the only owner of the proxy's BPF objects: one SOCKHASH of
+//! sockets by cookie, the per-side settings user space writes (`sides`), the
+//! per-side counters the program writes (`counts`), and the verdict program
+//! attached to the SOCKHASH.
+//!
+//! # Arming a connection, and the bytes that arrive meanwhile
+//!
+//! A socket joins the verdict path when it is inserted into the SOCKHASH, but
+//! bytes already in its receive queue are not looked at until the next
+//! "data ready" event; bytes that arrive between `accept()` and the insert
+//! would sit there (or, read by us afterwards, race with later bytes the
+//! program redirects). The sequence, per connection:
+//!
+//! 1. `accept()`, `connect()` the backend; note each socket's
+//!    `tcpi_bytes_acked` and bytes written so far (the bases).
+//! 2. Write the PROXY header to the backend ourselves; it counts as
+//!    `written` (bytes user space put into the peer's send queue).
+//! 3. Zero both `counts` entries, insert **both** sockets into the SOCKHASH.
+//!    No `sides` entry exists yet, so every byte arriving now is *passed*
+//!    (to the socket's own receive queue, for us to read) and counted —
+//!    nothing is redirected to a socket not yet in the map.
+//! 4. Write both `sides` entries (`drained = 0`): from now on a side
+//!    redirects as long as nothing passed is unread.
+//! 5. Kick both sockets with `SO_RCVLOWAT`, which makes TCP call the
+//!    data-ready callback if bytes wait in the receive queue: the bytes that
+//!    came before step 3 go through the program now, in order, ahead of any
+//!    later byte. After this, no byte is ever read by us except through the
+//!    program (everything we read was passed and counted).
+//!
+//! From then on each direction is a loop over one socket's readability
+//! ([`relay`]): anything readable was passed (or is EOF, or an error). Before
+//! writing passed bytes to the other socket we wait until every byte the
+//! program redirected has entered that socket's send queue (redirected bytes
+//! go through a kernel work queue first), write them, then publish
+//! `drained`/`written`; the program resumes redirecting once it has seen
+//! `passed == drained`, i.e. when nothing passed waits unread. EOF is
+//! forwarded (`shutdown(SHUT_WR)`) the same way: after every earlier byte has
+//! entered the other side's send queue.
+//!
+//! # Bounded memory
+//!
+//! Redirected data has no backpressure: the source socket's receive queue is
+//! emptied as data arrives and the window stays open while a slow peer's
+//! redirect queue grows. The program therefore redirects only up to
+//! `allowed` bytes, a credit we hand out so that at most [`LIMIT`] bytes
+//! towards the peer are unacknowledged (an sk_skb program may not look at
+//! TCP state itself). Beyond it the program passes; passed data is charged
+//! to the receiving socket, its window closes and the sender waits. We write
+//! passed bytes at the speed the peer's send queue takes them, and renew the
+//! credit each time.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::SkSkb;
+use aya::{Ebpf, EbpfLoader};
+use tokio::io::unix::AsyncFd;
+
+use super::sys;
+use super::{Activity, Fault};
+
+static PROXY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy.bpf.o"));
+
+/// Unacknowledged bytes towards one socket beyond which the program stops
+/// redirecting (per direction of each connection): the default maximum of
+/// the TCP send buffer (`tcp_wmem`), enough to keep a fast link busy.
+pub const LIMIT: u64 = 4 << 20;
+
+/// Mirrors `struct ska_proxy_side` (ebpf/proxy.bpf.c).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Side {
+    pub peer: u64,
+    pub drained: u64,
+    pub allowed: u64,
+}
+// SAFETY: repr(C), only u64 fields, no padding.
+unsafe impl aya::Pod for Side {}
+
+/// Mirrors `struct ska_proxy_count` (ebpf/proxy.bpf.c).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Count {
+    pub redirected: u64,
+    pub passed: u64,
+}
+// SAFETY: repr(C), only u64 fields, no padding.
+unsafe impl aya::Pod for Count {}
+
+/// The loaded program and its maps.
+pub struct Kernel {
+    _ebpf: Ebpf,
+    socks: RefCell<SockHash<MapData, u64>>,
+    sides: RefCell<HashMap<MapData, u64, Side>>,
+    counts: RefCell<HashMap<MapData, u64, Count>>,
+}
+
+/// Which step of setting up the kernel side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading the BPF object: {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("the object has no {0}")]
+    Missing(&'static str),
+    #[error("map {0}: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+    #[error("loading the sk_skb verdict program (needs CAP_BPF and CAP_NET_ADMIN): {0}")]
+    Program(#[source] aya::programs::ProgramError),
+    #[error("attaching the verdict program to the SOCKHASH: {0}")]
+    Attach(#[source] aya::programs::ProgramError),
+}
+
+impl Kernel {
+    pub fn load() -> Result<Kernel, LoadError> {
+        let mut ebpf = EbpfLoader::new()
+            .load(PROXY_OBJECT)
+            .map_err(LoadError::Object)?;
+        let socks: SockHash<MapData, u64> = ebpf
+            .take_map("socks")
+            .ok_or(LoadError::Missing("map socks"))?
+            .try_into()
+            .map_err(|e| LoadError::Map("socks", e))?;
+        let sides: HashMap<MapData, u64, Side> = ebpf
+            .take_map("sides")
+            .ok_or(LoadError::Missing("map sides"))?
+            .try_into()
+            .map_err(|e| LoadError::Map("sides", e))?;
+        let counts: HashMap<MapData, u64, Count> = ebpf
+            .take_map("counts")
+            .ok_or(LoadError::Missing("map counts"))?
+            .try_into()
+            .map_err(|e| LoadError::Map("counts", e))?;
+        let prog: &mut SkSkb = ebpf
+            .program_mut("ska_proxy_verdict")
+            .ok_or(LoadError::Missing("program ska_proxy_verdict"))?
+            .try_into()
+            .map_err(LoadError::Program)?;
+        prog.load().map_err(LoadError::Program)?;
+        prog.attach(socks.fd()).map_err(LoadError::Attach)?;
+        Ok(Kernel {
+            _ebpf: ebpf,
+            socks: RefCell::new(socks),
+            sides: RefCell::new(sides),
+            counts: RefCell::new(counts),
+        })
+    }
+
+    fn count(&self, cookie: u64) -> Count {
+        self.counts.borrow().get(&cookie, 0).unwrap_or_default()
+    }
+
+    fn set_side(&self, cookie: u64, side: &Side) -> io::Result<()> {
+        self.sides
+            .borrow_mut()
+            .insert(cookie, side, 0)
+            .map_err(io::Error::other)
+    }
+
+    fn forget(&self, cookie: u64) {
+        let _ = self.socks.borrow_mut().remove(&cookie);
+        let _ = self.sides.borrow_mut().remove(&cookie);
+        let _ = self.counts.borrow_mut().remove(&cookie);
+    }
+}
+
+/// One socket of an armed connection.
+pub struct End {
+    pub fd: AsyncFd<OwnedFd>,
+    pub cookie: u64,
+    /// tcpi_bytes_acked and bytes written when the connection was set up.
+    acked_base: u64,
+    written_base: u64,
+}
+
+impl End {
+    /// Note the bases; call before anything is written to the socket.
+    pub fn new(fd: AsyncFd<OwnedFd>) -> io::Result<End> {
+        let cookie = sys::cookie(fd.get_ref().as_fd())?;
+        let info = sys::bytes_written(fd.get_ref().as_fd())?;
+        let acked = info - sys::outq(fd.get_ref().as_fd())?;
+        Ok(End {
+            fd,
+            cookie,
+            acked_base: acked,
+            written_base: info,
+        })
+    }
+
+    fn written_since(&self) -> io::Result<u64> {
+        Ok(sys::bytes_written(self.fd.get_ref().as_fd())? - self.written_base)
+    }
+
+    fn acked_since(&self) -> io::Result<u64> {
+        let fd = self.fd.get_ref().as_fd();
+        Ok(sys::bytes_written(fd)? - sys::outq(fd)? - self.acked_base)
+    }
+}
+
+/// The connection's two ends while they are in the maps; dropping it
+/// removes every entry.
+pub struct Armed<'a> {
+    kernel: &'a Kernel,
+    pub client: &'a End,
+    pub backend: &'a End,
+    /// Both sockets are in the SOCKHASH and the program redirects. When
+    /// only the backend could be inserted (the client's FIN came between
+    /// our check and the insert: a socket that is no longer ESTABLISHED
+    /// cannot join a SOCKHASH) everything it receives is passed, and we copy
+    /// both directions ourselves: its passed bytes would be lost if we took
+    /// it out again.
+    pub full: bool,
+}
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        self.kernel.forget(self.client.cookie);
+        self.kernel.forget(self.backend.cookie);
+    }
+}
+
+/// Whether a TCP socket may join a SOCKHASH (it must be ESTABLISHED).
+pub fn established(end: &End) -> bool {
+    sys::tcp_state(end.fd.get_ref().as_fd()).is_ok_and(|st| st == 1)
+}
+
+/// Steps 3 to 5 of the module's sequence. `header` bytes were already
+/// written to the backend. `limit` is [`LIMIT`] but for the probe, which
+/// makes it small to go through the pass path. An error means nothing was
+/// inserted: the connection can go on without the kernel's help.
+pub fn arm<'a>(
+    kernel: &'a Kernel,
+    client: &'a End,
+    backend: &'a End,
+    header: u64,
+    limit: u64,
+) -> io::Result<Armed<'a>> {
+    let mut armed = Armed {
+        kernel,
+        client,
+        backend,
+        full: false,
+    };
+    {
+        let mut counts = kernel.counts.borrow_mut();
+        for end in [client, backend] {
+            counts
+                .insert(end.cookie, Count::default(), 0)
+                .map_err(io::Error::other)?;
+        }
+    }
+    kernel
+        .socks
+        .borrow_mut()
+        .insert(backend.cookie, backend.fd.get_ref().as_raw_fd(), 0)
+        .map_err(io::Error::other)?;
+    let client_in =
+        kernel
+            .socks
+            .borrow_mut()
+            .insert(client.cookie, client.fd.get_ref().as_raw_fd(), 0);
+    if let Err(e) = client_in {
+        tracing::debug!("client socket not inserted ({e}): copying this connection");
+        kernel_kick(backend);
+        return Ok(armed);
+    }
+    armed.full = true;
+    kernel.set_side(
+        client.cookie,
+        &Side {
+            peer: backend.cookie,
+            drained: 0,
+            allowed: limit.saturating_sub(header),
+        },
+    )?;
+    kernel.set_side(
+        backend.cookie,
+        &Side {
+            peer: client.cookie,
+            drained: 0,
+            allowed: limit,
+        },
+    )?;
+    kernel_kick(client);
+    kernel_kick(backend);
+    Ok(armed)
+}
+
+/// Step 5: bytes that arrived before the insert go through the program now.
+fn kernel_kick(end: &End) {
+    if let Err(e) = sys::set_rcvlowat(end.fd.get_ref().as_fd(), 1) {
+        tracing::warn!("SO_RCVLOWAT: {e}");
+    }
+}
+
+/// One direction, `src` to `dst`, until EOF was forwarded. `written` is
+/// what user space already wrote to `dst` (the PROXY header).
+pub async fn relay(
+    armed: &Armed<'_>,
+    src: &End,
+    dst: &End,
+    mut written: u64,
+    limit: u64,
+    activity: &Activity,
+) -> Result<(), Fault> {
+    let kernel = armed.kernel;
+    let mut drained = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut guard = src.fd.readable().await.map_err(Fault::Read)?;
+        let n = match guard.try_io(|fd| sys::recv(fd.get_ref().as_fd(), &mut buf)) {
+            Err(_would_block) => continue,
+            Ok(Err(e)) => return Err(Fault::Read(e)),
+            Ok(Ok(n)) => n,
+        };
+        drop(guard);
+        let count = kernel.count(src.cookie);
+        if n == 0 && count.passed > drained {
+            // EOF ahead of passed bytes still in the socket's work queue:
+            // they become readable shortly; EOF is only real after them.
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            continue;
+        }
+        // Everything the program redirected before this pass goes first.
+        wait_sent(dst, written + count.redirected).await?;
+        if n == 0 {
+            sys::shutdown_write(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
+            return Ok(());
+        }
+        activity.touch();
+        super::write_all(&dst.fd, &buf[..n]).await?;
+        written += n as u64;
+        drained += n as u64;
+        if !armed.full {
+            continue;
+        }
+        // New credit: what keeps unacknowledged bytes towards dst <= limit.
+        let acked = dst.acked_since().map_err(Fault::Write)?;
+        let outstanding = (written + count.redirected).saturating_sub(acked);
+        kernel
+            .set_side(
+                src.cookie,
+                &Side {
+                    peer: dst.cookie,
+                    drained,
+                    allowed: count.redirected + limit.saturating_sub(outstanding),
+                },
+            )
+            .map_err(Fault::Write)?;
+    }
+}
+
+/// Wait until `total` bytes have entered `dst`'s send queue (the redirect
+/// work queue has caught up). Polls: the kernel says nothing when it has.
+async fn wait_sent(dst: &End, total: u64) -> Result<(), Fault> {
+    let mut pause = Duration::from_millis(1);
+    for round in 0u32.. {
+        let now = dst.written_since().map_err(Fault::Write)?;
+        if now >= total {
+            return Ok(());
+        }
+        // The peer may have reset meanwhile: then nothing will ever move.
+        sys::take_error(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
+        if round < 16 {
+            // The work queue usually catches up within microseconds; the
+            // timer's resolution is a millisecond.
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+    unreachable!()
+}
+
+/// Bytes the program moved for this connection so far (for idleness).
+pub fn moved(kernel: &Kernel, armed: &Armed<'_>) -> u64 {
+    let a = kernel.count(armed.client.cookie);
+    let b = kernel.count(armed.backend.cookie);
+    a.redirected + a.passed + b.redirected + b.passed
+}
+
+/// The counters of the client's side and the backend's.
+pub fn stats(kernel: &Kernel, armed: &Armed<'_>) -> (Count, Count) {
+    (
+        kernel.count(armed.client.cookie),
+        kernel.count(armed.backend.cookie),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mirrors have the C structs' sizes (aya also refuses a map whose
+    /// value size differs, so a mismatch fails every sockmap test too).
+    #[test]
+    fn mirrors_match_the_c_structs() {
+        assert_eq!(size_of::<Side>(), 3 * 8, "struct ska_proxy_side");
+        assert_eq!(size_of::<Count>(), 2 * 8, "struct ska_proxy_count");
+        assert_eq!(std::mem::offset_of!(Side, allowed), 16);
+        assert_eq!(std::mem::offset_of!(Count, passed), 8);
+    }
+}

@@ -1,0 +1,58 @@
+//! `--mode splice`: each direction moves through a pipe with splice(2), as
+//! systemd-socket-proxyd does, so the payload is never copied to user space.
+//! Bytes the client sent before the backend was connected wait in the client
+//! socket's receive queue and are the first spliced, in order; EOF is
+//! forwarded with shutdown(SHUT_WR) once the pipe is empty.
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use tokio::io::unix::AsyncFd;
+
+use super::sys;
+use super::{Activity, Fault};
+
+/// Each direction's pipe, as systemd-socket-proxyd's.
+pub const PIPE_SIZE: usize = 256 * 1024;
+
+/// One direction, `src` to `dst`, until EOF was forwarded.
+pub async fn relay(
+    src: &AsyncFd<OwnedFd>,
+    dst: &AsyncFd<OwnedFd>,
+    activity: &Activity,
+) -> Result<(), Fault> {
+    let (pr, pw) = sys::pipe(PIPE_SIZE).map_err(Fault::Read)?;
+    // The size we got (pipe-max-size may have capped it).
+    // SAFETY: plain fcntl on our pipe.
+    let cap = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&pw), libc::F_GETPIPE_SZ) };
+    let cap = usize::try_from(cap).unwrap_or(4096).max(4096);
+    let mut in_pipe = 0usize;
+    let mut eof = false;
+    loop {
+        if eof && in_pipe == 0 {
+            sys::shutdown_write(dst.get_ref().as_fd()).map_err(Fault::Write)?;
+            return Ok(());
+        }
+        tokio::select! {
+            r = src.readable(), if !eof && in_pipe < cap => {
+                let mut g = r.map_err(Fault::Read)?;
+                match g.try_io(|fd| sys::splice(fd.get_ref().as_fd(), pw.as_fd(), cap - in_pipe)) {
+                    Err(_would_block) => {}
+                    Ok(Ok(0)) => eof = true,
+                    Ok(Ok(n)) => {
+                        in_pipe += n;
+                        activity.touch();
+                    }
+                    Ok(Err(e)) => return Err(Fault::Read(e)),
+                }
+            }
+            w = dst.writable(), if in_pipe > 0 => {
+                let mut g = w.map_err(Fault::Write)?;
+                match g.try_io(|fd| sys::splice(pr.as_fd(), fd.get_ref().as_fd(), in_pipe)) {
+                    Err(_would_block) => {}
+                    Ok(Ok(n)) => in_pipe -= n,
+                    Ok(Err(e)) => return Err(Fault::Write(e)),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1041 @@
+//! `skactivate proxy` with real sockets: each test runs in a fresh network
+//! namespace, hands the proxy its listening sockets as systemd does
+//! (`LISTEN_FDS`, `LISTEN_PID`), reads its `sd_notify` messages on a socket
+//! of its own (`NOTIFY_SOCKET`), and talks through it to test backends on
+//! loopback. Every behaviour is checked in both modes, sockmap and splice.
+//! The last test runs the proxy socket-activated under a real systemd.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::in_netns;
+use common::systemd::{ADMIN_UNITS, SETTLE, Systemd, http_get, poll_until};
+
+/// Every read and write of a test is bounded by this.
+const T: Duration = Duration::from_secs(15);
+
+const MODES: [&str; 2] = ["sockmap", "splice"];
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// FNV-1a, to compare long streams by digest.
+#[derive(Clone, Copy)]
+struct Digest(u64);
+
+impl Digest {
+    fn new() -> Digest {
+        Digest(0xcbf2_9ce4_8422_2325)
+    }
+    fn update(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn of(data: &[u8]) -> u64 {
+        let mut d = Digest::new();
+        d.update(data);
+        d.0
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    skactivate::proxy::probe::pattern(seed, len)
+}
+
+fn timeouts(s: &TcpStream) {
+    s.set_read_timeout(Some(T)).unwrap();
+    s.set_write_timeout(Some(T)).unwrap();
+}
+
+/// A running `skactivate proxy`, with its notify socket.
+struct Proxy {
+    child: Child,
+    notify: UnixDatagram,
+    notify_path: PathBuf,
+    status: String,
+    ready: bool,
+}
+
+impl Proxy {
+    /// Start the proxy on `sockets` (they become fds 3, 4, …) with `args`,
+    /// and wait for READY=1.
+    fn start(args: &[&str], sockets: &[&dyn AsRawFd], env: &[(&str, &str)]) -> Proxy {
+        let notify_path = std::env::temp_dir().join(format!(
+            "skactivate-proxy-test-{}-{}.notify",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
+            .arg(env!("CARGO_BIN_EXE_skactivate"))
+            .arg("proxy")
+            .args(args)
+            .env("LISTEN_FDS", fds.len().to_string())
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env_remove("INVOCATION_ID")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Move them above the target range first, then into place.
+                let high: Vec<i32> = fds
+                    .iter()
+                    .map(|&fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100))
+                    .collect();
+                for (i, &fd) in high.iter().enumerate() {
+                    let to = 3 + i32::try_from(i).unwrap();
+                    if libc::dup2(fd, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::fcntl(to, libc::F_SETFD, 0);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawning skactivate proxy");
+        let mut p = Proxy {
+            child,
+            notify,
+            notify_path,
+            status: String::new(),
+            ready: false,
+        };
+        let start = Instant::now();
+        while !p.ready {
+            p.read_notify();
+            if let Some(st) = p.child.try_wait().unwrap() {
+                panic!("skactivate proxy {args:?} exited before READY=1: {st}");
+            }
+            assert!(
+                start.elapsed() < T,
+                "no READY=1 from skactivate proxy {args:?}"
+            );
+        }
+        p
+    }
+
+    fn read_notify(&mut self) {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.notify.recv(&mut buf) {
+            for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                if line == "READY=1" {
+                    self.ready = true;
+                } else if let Some(s) = line.strip_prefix("STATUS=") {
+                    s.clone_into(&mut self.status);
+                }
+            }
+            self.notify
+                .set_read_timeout(Some(Duration::from_millis(10)))
+                .unwrap();
+        }
+        self.notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+    }
+
+    /// The latest STATUS=.
+    fn status(&mut self) -> String {
+        self.read_notify();
+        self.status.clone()
+    }
+
+    /// Wait (bounded) until STATUS= satisfies `f`.
+    fn wait_status(&mut self, f: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.status();
+            if f(&s) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < T,
+                "STATUS= never as expected; last: {s:?}"
+            );
+        }
+    }
+
+    /// Wait (bounded) for the process to exit on its own.
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.notify_path);
+    }
+}
+
+/// The proxy in `mode` in front of `target`, on a fresh 127.0.0.1 port.
+fn proxy(mode: &str, target: SocketAddr, extra: &[&str]) -> (Proxy, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = target.to_string();
+    let mut args = vec!["--mode", mode];
+    args.extend_from_slice(extra);
+    args.push(&t);
+    let mut p = Proxy::start(&args, &[&listener], &[]);
+    let st = p.status();
+    assert!(
+        st.starts_with(&format!("mode {mode} ")),
+        "asked for {mode}, STATUS={st:?}"
+    );
+    (p, addr)
+}
+
+/// A backend on 127.0.0.1 that runs `serve` on each connection in a thread
+/// of its own, and counts the connections.
+struct Backend {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+fn backend(serve: fn(TcpStream)) -> Backend {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let acc = accepted.clone();
+    thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            acc.fetch_add(1, Ordering::SeqCst);
+            timeouts(&c);
+            thread::spawn(move || serve(c));
+        }
+    });
+    Backend { addr, accepted }
+}
+
+/// Echo until EOF, then EOF.
+fn echo(mut c: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = c.shutdown(Shutdown::Write);
+}
+
+/// Read the request to EOF (its first 8 bytes say how long a reply to
+/// send), then answer its length and digest and the reply, then EOF: the
+/// reply comes after the client's half-close.
+fn digest_then_reply(mut c: TcpStream) {
+    let mut want = [0u8; 8];
+    if c.read_exact(&mut want).is_err() {
+        return;
+    }
+    let mut len = 0u64;
+    let mut d = Digest::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                len += n as u64;
+                d.update(&buf[..n]);
+            }
+            Err(_) => return,
+        }
+    }
+    let reply_len = usize::try_from(u64::from_le_bytes(want)).unwrap();
+    let _ = c.write_all(&len.to_le_bytes());
+    let _ = c.write_all(&d.0.to_le_bytes());
+    let _ = c.write_all(&pattern(7, reply_len));
+    let _ = c.shutdown(Shutdown::Write);
+}
+
+/// Send `up` bytes (after the reply length), shut down, read the reply:
+/// returns (length the backend saw, its digest, the reply).
+fn request(to: SocketAddr, up: &[u8], reply_len: usize) -> (u64, u64, Vec<u8>) {
+    let mut c = TcpStream::connect(to).unwrap();
+    timeouts(&c);
+    c.write_all(&(reply_len as u64).to_le_bytes()).unwrap();
+    c.write_all(up).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut head = [0u8; 16];
+    c.read_exact(&mut head).unwrap();
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply).unwrap();
+    (
+        u64::from_le_bytes(head[..8].try_into().unwrap()),
+        u64::from_le_bytes(head[8..].try_into().unwrap()),
+        reply,
+    )
+}
+
+/// Full duplex: write `data` from one thread while reading the echo.
+fn echo_through(to: SocketAddr, data: &Arc<Vec<u8>>) -> Vec<u8> {
+    let c = TcpStream::connect(to).unwrap();
+    timeouts(&c);
+    let mut w = c.try_clone().unwrap();
+    let d = data.clone();
+    let writer = thread::spawn(move || {
+        w.write_all(&d).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::with_capacity(data.len());
+    (&c).read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    got
+}
+
+/// `STATUS=` says how many bytes the kernel redirected; in sockmap mode it
+/// must have done the work.
+fn assert_kernel_moved(p: &mut Proxy, mode: &str) {
+    if mode != "sockmap" {
+        return;
+    }
+    let st = p.wait_status(|s| redirected(s) > 0);
+    assert!(redirected(&st) > 0, "{st}");
+}
+
+fn redirected(status: &str) -> u64 {
+    status
+        .split([';', ','])
+        .find_map(|part| part.trim().strip_suffix(" bytes redirected")?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn large_transfers_both_ways_arrive_whole() {
+    for mode in MODES {
+        in_netns(&format!("large transfers ({mode})"), move |_| {
+            let echoes = backend(echo);
+            let replies = backend(digest_then_reply);
+            let (mut p, e) = proxy(mode, echoes.addr, &[]);
+            let (mut p2, r) = proxy(mode, replies.addr, &[]);
+            // 32 MiB each way at once (full duplex) ...
+            let data = Arc::new(pattern(1, 32 << 20));
+            let d2 = data.clone();
+            let duplex = thread::spawn(move || echo_through(e, &d2));
+            // ... and 16 MiB up, then 24 MiB down after the client's EOF.
+            let up = pattern(2, 16 << 20);
+            let (len, digest, reply) = request(r, &up, 24 << 20);
+            assert_eq!(len, up.len() as u64, "{mode}: bytes the backend saw");
+            assert_eq!(digest, Digest::of(&up), "{mode}: digest the backend saw");
+            assert_eq!(reply.len(), 24 << 20, "{mode}: reply length");
+            assert_eq!(
+                Digest::of(&reply),
+                Digest::of(&pattern(7, 24 << 20)),
+                "{mode}"
+            );
+            let echoed = duplex.join().unwrap();
+            assert_eq!(echoed.len(), data.len(), "{mode}: echo length");
+            assert_eq!(
+                Digest::of(&echoed),
+                Digest::of(&data),
+                "{mode}: echo digest"
+            );
+            assert_kernel_moved(&mut p, mode);
+            assert_kernel_moved(&mut p2, mode);
+        });
+    }
+}
+
+#[test]
+fn half_close_either_way_keeps_the_other_direction() {
+    for mode in MODES {
+        in_netns(&format!("half-close ({mode})"), move |_| {
+            // The backend closes its side first and goes on reading.
+            fn early_closer(mut c: TcpStream) {
+                c.write_all(b"bye\n").unwrap();
+                c.shutdown(Shutdown::Write).unwrap();
+                let mut got = Vec::new();
+                c.read_to_end(&mut got).unwrap();
+                // How much arrived after our EOF.
+                RECEIVED.lock().unwrap().push(got.len());
+            }
+            static RECEIVED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+            RECEIVED.lock().unwrap().clear();
+            let b = backend(early_closer);
+            let (_p, a) = proxy(mode, b.addr, &[]);
+            let mut c = TcpStream::connect(a).unwrap();
+            timeouts(&c);
+            let mut bye = Vec::new();
+            c.read_to_end(&mut bye).unwrap();
+            assert_eq!(bye, b"bye\n", "{mode}: the backend's bytes, then its EOF");
+            // Our side is still open: 4 MiB after the backend's EOF.
+            let more = pattern(3, 4 << 20);
+            c.write_all(&more).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            assert!(
+                poll_until(T, || !RECEIVED.lock().unwrap().is_empty()),
+                "{mode}: backend never saw EOF"
+            );
+            assert_eq!(RECEIVED.lock().unwrap()[0], more.len(), "{mode}");
+
+            // And the other way (the request/reply test of
+            // large_transfers_... covers the client closing first): a reply
+            // after the client's EOF.
+            let r = backend(digest_then_reply);
+            let (_p2, a2) = proxy(mode, r.addr, &[]);
+            let (len, _, reply) = request(a2, b"question", 100_000);
+            assert_eq!(len, 8, "{mode}");
+            assert_eq!(reply, pattern(7, 100_000), "{mode}");
+        });
+    }
+}
+
+#[test]
+fn early_bytes_arrive_first_and_once() {
+    for mode in MODES {
+        in_netns(&format!("early bytes ({mode})"), move |_| {
+            let b = backend(digest_then_reply);
+            // One connection at a time: the second client's bytes wait in
+            // the kernel before the proxy has even accepted it.
+            let (_p, a) = proxy(mode, b.addr, &["--connections-max", "1"]);
+            let first = TcpStream::connect(a).unwrap();
+            timeouts(&first);
+            assert!(poll_until(T, || b.accepted.load(Ordering::SeqCst) == 1));
+            let mut second = TcpStream::connect(a).unwrap();
+            timeouts(&second);
+            let early = pattern(4, 200_000);
+            second.write_all(&(0u64).to_le_bytes()).unwrap();
+            second.write_all(&early).unwrap();
+            thread::sleep(Duration::from_millis(200));
+            assert_eq!(
+                b.accepted.load(Ordering::SeqCst),
+                1,
+                "{mode}: at most one at a time"
+            );
+            drop(first);
+            // Then more, once the proxy has it.
+            assert!(
+                poll_until(T, || b.accepted.load(Ordering::SeqCst) == 2),
+                "{mode}"
+            );
+            let late = pattern(5, 300_000);
+            second.write_all(&late).unwrap();
+            second.shutdown(Shutdown::Write).unwrap();
+            let mut head = [0u8; 16];
+            second.read_exact(&mut head).unwrap();
+            let len = u64::from_le_bytes(head[..8].try_into().unwrap());
+            let digest = u64::from_le_bytes(head[8..].try_into().unwrap());
+            let all = [early, late].concat();
+            assert_eq!(len, all.len() as u64, "{mode}: every byte once");
+            assert_eq!(digest, Digest::of(&all), "{mode}: in order");
+        });
+    }
+}
+
+#[test]
+fn many_concurrent_connections() {
+    for mode in MODES {
+        in_netns(&format!("many connections ({mode})"), move |_| {
+            let b = backend(echo);
+            let (mut p, a) = proxy(mode, b.addr, &[]);
+            // Each client waits for the echo of its first half before it
+            // sends the rest and its FIN, so every connection is proxied
+            // while open (a connection whose client has already sent its FIN
+            // when the proxy gets to it is spliced: it cannot join a SOCKHASH).
+            let threads: Vec<_> = (0..200u64)
+                .map(|i| {
+                    thread::spawn(move || {
+                        let data = pattern(100 + i, 64 * 1024 + usize::try_from(i).unwrap());
+                        let (first, rest) = data.split_at(32 * 1024);
+                        let mut c = TcpStream::connect(a).unwrap();
+                        timeouts(&c);
+                        c.write_all(first).unwrap();
+                        let mut got = vec![0u8; first.len()];
+                        c.read_exact(&mut got).unwrap();
+                        c.write_all(rest).unwrap();
+                        c.shutdown(Shutdown::Write).unwrap();
+                        c.read_to_end(&mut got).unwrap();
+                        got == data
+                    })
+                })
+                .collect();
+            let ok = threads
+                .into_iter()
+                .filter_map(|t| t.join().ok())
+                .filter(|&ok| ok)
+                .count();
+            assert_eq!(ok, 200, "{mode}: connections echoed intact");
+            assert_eq!(b.accepted.load(Ordering::SeqCst), 200, "{mode}");
+            assert_kernel_moved(&mut p, mode);
+            p.wait_status(|s| s.contains("; 0 connections open"));
+        });
+    }
+}
+
+#[test]
+fn connections_max_makes_clients_wait_never_drops_them() {
+    for mode in MODES {
+        in_netns(&format!("connections-max ({mode})"), move |_| {
+            let b = backend(echo);
+            let (mut p, a) = proxy(mode, b.addr, &["--connections-max", "2"]);
+            let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(a).unwrap()).collect();
+            assert!(poll_until(T, || b.accepted.load(Ordering::SeqCst) == 2));
+            p.wait_status(|s| s.contains("; 2 connections open"));
+            let waiting: Vec<TcpStream> = (0..3)
+                .map(|i| {
+                    let mut c = TcpStream::connect(a).unwrap();
+                    timeouts(&c);
+                    c.write_all(format!("waiting {i}\n").as_bytes()).unwrap();
+                    c.shutdown(Shutdown::Write).unwrap();
+                    c
+                })
+                .collect();
+            thread::sleep(Duration::from_millis(300));
+            assert_eq!(
+                b.accepted.load(Ordering::SeqCst),
+                2,
+                "{mode}: none beyond the limit"
+            );
+            drop(held);
+            for (i, mut c) in waiting.into_iter().enumerate() {
+                let mut got = String::new();
+                c.read_to_string(&mut got).unwrap();
+                assert_eq!(
+                    got,
+                    format!("waiting {i}\n"),
+                    "{mode}: served after waiting"
+                );
+            }
+            assert_eq!(b.accepted.load(Ordering::SeqCst), 5, "{mode}");
+        });
+    }
+}
+
+#[test]
+fn idle_timeout_closes_idle_connections_only() {
+    for mode in MODES {
+        in_netns(&format!("idle timeout ({mode})"), move |_| {
+            let b = backend(echo);
+            let (_p, a) = proxy(mode, b.addr, &["--idle-timeout", "1s"]);
+            let mut idle = TcpStream::connect(a).unwrap();
+            timeouts(&idle);
+            idle.write_all(b"x").unwrap();
+            let mut one = [0u8; 1];
+            idle.read_exact(&mut one).unwrap();
+            let mut busy = TcpStream::connect(a).unwrap();
+            timeouts(&busy);
+            let start = Instant::now();
+            // The busy one talks every 200 ms for 2.5 s.
+            while start.elapsed() < Duration::from_millis(2500) {
+                busy.write_all(b"y").unwrap();
+                busy.read_exact(&mut one).unwrap();
+                thread::sleep(Duration::from_millis(200));
+            }
+            // The idle one was closed after about 1 s.
+            let mut rest = Vec::new();
+            let r = idle.read_to_end(&mut rest);
+            assert!(
+                matches!(r, Ok(0))
+                    || r.as_ref()
+                        .is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
+                "{mode}: idle connection still open: {r:?}"
+            );
+            busy.write_all(b"z").unwrap();
+            busy.read_exact(&mut one).unwrap();
+            assert_eq!(&one, b"z", "{mode}: the busy connection lives");
+        });
+    }
+}
+
+#[test]
+fn resets_and_refusal_propagate() {
+    for mode in MODES {
+        in_netns(&format!("resets ({mode})"), move |_| {
+            static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+            fn record(mut c: TcpStream) {
+                let mut buf = [0u8; 1024];
+                let r = loop {
+                    match c.read(&mut buf) {
+                        Ok(0) => break "eof".to_owned(),
+                        Ok(n) if &buf[..n] == b"reset me" => {
+                            // The backend resets the client.
+                            socket2_linger0(&c);
+                            drop(c);
+                            break "reset sent".to_owned();
+                        }
+                        Ok(_) => continue,
+                        Err(e) => break format!("{:?}", e.kind()),
+                    }
+                };
+                SEEN.lock().unwrap().push(r);
+            }
+            SEEN.lock().unwrap().clear();
+            let b = backend(record);
+            let (_p, a) = proxy(mode, b.addr, &[]);
+
+            // The client resets: the backend reads ECONNRESET, not EOF.
+            let c = TcpStream::connect(a).unwrap();
+            (&c).write_all(b"hello").unwrap();
+            assert!(poll_until(T, || b.accepted.load(Ordering::SeqCst) == 1));
+            thread::sleep(Duration::from_millis(100));
+            socket2_linger0(&c);
+            drop(c);
+            assert!(poll_until(T, || !SEEN.lock().unwrap().is_empty()), "{mode}");
+            assert_eq!(
+                SEEN.lock().unwrap()[0],
+                "ConnectionReset",
+                "{mode}: client reset"
+            );
+
+            // The backend resets: the client reads ECONNRESET.
+            let mut c = TcpStream::connect(a).unwrap();
+            timeouts(&c);
+            c.write_all(b"reset me").unwrap();
+            let mut buf = Vec::new();
+            let r = c.read_to_end(&mut buf);
+            assert_eq!(
+                r.map_err(|e| e.kind()),
+                Err(ErrorKind::ConnectionReset),
+                "{mode}: backend reset"
+            );
+
+            // Nothing listens at the target: the client is reset.
+            let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+            let nowhere = closed.local_addr().unwrap();
+            drop(closed);
+            let (_p2, a2) = proxy(mode, nowhere, &[]);
+            let mut c = TcpStream::connect(a2).unwrap();
+            timeouts(&c);
+            let r = c.read_to_end(&mut buf);
+            assert_eq!(
+                r.map_err(|e| e.kind()),
+                Err(ErrorKind::ConnectionReset),
+                "{mode}: backend refused"
+            );
+        });
+    }
+}
+
+/// SO_LINGER {1, 0}: the next close sends a RST.
+fn socket2_linger0(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid linger struct on an open socket.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const l).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+}
+
+/// A UDP backend that answers each datagram with "PEER DATA".
+fn udp_backend() -> (SocketAddr, Arc<Mutex<HashSet<SocketAddr>>>) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    let peers = Arc::new(Mutex::new(HashSet::new()));
+    let p = peers.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            p.lock().unwrap().insert(from);
+            let mut reply = format!("{from} ").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&reply, from);
+        }
+    });
+    (addr, peers)
+}
+
+#[test]
+fn datagrams_from_several_clients_get_their_own_replies() {
+    for mode in MODES {
+        in_netns(&format!("datagrams ({mode})"), move |_| {
+            let (target, peers) = udp_backend();
+            let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let at = front.local_addr().unwrap();
+            let t = target.to_string();
+            let _p = Proxy::start(
+                &["--mode", mode, "--idle-timeout", "1s", &t],
+                &[&front],
+                &[],
+            );
+            let clients: Vec<UdpSocket> = (0..5)
+                .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+                .collect();
+            let mut backend_peer = Vec::new();
+            for round in 0..3 {
+                for (i, c) in clients.iter().enumerate() {
+                    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let msg = format!("client {i} round {round}");
+                    c.send_to(msg.as_bytes(), at).unwrap();
+                    let mut buf = [0u8; 1024];
+                    let (n, from) = c.recv_from(&mut buf).unwrap();
+                    assert_eq!(from, at, "{mode}: the reply comes from the proxy's socket");
+                    let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let (peer, echoed) = reply.split_once(' ').unwrap();
+                    assert_eq!(echoed, msg, "{mode}: client {i} got its own reply");
+                    if round == 0 {
+                        backend_peer.push(peer.to_owned());
+                    } else {
+                        assert_eq!(
+                            peer, backend_peer[i],
+                            "{mode}: one backend socket per client"
+                        );
+                    }
+                }
+            }
+            assert_eq!(peers.lock().unwrap().len(), 5, "{mode}: five flows");
+            // After the idle timeout a flow is gone: a new one starts.
+            thread::sleep(Duration::from_millis(2200));
+            clients[0].send_to(b"again", at).unwrap();
+            let mut buf = [0u8; 1024];
+            let (n, _) = clients[0].recv_from(&mut buf).unwrap();
+            let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let (peer, _) = reply.split_once(' ').unwrap();
+            assert_ne!(peer, backend_peer[0], "{mode}: the idle flow was closed");
+            assert_eq!(peers.lock().unwrap().len(), 6, "{mode}");
+        });
+    }
+}
+
+/// Parse a PROXY header at the start of `data`: (source, destination, rest).
+fn parse_proxy(data: &[u8]) -> (String, String, &[u8]) {
+    const SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+    if let Some(rest) = data.strip_prefix(SIG) {
+        assert_eq!(rest[0], 0x21, "v2, PROXY command");
+        let fam = rest[1];
+        let len = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
+        let body = &rest[4..4 + len];
+        let (src, dst) = match fam >> 4 {
+            1 => {
+                let ip = |b: &[u8]| std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+                let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+                (
+                    SocketAddr::from((ip(&body[0..4]), port(&body[8..10]))),
+                    SocketAddr::from((ip(&body[4..8]), port(&body[10..12]))),
+                )
+            }
+            other => panic!("family {other}"),
+        };
+        let proto = if fam & 0xf == 1 { "stream" } else { "dgram" };
+        return (format!("{proto} {src}"), dst.to_string(), &rest[4 + len..]);
+    }
+    let end = data.windows(2).position(|w| w == b"\r\n").expect("v1 line");
+    let line = std::str::from_utf8(&data[..end]).unwrap();
+    let f: Vec<&str> = line.split(' ').collect();
+    assert_eq!(f[0], "PROXY", "{line}");
+    assert_eq!(f.len(), 6, "{line}");
+    (
+        format!("{} {}:{}", f[1], f[2], f[4]),
+        format!("{}:{}", f[3], f[5]),
+        &data[end + 2..],
+    )
+}
+
+#[test]
+fn proxy_protocol_v1_and_v2_headers_come_first() {
+    for mode in MODES {
+        in_netns(&format!("PROXY protocol ({mode})"), move |_| {
+            // The backend answers the parsed header and the bytes after it.
+            fn parse_back(mut c: TcpStream) {
+                let mut all = Vec::new();
+                if c.read_to_end(&mut all).is_err() {
+                    return;
+                }
+                let (src, dst, rest) = parse_proxy(&all);
+                let _ = write!(c, "{src}|{dst}|");
+                let _ = c.write_all(rest);
+            }
+            let b = backend(parse_back);
+            for v in ["v1", "v2"] {
+                let (_p, a) = proxy(mode, b.addr, &["--proxy-protocol", v]);
+                let mut c = TcpStream::connect(a).unwrap();
+                timeouts(&c);
+                let me = c.local_addr().unwrap();
+                c.write_all(b"payload").unwrap();
+                c.shutdown(Shutdown::Write).unwrap();
+                let mut got = String::new();
+                c.read_to_string(&mut got).unwrap();
+                let proto = if v == "v1" { "TCP4" } else { "stream" };
+                assert_eq!(got, format!("{proto} {me}|{a}|payload"), "{mode} {v}");
+            }
+            // Datagrams: v2 on every datagram.
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let target = s.local_addr().unwrap();
+            thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let (src, dst, rest) = parse_proxy(&buf[..n]);
+                    let mut reply = format!("{src}|{dst}|").into_bytes();
+                    reply.extend_from_slice(rest);
+                    let _ = s.send_to(&reply, from);
+                }
+            });
+            let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let at = front.local_addr().unwrap();
+            let t = target.to_string();
+            let _p = Proxy::start(
+                &["--mode", mode, "--proxy-protocol", "v2", &t],
+                &[&front],
+                &[],
+            );
+            let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            for i in 0..2 {
+                c.send_to(format!("dgram {i}").as_bytes(), at).unwrap();
+                let mut buf = [0u8; 2048];
+                let n = c.recv(&mut buf).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&buf[..n]),
+                    format!("dgram {}|{at}|dgram {i}", c.local_addr().unwrap()),
+                    "{mode}"
+                );
+            }
+            // v1 has no datagram form: refused at start, with the reason.
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" proxy --proxy-protocol v1 "$1" 3<&0"#)
+                .arg(env!("CARGO_BIN_EXE_skactivate"))
+                .arg(&t)
+                .stdin(OwnedFd::from(UdpSocket::bind("127.0.0.1:0").unwrap()))
+                .env_remove("INVOCATION_ID")
+                .env_remove("JOURNAL_STREAM")
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(1));
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("v1 has no form for datagrams"),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        });
+    }
+}
+
+/// SIOCINQ / SIOCOUTQ of a socket.
+fn queued(s: &TcpStream, request: libc::Ioctl) -> usize {
+    let mut v: libc::c_int = 0;
+    // SAFETY: both ioctls take an int out-parameter.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), request, &raw mut v) };
+    assert_eq!(r, 0);
+    usize::try_from(v).unwrap()
+}
+
+#[test]
+fn a_slow_backend_cannot_grow_kernel_memory_without_bound() {
+    for mode in MODES {
+        in_netns(&format!("slow backend ({mode})"), move |_| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let (mut p, a) = proxy(mode, l.local_addr().unwrap(), &[]);
+            let c = TcpStream::connect(a).unwrap();
+            let (mut server, _) = l.accept().unwrap();
+            timeouts(&server);
+            c.set_nonblocking(true).unwrap();
+            // The backend reads nothing while the client pushes for 3 s.
+            let chunk = pattern(9, 1 << 20);
+            let mut sent = 0usize;
+            let mut d = Digest::new();
+            let mut held_max = 0usize;
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                match (&c).write(&chunk) {
+                    Ok(n) => {
+                        d.update(&chunk[..n]);
+                        sent += n;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("{mode}: {e}"),
+                }
+                // Accepted by the proxy's side but not yet in the backend's
+                // receive queue: what the proxy holds in the kernel.
+                let held = sent - queued(&c, libc::TIOCOUTQ) - queued(&server, libc::FIONREAD);
+                held_max = held_max.max(held);
+            }
+            eprintln!("{mode}: client sent {sent} bytes, proxy held at most {held_max}");
+            // Socket buffers (at most 6 MiB receive, 4 MiB send by default)
+            // plus the 4 MiB redirect credit; unbounded would be gigabytes.
+            assert!(
+                held_max < 24 << 20,
+                "{mode}: the proxy held {held_max} bytes"
+            );
+            // Then everything arrives, in order.
+            c.set_nonblocking(false).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            let mut got = 0usize;
+            let mut g = Digest::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = server.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got += n;
+                g.update(&buf[..n]);
+            }
+            assert_eq!(got, sent, "{mode}");
+            assert_eq!(g.0, d.0, "{mode}");
+            if mode == "sockmap" {
+                let st = p.status();
+                eprintln!("{mode}: {st}");
+            }
+        });
+    }
+}
+
+#[test]
+fn auto_mode_probes_and_falls_back_when_the_probe_fails() {
+    in_netns("auto mode", |_| {
+        let b = backend(echo);
+        let t = b.addr.to_string();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap();
+        let mut p = Proxy::start(&[&t], &[&l], &[]);
+        let st = p.status();
+        assert!(st.starts_with("mode sockmap (probe passed"), "{st}");
+        let data = Arc::new(pattern(11, 1 << 20));
+        assert_eq!(echo_through(a, &data), *data);
+        assert_kernel_moved(&mut p, "sockmap");
+        drop(p);
+
+        let mut p = Proxy::start(&[&t], &[&l], &[("SKACTIVATE_PROXY_PROBE", "fail")]);
+        let st = p.status();
+        assert!(
+            st.starts_with(
+                "mode splice (sockmap probe failed: forced by SKACTIVATE_PROXY_PROBE=fail)"
+            ),
+            "{st}"
+        );
+        assert_eq!(echo_through(a, &data), *data);
+    });
+}
+
+#[test]
+fn exit_idle_time_ends_the_process_when_nothing_is_open() {
+    for mode in MODES {
+        in_netns(&format!("exit-idle-time ({mode})"), move |_| {
+            let b = backend(echo);
+            let (mut p, a) = proxy(mode, b.addr, &["--exit-idle-time", "1s"]);
+            // Busy for 2 s: it stays.
+            let mut c = TcpStream::connect(a).unwrap();
+            timeouts(&c);
+            thread::sleep(Duration::from_secs(2));
+            assert!(
+                p.child.try_wait().unwrap().is_none(),
+                "{mode}: exited with a connection open"
+            );
+            c.write_all(b"still here").unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            let mut got = String::new();
+            c.read_to_string(&mut got).unwrap();
+            assert_eq!(got, "still here");
+            drop(c);
+            let st = p.wait_exit(Duration::from_secs(5));
+            assert_eq!(
+                st.and_then(|s| s.code()),
+                Some(0),
+                "{mode}: exit after 1 s idle"
+            );
+        });
+    }
+}
+
+/// The example units under a real systemd: socket-activated, Type=notify,
+/// STATUS= in `systemctl status`, in front of the example web server.
+#[test]
+fn socket_activated_under_systemd_with_type_notify() {
+    let Some(sd) = Systemd::boot() else { return };
+    sd.install_skactivate();
+    let examples = common::systemd::repo().join("units/examples");
+    for unit in ["webserver-proxy.socket", "webserver-proxy.service"] {
+        sd.copy_in(
+            &examples.join(unit),
+            &format!("{ADMIN_UNITS}/{unit}"),
+            0o644,
+        );
+    }
+    sd.daemon_reload();
+    // The example exits after a minute idle; the test has no minute.
+    let exec = sd.property("webserver-proxy.service", "ExecStart");
+    assert!(exec.contains("--exit-idle-time 1min"), "{exec}");
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/webserver-proxy.service.d/test.conf"),
+        b"[Service]\nExecStart=\nExecStart=/usr/bin/skactivate proxy --exit-idle-time 3s 127.0.0.1:80\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    sd.ok(&[
+        "systemctl",
+        "start",
+        "webserver.socket",
+        "webserver-proxy.socket",
+    ]);
+    let to: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let reply = sd.in_netns(|| common::systemd::poll_for(SETTLE, || http_get(to).ok()));
+    let reply = reply.unwrap_or_else(|| {
+        panic!(
+            "no answer through the proxy: {}",
+            sd.journal("webserver-proxy.service")
+        )
+    });
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.starts_with("webserver "), "{reply:?}");
+    sd.wait_state("webserver-proxy.service", "active");
+    let status = sd.property("webserver-proxy.service", "StatusText");
+    assert!(status.starts_with("mode sockmap (probe passed"), "{status}");
+    assert_eq!(sd.property("webserver-proxy.service", "Type"), "notify");
+    // Many requests, each through the kernel.
+    let ok = sd.in_netns(|| {
+        (0..50)
+            .filter(|_| http_get(to).is_ok_and(|r| r.status == 200))
+            .count()
+    });
+    assert_eq!(ok, 50);
+    assert!(
+        poll_until(SETTLE, || redirected(
+            &sd.property("webserver-proxy.service", "StatusText")
+        ) > 0),
+        "{}",
+        sd.property("webserver-proxy.service", "StatusText")
+    );
+    let journal = sd.journal("webserver-proxy.service");
+    assert!(journal.contains("mode sockmap (probe passed"), "{journal}");
+    // --exit-idle-time in the example: it goes, the socket stays and
+    // starts it again.
+    sd.wait_state("webserver-proxy.service", "inactive");
+    assert_eq!(sd.active_state("webserver-proxy.socket"), "active");
+    let again = sd.in_netns(|| http_get(to));
+    assert_eq!(again.map(|r| r.status).ok(), Some(200));
+}
