@@ -25,18 +25,32 @@ papt() { local n=$1 tool=$2; shift 2; # shellcheck disable=SC2046
   "$tool" $(apt_opts "$n") "$@"; }
 
 # apt_setup NAME "URI SUITE" ...: writes the private sources list and
-# updates its lists once a day at most.
+# updates its lists when they are missing, changed or a day old; sets
+# APT_UPDATED=1 when it did (so cached packages are checked for new
+# versions at most once a day). A failed update with usable lists is a
+# warning: the cache still serves.
 apt_setup() {
   local n=$1 d=$CACHE/apt/$1 line; shift
+  APT_UPDATED=0
   mkdir -p "$d/state/lists/partial" "$d/cache/archives/partial" "$d/sources.list.d"
   : > "$d/sources.list.new"
   for line in "$@"; do
     echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${line%% *} ${line#* } main" >> "$d/sources.list.new"
   done
-  if ! cmp -s "$d/sources.list.new" "$d/sources.list" || [ -z "$(find "$d/state/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 -print -quit)" ]; then
-    mv "$d/sources.list.new" "$d/sources.list"
-    papt "$n" apt-get update -qq >&2 || die "apt-get update failed for the private configuration $d/sources.list"
-  else rm -f "$d/sources.list.new"; fi
+  if cmp -s "$d/sources.list.new" "$d/sources.list" && [ -e "$d/updated" ] &&
+    [ -n "$(find "$d/updated" -mmin -1440)" ]; then
+    rm -f "$d/sources.list.new"
+    return 0
+  fi
+  mv "$d/sources.list.new" "$d/sources.list"
+  if papt "$n" apt-get update -qq >&2; then
+    touch "$d/updated"
+    APT_UPDATED=1
+  elif [ -e "$d/updated" ]; then
+    log "warning: apt-get update failed for $d/sources.list; using the cached lists"
+  else
+    die "apt-get update failed for the private configuration $d/sources.list"
+  fi
 }
 
 # download NAME DEST PKG...: apt-get download into DEST (cwd).
@@ -66,17 +80,23 @@ fetch_kernel() {
   suite=$(kernel_suite "$spec") || die "unknown kernel '$spec' (known: $KERNELS_ALL)"
   case $suite in *-security) mirror=$MIRROR_SECURITY ;; *) mirror=$MIRROR ;; esac
   apt_setup "$suite" "$mirror $suite"
+  [ "$APT_UPDATED" = 0 ] && [ -f "$k/.version" ] && return 0
   pkgs=$(kernel_packages "$suite")
   [ -n "$pkgs" ] || die "no linux-image-amd64 in $suite at $mirror"
   stamp=$(for p in $pkgs; do echo "$p $(papt "$suite" apt-cache show --no-all-versions "$p" | sed -n 's/^Version: //p')"; done)
   if [ -f "$k/.version" ] && [ "$(cat "$k/.version")" = "$stamp" ]; then return 0; fi
   log "fetching kernel $spec from $suite: $(echo $pkgs)"
-  rm -rf "$k" "$CACHE/debs/$spec"; download "$suite" "$CACHE/debs/$spec" $pkgs
-  mkdir -p "$k"
-  for v in "$CACHE/debs/$spec"/*.deb; do dpkg -x "$v" "$k"; done
-  prepare_kernel "$k"
+  # A new kernel replaces the cached one only once it is ready.
+  rm -rf "$k.new" "$CACHE/debs/$spec"
+  # shellcheck disable=SC2086
+  download "$suite" "$CACHE/debs/$spec" $pkgs
+  mkdir -p "$k.new"
+  for v in "$CACHE/debs/$spec"/*.deb; do dpkg -x "$v" "$k.new"; done
   rm -rf "$CACHE/debs/$spec"
-  echo "$stamp" > "$k/.version"
+  prepare_kernel "$k.new"
+  echo "$stamp" > "$k.new/.version"
+  rm -rf "$k"
+  mv "$k.new" "$k"
 }
 
 # prepare_kernel KROOT: lib symlink for merged-/usr packages, the ELF
@@ -89,7 +109,7 @@ prepare_kernel() {
   [ -n "$img" ] || die "no vmlinuz in $k"
   mkdir -p "$k/boot"
   "$KIT/extract-vmlinux.sh" "$img" "$k/boot/vmlinux" || die "cannot extract vmlinux from $img"
-  "$KIT/tools/bin/depmod" -b "$k" "$v" || die "depmod failed for $k"
+  "$KIT/tools/bin/depmod" -b "$k" "$v" 2>"$k/.depmod.err" || die "depmod failed for $k: $(cat "$k/.depmod.err")"
   echo "$v" > "$k/.release"
 }
 
@@ -99,6 +119,7 @@ prepare_kernel() {
 fetch_qemu() {
   local rel=$HOST_CODENAME q=$CACHE/qemu pkgs
   apt_setup qemu "$MIRROR $rel" "$MIRROR $rel-updates" "$MIRROR_SECURITY $rel-security" "$MIRROR $rel-backports"
+  [ "$APT_UPDATED" = 0 ] && [ -f "$q/.packages" ] && qemu_works && return 0
   pkgs=$(papt qemu apt-get install -s -qq --no-install-recommends -t "$rel-backports" qemu-system-x86 seabios qemu-system-data 2>/dev/null |
     sed -n 's/^Inst \([^ ]*\) .*/\1/p' | sort)
   [ -n "$pkgs" ] || pkgs="qemu-system-x86 qemu-system-common qemu-system-data seabios"
@@ -132,8 +153,8 @@ qemu_works() { qemu_cmd --version >/dev/null 2>&1; }
 # extract-vmlinux.sh, under $KIT.
 fetch_kit() {
   local rel=$HOST_CODENAME pkgs="busybox-static kmod libkmod2"
-  apt_setup qemu "$MIRROR $rel" "$MIRROR $rel-updates" "$MIRROR_SECURITY $rel-security" "$MIRROR $rel-backports"
   if [ -x "$KIT/bb/bin/busybox" ] && [ -x "$KIT/tools/bin/depmod" ] && cmp -s "$HERE/extract-vmlinux" "$KIT/extract-vmlinux.sh"; then return 0; fi
+  apt_setup qemu "$MIRROR $rel" "$MIRROR $rel-updates" "$MIRROR_SECURITY $rel-security" "$MIRROR $rel-backports"
   log "fetching the guest kit: $pkgs"
   rm -rf "$KIT" "$CACHE/debs/kit"; download qemu "$CACHE/debs/kit" $pkgs
   mkdir -p "$KIT/x" "$KIT/bb/bin" "$KIT/tools/bin"
@@ -153,7 +174,11 @@ fetch_kit() {
 }
 
 # install_runner: $CACHE/bin/run-under-kernel, for use outside this script.
-install_runner() { mkdir -p "$CACHE/bin"; install -m 755 "$HERE/run-under-kernel" "$CACHE/bin/run-under-kernel"; }
+install_runner() {
+  mkdir -p "$CACHE/bin"
+  install -m 755 "$HERE/run-under-kernel" "$CACHE/bin/run-under-kernel.new"
+  mv "$CACHE/bin/run-under-kernel.new" "$CACHE/bin/run-under-kernel" # never rewrite a script someone runs
+}
 
 # write_ready: $CACHE/READY, where everything is, for people and scripts.
 write_ready() {
