@@ -326,9 +326,16 @@ fn scenario(release: &Release) {
         0o644,
     );
     sd.daemon_reload();
-    sd.ok(&["systemctl", "show", "-P", "LoadState", "probe-unknown.service"]);
+    sd.ok(&[
+        "systemctl",
+        "show",
+        "-P",
+        "LoadState",
+        "probe-unknown.service",
+    ]);
     assert!(
-        poll_until(SETTLE, || !unknown_settings(&sd, "probe-unknown").is_empty()),
+        poll_until(SETTLE, || !unknown_settings(&sd, "probe-unknown")
+            .is_empty()),
         "systemd did not log the unknown key of probe-unknown.service"
     );
     assert_eq!(unknown_settings(&sd, "skactivate"), Vec::<String>::new());
