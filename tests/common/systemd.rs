@@ -134,6 +134,17 @@ impl Systemd {
     /// printing why, only when the kernel cannot run it; any other failure
     /// panics with the console log.
     pub fn boot() -> Option<Systemd> {
+        Self::boot_from(None)
+    }
+
+    /// [`Systemd::boot`] of another root file system (a Debian release made
+    /// by packaging/release-root) under the same throwaway overlay: its own
+    /// systemd, bus and files, this kernel.
+    pub fn boot_root(root: &Path) -> Option<Systemd> {
+        Self::boot_from(Some(root))
+    }
+
+    fn boot_from(root: Option<&Path>) -> Option<Systemd> {
         let test = std::thread::current()
             .name()
             .unwrap_or("systemd test")
@@ -150,14 +161,14 @@ impl Systemd {
         let script = repo().join("tests/systemd/throwaway.sh");
         let started = Instant::now();
         // Generous: a first run installs systemd-container.
-        let out = timed(
-            Command::new(&script)
-                .arg("up")
-                .env("SD_STATE", &state_dir)
-                .env("SD_BOOT_TIMEOUT", "60"),
-            Duration::from_secs(600),
-            None,
-        );
+        let mut up = Command::new(&script);
+        up.arg("up")
+            .env("SD_STATE", &state_dir)
+            .env("SD_BOOT_TIMEOUT", "60");
+        if let Some(root) = root {
+            up.env("SD_ROOT", root);
+        }
+        let out = timed(&mut up, Duration::from_secs(600), None);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -230,13 +241,19 @@ impl Systemd {
 
     /// [`Systemd::exec`] with `input` as stdin.
     pub fn exec_input(&self, argv: &[&str], input: Option<&[u8]>) -> Output {
+        self.exec_within(argv, input, EXEC_TIMEOUT)
+    }
+
+    /// [`Systemd::exec_input`] with a time limit of its own, for the rare
+    /// command that may take longer than [`EXEC_TIMEOUT`] (lintian).
+    pub fn exec_within(&self, argv: &[&str], input: Option<&[u8]>, limit: Duration) -> Output {
         assert!(self.up, "exec on a powered-off systemd");
         let mut cmd = Command::new("nsenter");
         cmd.arg("-t")
             .arg(self.pid().to_string())
             .arg("-a")
             .args(argv);
-        timed(&mut cmd, EXEC_TIMEOUT, input)
+        timed(&mut cmd, limit, input)
     }
 
     /// Run `argv` inside and return its stdout; panic with its output if it

@@ -21,6 +21,12 @@
 # Env: SD_STATE   state directory, one per instance (default:
 #                 ${TMPDIR:-/tmp}/skactivate-systemd); instances with different
 #                 state directories run side by side
+#      SD_ROOT    boot this root file system (a Debian release made with
+#                 packaging/release-root) instead of the host's, under the same
+#                 tmpfs overlay: it is never written to, and several instances
+#                 may boot it at once. Its /etc/systemd/system is its own (the
+#                 overlay makes it writable), so what its packages enabled
+#                 there (dbus-broker's dbus.service alias) stays in force.
 #      SD_HOSTNET=1  share the host's network namespace instead of a private one
 #      SD_BOOT_TIMEOUT  seconds to wait for `running` (default 60)
 set -euo pipefail
@@ -100,6 +106,17 @@ EOF
   for dir in $(cgroup_dirs); do mkdir -p "$dir"; done
   local net=(--private-network)
   [ "${SD_HOSTNET:-}" = 1 ] && net=()
+  # The host's root, with an empty admin unit directory bound over its own;
+  # or SD_ROOT as it is, the boot target among the admin's units (a path
+  # every release has, split /usr or not).
+  local root=/ target=/usr/lib/systemd/system/skactivate-test-boot.target
+  local units=(--bind="$D/units:/etc/systemd/system")
+  if [ -n "${SD_ROOT:-}" ]; then
+    [ -x "$SD_ROOT/bin/sh" ] || { echo "throwaway: SD_ROOT=$SD_ROOT is not a root file system" >&2; exit 1; }
+    root=$(realpath "$SD_ROOT")
+    target=/etc/systemd/system/skactivate-test-boot.target
+    units=()
+  fi
   # In the subshell: move into our own cgroups (nspawn --keep-unit uses the
   # current one; cgroup.kill on it ends everything), then a private mount
   # namespace with its own /run and a fresh bpffs, so pins never reach the
@@ -116,12 +133,11 @@ EOF
     export SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1
     exec unshare --mount --propagation private sh -c \
       'mount -t tmpfs tmpfs /run && mkdir /run/bpffs && mount -t bpf bpf /run/bpffs &&
-       mount --bind / "$0" && exec "$@"' \
-      "$D/root" systemd-nspawn --register=no --keep-unit --quiet -M "$N" -D "$D/root" \
+       mount --bind "$1" "$0" && shift && exec "$@"' \
+      "$D/root" "$root" systemd-nspawn --register=no --keep-unit --quiet -M "$N" -D "$D/root" \
       --volatile=overlay --system-call-filter=bpf --system-call-filter=pidfd_getfd \
-      --capability=CAP_BPF \
-      --bind=/run/bpffs:/sys/fs/bpf --bind="$D/units:/etc/systemd/system" \
-      --bind-ro="$D/boot.target:/usr/lib/systemd/system/skactivate-test-boot.target" \
+      --capability=CAP_BPF --bind=/run/bpffs:/sys/fs/bpf "${units[@]}" \
+      --bind-ro="$D/boot.target:$target" \
       "${net[@]}" -b -- systemd.unit=skactivate-test-boot.target
   ) > "$D/console.log" 2>&1 < /dev/null &
   local np=$!
@@ -184,5 +200,5 @@ exec) shift; [ -e "$D/env" ] || { echo "throwaway: $D is not up" >&2; exit 1; }
   # shellcheck disable=SC1091
   . "$D/env"; exec nsenter -t "$SD_PID" -a "$@" ;;
 down) down ;;
-*) sed -n '2,27p' "$0"; exit 2 ;;
+*) sed -n '2,33p' "$0"; exit 2 ;;
 esac
