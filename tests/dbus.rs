@@ -407,3 +407,167 @@ fn a_udp_socket_without_packet_info_is_warned_about() {
         });
     });
 }
+
+/// Parse `xml` with a real XML parser (python3's xml.etree); the error if
+/// it is not well-formed.
+fn xml_parse_error(xml: &str) -> Option<String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, xml.etree.ElementTree as E; E.fromstring(sys.stdin.buffer.read())",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Every object's introspection is well-formed XML (GDBus and dbus-python
+/// refuse anything else; busctl happens to cope).
+#[test]
+fn introspection_of_every_object_is_well_formed_xml() {
+    in_netns("introspection_of_every_object_is_well_formed_xml", |fs| {
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        with_manager(fs, async |p| {
+            p.register_sockets_with_directives(
+                "web.socket",
+                &[Fd::from(web.fd())],
+                &["192.0.2.0/24:80"],
+            )
+            .await
+            .unwrap();
+            let conn = p.inner().connection();
+            for path in [
+                "/",
+                "/org",
+                "/org/skactivate1",
+                "/org/skactivate1/unit/web_2esocket",
+            ] {
+                let intro = zbus::fdo::IntrospectableProxy::builder(conn)
+                    .destination("org.skactivate1")
+                    .unwrap()
+                    .path(path)
+                    .unwrap()
+                    .build()
+                    .await
+                    .unwrap();
+                let xml = intro.introspect().await.unwrap();
+                assert!(xml.contains("<node"), "{path}: {xml}");
+                if let Some(e) = xml_parse_error(&xml) {
+                    panic!("{path}: not well-formed XML: {e}\n{xml}");
+                }
+            }
+        });
+    });
+}
+
+/// Bad input over D-Bus: each gets a named error that names the argument,
+/// and nothing changes.
+#[test]
+fn bad_arguments_get_named_errors_and_change_nothing() {
+    in_netns("bad_arguments_get_named_errors_and_change_nothing", |fs| {
+        let a = tcp_server("a", "127.0.0.1:8001", false);
+        let b = tcp_server("b", "127.0.0.1:8002", false);
+        with_manager(fs, async |p| {
+            p.register_sockets_with_directives(
+                "a.socket",
+                &[Fd::from(a.fd())],
+                &["192.0.2.0/24:80"],
+            )
+            .await
+            .unwrap();
+            let before = p.list_bindings().await.unwrap();
+            let fds = [Fd::from(b.fd())];
+
+            // RegisterSockets: only a socket unit's name, checked before systemd is asked.
+            for (unit, says) in [
+                ("", "is empty"),
+                ("webserver.service", "not a socket unit"),
+                ("no-suffix", "no type suffix"),
+                ("bad/name.socket", "may appear in a unit name"),
+            ] {
+                let e = p.register_sockets(unit, &fds).await.unwrap_err();
+                assert_eq!(
+                    error_name(&e),
+                    "org.skactivate1.Error.InvalidArgs",
+                    "{unit:?}: {e}"
+                );
+                assert!(
+                    error_text(&e).contains(says),
+                    "{unit:?}: {}",
+                    error_text(&e)
+                );
+            }
+            // RegisterSocketsWithDirectives: a unit name, at least one value, none empty.
+            let e = p
+                .register_sockets_with_directives("", &fds, &["198.51.100.0/24:80"])
+                .await
+                .unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.InvalidArgs", "{e}");
+            assert!(error_text(&e).contains("\"\""), "{}", error_text(&e));
+            let e = p
+                .register_sockets_with_directives("b.socket", &fds, &[])
+                .await
+                .unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.InvalidArgs", "{e}");
+            assert!(
+                error_text(&e).contains("b.socket: no X-SkLookup= values"),
+                "{}",
+                error_text(&e)
+            );
+            let e = p
+                .register_sockets_with_directives("b.socket", &fds, &["198.51.100.0/24:80", " "])
+                .await
+                .unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.InvalidArgs", "{e}");
+            assert!(
+                error_text(&e).contains("--sklookup:2"),
+                "{}",
+                error_text(&e)
+            );
+
+            assert_eq!(p.list_bindings().await.unwrap(), before);
+            let units = p.list_units().await.unwrap();
+            assert_eq!(units.len(), 1, "{units:?}");
+        });
+    });
+}
+
+/// Each cause is said once in the error text: a conflict names the binding
+/// and its owner one time.
+#[test]
+fn error_texts_say_each_cause_once() {
+    in_netns("error_texts_say_each_cause_once", |fs| {
+        let a = tcp_server("a", "127.0.0.1:8001", false);
+        let b = tcp_server("b", "127.0.0.1:8002", false);
+        with_manager(fs, async |p| {
+            p.register_sockets_with_directives(
+                "a.socket",
+                &[Fd::from(a.fd())],
+                &["192.0.2.0/24:80"],
+            )
+            .await
+            .unwrap();
+            let e = p
+                .register_sockets_with_directives(
+                    "b.socket",
+                    &[Fd::from(b.fd())],
+                    &["192.0.2.0/24:80"],
+                )
+                .await
+                .unwrap_err();
+            let text = error_text(&e);
+            assert_eq!(text.matches("is already bound to").count(), 1, "{text}");
+            assert!(text.starts_with("b.socket: "), "{text}");
+        });
+    });
+}

@@ -225,10 +225,10 @@ pub fn render_status(m: &ManagerInfo, units: &[UnitInfo], with_daemon: bool) -> 
             out.push('\n');
         }
         let bullet = if u.warnings.is_empty() { '●' } else { '×' };
-        let from = if u.source == "inline" {
-            "from --sklookup"
-        } else {
-            "from unit files"
+        let from = match u.source.as_str() {
+            "inline" => "from --sklookup",
+            "files" => "from unit files",
+            _ => "origin unknown",
         };
         let _ = writeln!(
             out,

@@ -11,6 +11,7 @@
 //! no syscalls; it is the maps' only writer, so the index stays exact.
 
 pub mod abi;
+pub mod records;
 pub mod socket;
 pub mod sys;
 
@@ -363,6 +364,7 @@ pub struct Dispatcher {
     ids: HashMap<Destination, u32>,
     /// Every trie entry and its destination id, mirroring `bindings`.
     entries: HashMap<Entry, u32>,
+    records: records::Records,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -507,6 +509,7 @@ impl Dispatcher {
             dests: BTreeMap::new(),
             ids: HashMap::new(),
             entries: HashMap::new(),
+            records: records::Records::open(dir)?,
         };
         d.load_index()?;
         Ok(Some(d))

@@ -13,13 +13,16 @@ use std::time::UNIX_EPOCH;
 use zbus::fdo::DBusProxy;
 use zbus::message::Header;
 use zbus::object_server::{ObjectServer, SignalEmitter};
-use zbus::proxy::CacheProperties;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath};
 use zbus::{Connection, interface};
 
 use crate::binding::Protocol;
 use crate::dispatcher::Verdict;
-use crate::service::{Directives, Service, ServiceError, UnitFiles};
+use crate::service::{Directives, Origin, Service, ServiceError, UnitFiles};
+
+pub mod systemd;
+
+pub use systemd::{SystemdManagerProxy, SystemdSocketProxy, SystemdUnitProxy};
 
 pub const BUS_NAME: &str = "org.skactivate1";
 pub const MANAGER_PATH: &str = "/org/skactivate1";
@@ -36,6 +39,9 @@ pub enum Error {
     BadDirective(String),
     /// A binding is already another unit's.
     Conflict(String),
+    /// The unit is registered the other way (from its unit files, or with
+    /// values given with the sockets): unregister it first.
+    AlreadyRegistered(String),
     /// An fd is not one of the unit's listening sockets.
     NotUnitSocket(String),
     /// An fd is not a socket skactivate can use.
@@ -58,6 +64,11 @@ impl From<ServiceError> for Error {
                 Error::NotUnitSocket(msg)
             }
             ServiceError::NotRegistered { .. } => Error::NoSuchUnit(msg),
+            ServiceError::InvalidUnitName { .. }
+            | ServiceError::NotSocketUnit { .. }
+            | ServiceError::NoValues { .. }
+            | ServiceError::EmptyValue { .. } => Error::InvalidArgs(msg),
+            ServiceError::OriginConflict { .. } => Error::AlreadyRegistered(msg),
             ServiceError::Dispatcher { source, .. } => match *source {
                 D::Conflict { .. } => Error::Conflict(msg),
                 D::Inspect { .. }
@@ -69,6 +80,15 @@ impl From<ServiceError> for Error {
                 _ => Error::Failed(msg),
             },
         }
+    }
+}
+
+impl Error {
+    /// The text alone, without the error's name.
+    pub fn text(&self) -> String {
+        zbus::DBusError::description(self)
+            .unwrap_or_default()
+            .to_owned()
     }
 }
 
@@ -162,58 +182,8 @@ impl Shared {
             .systemd
             .as_ref()
             .ok_or_else(|| Error::Failed("no system bus: cannot ask systemd about units".into()))?;
-        systemd_unit_files(conn, unit).await
+        systemd::unit_files(conn, unit).await
     }
-}
-
-/// `FragmentPath`, `DropInPaths`, `Listen` and `BindIPv6Only` of a socket unit.
-pub async fn systemd_unit_files(conn: &Connection, unit: &str) -> Result<UnitFiles, Error> {
-    let manager = SystemdManagerProxy::new(conn).await?;
-    let path = manager
-        .get_unit(unit)
-        .await
-        .map_err(|e| Error::NoSuchUnit(format!("{unit}: systemd does not know it ({e})")))?;
-    let u = SystemdUnitProxy::builder(conn)
-        .path(path.clone())?
-        .cache_properties(CacheProperties::No)
-        .build()
-        .await?;
-    let s = SystemdSocketProxy::builder(conn)
-        .path(path)?
-        .cache_properties(CacheProperties::No)
-        .build()
-        .await?;
-    let fragment = u.fragment_path().await?;
-    if fragment.is_empty() {
-        return Err(Error::NoSuchUnit(format!(
-            "{unit}: systemd knows no unit file for it"
-        )));
-    }
-    Ok(UnitFiles {
-        fragment: fragment.into(),
-        dropins: u
-            .drop_in_paths()
-            .await?
-            .into_iter()
-            .map(Into::into)
-            .collect(),
-        listen: s.listen().await?,
-        bind_ipv6_only: s.bind_ipv6_only().await?,
-    })
-}
-
-/// A socket unit's `ActiveState`, or `None` if systemd has not loaded it.
-pub async fn systemd_active_state(conn: &Connection, unit: &str) -> zbus::Result<Option<String>> {
-    let manager = SystemdManagerProxy::new(conn).await?;
-    let Ok(path) = manager.get_unit(unit).await else {
-        return Ok(None);
-    };
-    let u = SystemdUnitProxy::builder(conn)
-        .path(path)?
-        .cache_properties(CacheProperties::No)
-        .build()
-        .await?;
-    Ok(Some(u.active_state().await?))
 }
 
 /// The manager object, `/org/skactivate1`.
@@ -235,13 +205,15 @@ impl Manager {
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(u32, u32), Error> {
         require_root(&header, conn, "RegisterSockets").await?;
+        crate::service::check_socket_unit_name(&unit)?;
         let files = self.shared.unit_files(&unit).await?;
         self.register(unit, fds, Directives::Files(files), &emitter, server)
             .await
     }
 
     /// Register sockets with directives given here instead of unit files
-    /// (`skactivate register --sklookup`). Returns (sockets, bindings).
+    /// (what `skactivate register` sends for its sklookup options). Returns
+    /// (sockets, bindings).
     #[allow(
         clippy::too_many_arguments,
         reason = "zbus injects header, connection, emitter and server"
@@ -281,17 +253,24 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(), Error> {
         require_root(&header, conn, "Reload").await?;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-        let failures = reload_all(&self.shared).await;
+        let mut failures = reload_all(&self.shared, server).await;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         self.shared.changed();
         self.counts_changed(&emitter).await;
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::BadDirective(failures.join("; ")))
+        match failures.len() {
+            0 => Ok(()),
+            1 => Err(failures.remove(0)),
+            _ => Err(Error::BadDirective(
+                failures
+                    .iter()
+                    .map(Error::text)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )),
         }
     }
 
@@ -502,11 +481,16 @@ impl Manager {
         server: &ObjectServer,
     ) -> Result<(u32, u32), Error> {
         let fds: Vec<OwnedFd> = fds.into_iter().map(Into::into).collect();
-        let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
-        let r = self.shared.lock().register(&unit, &borrowed, &directives);
-        // Our copies close here: the map entries now live as long as systemd's sockets.
-        drop(borrowed);
-        drop(fds);
+        // Reading and matching the values is linear, but a unit may carry many:
+        // off the event loop, which keeps answering and feeding the watchdog.
+        let (shared, name) = (self.shared.clone(), unit.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+            shared.lock().register(&name, &borrowed, &directives)
+            // Our copies close here: the map entries now live as long as systemd's sockets.
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("{unit}: the registration did not finish: {e}")))?;
         match r {
             Ok(o) => {
                 let bindings =
@@ -610,14 +594,15 @@ impl UnitObject {
         self.unit.clone()
     }
 
-    /// `files` (X-SkLookup= from the unit's files) or `inline` (--sklookup).
+    /// `files` (X-SkLookup= from the unit's files), `inline` (values given
+    /// with the sockets) or `unknown` (adopted from an older build's state).
     #[zbus(property(emits_changed_signal = "const"))]
     async fn source(&self) -> String {
         let s = self.shared.lock();
-        match s.units().get(&self.unit).map(|u| u.inline.is_some()) {
-            Some(true) => "inline".into(),
-            _ => "files".into(),
-        }
+        s.units()
+            .get(&self.unit)
+            .map_or("unknown", |u| u.origin.name())
+            .to_owned()
     }
 
     /// The unit's bindings as written: `tcp:192.0.2.0/24:80`.
@@ -678,22 +663,49 @@ impl UnitObject {
     }
 }
 
-/// Re-read every registered unit; returns one message per unit that failed.
-pub async fn reload_all(shared: &Shared) -> Vec<String> {
-    let units: Vec<String> = shared.lock().units().keys().cloned().collect();
+/// Reconcile with systemd, then re-read every registered unit; returns one
+/// error per unit that failed (it keeps its bindings).
+pub async fn reload_all(shared: &Arc<Shared>, server: &ObjectServer) -> Vec<Error> {
+    if let Some(sys) = &shared.systemd {
+        systemd::reconcile(server, sys, shared).await;
+    }
+    let units: Vec<(String, bool)> = shared
+        .lock()
+        .units()
+        .iter()
+        .map(|(name, u)| (name.clone(), matches!(u.origin, Origin::Inline(_))))
+        .collect();
     let mut failures = Vec::new();
-    for unit in units {
+    for (unit, inline) in units {
         let files = match &shared.systemd {
-            Some(conn) => systemd_unit_files(conn, &unit).await.ok(),
-            None => None,
+            Some(conn) if !inline => match systemd::unit_files(conn, &unit).await {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::error!(unit = %unit, "reload refused, keeping the previous bindings: {}", e.text());
+                    failures.push(e);
+                    continue;
+                }
+            },
+            _ => None,
         };
-        let r = shared.lock().reload(&unit, files.as_ref());
+        let r = {
+            let (shared, unit) = (shared.clone(), unit.clone());
+            tokio::task::spawn_blocking(move || shared.lock().reload(&unit, files.as_ref())).await
+        };
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(Error::Failed(format!(
+                    "{unit}: the reload did not finish: {e}"
+                )));
+                continue;
+            }
+        };
         match r {
             Ok(o) => tracing::info!(unit = %unit, "{unit}: reloaded, {o}"),
             Err(e) => {
-                let msg = error_chain(&e);
-                tracing::error!(unit = %unit, "reload refused, keeping the previous bindings: {msg}");
-                failures.push(msg);
+                tracing::error!(unit = %unit, "reload refused, keeping the previous bindings: {}", error_chain(&e));
+                failures.push(e.into());
             }
         }
     }
@@ -790,40 +802,6 @@ pub trait SkactivateUnit {
     fn registered_at(&self) -> zbus::Result<u64>;
     #[zbus(property)]
     fn warnings(&self) -> zbus::Result<Vec<String>>;
-}
-
-#[zbus::proxy(
-    interface = "org.freedesktop.systemd1.Manager",
-    default_service = "org.freedesktop.systemd1",
-    default_path = "/org/freedesktop/systemd1"
-)]
-pub trait SystemdManager {
-    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
-    fn subscribe(&self) -> zbus::Result<()>;
-}
-
-#[zbus::proxy(
-    interface = "org.freedesktop.systemd1.Unit",
-    default_service = "org.freedesktop.systemd1"
-)]
-pub trait SystemdUnit {
-    #[zbus(property)]
-    fn fragment_path(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn drop_in_paths(&self) -> zbus::Result<Vec<String>>;
-    #[zbus(property)]
-    fn active_state(&self) -> zbus::Result<String>;
-}
-
-#[zbus::proxy(
-    interface = "org.freedesktop.systemd1.Socket",
-    default_service = "org.freedesktop.systemd1"
-)]
-pub trait SystemdSocket {
-    #[zbus(property)]
-    fn listen(&self) -> zbus::Result<Vec<(String, String)>>;
-    #[zbus(property, name = "BindIPv6Only")]
-    fn bind_ipv6_only(&self) -> zbus::Result<String>;
 }
 
 #[cfg(test)]
