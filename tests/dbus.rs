@@ -10,6 +10,7 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use common::*;
+use skactivate::dbus::wire::SocketEntry;
 use skactivate::dbus::{Manager, Shared, SkactivateProxy, SkactivateUnitProxy};
 use skactivate::dispatcher::Dispatcher;
 use skactivate::service::Service;
@@ -96,8 +97,10 @@ fn register_with_directives_then_traffic_and_lookup() {
             );
 
             let list = p.list_bindings().await.unwrap();
-            let shown: Vec<(&str, &str)> =
-                list.iter().map(|b| (b.0.as_str(), b.1.as_str())).collect();
+            let shown: Vec<(&str, &str)> = list
+                .iter()
+                .map(|b| (b.binding.as_str(), b.unit.as_str()))
+                .collect();
             assert_eq!(
                 shown,
                 [
@@ -105,8 +108,8 @@ fn register_with_directives_then_traffic_and_lookup() {
                     ("udp:192.0.2.0/24:53", "edge.socket")
                 ]
             );
-            assert!(list[0].4, "the socket is present");
-            assert_eq!(list[0].5, web.cookie);
+            assert!(list[0].present, "the socket is present");
+            assert_eq!(list[0].cookie, web.cookie);
 
             let (verdict, unit, binding, cookie) = p.lookup("tcp", "192.0.2.99", 80).await.unwrap();
             assert_eq!(
@@ -119,8 +122,11 @@ fn register_with_directives_then_traffic_and_lookup() {
 
             let units = p.list_units().await.unwrap();
             assert_eq!(units.len(), 1);
-            assert_eq!(units[0].0, "edge.socket");
-            assert_eq!(units[0].1.as_str(), "/org/skactivate1/unit/edge_2esocket");
+            assert_eq!(units[0].unit, "edge.socket");
+            assert_eq!(
+                units[0].path.as_str(),
+                "/org/skactivate1/unit/edge_2esocket"
+            );
             assert_eq!(
                 (p.units().await.unwrap(), p.bindings().await.unwrap()),
                 (1, 2)
@@ -245,7 +251,7 @@ fn reregistration_replaces_the_units_bindings() {
             assert!(tcp_refused(sa("192.0.2.1".parse().unwrap(), 80)));
             let list = p.list_bindings().await.unwrap();
             assert_eq!(list.len(), 1);
-            assert_eq!(list[0].0, "tcp:192.0.2.0/25:8081");
+            assert_eq!(list[0].binding, "tcp:192.0.2.0/25:8081");
             drop(second);
         });
     });
@@ -301,21 +307,21 @@ fn unit_objects_properties_signals_and_warnings() {
             );
             let sockets = u.sockets().await.unwrap();
             assert!(
-                sockets.contains(&(
-                    "ipv4".into(),
-                    "tcp".into(),
-                    "127.0.0.1:8080".into(),
-                    web.cookie
-                )),
+                sockets.contains(&SocketEntry {
+                    family: "ipv4".into(),
+                    protocol: "tcp".into(),
+                    local: "127.0.0.1:8080".into(),
+                    cookie: web.cookie,
+                }),
                 "{sockets:?}"
             );
             assert!(
-                sockets.contains(&(
-                    "ipv4".into(),
-                    "udp".into(),
-                    "127.0.0.1:53".into(),
-                    dns.cookie
-                )),
+                sockets.contains(&SocketEntry {
+                    family: "ipv4".into(),
+                    protocol: "udp".into(),
+                    local: "127.0.0.1:53".into(),
+                    cookie: dns.cookie,
+                }),
                 "{sockets:?}"
             );
             let now = std::time::SystemTime::now()
@@ -338,9 +344,16 @@ fn unit_objects_properties_signals_and_warnings() {
             }
             assert_eq!(u.lookups().await.unwrap(), 5);
             let dests = p.list_destinations().await.unwrap();
-            let tcp = dests.iter().find(|d| d.2 == "tcp").unwrap();
+            let tcp = dests.iter().find(|d| d.protocol == "tcp").unwrap();
             assert_eq!(
-                (tcp.0.as_str(), tcp.3, tcp.4, tcp.5, tcp.6, tcp.7),
+                (
+                    tcp.unit.as_str(),
+                    tcp.lookups,
+                    tcp.misses,
+                    tcp.errors,
+                    tcp.present,
+                    tcp.cookie
+                ),
                 ("edge.socket", 5, 0, 0, true, web.cookie)
             );
 

@@ -185,7 +185,7 @@ fn main() {
         fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         started.elapsed().as_secs_f64()
     );
     let _ = writeln!(

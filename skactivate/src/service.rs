@@ -447,6 +447,29 @@ impl Service {
         }
     }
 
+    /// Where a packet would go (the live program answers) and the binding
+    /// that took it as its unit wrote it (a range, not the one port of it).
+    pub fn lookup(
+        &self,
+        protocol: Protocol,
+        addr: std::net::IpAddr,
+        port: u16,
+    ) -> Result<(crate::dispatcher::Lookup, Option<Binding>), DispatcherError> {
+        let l = self.dispatcher.lookup(protocol, addr, port)?;
+        let written = match (&l.destination, &l.binding) {
+            (Some(d), Some(b)) => self.units.get(&d.unit).and_then(|u| {
+                u.bindings.iter().map(|(w, _)| *w).find(|w| {
+                    w.protocol == b.protocol
+                        && w.prefix == b.prefix
+                        && w.ports.is_wildcard() == b.ports.is_wildcard()
+                        && w.ports.contains(port)
+                })
+            }),
+            _ => None,
+        };
+        Ok((l, written))
+    }
+
     /// A unit's counters, summed over its destinations.
     pub fn unit_metrics(&self, unit: &str) -> crate::dispatcher::abi::Metrics {
         let mut m = crate::dispatcher::abi::Metrics::default();

@@ -104,6 +104,11 @@ fn ptr<T>(p: *const T) -> u64 {
     p as usize as u64
 }
 
+/// A buffer the kernel writes into.
+fn ptr_mut<T>(p: &mut T) -> u64 {
+    std::ptr::from_mut(p) as usize as u64
+}
+
 fn raw(fd: BorrowedFd<'_>) -> u32 {
     u32::try_from(fd.as_raw_fd()).expect("fds are non-negative")
 }
@@ -156,7 +161,7 @@ fn lookup(map: BorrowedFd<'_>, key: &Key) -> io::Result<Option<Chunk>> {
     let mut attr = ElemAttr {
         map_fd: raw(map),
         key: ptr(key),
-        value_or_next: ptr(&mut value),
+        value_or_next: ptr_mut(&mut value),
         ..ElemAttr::default()
     };
     match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
@@ -197,7 +202,7 @@ fn keys(map: BorrowedFd<'_>) -> io::Result<Vec<Key>> {
         let mut attr = ElemAttr {
             map_fd: raw(map),
             key: cur.as_ref().map_or(0, |k| ptr(k)),
-            value_or_next: ptr(&mut next),
+            value_or_next: ptr_mut(&mut next),
             ..ElemAttr::default()
         };
         match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
