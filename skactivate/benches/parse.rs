@@ -141,7 +141,10 @@ fn main() {
     let mut rows = Vec::new();
     for workload in [Workload::Prefixes, Workload::Ports] {
         // 65535 ports at most on one prefix.
-        let sizes: Vec<usize> = sizes.iter().map(|&n| n.min(65_535)).collect();
+        let sizes: Vec<usize> = match workload {
+            Workload::Prefixes => sizes.to_vec(),
+            Workload::Ports => sizes.iter().map(|&n| n.min(65_535)).collect(),
+        };
         let trees: Vec<Tree> = sizes.iter().map(|&n| Tree::new(workload, n)).collect();
         let mut daemon = vec![Vec::new(); sizes.len()];
         let mut check = vec![Vec::new(); sizes.len()];

@@ -31,8 +31,12 @@ pub fn main(root: &Path, targets: &[OsString]) -> ExitCode {
         eprintln!("skactivate: --root {}: not a directory", root.display());
         return ExitCode::FAILURE;
     }
+    // Buffered (a unit may have 100,000 bindings to list); `run` flushes
+    // after each unit, so stdout and stderr still interleave unit by unit.
     let (stdout, stderr) = (io::stdout(), io::stderr());
-    match run(root, targets, &mut stdout.lock(), &mut stderr.lock()) {
+    let mut out = io::BufWriter::new(stdout.lock());
+    let mut err = io::BufWriter::new(stderr.lock());
+    match run(root, targets, &mut out, &mut err) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -55,6 +59,9 @@ pub fn run(
     let mut valid = true;
     for c in &checked {
         valid &= c.report(out, err)?;
+        // A report writes its problems first, then its summary.
+        err.flush()?;
+        out.flush()?;
     }
     Ok(valid)
 }
