@@ -10,6 +10,7 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use common::*;
+use skactivate::dbus::wire::SocketEntry;
 use skactivate::dbus::{Manager, Shared, SkactivateProxy, SkactivateUnitProxy};
 use skactivate::dispatcher::Dispatcher;
 use skactivate::service::Service;
@@ -96,8 +97,10 @@ fn register_with_directives_then_traffic_and_lookup() {
             );
 
             let list = p.list_bindings().await.unwrap();
-            let shown: Vec<(&str, &str)> =
-                list.iter().map(|b| (b.0.as_str(), b.1.as_str())).collect();
+            let shown: Vec<(&str, &str)> = list
+                .iter()
+                .map(|b| (b.binding.as_str(), b.unit.as_str()))
+                .collect();
             assert_eq!(
                 shown,
                 [
@@ -105,8 +108,8 @@ fn register_with_directives_then_traffic_and_lookup() {
                     ("udp:192.0.2.0/24:53", "edge.socket")
                 ]
             );
-            assert!(list[0].4, "the socket is present");
-            assert_eq!(list[0].5, web.cookie);
+            assert!(list[0].present, "the socket is present");
+            assert_eq!(list[0].cookie, web.cookie);
 
             let (verdict, unit, binding, cookie) = p.lookup("tcp", "192.0.2.99", 80).await.unwrap();
             assert_eq!(
@@ -119,8 +122,11 @@ fn register_with_directives_then_traffic_and_lookup() {
 
             let units = p.list_units().await.unwrap();
             assert_eq!(units.len(), 1);
-            assert_eq!(units[0].0, "edge.socket");
-            assert_eq!(units[0].1.as_str(), "/org/skactivate1/unit/edge_2esocket");
+            assert_eq!(units[0].unit, "edge.socket");
+            assert_eq!(
+                units[0].path.as_str(),
+                "/org/skactivate1/unit/edge_2esocket"
+            );
             assert_eq!(
                 (p.units().await.unwrap(), p.bindings().await.unwrap()),
                 (1, 2)
@@ -245,7 +251,7 @@ fn reregistration_replaces_the_units_bindings() {
             assert!(tcp_refused(sa("192.0.2.1".parse().unwrap(), 80)));
             let list = p.list_bindings().await.unwrap();
             assert_eq!(list.len(), 1);
-            assert_eq!(list[0].0, "tcp:192.0.2.0/25:8081");
+            assert_eq!(list[0].binding, "tcp:192.0.2.0/25:8081");
             drop(second);
         });
     });
@@ -301,21 +307,21 @@ fn unit_objects_properties_signals_and_warnings() {
             );
             let sockets = u.sockets().await.unwrap();
             assert!(
-                sockets.contains(&(
-                    "ipv4".into(),
-                    "tcp".into(),
-                    "127.0.0.1:8080".into(),
-                    web.cookie
-                )),
+                sockets.contains(&SocketEntry {
+                    family: "ipv4".into(),
+                    protocol: "tcp".into(),
+                    local: "127.0.0.1:8080".into(),
+                    cookie: web.cookie,
+                }),
                 "{sockets:?}"
             );
             assert!(
-                sockets.contains(&(
-                    "ipv4".into(),
-                    "udp".into(),
-                    "127.0.0.1:53".into(),
-                    dns.cookie
-                )),
+                sockets.contains(&SocketEntry {
+                    family: "ipv4".into(),
+                    protocol: "udp".into(),
+                    local: "127.0.0.1:53".into(),
+                    cookie: dns.cookie,
+                }),
                 "{sockets:?}"
             );
             let now = std::time::SystemTime::now()
@@ -338,9 +344,16 @@ fn unit_objects_properties_signals_and_warnings() {
             }
             assert_eq!(u.lookups().await.unwrap(), 5);
             let dests = p.list_destinations().await.unwrap();
-            let tcp = dests.iter().find(|d| d.2 == "tcp").unwrap();
+            let tcp = dests.iter().find(|d| d.protocol == "tcp").unwrap();
             assert_eq!(
-                (tcp.0.as_str(), tcp.3, tcp.4, tcp.5, tcp.6, tcp.7),
+                (
+                    tcp.unit.as_str(),
+                    tcp.lookups,
+                    tcp.misses,
+                    tcp.errors,
+                    tcp.present,
+                    tcp.cookie
+                ),
                 ("edge.socket", 5, 0, 0, true, web.cookie)
             );
 
@@ -404,6 +417,170 @@ fn a_udp_socket_without_packet_info_is_warned_about() {
                 ),
                 "{warnings:?}"
             );
+        });
+    });
+}
+
+/// Parse `xml` with a real XML parser (python3's xml.etree); the error if
+/// it is not well-formed.
+fn xml_parse_error(xml: &str) -> Option<String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, xml.etree.ElementTree as E; E.fromstring(sys.stdin.buffer.read())",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Every object's introspection is well-formed XML (GDBus and dbus-python
+/// refuse anything else; busctl happens to cope).
+#[test]
+fn introspection_of_every_object_is_well_formed_xml() {
+    in_netns("introspection_of_every_object_is_well_formed_xml", |fs| {
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        with_manager(fs, async |p| {
+            p.register_sockets_with_directives(
+                "web.socket",
+                &[Fd::from(web.fd())],
+                &["192.0.2.0/24:80"],
+            )
+            .await
+            .unwrap();
+            let conn = p.inner().connection();
+            for path in [
+                "/",
+                "/org",
+                "/org/skactivate1",
+                "/org/skactivate1/unit/web_2esocket",
+            ] {
+                let intro = zbus::fdo::IntrospectableProxy::builder(conn)
+                    .destination("org.skactivate1")
+                    .unwrap()
+                    .path(path)
+                    .unwrap()
+                    .build()
+                    .await
+                    .unwrap();
+                let xml = intro.introspect().await.unwrap();
+                assert!(xml.contains("<node"), "{path}: {xml}");
+                if let Some(e) = xml_parse_error(&xml) {
+                    panic!("{path}: not well-formed XML: {e}\n{xml}");
+                }
+            }
+        });
+    });
+}
+
+/// Bad input over D-Bus: each gets a named error that names the argument,
+/// and nothing changes.
+#[test]
+fn bad_arguments_get_named_errors_and_change_nothing() {
+    in_netns("bad_arguments_get_named_errors_and_change_nothing", |fs| {
+        let a = tcp_server("a", "127.0.0.1:8001", false);
+        let b = tcp_server("b", "127.0.0.1:8002", false);
+        with_manager(fs, async |p| {
+            p.register_sockets_with_directives(
+                "a.socket",
+                &[Fd::from(a.fd())],
+                &["192.0.2.0/24:80"],
+            )
+            .await
+            .unwrap();
+            let before = p.list_bindings().await.unwrap();
+            let fds = [Fd::from(b.fd())];
+
+            // RegisterSockets: only a socket unit's name, checked before systemd is asked.
+            for (unit, says) in [
+                ("", "is empty"),
+                ("webserver.service", "not a socket unit"),
+                ("no-suffix", "no type suffix"),
+                ("bad/name.socket", "may appear in a unit name"),
+            ] {
+                let e = p.register_sockets(unit, &fds).await.unwrap_err();
+                assert_eq!(
+                    error_name(&e),
+                    "org.skactivate1.Error.InvalidArgs",
+                    "{unit:?}: {e}"
+                );
+                assert!(
+                    error_text(&e).contains(says),
+                    "{unit:?}: {}",
+                    error_text(&e)
+                );
+            }
+            // RegisterSocketsWithDirectives: a unit name, at least one value, none empty.
+            let e = p
+                .register_sockets_with_directives("", &fds, &["198.51.100.0/24:80"])
+                .await
+                .unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.InvalidArgs", "{e}");
+            assert!(error_text(&e).contains("\"\""), "{}", error_text(&e));
+            let e = p
+                .register_sockets_with_directives("b.socket", &fds, &[])
+                .await
+                .unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.InvalidArgs", "{e}");
+            assert!(
+                error_text(&e).contains("b.socket: no X-SkLookup= values"),
+                "{}",
+                error_text(&e)
+            );
+            let e = p
+                .register_sockets_with_directives("b.socket", &fds, &["198.51.100.0/24:80", " "])
+                .await
+                .unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.InvalidArgs", "{e}");
+            assert!(
+                error_text(&e).contains("--sklookup:2"),
+                "{}",
+                error_text(&e)
+            );
+
+            assert_eq!(p.list_bindings().await.unwrap(), before);
+            let units = p.list_units().await.unwrap();
+            assert_eq!(units.len(), 1, "{units:?}");
+        });
+    });
+}
+
+/// Each cause is said once in the error text: a conflict names the binding
+/// and its owner one time.
+#[test]
+fn error_texts_say_each_cause_once() {
+    in_netns("error_texts_say_each_cause_once", |fs| {
+        let a = tcp_server("a", "127.0.0.1:8001", false);
+        let b = tcp_server("b", "127.0.0.1:8002", false);
+        with_manager(fs, async |p| {
+            p.register_sockets_with_directives(
+                "a.socket",
+                &[Fd::from(a.fd())],
+                &["192.0.2.0/24:80"],
+            )
+            .await
+            .unwrap();
+            let e = p
+                .register_sockets_with_directives(
+                    "b.socket",
+                    &[Fd::from(b.fd())],
+                    &["192.0.2.0/24:80"],
+                )
+                .await
+                .unwrap_err();
+            let text = error_text(&e);
+            assert_eq!(text.matches("is already bound to").count(), 1, "{text}");
+            assert!(text.starts_with("b.socket: "), "{text}");
         });
     });
 }

@@ -463,3 +463,365 @@ fn the_daemon_keeps_the_watchdog_fed() {
     let journal = sd.journal("skactivate.service");
     assert!(!journal.contains("Watchdog timeout"), "{journal}");
 }
+
+/// Ask systemd whether it has `unit` loaded: `GetUnit` fails with NoSuchUnit
+/// once an inactive unit has been unloaded.
+fn systemd_has_loaded(sd: &Systemd, unit: &str) -> bool {
+    sd.busctl(&[
+        "call",
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "GetUnit",
+        "s",
+        unit,
+    ])
+    .status
+    .success()
+}
+
+/// The daemon-down case: a socket unit stops (and systemd unloads it) while
+/// the daemon is stopped, so no one unregisters it. When the daemon is back
+/// its bindings are gone, and traffic for the prefix reaches the ordinary
+/// sockets that would get it, instead of being dropped for a socket that is
+/// gone. A reload finds nothing left either.
+#[test]
+fn a_socket_unit_that_stopped_while_the_daemon_was_down_loses_its_bindings() {
+    let Some(sd) = boot() else { return };
+    sd.ok(&["systemctl", "start", "webserver.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+
+    sd.ok(&["systemctl", "stop", "skactivate.service"]);
+    sd.ok(&["systemctl", "stop", "webserver.socket"]);
+    // Unloaded, as systemd does with an inactive unit nothing refers to.
+    assert!(
+        poll_until(SETTLE, || !systemd_has_loaded(&sd, "webserver.socket")),
+        "systemd keeps webserver.socket loaded: {}",
+        sd.status("webserver.socket")
+    );
+    // Nobody unregistered it: the dispatcher still drops its traffic.
+    let ordinary = sd.in_netns(|| {
+        let server = common::tcp_server("ordinary", "192.0.2.7:80", false);
+        let dropped = tcp_refused(addr("192.0.2.7:80"));
+        server.close();
+        dropped
+    });
+    assert!(
+        ordinary,
+        "the stale binding takes the prefix while the daemon is down"
+    );
+
+    sd.ok(&["systemctl", "start", "skactivate.service"]);
+    let listed = list_bindings(&sd);
+    assert!(!listed.contains("webserver.socket"), "{listed}");
+    assert_eq!(sd.manager_property("Units").trim(), "u 0");
+    let reached = sd.in_netns(|| {
+        let server = common::tcp_server("ordinary", "192.0.2.7:80", false);
+        let r = common::tcp_ask(addr("192.0.2.7:80"));
+        server.close();
+        r
+    });
+    assert_eq!(
+        reached.as_deref().ok(),
+        Some("ordinary"),
+        "{reached:?}\n{}",
+        sd.journal("skactivate.service")
+    );
+    let journal = sd.journal("skactivate.service");
+    assert!(
+        journal.contains("webserver.socket") && journal.contains("not loaded"),
+        "{journal}"
+    );
+    sd.ok(&["systemctl", "reload", "skactivate.service"]);
+    assert_eq!(sd.manager_property("Units").trim(), "u 0");
+}
+
+/// A second `skactivate daemon`, run by hand next to the service: it exits
+/// non-zero at once naming the holder, and changes nothing — the service
+/// keeps `org.skactivate1`, its program and its bindings, and registering
+/// and `status` still work.
+///
+/// The holder named by the dispatcher's lock (taken before any change) comes
+/// with the lock; without it the bus name's owner is named.
+#[test]
+fn a_second_daemon_exits_at_once_and_changes_nothing() {
+    let Some(sd) = boot() else { return };
+    sd.ok(&["systemctl", "start", "webserver.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+    let pid = sd.property("skactivate.service", "MainPID");
+    let program = sd.manager_property("ProgramId");
+    let owner = || {
+        sd.busctl(&["status", "org.skactivate1"])
+            .stdout
+            .split(|&b| b == b'\n')
+            .find_map(|l| {
+                std::str::from_utf8(l)
+                    .ok()?
+                    .strip_prefix("PID=")
+                    .map(str::to_owned)
+            })
+    };
+    assert_eq!(owner().as_deref(), Some(pid.as_str()));
+
+    let started = Instant::now();
+    let out = sd.exec(&["timeout", "20", "/usr/bin/skactivate", "daemon"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the second daemon waited {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr.contains(&format!("pid {pid}")),
+        "holder not named: {stderr}"
+    );
+    assert_eq!(stderr.matches("pid ").count(), 1, "said once: {stderr}");
+
+    // The service keeps its name, its program and its bindings.
+    assert_eq!(owner().as_deref(), Some(pid.as_str()));
+    assert_eq!(sd.active_state("skactivate.service"), "active");
+    assert_eq!(sd.property("skactivate.service", "MainPID"), pid);
+    assert_eq!(sd.manager_property("ProgramId"), program);
+    assert_eq!(
+        sd.in_netns(|| http_ask(addr("192.0.2.7:80")).ok())
+            .as_deref(),
+        Some("webserver")
+    );
+    // Registering and status still work, within the bus's timeout.
+    sd.ok(&["systemctl", "start", "echo-udp.socket"]);
+    wait_bound(&sd, "udp:198.51.100.0/24:5353", "echo-udp.socket");
+    let status = sd.ok(&["timeout", "10", "/usr/bin/skactivate", "status"]);
+    assert!(status.contains("echo-udp.socket"), "{status}");
+}
+
+/// lone.socket (no X-SkLookup= in its files) with a oneshot that registers
+/// it with --sklookup values, as tests above do.
+fn install_lone(sd: &Systemd) {
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/lone.socket"),
+        b"[Socket]\nListenStream=127.0.0.1:8088\n",
+        0o644,
+    );
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/lone.service"),
+        b"[Service]\nExecStart=/bin/true\n",
+        0o644,
+    );
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/lone-register.service"),
+        b"[Unit]\nRequires=skactivate.service\nAfter=skactivate.service\n\
+          [Service]\nType=oneshot\nSockets=lone.socket\n\
+          ExecStart=/usr/bin/skactivate register lone.socket --sklookup 203.0.113.0/24\n",
+        0o644,
+    );
+    sd.daemon_reload();
+}
+
+/// A unit registered with --sklookup keeps its origin, its sockets'
+/// addresses and its registration time across a daemon restart, and a
+/// reload after the restart keeps its bindings.
+#[test]
+fn an_inline_unit_survives_a_restart_and_a_reload() {
+    let Some(sd) = boot() else { return };
+    install_lone(&sd);
+    sd.ok(&["systemctl", "start", "lone.socket"]);
+    sd.ok(&["systemctl", "start", "lone-register.service"]);
+    wait_bound(&sd, "tcp:203.0.113.0/24:8088", "lone.socket");
+    let props = |sd: &Systemd| {
+        ["Source", "Sockets", "RegisteredAt", "Bindings"]
+            .map(|p| sd.unit_property("lone.socket", p))
+    };
+    let before = props(&sd);
+    assert_eq!(before[0].trim(), "s \"inline\"");
+    assert!(before[1].contains("127.0.0.1:8088"), "{}", before[1]);
+
+    sd.ok(&["systemctl", "restart", "skactivate.service"]);
+    assert_eq!(props(&sd), before, "the restart changed what is shown");
+    sd.ok(&["systemctl", "reload", "skactivate.service"]);
+    assert!(
+        list_bindings(&sd).contains("\"tcp:203.0.113.0/24:8088\" \"lone.socket\""),
+        "{}\n{}",
+        list_bindings(&sd),
+        sd.journal("skactivate.service")
+    );
+    assert_eq!(props(&sd), before, "the reload changed what is shown");
+    let status = sd.ok(&["skactivate", "status", "lone.socket"]);
+    assert!(status.contains("127.0.0.1:8088"), "{status}");
+}
+
+/// An inline registration may not replace a registration from unit files,
+/// nor the other way round, without unregistering first.
+#[test]
+fn a_registration_does_not_replace_one_of_the_other_origin() {
+    let Some(sd) = boot() else { return };
+    install_lone(&sd);
+    // Inline first; then the unit-file registration is refused.
+    sd.ok(&["systemctl", "start", "lone.socket"]);
+    sd.ok(&["systemctl", "start", "lone-register.service"]);
+    wait_bound(&sd, "tcp:203.0.113.0/24:8088", "lone.socket");
+    let out = sd.systemctl(&["start", "skactivate@lone.service"]);
+    assert!(!out.status.success());
+    let journal = sd.journal("skactivate@lone.service");
+    assert!(
+        journal.contains("lone.socket: registered with --sklookup values")
+            && journal.contains("unregister it first"),
+        "{journal}"
+    );
+    assert!(list_bindings(&sd).contains("\"tcp:203.0.113.0/24:8088\" \"lone.socket\""));
+
+    // From unit files first; then an inline registration is refused.
+    sd.ok(&["systemctl", "start", "webserver.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/web-inline.service"),
+        b"[Service]\nType=oneshot\nSockets=webserver.socket\n\
+          ExecStart=/usr/bin/skactivate register webserver.socket --sklookup 198.51.100.0/24\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    let out = sd.systemctl(&["start", "web-inline.service"]);
+    assert!(!out.status.success());
+    let journal = sd.journal("web-inline.service");
+    assert!(
+        journal.contains("webserver.socket: registered from its unit files")
+            && journal.contains("unregister it first"),
+        "{journal}"
+    );
+    let listed = list_bindings(&sd);
+    assert!(
+        listed.contains("\"tcp:192.0.2.0/24:80\" \"webserver.socket\"")
+            && !listed.contains("198.51.100"),
+        "{listed}"
+    );
+    // Unregistered first, the other kind is accepted.
+    sd.ok(&["skactivate", "unregister", "webserver.socket"]);
+    sd.ok(&["systemctl", "start", "web-inline.service"]);
+    wait_bound(&sd, "tcp:198.51.100.0/24:80", "webserver.socket");
+}
+
+/// Introspection of every object is well-formed XML to a real parser and
+/// to GDBus, as well as to busctl.
+#[test]
+fn introspection_is_well_formed_for_gdbus_and_an_xml_parser() {
+    let Some(sd) = boot() else { return };
+    sd.ok(&["systemctl", "start", "webserver.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+    let unit = skactivate::dbus::unit_path("webserver.socket");
+    for path in ["/org/skactivate1", unit.as_str()] {
+        let xml = sd.ok(&[
+            "busctl",
+            "--system",
+            "introspect",
+            "--xml-interface",
+            "org.skactivate1",
+            path,
+        ]);
+        let parsed = sd.exec_input(
+            &[
+                "python3",
+                "-c",
+                "import sys, xml.etree.ElementTree as E; \
+                 r = E.fromstring(sys.stdin.buffer.read()); \
+                 print(' '.join(i.get('name') for i in r.iter('interface')))",
+            ],
+            Some(xml.as_bytes()),
+        );
+        assert!(
+            parsed.status.success(),
+            "{path}: {}\n{xml}",
+            String::from_utf8_lossy(&parsed.stderr)
+        );
+        let gdbus = sd.ok(&[
+            "gdbus",
+            "introspect",
+            "--system",
+            "--dest",
+            "org.skactivate1",
+            "--object-path",
+            path,
+        ]);
+        let iface = if path == "/org/skactivate1" {
+            "org.skactivate1.Manager"
+        } else {
+            "org.skactivate1.Unit"
+        };
+        assert!(
+            String::from_utf8_lossy(&parsed.stdout).contains(iface) && gdbus.contains(iface),
+            "{path}:\n{gdbus}"
+        );
+    }
+}
+
+/// Count what the pinned maps of the instance's netns hold, with the daemon
+/// stopped: (trie bindings, destinations, record chunks).
+fn pinned_entries(sd: &Systemd) -> (usize, usize, usize) {
+    let netns = std::path::PathBuf::from(format!("/proc/{}/ns/net", sd.pid()));
+    let bpffs = std::path::PathBuf::from(format!("/proc/{}/root/sys/fs/bpf", sd.pid()));
+    let d = skactivate::dispatcher::Dispatcher::open(&netns, &bpffs).expect("pinned state");
+    (
+        d.bindings().unwrap().len(),
+        d.destinations().unwrap().len(),
+        d.unit_record_chunks().unwrap(),
+    )
+}
+
+fn daemon_fds(sd: &Systemd) -> usize {
+    let pid = sd.property("skactivate.service", "MainPID");
+    sd.ok(&["ls", &format!("/proc/{pid}/fd")]).lines().count()
+}
+
+/// Churn: a socket unit started and stopped again and again, with the
+/// daemon stopped and killed in between, ends with nothing stale in the
+/// maps, and the daemon's fd count stays flat.
+#[test]
+fn churn_leaves_no_stale_entries_and_no_fds() {
+    let Some(sd) = boot() else { return };
+    sd.ok(&["systemctl", "start", "skactivate.service"]);
+    for round in 0..12 {
+        sd.ok(&["systemctl", "start", "webserver.socket"]);
+        wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+        match round % 3 {
+            0 => {
+                // Stopped while the daemon is down.
+                sd.ok(&["systemctl", "stop", "skactivate.service"]);
+                sd.ok(&["systemctl", "stop", "webserver.socket"]);
+                sd.ok(&["systemctl", "start", "skactivate.service"]);
+            }
+            1 => {
+                // The daemon killed (Restart=on-failure brings it back).
+                let pid = sd.property("skactivate.service", "MainPID");
+                sd.ok(&["systemctl", "kill", "--signal=KILL", "skactivate.service"]);
+                sd.ok(&["systemctl", "stop", "webserver.socket"]);
+                assert!(
+                    poll_until(SETTLE, || {
+                        sd.active_state("skactivate.service") == "active"
+                            && sd.property("skactivate.service", "MainPID") != pid
+                    }),
+                    "{}",
+                    sd.status("skactivate.service")
+                );
+            }
+            _ => {
+                sd.ok(&["systemctl", "stop", "webserver.socket"]);
+            }
+        }
+        wait_unbound(&sd, "webserver.socket");
+    }
+    // The daemon alone now: its fd count does not grow with the churn.
+    sd.ok(&["systemctl", "start", "webserver.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+    sd.ok(&["systemctl", "stop", "webserver.socket"]);
+    wait_unbound(&sd, "webserver.socket");
+    let fds = daemon_fds(&sd);
+    for _ in 0..10 {
+        sd.ok(&["systemctl", "start", "webserver.socket"]);
+        wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+        sd.ok(&["systemctl", "stop", "webserver.socket"]);
+        wait_unbound(&sd, "webserver.socket");
+    }
+    assert_eq!(daemon_fds(&sd), fds, "the daemon's fd count grew");
+    assert_eq!(sd.manager_property("Units").trim(), "u 0");
+    sd.ok(&["systemctl", "stop", "skactivate.service"]);
+    assert_eq!(pinned_entries(&sd), (0, 0, 0), "stale entries in the maps");
+}

@@ -31,8 +31,12 @@ pub fn main(root: &Path, targets: &[OsString]) -> ExitCode {
         eprintln!("skactivate: --root {}: not a directory", root.display());
         return ExitCode::FAILURE;
     }
+    // Buffered (a unit may have 100,000 bindings to list); `run` flushes
+    // after each unit, so stdout and stderr still interleave unit by unit.
     let (stdout, stderr) = (io::stdout(), io::stderr());
-    match run(root, targets, &mut stdout.lock(), &mut stderr.lock()) {
+    let mut out = io::BufWriter::new(stdout.lock());
+    let mut err = io::BufWriter::new(stderr.lock());
+    match run(root, targets, &mut out, &mut err) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -55,6 +59,9 @@ pub fn run(
     let mut valid = true;
     for c in &checked {
         valid &= c.report(out, err)?;
+        // A report writes its problems first, then its summary.
+        err.flush()?;
+        out.flush()?;
     }
     Ok(valid)
 }
@@ -241,30 +248,34 @@ impl Loaded {
 }
 
 /// Refuses a binding that an earlier unit of the same check already claims
-/// (the daemon would refuse the second unit).
+/// (the daemon would refuse the second unit). One index of every binding
+/// kept so far: linear in the number of bindings.
 fn find_conflicts(checked: &mut [Checked]) {
-    for j in 1..checked.len() {
+    let mut claimed = config::Claimed::default();
+    // Claimed index → (unit in `checked`, binding of that unit).
+    let mut owners: Vec<(usize, usize)> = Vec::new();
+    for j in 0..checked.len() {
         let (earlier, rest) = checked.split_at_mut(j);
         let Ok(later) = &mut rest[0].outcome else {
             continue;
         };
         let mut kept = Vec::new();
         for resolved in later.resolution.bindings.drain(..) {
-            let claimed = earlier.iter().find_map(|c| {
-                let first = c.outcome.as_ref().ok()?;
-                if first.unit.id == later.unit.id {
-                    return None;
-                }
-                let other = first
-                    .resolution
-                    .bindings
-                    .iter()
-                    .find(|r| config::same_key(&r.binding, &resolved.binding))?;
-                Some((first.unit.name.clone(), other))
+            let owner = claimed
+                .claim(&resolved.binding, owners.len())
+                .map(|i| owners[i]);
+            let first = owner.and_then(|(u, b)| {
+                let first = earlier.get(u)?.outcome.as_ref().ok()?;
+                (first.unit.id != later.unit.id).then(|| (first, &first.resolution.bindings[b]))
             });
-            match claimed {
-                None => kept.push(resolved),
-                Some((unit, other)) => later.resolution.problems.push(Problem {
+            match first {
+                None => {
+                    if owner.is_none() {
+                        owners.push((j, kept.len()));
+                    }
+                    kept.push(resolved);
+                }
+                Some((first, other)) => later.resolution.problems.push(Problem {
                     severity: Severity::Error,
                     location: Some(resolved.location.clone()),
                     setting: Some(Setting {
@@ -273,7 +284,7 @@ fn find_conflicts(checked: &mut [Checked]) {
                     }),
                     reason: Reason::Conflict {
                         binding: resolved.binding,
-                        unit,
+                        unit: first.unit.name.clone(),
                         value: other.value.clone(),
                         at: other.location.clone(),
                     },

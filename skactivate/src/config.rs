@@ -168,7 +168,7 @@ pub enum Reason {
     #[error("the unit has Accept=yes ({at}): sk_lookup needs the listening socket; set Accept=no")]
     Accept { at: Location },
     #[error(
-        "X-SkLookup= is set, but the unit has no TCP or UDP socket \
+        "the unit has no TCP or UDP socket to take it \
          (ListenStream= or ListenDatagram= with an IP address or a port)"
     )]
     NoIpSocket,
@@ -393,11 +393,15 @@ pub fn resolve(unit: &SocketUnit, sockets: &[Socket]) -> Resolution {
         })
         .collect();
     let accept = unit.accept.as_ref().filter(|a| a.value);
-    if accept.is_none() && sockets.is_empty() && values.iter().any(|(v, _)| v.is_ok()) {
-        let problem = Problem::unit(Severity::Error, Reason::NoIpSocket);
-        resolution.problems.push(problem);
+    if accept.is_none() && sockets.is_empty() {
+        // Said once, at the first value that would need a socket.
+        if let Some((Ok(value), location)) = values.iter().find(|(v, _)| v.is_ok()) {
+            let problem = Problem::value(location, &value.text, Reason::NoIpSocket);
+            resolution.problems.push(problem);
+        }
     }
 
+    let mut claimed = Claimed::default();
     for (parsed, location) in values {
         let value = match parsed {
             Ok(value) => value,
@@ -428,11 +432,8 @@ pub fn resolve(unit: &SocketUnit, sockets: &[Socket]) -> Resolution {
                     let port = sockets[socket].address.port();
                     let ports = value.ports.unwrap_or(Ports::single(port));
                     let binding = Binding::new(protocol, value.prefix, ports);
-                    if let Some(first) = resolution
-                        .bindings
-                        .iter()
-                        .find(|r| same_key(&r.binding, &binding))
-                    {
+                    if let Some(first) = claimed.claim(&binding, resolution.bindings.len()) {
+                        let first = &resolution.bindings[first];
                         let reason = Reason::Duplicate {
                             binding,
                             value: first.value.clone(),
@@ -484,6 +485,53 @@ pub fn resolve(unit: &SocketUnit, sockets: &[Socket]) -> Resolution {
         }
     }
     resolution
+}
+
+/// The bindings a unit claimed so far, indexed so that finding a clash
+/// ([`same_key`]) costs a hash lookup and a tree search, not a scan: the
+/// check stays linear in the number of values, however many share a line.
+#[derive(Default)]
+pub(crate) struct Claimed {
+    by_prefix: std::collections::HashMap<(Protocol, ipnet::IpNet), ClaimedPorts>,
+}
+
+#[derive(Default)]
+struct ClaimedPorts {
+    /// The `*` binding, by its index in the resolution.
+    all: Option<usize>,
+    /// Disjoint port ranges: start → (end, index). Disjoint because a range
+    /// that overlaps one here is refused, never added.
+    ranges: std::collections::BTreeMap<u16, (u16, usize)>,
+}
+
+impl Claimed {
+    /// Claim `binding` as resolution entry `index`; if an earlier binding
+    /// already makes the same entry, its index instead (nothing is claimed).
+    pub(crate) fn claim(&mut self, binding: &Binding, index: usize) -> Option<usize> {
+        let ports = self
+            .by_prefix
+            .entry((binding.protocol, binding.prefix))
+            .or_default();
+        match binding.ports {
+            Ports::All => {
+                if let Some(first) = ports.all {
+                    return Some(first);
+                }
+                ports.all = Some(index);
+            }
+            Ports::Range(a, b) => {
+                // The range starting last at or before b is the only one
+                // that can overlap [a, b] (the stored ranges are disjoint).
+                if let Some((_, &(end, first))) = ports.ranges.range(..=b).next_back()
+                    && end >= a
+                {
+                    return Some(first);
+                }
+                ports.ranges.insert(a, (b, index));
+            }
+        }
+        None
+    }
 }
 
 /// Whether two bindings would make the same dispatcher entry: the same

@@ -6,18 +6,15 @@
 //! a registered socket unit that goes inactive loses its bindings even if no
 //! one called `unregister`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use futures_util::StreamExt;
 use sd_notify::NotifyState;
-use zbus::zvariant::OwnedValue;
-use zbus::{Connection, MatchRule, MessageStream};
+use zbus::Connection;
 
-use crate::dbus::{self, MANAGER_PATH, Manager, Shared, SystemdManagerProxy};
+use crate::dbus::{self, MANAGER_PATH, Manager, Shared};
 use crate::dispatcher::Dispatcher;
 use crate::service::Service;
 
@@ -109,14 +106,64 @@ pub fn run(opts: &Options) -> Result<()> {
         .build()
         .context("tokio runtime")?;
     let r = rt.block_on(serve(opts));
+    // The caller prints the error (stderr reaches the journal): said once.
     if let Err(e) = &r {
-        tracing::error!("{e:#}");
         let _ = sd_notify::notify(&[NotifyState::Status(&format!("failed: {e:#}"))]);
     }
     r
 }
 
+/// Who owns `org.skactivate1` on `conn`'s bus, if anyone: its pid.
+async fn name_owner_pid(conn: &Connection) -> Option<u32> {
+    let bus = zbus::fdo::DBusProxy::new(conn).await.ok()?;
+    let name = zbus::names::BusName::try_from(dbus::BUS_NAME).ok()?;
+    let owner = bus.get_name_owner(name).await.ok()?;
+    bus.get_connection_unix_process_id(owner.into()).await.ok()
+}
+
+/// The bus name, without allowing anyone to take it from us and without
+/// queueing: a second daemon fails at once instead of waiting its turn.
+async fn own_bus_name(conn: &Connection, bus: &Bus) -> Result<()> {
+    use zbus::fdo::RequestNameFlags;
+    match conn
+        .request_name_with_flags(dbus::BUS_NAME, RequestNameFlags::DoNotQueue.into())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(zbus::Error::NameTaken) => Err(name_taken(conn, bus).await),
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("owning {} on the {bus:?} bus", dbus::BUS_NAME)))
+        }
+    }
+}
+
+async fn name_taken(conn: &Connection, bus: &Bus) -> anyhow::Error {
+    let holder = match name_owner_pid(conn).await {
+        Some(pid) => format!("pid {pid}"),
+        None => "another process".to_owned(),
+    };
+    anyhow::anyhow!(
+        "{} is already owned on the {bus:?} bus by {holder}: another skactivate daemon is running \
+         (systemctl status skactivate.service); this one changed nothing and exits",
+        dbus::BUS_NAME
+    )
+}
+
 async fn serve(opts: &Options) -> Result<()> {
+    // A daemon already serving this bus: say so before touching anything.
+    let conn = opts
+        .bus
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the {:?} bus", opts.bus))?;
+    let owned = zbus::fdo::DBusProxy::new(&conn)
+        .await?
+        .name_has_owner(zbus::names::BusName::try_from(dbus::BUS_NAME)?)
+        .await?;
+    if owned {
+        return Err(name_taken(&conn, &opts.bus).await);
+    }
     let mut dispatcher = Dispatcher::open(&opts.netns, &opts.bpffs).with_context(|| {
         format!(
             "dispatcher for {} on {}",
@@ -149,11 +196,6 @@ async fn serve(opts: &Options) -> Result<()> {
     let service = Service::new(dispatcher, Path::new("/")).context("reading the pinned state")?;
 
     // Serve first, then take the name, so no call finds the name without the object.
-    let conn = opts
-        .bus
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the {:?} bus", opts.bus))?;
     // systemd lives on the system bus, whichever bus we serve on.
     let systemd = match &opts.bus {
         Bus::System => Some(conn.clone()),
@@ -174,12 +216,12 @@ async fn serve(opts: &Options) -> Result<()> {
             },
         )
         .await?;
-    conn.request_name(dbus::BUS_NAME)
-        .await
-        .with_context(|| format!("owning {} on the {:?} bus", dbus::BUS_NAME, opts.bus))?;
+    own_bus_name(&conn, &opts.bus).await?;
 
+    // The units adopted from the pinned state are reconciled with systemd:
+    // one that stopped or was unloaded while we were away loses its bindings.
     if let Some(sys) = &shared.systemd {
-        prune_inactive(&conn, sys, &shared).await;
+        dbus::systemd::reconcile(conn.object_server(), sys, &shared).await;
     }
     let adopted: Vec<String> = shared.lock().units().keys().cloned().collect();
     for unit in adopted {
@@ -193,7 +235,7 @@ async fn serve(opts: &Options) -> Result<()> {
     let watch = shared.systemd.clone().map(|sys| {
         let (conn, shared) = (conn.clone(), shared.clone());
         tokio::spawn(async move {
-            if let Err(e) = follow_systemd(&conn, &sys, &shared).await {
+            if let Err(e) = dbus::systemd::follow(conn.object_server(), &sys, &shared).await {
                 tracing::error!("no longer following systemd's socket units: {e:#}");
             }
         })
@@ -210,7 +252,7 @@ async fn serve(opts: &Options) -> Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 let _ = sd_notify::notify(&[NotifyState::Reloading]);
-                let failures = dbus::reload_all(&shared).await;
+                let failures = dbus::reload_all(&shared, conn.object_server()).await;
                 let status = status_line(&shared.lock());
                 let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 tracing::info!("reloaded on SIGHUP ({} unit(s) refused): {status}", failures.len());
@@ -228,91 +270,5 @@ async fn serve(opts: &Options) -> Result<()> {
     }
     // The pinned link and maps stay: traffic flows on while we are gone.
     tracing::info!("stopping; the dispatcher keeps running from its pinned state");
-    Ok(())
-}
-
-/// Units adopted from the pinned state whose socket unit is no longer
-/// active lose their bindings; units systemd does not know are left alone.
-async fn prune_inactive(conn: &Connection, sys: &Connection, shared: &Shared) {
-    let units: Vec<String> = shared.lock().units().keys().cloned().collect();
-    for unit in units {
-        match dbus::systemd_active_state(sys, &unit).await {
-            Ok(Some(state)) if is_gone(&state) => {
-                unregister_gone(conn, shared, &unit, &state).await
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(unit = %unit, "{unit}: cannot ask systemd about it: {e}"),
-        }
-    }
-}
-
-fn is_gone(active_state: &str) -> bool {
-    matches!(active_state, "inactive" | "failed")
-}
-
-async fn unregister_gone(conn: &Connection, shared: &Shared, unit: &str, state: &str) {
-    let r = shared.lock().unregister(unit);
-    match r {
-        Ok(c) => {
-            tracing::info!(unit = %unit, removed = c.removed, "{unit}: socket unit is {state}: unregistered");
-            shared.changed();
-            dbus::retire_unit(conn.object_server(), unit).await;
-        }
-        Err(e) => tracing::debug!(unit = %unit, "{e}"),
-    }
-}
-
-/// Follow `ActiveState` of every socket unit; one that went inactive or
-/// failed loses its bindings. The state is asked afresh before acting, so a
-/// stop signal that arrives after a quick restart's registration is ignored.
-async fn follow_systemd(conn: &Connection, sys: &Connection, shared: &Shared) -> Result<()> {
-    SystemdManagerProxy::new(sys)
-        .await?
-        .subscribe()
-        .await
-        .context("subscribing to systemd")?;
-    let rule = MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .sender("org.freedesktop.systemd1")?
-        .interface("org.freedesktop.DBus.Properties")?
-        .member("PropertiesChanged")?
-        .build();
-    let mut stream = MessageStream::for_match_rule(rule, sys, Some(1024)).await?;
-    while let Some(msg) = stream.next().await {
-        let Ok(msg) = msg else { continue };
-        let header = msg.header();
-        let Some(path) = header.path() else { continue };
-        let Some(label) = path
-            .as_str()
-            .strip_prefix("/org/freedesktop/systemd1/unit/")
-        else {
-            continue;
-        };
-        let Ok((iface, changed, _)) = msg
-            .body()
-            .deserialize::<(String, HashMap<String, OwnedValue>, Vec<String>)>()
-        else {
-            continue;
-        };
-        if iface != "org.freedesktop.systemd1.Unit" || !changed.contains_key("ActiveState") {
-            continue;
-        }
-        let unit = {
-            let s = shared.lock();
-            s.units()
-                .keys()
-                .find(|u| dbus::escape_label(u) == label)
-                .cloned()
-        };
-        let Some(unit) = unit else { continue };
-        match dbus::systemd_active_state(sys, &unit).await {
-            Ok(Some(state)) if is_gone(&state) => {
-                unregister_gone(conn, shared, &unit, &state).await
-            }
-            Ok(None) => unregister_gone(conn, shared, &unit, "unloaded").await,
-            Ok(Some(_)) => {}
-            Err(e) => tracing::warn!(unit = %unit, "{unit}: cannot ask systemd about it: {e}"),
-        }
-    }
     Ok(())
 }

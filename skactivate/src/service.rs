@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::binding::{Binding, Destination, Protocol};
-use crate::config::{self, Socket};
+use crate::config::{self, Problem, Socket};
+use crate::dispatcher::records::RecordError;
 use crate::dispatcher::{Changes, Dispatcher, DispatcherError, SocketInfo};
 use crate::unit::{Located, Location, SocketUnit, UnitError};
 
@@ -75,23 +76,61 @@ fn parse_listen_address(s: &str) -> Option<SocketAddr> {
     s.parse().ok()
 }
 
-/// What the daemon knows of a registered unit.
+/// Where a registered unit's `X-SkLookup=` values come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Its unit files, as systemd reports them (`RegisterSockets`).
+    Files,
+    /// Values given with the sockets (`register --sklookup`,
+    /// `RegisterSocketsWithDirectives`); `None` when they were too many to
+    /// keep in the pinned record (the bindings are kept all the same).
+    Inline(Option<Vec<String>>),
+    /// Adopted from pinned state that has no record of it (left by an older
+    /// build): either kind of registration may replace it.
+    Unknown,
+}
+
+impl Origin {
+    /// `files`, `inline` or `unknown`, as the `Source` property says it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Origin::Files => "files",
+            Origin::Inline(_) => "inline",
+            Origin::Unknown => "unknown",
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Origin::Files => "from its unit files",
+            Origin::Inline(_) => "with --sklookup values",
+            Origin::Unknown => "by an older skactivate",
+        }
+    }
+}
+
+/// What the daemon knows of a registered unit. Everything but the bindings
+/// (which the maps hold) is kept in the unit's pinned record, so a restarted
+/// daemon knows it as well.
 #[derive(Debug, Clone)]
 pub struct UnitState {
     pub registered: SystemTime,
-    /// The sockets as registered, `None` after a daemon restart (then the
-    /// `Listen` property stands in for them).
+    /// The sockets as registered, `None` when adopted without a record.
     pub sockets: Option<Vec<SocketInfo>>,
-    pub inline: Option<Vec<String>>,
+    pub origin: Origin,
     pub bindings: Vec<(Binding, Destination)>,
 }
 
 /// Why a registration or reload was refused. The unit keeps what it had.
+/// Each variant either shows its cause in its text or chains it, never both.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("{unit}: {}", problems.join("; "))]
-    BadDirective { unit: String, problems: Vec<String> },
-    #[error("{unit}: {source}")]
+    #[error("{unit}: {}", list_problems(.problems))]
+    BadDirective {
+        unit: String,
+        problems: Vec<Problem>,
+    },
+    #[error("{unit}")]
     UnitFile {
         unit: String,
         #[source]
@@ -110,12 +149,98 @@ pub enum ServiceError {
     NoSockets { unit: String },
     #[error("{unit}: not registered")]
     NotRegistered { unit: String },
-    #[error("{unit}: {source}")]
+    #[error("unit name {unit:?} is not valid: {reason}")]
+    InvalidUnitName { unit: String, reason: &'static str },
+    #[error(
+        "{unit}: not a socket unit: RegisterSockets reads X-SkLookup= from a socket unit's files \
+         (RegisterSocketsWithDirectives takes the values for other sockets)"
+    )]
+    NotSocketUnit { unit: String },
+    #[error("{unit}: no X-SkLookup= values were given")]
+    NoValues { unit: String },
+    #[error("{unit}: --sklookup:{index}: the value is empty")]
+    EmptyValue { unit: String, index: usize },
+    #[error(
+        "{unit}: registered {}, it cannot be registered {} as well: unregister it first \
+         (skactivate unregister {unit})",
+        .registered.describe(),
+        .requested.describe()
+    )]
+    OriginConflict {
+        unit: String,
+        registered: Origin,
+        requested: Origin,
+    },
+    #[error("{unit}")]
     Dispatcher {
         unit: String,
         #[source]
         source: Box<DispatcherError>,
     },
+}
+
+fn list_problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A unit name as systemd spells one: `NAME.TYPE`, at most 255 bytes, of
+/// `[A-Za-z0-9:_.\\@-]`.
+pub fn check_unit_name(unit: &str) -> Result<(), ServiceError> {
+    let bad = |reason| {
+        Err(ServiceError::InvalidUnitName {
+            unit: unit.to_owned(),
+            reason,
+        })
+    };
+    if unit.is_empty() {
+        return bad("it is empty");
+    }
+    if unit.len() > 255 {
+        return bad("it is longer than 255 bytes");
+    }
+    if !unit
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b":_.\\@-".contains(&b))
+    {
+        return bad("only letters, digits and :_.\\@- may appear in a unit name");
+    }
+    match unit.rsplit_once('.') {
+        Some((name, kind)) if !name.is_empty() && !kind.is_empty() => Ok(()),
+        _ => bad("it has no type suffix such as .socket"),
+    }
+}
+
+/// What `RegisterSockets` accepts: a socket unit's name.
+pub fn check_socket_unit_name(unit: &str) -> Result<(), ServiceError> {
+    check_unit_name(unit)?;
+    if !unit.ends_with(".socket") {
+        return Err(ServiceError::NotSocketUnit {
+            unit: unit.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// What `RegisterSocketsWithDirectives` accepts: a unit name and at least
+/// one value, none empty.
+pub fn check_inline(unit: &str, values: &[String]) -> Result<(), ServiceError> {
+    check_unit_name(unit)?;
+    if values.is_empty() {
+        return Err(ServiceError::NoValues {
+            unit: unit.to_owned(),
+        });
+    }
+    if let Some(i) = values.iter().position(|v| v.trim().is_empty()) {
+        return Err(ServiceError::EmptyValue {
+            unit: unit.to_owned(),
+            index: i + 1,
+        });
+    }
+    Ok(())
 }
 
 impl ServiceError {
@@ -174,8 +299,9 @@ pub struct Service {
 
 impl Service {
     /// Take over a dispatcher; units found in its pinned state are adopted
-    /// as registered (their sockets are whatever the maps hold).
-    pub fn new(dispatcher: Dispatcher, root: &Path) -> Result<Service, DispatcherError> {
+    /// as registered, with what their records say (origin, sockets, time).
+    /// A record whose unit has nothing left in the maps is dropped.
+    pub fn new(mut dispatcher: Dispatcher, root: &Path) -> Result<Service, DispatcherError> {
         let mut units: BTreeMap<String, UnitState> = BTreeMap::new();
         for unit in dispatcher.units() {
             units.insert(
@@ -183,10 +309,31 @@ impl Service {
                 UnitState {
                     registered: SystemTime::now(),
                     sockets: None,
-                    inline: None,
+                    origin: Origin::Unknown,
                     bindings: Vec::new(),
                 },
             );
+        }
+        let records = dispatcher.unit_records().unwrap_or_else(|e| {
+            tracing::warn!("the units' records cannot be read, adopting without them: {e}");
+            Vec::new()
+        });
+        for (unit, bytes) in records {
+            match units.get_mut(&unit) {
+                Some(state) => match record::decode(&bytes) {
+                    Some(r) => {
+                        state.registered = r.registered;
+                        state.sockets = Some(r.sockets);
+                        state.origin = r.origin;
+                    }
+                    None => tracing::warn!(unit = %unit, "{unit}: its record is unreadable"),
+                },
+                None => {
+                    if let Err(e) = dispatcher.remove_unit_record(&unit) {
+                        tracing::warn!(unit = %unit, "{unit}: stale record stays: {e}");
+                    }
+                }
+            }
         }
         for b in dispatcher.bindings()? {
             if let Some(u) = units.get_mut(&b.destination.unit) {
@@ -198,6 +345,33 @@ impl Service {
             units,
             root: root.to_owned(),
         })
+    }
+
+    /// Keep a unit's record with the pinned state; values that do not fit
+    /// are left out of it (the bindings stay in the maps all the same).
+    fn save_record(&mut self, unit: &str) {
+        let Some(state) = self.units.get(unit) else {
+            return;
+        };
+        let mut r = self
+            .dispatcher
+            .put_unit_record(unit, &record::encode(state, true));
+        if matches!(r, Err(RecordError::TooLarge { .. } | RecordError::Full))
+            && matches!(state.origin, Origin::Inline(Some(_)))
+        {
+            tracing::warn!(unit = %unit, "{unit}: its --sklookup values are too many to keep in its record");
+            r = self
+                .dispatcher
+                .put_unit_record(unit, &record::encode(state, false));
+            if r.is_ok()
+                && let Some(s) = self.units.get_mut(unit)
+            {
+                s.origin = Origin::Inline(None);
+            }
+        }
+        if let Err(e) = r {
+            tracing::warn!(unit = %unit, "{unit}: its record is not kept, a restarted daemon will not know its origin: {e}");
+        }
     }
 
     pub fn dispatcher(&self) -> &Dispatcher {
@@ -271,6 +445,29 @@ impl Service {
                 })
                 .collect(),
         }
+    }
+
+    /// Where a packet would go (the live program answers) and the binding
+    /// that took it as its unit wrote it (a range, not the one port of it).
+    pub fn lookup(
+        &self,
+        protocol: Protocol,
+        addr: std::net::IpAddr,
+        port: u16,
+    ) -> Result<(crate::dispatcher::Lookup, Option<Binding>), DispatcherError> {
+        let l = self.dispatcher.lookup(protocol, addr, port)?;
+        let written = match (&l.destination, &l.binding) {
+            (Some(d), Some(b)) => self.units.get(&d.unit).and_then(|u| {
+                u.bindings.iter().map(|(w, _)| *w).find(|w| {
+                    w.protocol == b.protocol
+                        && w.prefix == b.prefix
+                        && w.ports.is_wildcard() == b.ports.is_wildcard()
+                        && w.ports.contains(port)
+                })
+            }),
+            _ => None,
+        };
+        Ok((l, written))
     }
 
     /// A unit's counters, summed over its destinations.
@@ -379,7 +576,7 @@ impl Service {
                     .problems
                     .iter()
                     .filter(|p| p.severity >= crate::unit::Severity::Error)
-                    .map(ToString::to_string)
+                    .cloned()
                     .collect(),
             });
         }
@@ -400,6 +597,29 @@ impl Service {
         fds: &[BorrowedFd<'_>],
         directives: &Directives,
     ) -> Result<Outcome, ServiceError> {
+        let requested = match directives {
+            Directives::Files(_) => {
+                check_socket_unit_name(unit)?;
+                Origin::Files
+            }
+            Directives::Inline(values) => {
+                check_inline(unit, values)?;
+                Origin::Inline(Some(values.clone()))
+            }
+        };
+        if let Some(state) = self.units.get(unit) {
+            let clash = matches!(
+                (&state.origin, &requested),
+                (Origin::Files, Origin::Inline(_)) | (Origin::Inline(_), Origin::Files)
+            );
+            if clash {
+                return Err(ServiceError::OriginConflict {
+                    unit: unit.to_owned(),
+                    registered: state.origin.clone(),
+                    requested,
+                });
+            }
+        }
         if fds.is_empty() {
             return Err(ServiceError::NoSockets {
                 unit: unit.to_owned(),
@@ -463,13 +683,11 @@ impl Service {
             UnitState {
                 registered: SystemTime::now(),
                 sockets: Some(infos),
-                inline: match directives {
-                    Directives::Inline(v) => Some(v.clone()),
-                    Directives::Files(_) => None,
-                },
+                origin: requested,
                 bindings: items,
             },
         );
+        self.save_record(unit);
         Ok(outcome)
     }
 
@@ -486,13 +704,17 @@ impl Service {
             .ok_or_else(|| ServiceError::NotRegistered {
                 unit: unit.to_owned(),
             })?;
-        let directives = match (&state.inline, files) {
-            (Some(values), _) => Directives::Inline(values.clone()),
-            (None, Some(f)) => Directives::Files(f.clone()),
-            // Adopted after a restart and unknown to systemd: nothing to re-read.
-            (None, None) => {
+        let directives = match (&state.origin, files) {
+            (Origin::Inline(Some(values)), _) => Directives::Inline(values.clone()),
+            (Origin::Files | Origin::Unknown, Some(f)) => Directives::Files(f.clone()),
+            // Values too many to have been kept, or files systemd does not
+            // report: nothing to re-read, the bindings stay.
+            _ => {
                 return Ok(Outcome {
-                    sockets: 0,
+                    sockets: state
+                        .sockets
+                        .as_ref()
+                        .map_or(0, |s| distinct_sockets(s).len()),
                     bindings: state.bindings.len(),
                     changes: Changes::default(),
                 });
@@ -524,6 +746,9 @@ impl Service {
             .dispatcher
             .unregister_unit(unit)
             .map_err(ServiceError::dispatcher(unit))?;
+        if let Err(e) = self.dispatcher.remove_unit_record(unit) {
+            tracing::warn!(unit = %unit, "{unit}: its record stays (dropped at the next start): {e}");
+        }
         if !known && changes == Changes::default() {
             return Err(ServiceError::NotRegistered {
                 unit: unit.to_owned(),
@@ -580,6 +805,103 @@ fn inline_unit(unit: &str, values: &[String]) -> SocketUnit {
         })
         .collect();
     SocketUnit::inline(unit, located)
+}
+
+/// A unit's pinned record: JSON, so that `bpftool map dump` shows it.
+mod record {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use serde_json::{Value, json};
+
+    use super::{Origin, UnitState};
+    use crate::binding::{Family, Protocol};
+    use crate::dispatcher::SocketInfo;
+
+    pub struct Record {
+        pub registered: SystemTime,
+        pub origin: Origin,
+        pub sockets: Vec<SocketInfo>,
+    }
+
+    pub fn encode(state: &UnitState, with_values: bool) -> Vec<u8> {
+        let registered = state
+            .registered
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let values = match &state.origin {
+            Origin::Inline(Some(v)) if with_values => json!(v),
+            _ => Value::Null,
+        };
+        let sockets: Vec<Value> = state
+            .sockets
+            .iter()
+            .flatten()
+            .map(|i| {
+                json!({
+                    "family": i.family.to_string(),
+                    "protocol": i.protocol.to_string(),
+                    "local": i.local.to_string(),
+                    "cookie": i.cookie,
+                    "v6only": i.v6only,
+                    "reuseport": i.reuseport,
+                    "pktinfo": i.pktinfo,
+                    "freebind": i.freebind,
+                    "netns": i.netns,
+                })
+            })
+            .collect();
+        json!({
+            "version": 1,
+            "origin": state.origin.name(),
+            "values": values,
+            "registered_usec": registered,
+            "sockets": sockets,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Record> {
+        let v: Value = serde_json::from_slice(bytes).ok()?;
+        let origin = match v.get("origin")?.as_str()? {
+            "files" => Origin::Files,
+            "inline" => Origin::Inline(v.get("values").and_then(Value::as_array).map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })),
+            _ => Origin::Unknown,
+        };
+        let registered = UNIX_EPOCH + Duration::from_micros(v.get("registered_usec")?.as_u64()?);
+        let mut sockets = Vec::new();
+        for s in v.get("sockets")?.as_array()? {
+            let family = match s.get("family")?.as_str()? {
+                f if f == Family::V4.to_string() => Family::V4,
+                f if f == Family::V6.to_string() => Family::V6,
+                _ => return None,
+            };
+            let protocol: Protocol = s.get("protocol")?.as_str()?.parse().ok()?;
+            let flag = |k: &str| s.get(k).and_then(Value::as_bool).unwrap_or(false);
+            sockets.push(SocketInfo {
+                family,
+                protocol,
+                local: s.get("local")?.as_str()?.parse().ok()?,
+                listening: protocol == Protocol::Tcp,
+                connected: false,
+                v6only: flag("v6only"),
+                reuseport: flag("reuseport"),
+                pktinfo: flag("pktinfo"),
+                freebind: flag("freebind"),
+                cookie: s.get("cookie")?.as_u64()?,
+                netns: s.get("netns").and_then(Value::as_u64).unwrap_or(0),
+            });
+        }
+        Some(Record {
+            registered,
+            origin,
+            sockets,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::binding::Protocol;
 use crate::daemon::Bus;
+use crate::dbus::wire::LookupReply;
 use crate::dbus::{SkactivateProxy, SkactivateUnitProxy};
 
 /// What the manager object says about the daemon.
@@ -30,8 +31,7 @@ pub struct UnitInfo {
     pub id: String,
     pub source: String,
     pub bindings: Vec<String>,
-    /// (family, protocol, local address, cookie; 0 = gone)
-    pub sockets: Vec<(String, String, String, u64)>,
+    pub sockets: Vec<SocketEntry>,
     pub lookups: u64,
     pub misses: u64,
     pub errors: u64,
@@ -40,29 +40,12 @@ pub struct UnitInfo {
     pub warnings: Vec<String>,
 }
 
-/// One row of `ListBindings`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BindingRow {
-    pub binding: String,
-    pub unit: String,
-    pub family: String,
-    pub protocol: String,
-    pub present: bool,
-    pub cookie: u64,
-}
-
-/// One row of `ListDestinations`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DestinationRow {
-    pub unit: String,
-    pub family: String,
-    pub protocol: String,
-    pub lookups: u64,
-    pub misses: u64,
-    pub errors: u64,
-    pub present: bool,
-    pub cookie: u64,
-}
+/// One row of `ListBindings`, as it comes off the wire.
+pub use crate::dbus::wire::BindingEntry as BindingRow;
+/// One row of `ListDestinations`, as it comes off the wire.
+pub use crate::dbus::wire::DestinationEntry as DestinationRow;
+/// One socket of a unit, as it comes off the wire.
+pub use crate::dbus::wire::SocketEntry;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
@@ -138,9 +121,9 @@ pub fn status(unit: Option<&str>, json: bool, bus: &Bus) -> Result<()> {
         let listed = p.list_units().await.map_err(explain)?;
         let m = manager_info(&p).await?;
         let mut units = Vec::new();
-        for (name, path, _, _) in listed {
-            if unit.is_none_or(|u| u == name) {
-                units.push(unit_info(&conn, path).await?);
+        for listed in listed {
+            if unit.is_none_or(|u| u == listed.unit) {
+                units.push(unit_info(&conn, listed.path).await?);
             }
         }
         anyhow::Ok((m, units))
@@ -182,18 +165,18 @@ pub fn format_utc(usec: u64) -> String {
     )
 }
 
-fn socket_text((family, protocol, local, cookie): &(String, String, String, u64)) -> String {
-    let at = if local.is_empty() {
+fn socket_text(s: &SocketEntry) -> String {
+    let at = if s.local.is_empty() {
         String::new()
     } else {
-        format!(" {local}")
+        format!(" {}", s.local)
     };
-    let state = if *cookie == 0 {
+    let state = if s.cookie == 0 {
         "gone".to_owned()
     } else {
-        format!("cookie {cookie}")
+        format!("cookie {}", s.cookie)
     };
-    format!("{family} {protocol}{at} ({state})")
+    format!("{} {}{at} ({state})", s.family, s.protocol)
 }
 
 /// The readable view: the daemon, then each unit, its warnings last.
@@ -212,7 +195,7 @@ pub fn render_status(m: &ManagerInfo, units: &[UnitInfo], with_daemon: bool) -> 
         let bindings: usize = units.iter().map(|u| u.bindings.len()).sum();
         let sockets: usize = units
             .iter()
-            .map(|u| u.sockets.iter().filter(|s| s.3 != 0).count())
+            .map(|u| u.sockets.iter().filter(|s| s.cookie != 0).count())
             .sum();
         let _ = writeln!(
             out,
@@ -225,10 +208,10 @@ pub fn render_status(m: &ManagerInfo, units: &[UnitInfo], with_daemon: bool) -> 
             out.push('\n');
         }
         let bullet = if u.warnings.is_empty() { '●' } else { '×' };
-        let from = if u.source == "inline" {
-            "from --sklookup"
-        } else {
-            "from unit files"
+        let from = match u.source.as_str() {
+            "inline" => "from --sklookup",
+            "files" => "from unit files",
+            _ => "origin unknown",
         };
         let _ = writeln!(
             out,
@@ -282,10 +265,10 @@ fn unit_json(u: &UnitInfo) -> Value {
         "source": u.source,
         "registered_at_usec": u.registered_at,
         "bindings": u.bindings,
-        "sockets": u.sockets.iter().map(|(f, p, l, c)| json!({
-            "family": f, "protocol": p,
-            "local": if l.is_empty() { Value::Null } else { json!(l) },
-            "cookie": if *c == 0 { Value::Null } else { json!(c) },
+        "sockets": u.sockets.iter().map(|s| json!({
+            "family": s.family, "protocol": s.protocol,
+            "local": if s.local.is_empty() { Value::Null } else { json!(s.local) },
+            "cookie": if s.cookie == 0 { Value::Null } else { json!(s.cookie) },
         })).collect::<Vec<_>>(),
         "lookups": u.lookups,
         "misses": u.misses,
@@ -298,21 +281,7 @@ fn unit_json(u: &UnitInfo) -> Value {
 pub fn bindings(json: bool, bus: &Bus) -> Result<()> {
     let rows = runtime()?.block_on(async {
         let (_conn, p) = manager(bus).await?;
-        let rows = p.list_bindings().await.map_err(explain)?;
-        anyhow::Ok(
-            rows.into_iter()
-                .map(
-                    |(binding, unit, family, protocol, present, cookie)| BindingRow {
-                        binding,
-                        unit,
-                        family,
-                        protocol,
-                        present,
-                        cookie,
-                    },
-                )
-                .collect::<Vec<_>>(),
-        )
+        p.list_bindings().await.map_err(explain)
     })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&bindings_json(&rows))?);
@@ -369,12 +338,19 @@ pub fn bindings_json(rows: &[BindingRow]) -> Value {
 
 /// `skactivate lookup tcp|udp ADDRESS PORT [--json]`.
 pub fn lookup(protocol: Protocol, address: IpAddr, port: u16, json: bool, bus: &Bus) -> Result<()> {
-    let (verdict, unit, binding, cookie) = runtime()?.block_on(async {
-        let (_conn, p) = manager(bus).await?;
-        p.lookup(protocol.as_str(), &address.to_string(), port)
-            .await
-            .map_err(explain)
-    })?;
+    let LookupReply {
+        verdict,
+        unit,
+        binding,
+        cookie,
+    } = runtime()?
+        .block_on(async {
+            let (_conn, p) = manager(bus).await?;
+            p.lookup(protocol.as_str(), &address.to_string(), port)
+                .await
+                .map_err(explain)
+        })?
+        .into();
     if json {
         let v = json!({
             "protocol": protocol.as_str(), "address": address.to_string(), "port": port,
@@ -424,22 +400,7 @@ pub fn metrics(bus: &Bus) -> Result<()> {
         let m = manager_info(&p).await?;
         anyhow::Ok((m, units, dests))
     })?;
-    let units: Vec<(String, u32)> = units.into_iter().map(|(u, _, n, _)| (u, n)).collect();
-    let dests: Vec<DestinationRow> = dests
-        .into_iter()
-        .map(
-            |(unit, family, protocol, lookups, misses, errors, present, cookie)| DestinationRow {
-                unit,
-                family,
-                protocol,
-                lookups,
-                misses,
-                errors,
-                present,
-                cookie,
-            },
-        )
-        .collect();
+    let units: Vec<(String, u32)> = units.into_iter().map(|u| (u.unit, u.bindings)).collect();
     print!("{}", render_metrics(&m, &units, &dests));
     Ok(())
 }
@@ -559,7 +520,12 @@ mod tests {
                 "tcp:192.0.2.0/24:80".into(),
                 "tcp:192.0.2.0/24:8000-8099".into(),
             ],
-            sockets: vec![("ipv6".into(), "tcp".into(), "[::]:80".into(), 4249)],
+            sockets: vec![SocketEntry {
+                family: "ipv6".into(),
+                protocol: "tcp".into(),
+                local: "[::]:80".into(),
+                cookie: 4249,
+            }],
             lookups: 256,
             misses: 1,
             errors: 0,
@@ -581,7 +547,12 @@ mod tests {
         dns.id = "dns.socket".into();
         dns.source = "inline".into();
         dns.bindings = vec!["udp:198.51.100.0/24:53".into()];
-        dns.sockets = vec![("ipv4".into(), "udp".into(), "0.0.0.0:53".into(), 0)];
+        dns.sockets = vec![SocketEntry {
+            family: "ipv4".into(),
+            protocol: "udp".into(),
+            local: "0.0.0.0:53".into(),
+            cookie: 0,
+        }];
         dns.warnings = vec!["ipv4 udp socket 0.0.0.0:53 is gone".into()];
         let text = render_status(&manager(), &[web(), dns], true);
         let expected = "\

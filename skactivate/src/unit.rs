@@ -226,12 +226,9 @@ pub enum UnitError {
     MaskedByEmptyFile { path: PathBuf },
     #[error("{}: too many levels of symbolic links", .path.display())]
     SymlinkLoop { path: PathBuf },
-    #[error("cannot read {}: {source}", .path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// The I/O error is shown, not chained: said once.
+    #[error("cannot read {}: {error}", .path.display())]
+    Read { path: PathBuf, error: io::Error },
 }
 
 /// A socket unit as its files describe it: where it came from and the
@@ -315,7 +312,7 @@ impl SocketUnit {
             if path == fragment {
                 fs::read(path).map_err(|source| UnitError::Read {
                     path: path.to_owned(),
-                    source,
+                    error: source,
                 })
             } else {
                 tree.read(path)
@@ -827,7 +824,7 @@ impl<'a> Tree<'a> {
     fn read(&self, path: &Path) -> Result<Vec<u8>, UnitError> {
         let read_error = |source| UnitError::Read {
             path: path.to_owned(),
-            source,
+            error: source,
         };
         match self.follow(path)? {
             (_, Target::Found { path: found, .. }) => {
@@ -872,7 +869,7 @@ impl<'a> Tree<'a> {
             }
             let target = fs::read_link(self.host(&here)).map_err(|source| UnitError::Read {
                 path: here.clone(),
-                source,
+                error: source,
             })?;
             links.push(here);
             current = normalize(&dir.join(target));
@@ -910,7 +907,7 @@ impl<'a> Tree<'a> {
             }
             Err(source) => Err(UnitError::Read {
                 path: path.to_owned(),
-                source,
+                error: source,
             }),
         }
     }
@@ -1063,7 +1060,7 @@ impl<'a> Tree<'a> {
             Err(source) => {
                 return Err(UnitError::Read {
                     path: dir.to_owned(),
-                    source,
+                    error: source,
                 });
             }
         };
@@ -1071,7 +1068,7 @@ impl<'a> Tree<'a> {
         for entry in entries {
             let entry = entry.map_err(|source| UnitError::Read {
                 path: dir.to_owned(),
-                source,
+                error: source,
             })?;
             if let Ok(name) = entry.file_name().into_string()
                 && !name.starts_with('.')

@@ -17,6 +17,7 @@ mod host;
 mod lock;
 mod lookup;
 mod pinned;
+pub mod records;
 pub mod socket;
 pub mod sys;
 
@@ -443,6 +444,8 @@ pub struct Dispatcher {
     batch: bool,
     /// The namespace's writer lock, held as long as this handle lives.
     lock: Option<lock::StateLock>,
+    /// The units' records, kept with the pinned state (see [`records`]).
+    records: records::Records,
 }
 
 impl std::fmt::Debug for Dispatcher {

@@ -160,6 +160,7 @@ impl Dispatcher {
             lock: None,
             port_counts: HashMap::new(),
             port_words: vec![0; abi::PORTS_WORDS as usize],
+            records: records::Records::open(dir)?,
         };
         d.batch = d.probe_batch();
         d.load_index()?;
