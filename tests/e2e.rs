@@ -433,9 +433,15 @@ fn busctl_sees_org_skactivate1() {
     }
     let attached = sd.manager_property("Attached");
     assert_eq!(attached.trim(), "b true");
-    // The pinned state is where the design says, in the system's own bpffs.
+    // The pinned state is where the design says, in the system's own bpffs:
+    // one directory per network namespace (named by its inode) beside the
+    // writers' locks.
     let ls = sd.ok(&["ls", "/sys/fs/bpf/skactivate"]);
-    assert_eq!(ls.lines().count(), 1, "{ls}");
+    let mut names: Vec<&str> = ls.lines().collect();
+    names.sort_unstable();
+    assert_eq!(names.len(), 2, "{ls}");
+    assert!(names[0].parse::<u64>().is_ok(), "{ls}");
+    assert_eq!(names[1], "locks", "{ls}");
 }
 
 /// With a short WatchdogSec= the daemon lives on by its own pings: systemd
