@@ -1055,6 +1055,13 @@ fn rate_ratio(v: &[(Duration, Duration)]) -> f64 {
     r[r.len() / 2]
 }
 
+/// The lowest and highest per-round ratio.
+fn rate_ratio_range(v: &[(Duration, Duration)]) -> (f64, f64) {
+    v.iter()
+        .map(|(s, p)| p.as_secs_f64() / s.as_secs_f64())
+        .fold((f64::INFINITY, 0.0), |(lo, hi), x| (lo.min(x), hi.max(x)))
+}
+
 fn median_rate(v: &[(Duration, Duration)], k: u32, steered: bool) -> f64 {
     let mut r: Vec<f64> = v
         .iter()
@@ -1563,7 +1570,9 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
          steered rate / plain rate. On the steered side the program runs for \
          every SYN and every datagram, the replies to the client's unconnected \
          UDP socket (a port with no binding) included: that is part of what \
-         steering costs.\n",
+         steering costs. The ratio's spread over rounds (in brackets) is \
+         wide on a shared machine: a verdict near 0.99 can flip from one run \
+         to the next.\n",
         plan.rounds, plan.connects, plan.datagrams
     );
     let _ = writeln!(
@@ -1576,9 +1585,10 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
         ("UDP request/response", &t.udp, plan.datagrams),
     ] {
         let ratio = rate_ratio(v);
+        let (lo, hi) = rate_ratio_range(v);
         let _ = writeln!(
             w,
-            "| {name} | {:.0} | {:.0} | {ratio:.3} | ≥ 0.99 | {} |",
+            "| {name} | {:.0} | {:.0} | **{ratio:.3}** ({lo:.3}–{hi:.3}) | ≥ 0.99 | {} |",
             median_rate(v, k, true),
             median_rate(v, k, false),
             verdict(ratio >= 0.99)
