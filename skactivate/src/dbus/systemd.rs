@@ -4,7 +4,7 @@
 //! systemd has active.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use futures_util::StreamExt;
@@ -170,14 +170,18 @@ async fn unregister_gone(server: &ObjectServer, shared: &Shared, unit: &str, why
 /// Make the registered units exactly those systemd has loaded and active:
 /// every other one loses its bindings, sockets and object. Units systemd
 /// cannot be asked about (an error other than NoSuchUnit) are kept and
-/// warned about. Then every active socket unit with valid `X-SkLookup=`
-/// lines that is not registered gets its `skactivate@.service` started
-/// (see [`register_missing`]). Returns how many were unregistered.
-pub async fn reconcile(server: &ObjectServer, sys: &Connection, shared: &Shared) -> usize {
+/// warned about. Then, in a task of its own (it neither delays readiness
+/// nor a reload), every active socket unit with valid `X-SkLookup=` lines
+/// that is not registered gets its `skactivate@.service` started (see
+/// [`register_missing`]). Returns how many were unregistered.
+pub async fn reconcile(server: &ObjectServer, sys: &Connection, shared: &Arc<Shared>) -> usize {
     let n = unregister_stale(server, sys, shared).await;
-    if let Err(e) = register_missing(sys, shared).await {
-        tracing::warn!("cannot list systemd's active socket units: {e}");
-    }
+    let (sys, shared) = (sys.clone(), shared.clone());
+    tokio::spawn(async move {
+        if let Err(e) = register_missing(&sys, &shared).await {
+            tracing::warn!("cannot list systemd's active socket units: {e}");
+        }
+    });
     n
 }
 
