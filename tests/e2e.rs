@@ -542,6 +542,104 @@ fn a_socket_unit_that_stopped_while_the_daemon_was_down_loses_its_bindings() {
     assert_eq!(sd.manager_property("Units").trim(), "u 0");
 }
 
+/// A real connection into webserver.socket's prefix reaches the web server,
+/// and the dispatcher counts it as a lookup of the unit.
+fn served_through_the_dispatcher(sd: &Systemd) {
+    let lookups = || {
+        let p = sd.unit_property("webserver.socket", "Lookups");
+        p.trim()
+            .strip_prefix("t ")
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("Lookups: {p:?}"))
+    };
+    let before = lookups();
+    assert_eq!(
+        sd.in_netns(|| http_ask(addr("192.0.2.7:80")).ok())
+            .as_deref(),
+        Some("webserver"),
+        "{}",
+        sd.journal("skactivate.service")
+    );
+    assert!(
+        lookups() > before,
+        "the connection did not go through the dispatcher"
+    );
+}
+
+/// An active socket unit with `X-SkLookup=` whose registration was lost
+/// while the daemon was down (its pinned state removed) is registered again
+/// when the daemon starts: the daemon starts its `skactivate@.service`, and
+/// the prefix reaches the socket again.
+#[test]
+fn an_active_socket_unit_whose_registration_was_lost_is_registered_on_start() {
+    let Some(sd) = boot() else { return };
+    sd.ok(&["systemctl", "start", "webserver.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+
+    sd.ok(&["systemctl", "stop", "skactivate.service"]);
+    sd.ok(&["rm", "-r", "/sys/fs/bpf/skactivate"]);
+    assert_eq!(sd.active_state("webserver.socket"), "active");
+
+    sd.ok(&["systemctl", "start", "skactivate.service"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+    served_through_the_dispatcher(&sd);
+    assert_eq!(sd.manager_property("Units").trim(), "u 1");
+    let journal = sd.journal("skactivate.service");
+    assert!(
+        journal.contains("webserver.socket: active with X-SkLookup= but not registered: started skactivate@webserver.service"),
+        "{journal}"
+    );
+}
+
+/// On Reload the same holds for a unit unregistered by hand while its
+/// socket stays active; an active socket unit whose directives are bad is
+/// not started, and its cause is logged once however often one reloads.
+#[test]
+fn reload_registers_active_socket_units_that_are_not_registered() {
+    let Some(sd) = boot() else { return };
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/lone.socket"),
+        b"[Socket]\nListenStream=127.0.0.1:8088\nX-SkLookup=198.51.100.0/24:8o\n",
+        0o644,
+    );
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/lone.service"),
+        b"[Service]\nExecStart=/bin/true\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    sd.ok(&["systemctl", "start", "webserver.socket", "lone.socket"]);
+    wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+
+    sd.ok(&["/usr/bin/skactivate", "unregister", "webserver.socket"]);
+    wait_unbound(&sd, "webserver.socket");
+    assert_eq!(sd.active_state("webserver.socket"), "active");
+
+    let restarts = |journal: &str| {
+        journal
+            .matches("webserver.socket: active with X-SkLookup= but not registered")
+            .count()
+    };
+    // Also at start, which raced with the socket's own registration job.
+    let before = restarts(&sd.journal("skactivate.service"));
+    for _ in 0..2 {
+        sd.ok(&["systemctl", "reload", "skactivate.service"]);
+        wait_bound(&sd, "tcp:192.0.2.0/24:80", "webserver.socket");
+        served_through_the_dispatcher(&sd);
+    }
+    assert!(!list_bindings(&sd).contains("lone.socket"));
+    assert_eq!(sd.manager_property("Units").trim(), "u 1");
+    let journal = sd.journal("skactivate.service");
+    let skipped = journal
+        .lines()
+        .filter(|l| {
+            l.contains("lone.socket") && l.contains("8o") && l.ends_with(": not registered")
+        })
+        .count();
+    assert_eq!(skipped, 1, "{journal}");
+    assert_eq!(restarts(&journal), before + 1, "{journal}");
+}
+
 /// A second `skactivate daemon`, run by hand next to the service: it exits
 /// non-zero at once naming the holder, and changes nothing — the service
 /// keeps `org.skactivate1`, its program and its bindings, and registering

@@ -691,6 +691,34 @@ impl Service {
         Ok(outcome)
     }
 
+    /// Whether a socket unit's files carry `X-SkLookup=` lines that resolve
+    /// against its `Listen` sockets: read and checked, nothing registered.
+    /// `Ok(false)` for a unit without the directive; an error names what is
+    /// wrong, as registering it would.
+    pub fn wants_registration(&self, unit: &str, files: &UnitFiles) -> Result<bool, ServiceError> {
+        let socket_unit = SocketUnit::from_paths(&self.root, unit, &files.fragment, &files.dropins)
+            .map_err(|source| ServiceError::UnitFile {
+                unit: unit.to_owned(),
+                source,
+            })?;
+        if socket_unit.sklookup.is_empty() {
+            return Ok(false);
+        }
+        let resolution = config::resolve(&socket_unit, &files.sockets());
+        if !resolution.is_valid() {
+            return Err(ServiceError::BadDirective {
+                unit: unit.to_owned(),
+                problems: resolution
+                    .problems
+                    .iter()
+                    .filter(|p| p.severity >= crate::unit::Severity::Error)
+                    .cloned()
+                    .collect(),
+            });
+        }
+        Ok(true)
+    }
+
     /// Re-read a registered unit's directives and apply the difference; on any
     /// error the unit keeps the bindings it had. Inline units keep their values.
     pub fn reload(

@@ -3,7 +3,8 @@
 //! reconciliation that keeps the registered units exactly the socket units
 //! systemd has active.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use futures_util::StreamExt;
@@ -12,7 +13,7 @@ use zbus::proxy::CacheProperties;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{Connection, MatchRule, MessageStream};
 
-use super::{Error, Shared, escape_label, retire_unit};
+use super::{Error, Shared, error_chain, escape_label, retire_unit};
 use crate::service::UnitFiles;
 
 #[zbus::proxy(
@@ -23,6 +24,38 @@ use crate::service::UnitFiles;
 pub trait SystemdManager {
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn subscribe(&self) -> zbus::Result<()>;
+    #[allow(clippy::type_complexity)]
+    fn list_units_by_patterns(
+        &self,
+        states: &[&str],
+        patterns: &[&str],
+    ) -> zbus::Result<
+        Vec<(
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            u32,
+            String,
+            OwnedObjectPath,
+        )>,
+    >;
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn list_jobs(
+        &self,
+    ) -> zbus::Result<
+        Vec<(
+            u32,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            OwnedObjectPath,
+        )>,
+    >;
 }
 
 #[zbus::proxy(
@@ -137,8 +170,109 @@ async fn unregister_gone(server: &ObjectServer, shared: &Shared, unit: &str, why
 /// Make the registered units exactly those systemd has loaded and active:
 /// every other one loses its bindings, sockets and object. Units systemd
 /// cannot be asked about (an error other than NoSuchUnit) are kept and
-/// warned about. Returns how many were unregistered.
-pub async fn reconcile(server: &ObjectServer, sys: &Connection, shared: &Shared) -> usize {
+/// warned about. Then, in a task of its own (it neither delays readiness
+/// nor a reload), every active socket unit with valid `X-SkLookup=` lines
+/// that is not registered gets its `skactivate@.service` started (see
+/// [`register_missing`]). Returns how many were unregistered.
+pub async fn reconcile(server: &ObjectServer, sys: &Connection, shared: &Arc<Shared>) -> usize {
+    let n = unregister_stale(server, sys, shared).await;
+    let (sys, shared) = (sys.clone(), shared.clone());
+    tokio::spawn(async move {
+        if let Err(e) = register_missing(&sys, &shared).await {
+            tracing::warn!("cannot list systemd's active socket units: {e}");
+        }
+    });
+    n
+}
+
+/// The causes already logged by [`register_missing`]: each is said once per
+/// daemon, not on every reload.
+static SKIPPED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+fn skip_once(unit: &str, why: &str) {
+    let said = SKIPPED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(why.to_owned());
+    if said {
+        tracing::warn!(unit = %unit, "{why}: not registered");
+    }
+}
+
+/// Start `skactivate@NAME.service` for every socket unit systemd has active
+/// whose files carry `X-SkLookup=` lines but that is not registered (its
+/// registration was lost while the daemon was away, or undone by hand). The
+/// job is not waited for: it calls back into this daemon, which may be in a
+/// D-Bus method (`Reload`) right now. A unit whose directives are bad is
+/// logged and skipped. Returns how many registrations were started.
+pub async fn register_missing(sys: &Connection, shared: &Shared) -> zbus::Result<usize> {
+    let manager = SystemdManagerProxy::new(sys).await?;
+    let listed = manager
+        .list_units_by_patterns(&["active", "listening"], &["*.socket"])
+        .await?;
+    // Registrations already queued (at boot, the socket units' own, waiting
+    // for this daemon to be ready) need no second start.
+    let queued: BTreeSet<String> = manager
+        .list_jobs()
+        .await?
+        .into_iter()
+        .filter(|(_, _, kind, ..)| kind == "start")
+        .map(|(_, unit, ..)| unit)
+        .collect();
+    let mut started = 0;
+    for (unit, ..) in listed {
+        if shared.lock().units().contains_key(&unit) {
+            continue;
+        }
+        let stem = unit.strip_suffix(".socket").unwrap_or(&unit);
+        let registration = format!("skactivate@{stem}.service");
+        if queued.contains(&registration) {
+            continue;
+        }
+        let files = match unit_files(sys, &unit).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(unit = %unit, "{}", e.text());
+                continue;
+            }
+        };
+        let wanted = shared.lock().wants_registration(&unit, &files);
+        match wanted {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                skip_once(&unit, &error_chain(&e));
+                continue;
+            }
+        }
+        if stem.contains('@') {
+            skip_once(
+                &unit,
+                &format!(
+                    "{unit}: X-SkLookup= on a template instance has no skactivate@ instance \
+                     (an instance name cannot hold '@'); register it by hand with --sklookup"
+                ),
+            );
+            continue;
+        }
+        match manager.start_unit(&registration, "replace").await {
+            Ok(job) => {
+                tracing::info!(
+                    unit = %unit,
+                    "{unit}: active with X-SkLookup= but not registered: started {registration} ({})",
+                    job.as_str()
+                );
+                started += 1;
+            }
+            Err(e) => tracing::warn!(unit = %unit, "{unit}: cannot start {registration}: {e}"),
+        }
+    }
+    Ok(started)
+}
+
+/// Unregister every registered unit systemd no longer has active; returns
+/// how many.
+async fn unregister_stale(server: &ObjectServer, sys: &Connection, shared: &Shared) -> usize {
     let units: Vec<String> = shared.lock().units().keys().cloned().collect();
     let mut n = 0;
     for unit in units {
