@@ -34,7 +34,7 @@ use crate::config::{self, Socket};
 use crate::daemon::Bus;
 use crate::dbus::{SkactivateProxy, SystemdManagerProxy, SystemdUnitProxy};
 use crate::dispatcher::SocketInfo;
-use crate::unit::{Located, Location, Severity, SocketUnit};
+use crate::unit::{Severity, SocketUnit};
 
 /// Yama's setting: who may ptrace (and so `pidfd_getfd`) whom.
 const YAMA_PTRACE_SCOPE: &str = "/proc/sys/kernel/yama/ptrace_scope";
@@ -729,22 +729,6 @@ async fn unit_values(unit: &str) -> Result<SocketUnit> {
     unit_file.with_context(|| format!("{unit}: reading its X-SkLookup= lines"))
 }
 
-/// A unit made of `--sklookup` values (problems point at `--sklookup:N`).
-fn inline_values(unit: &str, values: &[String]) -> SocketUnit {
-    let located = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| Located {
-            value: v.clone(),
-            location: Location {
-                path: PathBuf::from("--sklookup"),
-                line: i + 1,
-            },
-        })
-        .collect();
-    SocketUnit::inline(unit, located)
-}
-
 /// Match the values to the taken sockets, as the daemon will.
 fn resolve(
     unit: &SocketUnit,
@@ -800,7 +784,7 @@ pub fn register_pid(req: &Request, bus: &Bus) -> Result<()> {
         }
         read
     } else {
-        inline_values(&unit, &req.sklookup)
+        SocketUnit::from_sklookup_options(&unit, &req.sklookup)
     };
     // A value that cannot parse will not parse later either.
     let grammar: Vec<String> = config::resolve(&values, &[])

@@ -13,7 +13,7 @@ use crate::binding::{Binding, Destination, Protocol};
 use crate::config::{self, Problem, Socket};
 use crate::dispatcher::records::RecordError;
 use crate::dispatcher::{Changes, Dispatcher, DispatcherError, SocketInfo};
-use crate::unit::{Located, Location, SocketUnit, UnitError};
+use crate::unit::{SocketUnit, UnitError};
 
 /// Where a unit's `X-SkLookup=` values come from.
 #[derive(Debug, Clone)]
@@ -559,7 +559,7 @@ impl Service {
                     },
                 )?
             }
-            Directives::Inline(values) => inline_unit(unit, values),
+            Directives::Inline(values) => SocketUnit::from_sklookup_options(unit, values),
         };
         let resolution = config::resolve(&socket_unit, sockets);
         for p in resolution
@@ -816,23 +816,6 @@ fn same_listen_address(listed: &SocketAddr, actual: &SocketAddr) -> bool {
         }
     }
     canon(listed) == canon(actual)
-}
-
-/// A unit made of `--sklookup` values alone; problems point at
-/// `--sklookup:N`, the Nth value given.
-fn inline_unit(unit: &str, values: &[String]) -> SocketUnit {
-    let located = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| Located {
-            value: v.clone(),
-            location: Location {
-                path: PathBuf::from("--sklookup"),
-                line: i + 1,
-            },
-        })
-        .collect();
-    SocketUnit::inline(unit, located)
 }
 
 /// A unit's pinned record: JSON, so that `bpftool map dump` shows it.

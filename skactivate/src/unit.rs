@@ -357,6 +357,23 @@ impl SocketUnit {
         unit
     }
 
+    /// A unit made of `--sklookup` values alone; problems point at
+    /// `--sklookup:N`, the Nth value given.
+    pub fn from_sklookup_options(name: &str, values: &[String]) -> SocketUnit {
+        let located = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Located {
+                value: v.clone(),
+                location: Location {
+                    path: PathBuf::from("--sklookup"),
+                    line: i + 1,
+                },
+            })
+            .collect();
+        SocketUnit::inline(name, located)
+    }
+
     /// The fragment, then the drop-ins.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         std::iter::once(self.fragment.as_path()).chain(self.dropins.iter().map(PathBuf::as_path))
