@@ -152,8 +152,14 @@ pub enum RegisterPidError {
         "process {pid} belongs to no systemd service, socket or scope unit (cgroup {cgroup}): name one with --unit"
     )]
     NoUnit { pid: i32, cgroup: String },
-    #[error("{unit}: {}", .problems.join("; "))]
-    BadDirective { unit: String, problems: Vec<String> },
+    #[error(
+        "{unit}: {}",
+        .problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    BadDirective {
+        unit: String,
+        problems: Vec<config::Problem>,
+    },
     #[error(
         "{unit}: no X-SkLookup= in force in {} and no --sklookup given",
         .files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
@@ -753,7 +759,7 @@ fn resolve(
                 .problems
                 .iter()
                 .filter(|p| p.severity >= Severity::Error)
-                .map(ToString::to_string)
+                .cloned()
                 .collect(),
         })
     }
@@ -787,11 +793,10 @@ pub fn register_pid(req: &Request, bus: &Bus) -> Result<()> {
         SocketUnit::from_sklookup_options(&unit, &req.sklookup)
     };
     // A value that cannot parse will not parse later either.
-    let grammar: Vec<String> = config::resolve(&values, &[])
+    let grammar: Vec<config::Problem> = config::resolve(&values, &[])
         .problems
         .into_iter()
         .filter(|p| p.severity >= Severity::Error && p.reason != config::Reason::NoIpSocket)
-        .map(|p| p.to_string())
         .collect();
     if !grammar.is_empty() {
         return Err(RegisterPidError::BadDirective {

@@ -112,6 +112,10 @@ const MAPS: [MapSpec; 5] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatcherError {
+    #[error("{}: the dispatcher just created there is not attached to this network namespace", .path.display())]
+    NotAttached { path: PathBuf },
+    #[error("the embedded BPF object has no program {name} (a broken build)")]
+    MissingProgram { name: &'static str },
     #[error(
         "Linux {release} has no BPF sk_lookup programs: skactivate needs Linux 5.9 or later \
          (Debian 11's 5.10 or newer)"

@@ -64,10 +64,7 @@ impl Dispatcher {
                 return Err(e);
             }
         }
-        Self::adopt(&dir, ino)?.ok_or_else(|| DispatcherError::Io {
-            path: dir.clone(),
-            source: io::Error::other("freshly created dispatcher is not attached"),
-        })
+        Self::adopt(&dir, ino)?.ok_or_else(|| DispatcherError::NotAttached { path: dir.clone() })
     }
 
     /// Open pinned state; `None` if its link no longer serves this namespace.
@@ -311,10 +308,7 @@ impl Dispatcher {
 pub(super) fn program_of(ebpf: &mut aya::Ebpf) -> Result<&mut SkLookup> {
     let prog = ebpf
         .program_mut(PROGRAM)
-        .ok_or_else(|| DispatcherError::Io {
-            path: PathBuf::from(PROGRAM),
-            source: io::Error::other("program missing from the embedded object"),
-        })?;
+        .ok_or(DispatcherError::MissingProgram { name: PROGRAM })?;
     prog.try_into().map_err(DispatcherError::Program)
 }
 
