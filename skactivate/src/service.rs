@@ -570,15 +570,7 @@ impl Service {
             tracing::warn!(unit = %unit, "{unit}: {p}");
         }
         if !resolution.is_valid() {
-            return Err(ServiceError::BadDirective {
-                unit: unit.to_owned(),
-                problems: resolution
-                    .problems
-                    .iter()
-                    .filter(|p| p.severity >= crate::unit::Severity::Error)
-                    .cloned()
-                    .collect(),
-            });
+            return Err(bad_directive(unit, &resolution));
         }
         Ok(resolution
             .bindings
@@ -706,15 +698,7 @@ impl Service {
         }
         let resolution = config::resolve(&socket_unit, &files.sockets());
         if !resolution.is_valid() {
-            return Err(ServiceError::BadDirective {
-                unit: unit.to_owned(),
-                problems: resolution
-                    .problems
-                    .iter()
-                    .filter(|p| p.severity >= crate::unit::Severity::Error)
-                    .cloned()
-                    .collect(),
-            });
+            return Err(bad_directive(unit, &resolution));
         }
         Ok(true)
     }
@@ -912,6 +896,19 @@ mod record {
             origin,
             sockets,
         })
+    }
+}
+
+/// The errors of a resolution that is not valid, as the unit's error.
+fn bad_directive(unit: &str, resolution: &config::Resolution) -> ServiceError {
+    ServiceError::BadDirective {
+        unit: unit.to_owned(),
+        problems: resolution
+            .problems
+            .iter()
+            .filter(|p| p.severity >= crate::unit::Severity::Error)
+            .cloned()
+            .collect(),
     }
 }
 
