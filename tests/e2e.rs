@@ -929,3 +929,72 @@ fn churn_leaves_no_stale_entries_and_no_fds() {
     sd.ok(&["systemctl", "stop", "skactivate.service"]);
     assert_eq!(pinned_entries(&sd), (0, 0, 0), "stale entries in the maps");
 }
+
+/// A socket template whose drop-in carries `X-SkLookup=`: every instance
+/// started wants its own registration (`skactivate@tmpl@8091.service`, an
+/// instance string may hold `@`) through the generator's template drop-in,
+/// each is registered with its own port, each serves the prefix, and one
+/// stopping leaves the other in place. The instance names exist nowhere in the
+/// search path: the generator never saw them.
+#[test]
+fn socket_template_instances_are_each_registered_and_served() {
+    let Some(sd) = boot() else { return };
+    sd.local_route("203.0.113.0/24");
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/tmpl@.socket"),
+        b"[Socket]\nListenStream=127.0.0.1:%i\n",
+        0o644,
+    );
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/tmpl@.service"),
+        format!(
+            "[Unit]\nRequires=%N.socket\nAfter=%N.socket\nPartOf=%N.socket\n\
+             [Service]\nExecStart=/usr/bin/python3 {}/webserver.py %N\n",
+            common::systemd::EXAMPLES_DIR
+        )
+        .as_bytes(),
+        0o644,
+    );
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/tmpl@.socket.d/sklookup.conf"),
+        b"[Socket]\nX-SkLookup=203.0.113.0/24\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    let wants = sd.property("tmpl@8091.socket", "Wants");
+    assert!(
+        wants.contains("skactivate@tmpl@8091.service"),
+        "Wants={wants}"
+    );
+
+    sd.ok(&["systemctl", "start", "tmpl@8091.socket", "tmpl@8092.socket"]);
+    wait_bound(&sd, "tcp:203.0.113.0/24:8091", "tmpl@8091.socket");
+    wait_bound(&sd, "tcp:203.0.113.0/24:8092", "tmpl@8092.socket");
+    assert_eq!(
+        sd.active_state("skactivate@tmpl@8091.service"),
+        "inactive",
+        "the registration must not stay active"
+    );
+    for (to, name) in [
+        ("203.0.113.7:8091", "tmpl@8091"),
+        ("203.0.113.200:8092", "tmpl@8092"),
+    ] {
+        assert_eq!(sd.in_netns(|| http_ask(addr(to)).unwrap()), name, "{to}");
+    }
+
+    sd.ok(&["systemctl", "stop", "tmpl@8091.socket"]);
+    wait_unbound(&sd, "tmpl@8091.socket");
+    assert!(
+        sd.in_netns(|| tcp_refused(addr("203.0.113.7:8091"))),
+        "the stopped instance's port is refused"
+    );
+    assert!(
+        list_bindings(&sd).contains("\"tcp:203.0.113.0/24:8092\" \"tmpl@8092.socket\""),
+        "{}",
+        list_bindings(&sd)
+    );
+    assert_eq!(
+        sd.in_netns(|| http_ask(addr("203.0.113.7:8092")).unwrap()),
+        "tmpl@8092"
+    );
+}

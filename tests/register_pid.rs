@@ -529,3 +529,56 @@ fn a_service_with_x_sklookup_is_registered_at_every_start_and_gone_at_stop() {
     let bindings = skactivate(&sd, &["bindings"]);
     assert!(!bindings.contains("selfbound.service"), "{bindings}");
 }
+
+/// A service template with `X-SkLookup=` in the template itself, using `%i`
+/// for the port its instances bind: the generator's template drop-in
+/// registers each instance started (names it never saw), each with its own
+/// socket, and stopping one leaves the other.
+#[test]
+fn instances_of_a_service_template_are_registered_each_with_its_socket() {
+    let Some(sd) = boot() else { return };
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/selfbound-at@.service"),
+        format!(
+            "[Service]\nType=notify\n\
+             ExecStart=/usr/bin/python3 {SELFBOUND} %N tcp:127.0.0.1:%i\n\
+             X-SkLookup=tcp:198.51.100.0/24\n"
+        )
+        .as_bytes(),
+        0o644,
+    );
+    sd.daemon_reload();
+    let dropin = sd.ok(&[
+        "cat",
+        "/run/systemd/generator/selfbound-at@.service.d/50-skactivate.conf",
+    ]);
+    assert!(dropin.contains("register-pid --unit %n"), "{dropin}");
+
+    sd.ok(&[
+        "systemctl",
+        "start",
+        "selfbound-at@8093.service",
+        "selfbound-at@8094.service",
+    ]);
+    for (port, unit) in [
+        (8093, "selfbound-at@8093.service"),
+        (8094, "selfbound-at@8094.service"),
+    ] {
+        let to = addr(&format!("198.51.100.77:{port}"));
+        assert_eq!(
+            sd.in_netns(|| http_ask(to)).unwrap(),
+            unit.trim_end_matches(".service"),
+            "{}\n{}",
+            sd.journal(unit),
+            sd.journal("skactivate.service")
+        );
+    }
+    sd.ok(&["systemctl", "stop", "selfbound-at@8093.service"]);
+    let bindings = skactivate(&sd, &["bindings"]);
+    assert!(
+        !bindings.contains("selfbound-at@8093.service")
+            && bindings.contains("selfbound-at@8094.service"),
+        "{bindings}"
+    );
+    assert!(sd.in_netns(|| tcp_refused(addr("198.51.100.77:8093"))));
+}

@@ -33,11 +33,13 @@ pub const DROPIN_NAME: &str = "50-skactivate.conf";
 pub const SERVICE_WAIT_SECS: u32 = 30;
 
 /// Every socket or service unit name in the search path (files, links, and
-/// instances that exist only as drop-in directories), templates excluded.
-fn unit_names(root: &Path, suffix: &str) -> Vec<String> {
+/// instances that exist only as drop-in directories): the plain names and
+/// instances, then the templates.
+fn unit_names(root: &Path, suffix: &str) -> (Vec<String>, Vec<String>) {
     let dot_suffix = format!(".{suffix}");
     let template = format!("@.{suffix}");
     let mut names = BTreeSet::new();
+    let mut templates = BTreeSet::new();
     for dir in SEARCH_PATH {
         let Ok(entries) = fs::read_dir(root.join(dir.trim_start_matches('/'))) else {
             continue;
@@ -45,12 +47,24 @@ fn unit_names(root: &Path, suffix: &str) -> Vec<String> {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let unit = name.strip_suffix(".d").unwrap_or(&name);
-            if unit.ends_with(&dot_suffix) && !unit.ends_with(&template) && unit != dot_suffix {
+            if !unit.ends_with(&dot_suffix) || unit == dot_suffix || unit.starts_with('@') {
+                continue;
+            }
+            if unit.ends_with(&template) {
+                templates.insert(unit.to_owned());
+            } else {
                 names.insert(unit.to_owned());
             }
         }
     }
-    names.into_iter().collect()
+    (names.into_iter().collect(), templates.into_iter().collect())
+}
+
+/// The template `dns@eth0.socket` is an instance of: `dns@.socket`.
+fn template_of(name: &str) -> Option<String> {
+    let (prefix, rest) = name.split_once('@')?;
+    let (_, suffix) = rest.rsplit_once('.')?;
+    Some(format!("{prefix}@.{suffix}"))
 }
 
 /// Whether any service unit file or service drop-in in the search path
@@ -92,59 +106,92 @@ fn any_service_mentions_sklookup(root: &Path) -> bool {
     false
 }
 
-/// What the generator makes of one unit: `None` if it has no `X-SkLookup=`.
+/// What the generator makes of one unit or template with `X-SkLookup=`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Generated {
-    pub unit: String,
-    /// `skactivate@webserver.service` for a socket unit; `None` for a
-    /// service unit (its own `ExecStartPost=` registers it).
-    pub registration: Option<String>,
+pub enum Generated {
+    /// A socket unit or socket instance: it wants its registration service
+    /// (`skactivate@webserver.service`, `skactivate@dns@eth0.service`: an
+    /// instance string may hold `@`) and unregisters when it stops.
+    Socket { unit: String, registration: String },
+    /// A socket template (`dns@.socket`) whose own files carry the setting:
+    /// every instance wants `skactivate@%N.service` through the template's
+    /// drop-in, whether or not the generator ever sees the instance's name.
+    SocketTemplate { unit: String },
+    /// A service unit, service instance or service template: its own
+    /// `ExecStartPost=` registers its main process's sockets.
+    Service { unit: String },
 }
 
-/// The socket and service units that need registration, or why one was
-/// skipped.
+/// Whether `unit` (found under its own name, not as an alias) has
+/// `X-SkLookup=` in force.
+fn has_sklookup(unit: Result<SocketUnit, crate::unit::UnitError>, name: &str) -> bool {
+    // Masked or unreadable units are systemd's business, not ours; an alias
+    // is the same unit under another name, handled under its own.
+    unit.is_ok_and(|u| !u.sklookup.is_empty() && u.id == name)
+}
+
+/// The socket and service units and templates that need registration, or
+/// why one was skipped.
 pub fn plan(root: &Path) -> (Vec<Generated>, Vec<String>) {
     let mut out = Vec::new();
     let mut warnings = Vec::new();
-    let services = if any_service_mentions_sklookup(root) {
+    let (services, service_templates) = if any_service_mentions_sklookup(root) {
         unit_names(root, "service")
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
+    };
+    let (sockets, socket_templates) = unit_names(root, "socket");
+
+    // Templates first: an instance whose template carries the setting is
+    // served by the template's drop-in and needs nothing of its own.
+    let mut covered = BTreeSet::new();
+    for name in service_templates {
+        if has_sklookup(SocketUnit::find_template(root, &name), &name) {
+            out.push(Generated::Service { unit: name.clone() });
+            covered.insert(name);
+        }
+    }
+    for name in socket_templates {
+        if has_sklookup(SocketUnit::find_template(root, &name), &name) {
+            out.push(Generated::SocketTemplate { unit: name.clone() });
+            covered.insert(name);
+        }
+    }
+    let is_covered = |name: &str| template_of(name).is_some_and(|t| covered.contains(&t));
+
+    // An instance that clears its template's setting in a drop-in of its
+    // own still wants its registration through the template's drop-in (a
+    // dependency cannot be taken back); the registration then fails, naming
+    // the unit. Said here once, at generation time.
+    let mut cleared = |name: &str, unit: Result<SocketUnit, crate::unit::UnitError>| {
+        if unit.is_ok_and(|u| u.sklookup.is_empty() && u.id == name) {
+            warnings.push(format!(
+                "{name}: its drop-ins clear the X-SkLookup= of {template}, whose drop-in \
+                 still starts its registration, which will fail; move the setting from \
+                 the template to the instances that need it",
+                template = template_of(name).unwrap_or_default(),
+            ));
+        }
     };
     for name in services {
-        let Ok(unit) = SocketUnit::find(root, &name) else {
-            continue;
-        };
-        if unit.sklookup.is_empty() || unit.id != name {
+        if is_covered(&name) {
+            cleared(&name, SocketUnit::find(root, &name));
+        } else if has_sklookup(SocketUnit::find(root, &name), &name) {
+            out.push(Generated::Service { unit: name });
+        }
+    }
+    for name in sockets {
+        if is_covered(&name) {
+            cleared(&name, SocketUnit::find(root, &name));
             continue;
         }
-        out.push(Generated {
-            unit: name,
-            registration: None,
-        });
-    }
-    for name in unit_names(root, "socket") {
-        let unit = match SocketUnit::find(root, &name) {
-            Ok(u) => u,
-            // Masked or unreadable units are systemd's business, not ours.
-            Err(_) => continue,
-        };
-        // An alias is the same unit under another name: its real name is
-        // listed too, and one registration per socket is all there may be.
-        if unit.sklookup.is_empty() || unit.id != name {
+        if !has_sklookup(SocketUnit::find(root, &name), &name) {
             continue;
         }
         let stem = name.strip_suffix(".socket").expect("listed as .socket");
-        if stem.contains('@') {
-            warnings.push(format!(
-                "{name}: X-SkLookup= on a template instance is not supported by the generator \
-                 (an instance name cannot hold '@'); start skactivate@ by hand with --sklookup"
-            ));
-            continue;
-        }
-        out.push(Generated {
-            unit: name.clone(),
-            registration: Some(format!("skactivate@{stem}.service")),
+        out.push(Generated::Socket {
+            registration: format!("skactivate@{stem}.service"),
+            unit: name,
         });
     }
     (out, warnings)
@@ -161,36 +208,55 @@ fn write_new(path: &Path, contents: &str) -> io::Result<()> {
 pub fn generate(root: &Path, dir: &Path) -> Result<Vec<String>> {
     let (units, warnings) = plan(root);
     for g in &units {
-        let Some(registration) = &g.registration else {
-            write_service_dropin(dir, &g.unit)?;
-            continue;
-        };
-        let wants = dir.join(format!("{}.wants", g.unit));
-        fs::create_dir_all(&wants).with_context(|| format!("{}", wants.display()))?;
-        let link = wants.join(registration);
-        match fs::remove_file(&link) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("{}", link.display()));
+        match g {
+            Generated::Service { unit } => write_service_dropin(dir, unit)?,
+            Generated::Socket { unit, registration } => {
+                let wants = dir.join(format!("{unit}.wants"));
+                fs::create_dir_all(&wants).with_context(|| format!("{}", wants.display()))?;
+                let link = wants.join(registration);
+                match fs::remove_file(&link) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("{}", link.display()));
+                    }
+                    _ => {}
+                }
+                std::os::unix::fs::symlink(paths::TEMPLATE_UNIT, &link)
+                    .with_context(|| format!("{}", link.display()))?;
+                let text = format!(
+                    "# Written by skactivate-generator because {unit} has X-SkLookup=.\n\
+                     # Its bindings go when the socket stops (the daemon also follows systemd).\n\
+                     [Socket]\n\
+                     ExecStopPost=-{bin} unregister %n\n",
+                    bin = paths::BINARY,
+                );
+                write_dropin(dir, unit, &text)?;
             }
-            _ => {}
+            Generated::SocketTemplate { unit } => {
+                // `%N` is the instance's full name without its type:
+                // `dns@eth0`, so each instance wants skactivate@dns@eth0.service.
+                let text = format!(
+                    "# Written by skactivate-generator because {unit} has X-SkLookup=.\n\
+                     # Each instance wants its own registration, skactivate@NAME@INSTANCE.service,\n\
+                     # and its bindings go when it stops (the daemon also follows systemd).\n\
+                     [Unit]\n\
+                     Wants=skactivate@%N.service\n\
+                     [Socket]\n\
+                     ExecStopPost=-{bin} unregister %n\n",
+                    bin = paths::BINARY,
+                );
+                write_dropin(dir, unit, &text)?;
+            }
         }
-        std::os::unix::fs::symlink(paths::TEMPLATE_UNIT, &link)
-            .with_context(|| format!("{}", link.display()))?;
-
-        let dropins = dir.join(format!("{}.d", g.unit));
-        fs::create_dir_all(&dropins).with_context(|| format!("{}", dropins.display()))?;
-        let conf = dropins.join(DROPIN_NAME);
-        let text = format!(
-            "# Written by skactivate-generator because {unit} has X-SkLookup=.\n\
-             # Its bindings go when the socket stops (the daemon also follows systemd).\n\
-             [Socket]\n\
-             ExecStopPost=-{bin} unregister %n\n",
-            unit = g.unit,
-            bin = paths::BINARY,
-        );
-        write_new(&conf, &text).with_context(|| format!("{}", conf.display()))?;
     }
     Ok(warnings)
+}
+
+/// Write the generator's drop-in for `unit` into `dir`.
+fn write_dropin(dir: &Path, unit: &str, text: &str) -> Result<()> {
+    let dropins = dir.join(format!("{unit}.d"));
+    fs::create_dir_all(&dropins).with_context(|| format!("{}", dropins.display()))?;
+    let conf = dropins.join(DROPIN_NAME);
+    write_new(&conf, text).with_context(|| format!("{}", conf.display()))
 }
 
 /// A service's drop-in: take its sockets once started, let them go when it
@@ -200,9 +266,6 @@ pub fn generate(root: &Path, dir: &Path) -> Result<Vec<String>> {
 /// a sibling process never has under `ptrace_scope` 1), and registering with
 /// the daemon is root's only.
 fn write_service_dropin(dir: &Path, unit: &str) -> Result<()> {
-    let dropins = dir.join(format!("{unit}.d"));
-    fs::create_dir_all(&dropins).with_context(|| format!("{}", dropins.display()))?;
-    let conf = dropins.join(DROPIN_NAME);
     let text = format!(
         "# Written by skactivate-generator because {unit} has X-SkLookup=.\n\
          # Once the service has started, its main process's listening sockets are\n\
@@ -215,7 +278,7 @@ fn write_service_dropin(dir: &Path, unit: &str) -> Result<()> {
         bin = paths::BINARY,
         wait = SERVICE_WAIT_SECS,
     );
-    write_new(&conf, &text).with_context(|| format!("{}", conf.display()))
+    write_dropin(dir, unit, &text)
 }
 
 /// `skactivate-generator NORMAL [EARLY LATE]`.

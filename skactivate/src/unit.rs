@@ -285,6 +285,30 @@ impl SocketUnit {
         Ok(unit)
     }
 
+    /// Reads the template `name` (`dns@.socket`, `api@.service`) with the
+    /// drop-ins every one of its instances shares (the template's, its dash
+    /// prefixes', the unit type's): what an instance with no drop-ins of its
+    /// own is made of. Values may hold specifiers such as `%i`, which only an
+    /// instance resolves; the generator needs nothing but whether
+    /// `X-SkLookup=` is in force.
+    pub fn find_template(root: &Path, name: &str) -> Result<SocketUnit, UnitError> {
+        let parsed = UnitName::parse(name).ok_or(UnitError::InvalidName)?;
+        if !parsed.is_template() {
+            return Err(UnitError::InvalidName);
+        }
+        if section_of(parsed.suffix).is_none() {
+            return Err(UnitError::NotSocketOrService);
+        }
+        let tree = Tree::new(root);
+        let mut names = vec![name.to_owned()];
+        let fragment = tree.find_fragment(name, &mut names)?;
+        let id = names.last().cloned().unwrap_or_else(|| name.to_owned());
+        let dropins = tree.dropins(&names)?;
+        let mut unit = SocketUnit::empty(name.to_owned(), id, names, fragment, dropins);
+        unit.read_all(|path| tree.read(path))?;
+        Ok(unit)
+    }
+
     /// Reads `file` (a path on the host, shown as given) as the unit file of
     /// the unit its name says, with the drop-ins the search path under
     /// `root` has for that name.
@@ -601,7 +625,7 @@ impl SocketUnit {
                 Some(_) if value.is_empty() => self.listens.clear(),
                 Some(kind) => self.listens.push(Listen {
                     kind,
-                    address: value.to_owned(),
+                    address: expand_instance_specifiers(value, &self.name),
                     location: location.clone(),
                 }),
                 None => {}
@@ -723,6 +747,73 @@ impl<'a> UnitName<'a> {
     fn template(self) -> String {
         format!("{}@.{}", self.prefix, self.suffix)
     }
+}
+
+/// `value` with the specifiers that name the unit resolved for the instance
+/// `name` (`%i`, `%I`, `%n`, `%N`, `%p`, `%P`, `%j`, `%J`, `%%`), as systemd
+/// resolves them in `Listen…=` lines (systemd.unit(5), "Specifiers"): a
+/// template's `ListenStream=127.0.0.1:%i` is what each instance listens on.
+/// Other specifiers, and every specifier of a unit that is not an instance,
+/// are left as written.
+fn expand_instance_specifiers(value: &str, name: &str) -> String {
+    let Some(parsed) = UnitName::parse(name).filter(|p| p.is_instance()) else {
+        return value.to_owned();
+    };
+    if !value.contains('%') {
+        return value.to_owned();
+    }
+    let instance = parsed.instance.unwrap_or_default();
+    let stem = name.rsplit_once('.').map_or(name, |(stem, _)| stem);
+    let last_dash = |s: &str| s.rsplit_once('-').map_or(s, |(_, j)| j).to_owned();
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('i') => out.push_str(instance),
+            Some('I') => out.push_str(&unescape(instance)),
+            Some('n') => out.push_str(name),
+            Some('N') => out.push_str(stem),
+            Some('p') => out.push_str(parsed.prefix),
+            Some('P') => out.push_str(&unescape(parsed.prefix)),
+            Some('j') => out.push_str(&last_dash(parsed.prefix)),
+            Some('J') => out.push_str(&unescape(&last_dash(parsed.prefix))),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// systemd's `unit_name_unescape()`: `-` is `/`, `\xNN` a byte. A malformed
+/// escape is kept as written.
+fn unescape(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'-' => out.push(b'/'),
+            b'\\'
+                if bytes.get(i + 1) == Some(&b'x')
+                    && let Some(hex) = s.get(i + 2..i + 4)
+                    && let Ok(b) = u8::from_str_radix(hex, 16) =>
+            {
+                out.push(b);
+                i += 3;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The full name of a socket unit: `.socket` is implied when the name has no unit
@@ -1187,6 +1278,20 @@ mod tests {
             .iter()
             .map(|e| (e.location.line, e.value.as_str()))
             .collect()
+    }
+
+    #[test]
+    fn instance_specifiers_in_listen_lines_are_resolved() {
+        let e = |v: &str, n: &str| expand_instance_specifiers(v, n);
+        assert_eq!(e("127.0.0.1:%i", "tmpl@8091.socket"), "127.0.0.1:8091");
+        assert_eq!(e("%N-%p-%j:%%", "a-b@x.socket"), "a-b@x-a-b-b:%");
+        assert_eq!(
+            e("/run/%I/sock", "s@foo-bar\\x2dbaz.socket"),
+            "/run/foo/bar-baz/sock"
+        );
+        assert_eq!(e("%H:80", "s@x.socket"), "%H:80", "other specifiers stay");
+        assert_eq!(e("127.0.0.1:%i", "plain.socket"), "127.0.0.1:%i");
+        assert_eq!(e("trailing%", "s@x.socket"), "trailing%");
     }
 
     #[test]

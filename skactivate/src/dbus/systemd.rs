@@ -245,16 +245,6 @@ pub async fn register_missing(sys: &Connection, shared: &Shared) -> zbus::Result
                 continue;
             }
         }
-        if stem.contains('@') {
-            skip_once(
-                &unit,
-                &format!(
-                    "{unit}: X-SkLookup= on a template instance has no skactivate@ instance \
-                     (an instance name cannot hold '@'); register it by hand with --sklookup"
-                ),
-            );
-            continue;
-        }
         match manager.start_unit(&registration, "replace").await {
             Ok(job) => {
                 tracing::info!(
