@@ -476,7 +476,11 @@ impl Service {
     /// The namespace is reached through the socket itself (`SIOCGSKNS`),
     /// which needs neither a name for it nor CAP_SYS_ADMIN: the daemon never
     /// enters it (attaching the program takes the namespace's fd).
-    fn ensure_dispatcher(&mut self, netns: u64, fd: BorrowedFd<'_>) -> Result<bool, DispatcherError> {
+    fn ensure_dispatcher(
+        &mut self,
+        netns: u64,
+        fd: BorrowedFd<'_>,
+    ) -> Result<bool, DispatcherError> {
         if self.dispatchers.contains_key(&netns) {
             return Ok(false);
         }
@@ -725,7 +729,11 @@ impl Service {
     /// A unit's counters, summed over its destinations.
     pub fn unit_metrics(&self, unit: &str) -> crate::dispatcher::abi::Metrics {
         let mut m = crate::dispatcher::abi::Metrics::default();
-        for d in self.unit_dispatcher(unit).destinations().unwrap_or_default() {
+        for d in self
+            .unit_dispatcher(unit)
+            .destinations()
+            .unwrap_or_default()
+        {
             if d.destination.unit == unit {
                 m.lookups += d.metrics.lookups;
                 m.misses += d.metrics.misses;

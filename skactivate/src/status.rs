@@ -235,7 +235,11 @@ pub fn render_status(m: &ManagerInfo, units: &[UnitInfo], with_daemon: bool) -> 
             u.id,
             format_utc(u.registered_at)
         );
-        let own = if u.netns == m.netns { " (the daemon's)" } else { "" };
+        let own = if u.netns == m.netns {
+            " (the daemon's)"
+        } else {
+            ""
+        };
         let _ = writeln!(out, "{:>11} {}{own}", "Netns:", u.netns);
         for (i, b) in u.bindings.iter().enumerate() {
             let _ = writeln!(out, "{:>11} {b}", if i == 0 { "Bindings:" } else { "" });
@@ -330,7 +334,10 @@ pub fn render_bindings(rows: &[BindingRow]) -> String {
         .max()
         .unwrap_or(0)
         .max("NETNS".len());
-    let mut out = format!("{:w0$}  {:w1$}  {:w2$}  SOCKET\n", "BINDING", "UNIT", "NETNS");
+    let mut out = format!(
+        "{:w0$}  {:w1$}  {:w2$}  SOCKET\n",
+        "BINDING", "UNIT", "NETNS"
+    );
     for r in rows {
         let socket = if r.present {
             format!("cookie {}", r.cookie)
@@ -384,8 +391,8 @@ pub fn lookup(
 ) -> Result<()> {
     let ns = netns
         .map(|path| {
-            let f = std::fs::File::open(path)
-                .with_context(|| format!("--netns {}", path.display()))?;
+            let f =
+                std::fs::File::open(path).with_context(|| format!("--netns {}", path.display()))?;
             let ino = crate::dispatcher::socket::fd_inode(std::os::fd::AsRawFd::as_raw_fd(&f))
                 .with_context(|| format!("--netns {}", path.display()))?;
             anyhow::Ok((f, ino))
@@ -402,7 +409,9 @@ pub fn lookup(
                 (r, *ino)
             }
             None => {
-                let r = p.lookup(protocol.as_str(), &address.to_string(), port).await;
+                let r = p
+                    .lookup(protocol.as_str(), &address.to_string(), port)
+                    .await;
                 (r, p.net_ns().await.map_err(explain)?)
             }
         };
@@ -706,7 +715,9 @@ skactivate 0.1.0: dispatcher attached
         assert!(text.contains(
             "skactivate_errors_total{unit=\"we\\\"b.socket\",netns=\"4026532301\",family=\"ipv6\",protocol=\"tcp\"} 2\n"
         ));
-        assert!(text.contains("skactivate_bindings{unit=\"we\\\"b.socket\",netns=\"4026532301\"} 2\n"));
+        assert!(
+            text.contains("skactivate_bindings{unit=\"we\\\"b.socket\",netns=\"4026532301\"} 2\n")
+        );
         assert!(text.contains("skactivate_dispatchers 2\n"));
         assert!(text.contains("skactivate_units 1\n"));
         // Every sample line belongs to a declared family.

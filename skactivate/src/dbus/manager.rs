@@ -219,11 +219,7 @@ impl Manager {
     /// in: its own first.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn network_namespaces(&self) -> Vec<u64> {
-        self.shared
-            .lock()
-            .dispatchers()
-            .map(|(ns, _)| ns)
-            .collect()
+        self.shared.lock().dispatchers().map(|(ns, _)| ns).collect()
     }
 
     /// Where the dispatcher's state is pinned.
