@@ -755,3 +755,143 @@ fn the_daemon_and_its_cli_show_and_ask_other_namespaces() {
         },
     );
 }
+
+/// Under a real systemd, with the shipped units (the daemon's capability set
+/// and sandbox): a socket unit with `NetworkNamespacePath=` serves its prefix
+/// inside that namespace, reached from inside it, while the daemon's own
+/// namespace, which routes the same prefix locally, is untouched; the CLI
+/// shows and asks that namespace; stopping the socket tears its dispatcher
+/// down.
+#[test]
+fn a_socket_unit_in_another_namespace_under_systemd() {
+    use common::systemd::{ADMIN_UNITS, SETTLE, Systemd, poll_until};
+    let Some(sd) = Systemd::boot() else { return };
+    sd.install_skactivate();
+    sd.ok(&["ip", "netns", "add", "inner"]);
+    sd.ok(&["ip", "-n", "inner", "link", "set", "lo", "up"]);
+    sd.ok(&[
+        "ip",
+        "-n",
+        "inner",
+        "route",
+        "add",
+        "local",
+        "203.0.113.0/24",
+        "dev",
+        "lo",
+    ]);
+    // The daemon's own namespace routes the prefix too: only the binding is missing there.
+    sd.local_route("203.0.113.0/24");
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/inner-web.socket"),
+        b"[Socket]\nListenStream=127.0.0.1:8080\nNetworkNamespacePath=/run/netns/inner\n\
+          X-SkLookup=tcp:203.0.113.0/24:80\n",
+        0o644,
+    );
+    let service =
+        std::fs::read_to_string(common::systemd::repo().join("units/examples/webserver.service"))
+            .unwrap()
+            .replace("webserver.socket", "inner-web.socket");
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/inner-web.service"),
+        service.as_bytes(),
+        0o644,
+    );
+    sd.daemon_reload();
+    sd.ok(&["systemctl", "start", "inner-web.socket"]);
+    assert!(
+        poll_until(SETTLE, || sd
+            .exec(&["skactivate", "status", "inner-web.socket"])
+            .status
+            .success()),
+        "inner-web.socket never registered:\n{}\n{}",
+        sd.status("skactivate@inner-web.service"),
+        sd.journal("skactivate.service")
+    );
+    let inner: u64 = sd
+        .ok(&["stat", "-L", "-c", "%i", "/run/netns/inner"])
+        .trim()
+        .parse()
+        .unwrap();
+    let own: u64 = sd
+        .ok(&["stat", "-L", "-c", "%i", "/proc/self/ns/net"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(inner, own);
+
+    // Inside the namespace the prefix reaches the socket unit's service.
+    let ask = "import urllib.request as u; \
+               print(u.urlopen('http://203.0.113.5/', timeout=3).read().decode())";
+    let reached = || sd.exec(&["ip", "netns", "exec", "inner", "python3", "-c", ask]);
+    let out = reached();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        common::systemd::describe(&["ip", "netns", "exec", "inner", "python3"], &out),
+        sd.journal("skactivate.service")
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("inner-web 203.0.113.5:80"), "{said}");
+    // The daemon's own namespace: no binding, so nothing listens there.
+    let refused = sd.exec(&["python3", "-c", ask]);
+    assert!(
+        !refused.status.success(),
+        "reached in the daemon's own namespace: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+    let l = sd.ok(&["skactivate", "lookup", "tcp", "203.0.113.5", "80", "--json"]);
+    let l: serde_json::Value = serde_json::from_str(&l).unwrap();
+    assert_eq!(l["verdict"], "pass", "{l}");
+
+    // The CLI shows the namespace and asks its program.
+    let l = sd.ok(&[
+        "skactivate",
+        "lookup",
+        "--netns",
+        "/run/netns/inner",
+        "tcp",
+        "203.0.113.5",
+        "80",
+        "--json",
+    ]);
+    let l: serde_json::Value = serde_json::from_str(&l).unwrap();
+    assert_eq!(
+        (&l["verdict"], &l["unit"]),
+        (&"redirect".into(), &"inner-web.socket".into()),
+        "{l}"
+    );
+    assert_eq!(l["netns"], inner);
+    let b: serde_json::Value =
+        serde_json::from_str(&sd.ok(&["skactivate", "bindings", "--json"])).unwrap();
+    assert_eq!(b[0]["unit"], "inner-web.socket", "{b}");
+    assert_eq!(b[0]["netns"], inner, "{b}");
+    let s: serde_json::Value =
+        serde_json::from_str(&sd.ok(&["skactivate", "status", "--json"])).unwrap();
+    assert_eq!(s["netns"], own, "{s}");
+    assert_eq!(s["namespaces"], serde_json::json!([own, inner]), "{s}");
+    assert_eq!(s["units"][0]["netns"], inner, "{s}");
+    let state = sd.ok(&["ls", "/sys/fs/bpf/skactivate"]);
+    assert!(state.lines().any(|l| l == inner.to_string()), "{state}");
+    let prop = sd.unit_property("inner-web.socket", "NetworkNamespace");
+    assert_eq!(prop.trim(), format!("t {inner}"));
+
+    // Stopping the socket unit takes the namespace's dispatcher along.
+    sd.ok(&["systemctl", "stop", "inner-web.socket"]);
+    assert!(
+        poll_until(SETTLE, || !sd
+            .ok(&["ls", "/sys/fs/bpf/skactivate"])
+            .lines()
+            .any(|l| l == inner.to_string())),
+        "the dispatcher of {inner} stays:\n{}",
+        sd.journal("skactivate.service")
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&sd.ok(&["skactivate", "status", "--json"])).unwrap();
+    assert_eq!(s["namespaces"], serde_json::json!([own]), "{s}");
+    let journal = sd.journal("skactivate.service");
+    assert!(
+        journal.contains(&format!("network namespace {inner}: dispatcher attached")),
+        "{journal}"
+    );
+}
