@@ -764,7 +764,7 @@ fn the_daemon_and_its_cli_show_and_ask_other_namespaces() {
 /// down.
 #[test]
 fn a_socket_unit_in_another_namespace_under_systemd() {
-    use common::systemd::{ADMIN_UNITS, SETTLE, Systemd, poll_until};
+    use common::systemd::{ADMIN_UNITS, SETTLE, Systemd, describe, poll_until, repo};
     let Some(sd) = Systemd::boot() else { return };
     sd.install_skactivate();
     sd.ok(&["ip", "netns", "add", "inner"]);
@@ -788,10 +788,9 @@ fn a_socket_unit_in_another_namespace_under_systemd() {
           X-SkLookup=tcp:203.0.113.0/24:80\n",
         0o644,
     );
-    let service =
-        std::fs::read_to_string(common::systemd::repo().join("units/examples/webserver.service"))
-            .unwrap()
-            .replace("webserver.socket", "inner-web.socket");
+    let service = std::fs::read_to_string(repo().join("units/examples/webserver.service"))
+        .unwrap()
+        .replace("webserver.socket", "inner-web.socket");
     sd.write_file(
         &format!("{ADMIN_UNITS}/inner-web.service"),
         service.as_bytes(),
@@ -828,7 +827,7 @@ fn a_socket_unit_in_another_namespace_under_systemd() {
     assert!(
         out.status.success(),
         "{}\n{}",
-        common::systemd::describe(&["ip", "netns", "exec", "inner", "python3"], &out),
+        describe(&["ip", "netns", "exec", "inner", "python3"], &out),
         sd.journal("skactivate.service")
     );
     let said = String::from_utf8_lossy(&out.stdout);
