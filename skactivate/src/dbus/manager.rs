@@ -209,7 +209,8 @@ impl Manager {
         env!("CARGO_PKG_VERSION").to_owned()
     }
 
-    /// Inode of the network namespace the dispatcher serves.
+    /// Inode of the daemon's own network namespace (`NetworkNamespaces`
+    /// lists every one it serves).
     #[zbus(property(emits_changed_signal = "const"), name = "NetNS")]
     async fn net_ns(&self) -> u64 {
         self.shared.lock().dispatcher().netns()
