@@ -351,6 +351,57 @@ fn the_same_binding_in_two_namespaces_does_not_conflict() {
     );
 }
 
+/// A unit registered again with sockets of another namespace (a socket unit
+/// restarted with a new one) moves: its bindings go from the old namespace,
+/// whose dispatcher goes with its last unit, to the new one. UDP too.
+#[test]
+fn a_unit_registered_again_from_another_namespace_moves_there() {
+    in_netns(
+        "a_unit_registered_again_from_another_namespace_moves_there",
+        |fs| {
+            let (a, b) = (Netns::new(), Netns::new());
+            let dns_a = a.run(|| udp_server("dns-a", "127.0.0.1:53"));
+            let dns_b = b.run(|| udp_server("dns-b", "127.0.0.1:53"));
+            with_manager(fs, async |p, conn| {
+                p.register_sockets_with_directives(
+                    "dns.socket",
+                    &[Fd::from(dns_a.fd())],
+                    &["udp:192.0.2.0/24"],
+                )
+                .await
+                .unwrap();
+                assert_eq!(a.run(|| udp_ask(to("192.0.2.53", 53))).unwrap(), "dns-a");
+                assert!(state_dir(fs, a.ino).exists());
+
+                p.register_sockets_with_directives(
+                    "dns.socket",
+                    &[Fd::from(dns_b.fd())],
+                    &["udp:192.0.2.0/24"],
+                )
+                .await
+                .unwrap();
+                assert_eq!(b.run(|| udp_ask(to("192.0.2.53", 53))).unwrap(), "dns-b");
+                assert!(
+                    !state_dir(fs, a.ino).exists(),
+                    "the old namespace's dispatcher went"
+                );
+                assert!(
+                    a.run(|| udp_ask(to("192.0.2.53", 53))).is_err(),
+                    "nothing answers in a any more"
+                );
+                assert_eq!(unit_netns(&conn, "dns.socket").await, b.ino);
+                let list = p.list_bindings().await.unwrap();
+                assert_eq!(list.len(), 1);
+                assert_eq!((list[0].netns, list[0].cookie), (b.ino, dns_b.cookie));
+                p.unregister_unit("dns.socket").await.unwrap();
+                assert!(!state_dir(fs, b.ino).exists());
+            });
+            dns_a.close();
+            dns_b.close();
+        },
+    );
+}
+
 /// A unit whose sockets live in two namespaces is refused, naming the unit
 /// and both namespaces, and nothing is left behind.
 #[test]
