@@ -323,10 +323,14 @@ fn busctl_introspects_reads_and_looks_up_what_real_traffic_does() {
     assert_eq!(json["attached"], true);
     assert_eq!(json["units"].as_array().unwrap().len(), 2);
     let metrics = sd.ok(&["skactivate", "metrics"]);
+    // Each series names the network namespace of its unit: the daemon's own.
+    let netns = &json["netns"];
+    assert!(netns.as_u64().is_some_and(|n| n != 0), "{json}");
+    assert_eq!(json["units"][0]["netns"], *netns, "{json}");
     assert!(
-        metrics.contains(
-            "skactivate_lookups_total{unit=\"webserver.socket\",family=\"ipv6\",protocol=\"tcp\"}"
-        ),
+        metrics.contains(&format!(
+            "skactivate_lookups_total{{unit=\"webserver.socket\",netns=\"{netns}\",family=\"ipv6\",protocol=\"tcp\"}}"
+        )),
         "{metrics}"
     );
     assert!(metrics.contains("skactivate_units 2"), "{metrics}");

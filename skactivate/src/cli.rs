@@ -129,6 +129,10 @@ pub enum Command {
         address: std::net::IpAddr,
         /// The local (destination) port.
         port: u16,
+        /// Ask the dispatcher of this network namespace (/run/netns/NAME,
+        /// /proc/PID/ns/net) instead of the daemon's own.
+        #[arg(long, value_name = "PATH")]
+        netns: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,

@@ -193,7 +193,11 @@ async fn serve(opts: &Options) -> Result<()> {
         prog.id,
         prog.tag_hex()
     );
-    let service = Service::new(dispatcher, Path::new("/")).context("reading the pinned state")?;
+    let mut service =
+        Service::new(dispatcher, Path::new("/")).context("reading the pinned state")?;
+    // Other namespaces served before a restart: their dispatchers are adopted
+    // (or their state removed, if the namespace is gone).
+    service.adopt_namespaces();
 
     // Serve first, then take the name, so no call finds the name without the object.
     // systemd lives on the system bus, whichever bus we serve on.

@@ -63,10 +63,16 @@ fn main() -> ExitCode {
             protocol,
             address,
             port,
+            netns,
             json,
             bus,
         } => report(skactivate::status::lookup(
-            protocol, address, port, json, &bus,
+            protocol,
+            address,
+            port,
+            netns.as_deref(),
+            json,
+            &bus,
         )),
         Command::Metrics { bus } => report(skactivate::status::metrics(&bus)),
         Command::Proxy {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -114,6 +114,9 @@ impl Origin {
 /// daemon knows it as well.
 #[derive(Debug, Clone)]
 pub struct UnitState {
+    /// Inode of the network namespace its sockets live in, whose dispatcher
+    /// holds its bindings.
+    pub netns: u64,
     pub registered: SystemTime,
     /// The sockets as registered, `None` when adopted without a record.
     pub sockets: Option<Vec<SocketInfo>>,
@@ -170,6 +173,24 @@ pub enum ServiceError {
         unit: String,
         registered: Origin,
         requested: Origin,
+    },
+    #[error(
+        "{unit}: its sockets live in two network namespaces ({first} in {first_netns}, {second} in \
+         {second_netns}): a unit's sockets must share one namespace"
+    )]
+    SpansNamespaces {
+        unit: String,
+        first: SocketAddr,
+        first_netns: u64,
+        second: SocketAddr,
+        second_netns: u64,
+    },
+    #[error("{unit}: the dispatcher of network namespace {netns}")]
+    Namespace {
+        unit: String,
+        netns: u64,
+        #[source]
+        source: Box<DispatcherError>,
     },
     #[error("{unit}")]
     Dispatcher {
@@ -289,24 +310,56 @@ pub struct Counts {
     pub sockets: u32,
 }
 
-/// The daemon's state: the dispatcher and the registered units.
+/// The daemon's state: the dispatcher of each network namespace it serves,
+/// and the registered units.
 pub struct Service {
-    dispatcher: Dispatcher,
+    /// By the namespace's inode. The daemon's own namespace's (`home`) is
+    /// always there; another namespace's comes with the first unit whose
+    /// sockets live there and goes with the last one.
+    dispatchers: BTreeMap<u64, Dispatcher>,
+    home: u64,
+    /// The bpffs every dispatcher is pinned on.
+    bpffs: PathBuf,
     units: BTreeMap<String, UnitState>,
     /// Unit files are read below this root (`/` but for tests).
     root: PathBuf,
 }
 
 impl Service {
-    /// Take over a dispatcher; units found in its pinned state are adopted
-    /// as registered, with what their records say (origin, sockets, time).
-    /// A record whose unit has nothing left in the maps is dropped.
-    pub fn new(mut dispatcher: Dispatcher, root: &Path) -> Result<Service, DispatcherError> {
+    /// Take over the dispatcher of the daemon's own network namespace; units
+    /// found in its pinned state are adopted as registered, with what their
+    /// records say (origin, sockets, time). A record whose unit has nothing
+    /// left in the maps is dropped. The dispatchers of other namespaces are
+    /// pinned beside it (`<bpffs>/skactivate/<inode>`): see
+    /// [`Service::adopt_namespaces`].
+    pub fn new(dispatcher: Dispatcher, root: &Path) -> Result<Service, DispatcherError> {
+        let home = dispatcher.netns();
+        let bpffs = dispatcher
+            .dir()
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        let mut s = Service {
+            dispatchers: BTreeMap::new(),
+            home,
+            bpffs,
+            units: BTreeMap::new(),
+            root: root.to_owned(),
+        };
+        s.absorb(dispatcher)?;
+        Ok(s)
+    }
+
+    /// Take a dispatcher and the units its pinned state holds.
+    fn absorb(&mut self, mut dispatcher: Dispatcher) -> Result<(), DispatcherError> {
+        let netns = dispatcher.netns();
         let mut units: BTreeMap<String, UnitState> = BTreeMap::new();
         for unit in dispatcher.units() {
             units.insert(
                 unit,
                 UnitState {
+                    netns,
                     registered: SystemTime::now(),
                     sockets: None,
                     origin: Origin::Unknown,
@@ -315,7 +368,9 @@ impl Service {
             );
         }
         let records = dispatcher.unit_records().unwrap_or_else(|e| {
-            tracing::warn!("the units' records cannot be read, adopting without them: {e}");
+            tracing::warn!(
+                "network namespace {netns}: the units' records cannot be read, adopting without them: {e}"
+            );
             Vec::new()
         });
         for (unit, bytes) in records {
@@ -340,11 +395,144 @@ impl Service {
                 u.bindings.push((b.binding, b.destination));
             }
         }
-        Ok(Service {
-            dispatcher,
-            units,
-            root: root.to_owned(),
-        })
+        for (name, state) in units {
+            if let Some(kept) = self.units.get(&name) {
+                // A daemon stopped between registering a unit in its new
+                // namespace and removing it from the old one: one stays.
+                tracing::warn!(
+                    unit = %name,
+                    "{name}: found in network namespaces {} and {netns}; kept in {} only",
+                    kept.netns,
+                    kept.netns
+                );
+                let _ = dispatcher.unregister_unit(&name);
+                let _ = dispatcher.remove_unit_record(&name);
+                continue;
+            }
+            self.units.insert(name, state);
+        }
+        self.dispatchers.insert(netns, dispatcher);
+        Ok(())
+    }
+
+    /// Adopt the dispatchers of other network namespaces that an earlier
+    /// daemon left pinned, with their units. The state of a namespace that
+    /// no longer exists is removed (the kernel detached its link when it
+    /// died), and a dispatcher left without units is torn down. Each outcome
+    /// is logged; a namespace that cannot be adopted does not stop the others.
+    pub fn adopt_namespaces(&mut self) {
+        let root = crate::paths::state_root(&self.bpffs);
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return;
+        };
+        let mut inodes: Vec<u64> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|ino| !self.dispatchers.contains_key(ino))
+            .collect();
+        inodes.sort_unstable();
+        for ino in inodes {
+            let dir = crate::paths::netns_state(&self.bpffs, ino);
+            match Dispatcher::adopt_pinned(&self.bpffs, ino) {
+                Ok(Some(mut d)) => {
+                    if let Err(e) = d.upgrade(false) {
+                        tracing::warn!(
+                            "network namespace {ino}: its program stays as it was: {}",
+                            crate::dbus::error_chain(&e)
+                        );
+                    }
+                    if let Err(e) = self.absorb(d) {
+                        tracing::warn!(
+                            "network namespace {ino}: {} is not adopted: {}",
+                            dir.display(),
+                            crate::dbus::error_chain(&e)
+                        );
+                        continue;
+                    }
+                    let n = self.units.values().filter(|u| u.netns == ino).count();
+                    tracing::info!(
+                        "network namespace {ino}: adopted its dispatcher from {} with {n} unit(s)",
+                        dir.display()
+                    );
+                    self.retire_if_unused(ino);
+                }
+                Ok(None) => tracing::info!(
+                    "network namespace {ino} no longer exists: removed its stale dispatcher state {}",
+                    dir.display()
+                ),
+                Err(e) => tracing::warn!(
+                    "network namespace {ino}: its pinned dispatcher in {} is not adopted: {}",
+                    dir.display(),
+                    crate::dbus::error_chain(&e)
+                ),
+            }
+        }
+    }
+
+    /// Make sure the namespace `netns`, where the socket `fd` lives, has its
+    /// dispatcher: created, or adopted when pinned state is there. Returns
+    /// whether it was not there before.
+    ///
+    /// The namespace is reached through the socket itself (`SIOCGSKNS`),
+    /// which needs neither a name for it nor CAP_SYS_ADMIN: the daemon never
+    /// enters it (attaching the program takes the namespace's fd).
+    fn ensure_dispatcher(
+        &mut self,
+        netns: u64,
+        fd: BorrowedFd<'_>,
+    ) -> Result<bool, DispatcherError> {
+        if self.dispatchers.contains_key(&netns) {
+            return Ok(false);
+        }
+        let ns = crate::dispatcher::socket::socket_netns_fd(fd).map_err(|source| {
+            DispatcherError::Syscall {
+                call: "SIOCGSKNS",
+                source,
+            }
+        })?;
+        // `Dispatcher::open` takes the namespace as a path: the fd's own.
+        let path = PathBuf::from(format!("/proc/self/fd/{}", ns.as_raw_fd()));
+        let mut d = Dispatcher::open(&path, &self.bpffs)?;
+        drop(ns);
+        d.upgrade(false)?;
+        tracing::info!(
+            "network namespace {netns}: dispatcher attached, pinned in {}",
+            d.dir().display()
+        );
+        self.absorb(d)?;
+        Ok(true)
+    }
+
+    /// Tear down the dispatcher of a namespace other than the daemon's own
+    /// once none of its units is left: link detached, maps unpinned, lock
+    /// released.
+    fn retire_if_unused(&mut self, netns: u64) {
+        if netns == self.home || self.units.values().any(|u| u.netns == netns) {
+            return;
+        }
+        let Some(d) = self.dispatchers.remove(&netns) else {
+            return;
+        };
+        let dir = d.dir().to_owned();
+        match d.destroy() {
+            Ok(()) => tracing::info!(
+                "network namespace {netns}: no unit left; its dispatcher is detached and {} removed",
+                dir.display()
+            ),
+            Err(e) => tracing::warn!(
+                "network namespace {netns}: tearing its dispatcher down failed (the next start retries): {}",
+                crate::dbus::error_chain(&e)
+            ),
+        }
+    }
+
+    /// The dispatcher holding a unit's bindings (the daemon's own for an
+    /// unknown unit).
+    fn unit_dispatcher(&self, unit: &str) -> &Dispatcher {
+        let netns = self.units.get(unit).map_or(self.home, |u| u.netns);
+        self.dispatchers
+            .get(&netns)
+            .unwrap_or_else(|| &self.dispatchers[&self.home])
     }
 
     /// Keep a unit's record with the pinned state; values that do not fit
@@ -353,16 +541,15 @@ impl Service {
         let Some(state) = self.units.get(unit) else {
             return;
         };
-        let mut r = self
-            .dispatcher
-            .put_unit_record(unit, &record::encode(state, true));
+        let Some(dispatcher) = self.dispatchers.get_mut(&state.netns) else {
+            return;
+        };
+        let mut r = dispatcher.put_unit_record(unit, &record::encode(state, true));
         if matches!(r, Err(RecordError::TooLarge { .. } | RecordError::Full))
             && matches!(state.origin, Origin::Inline(Some(_)))
         {
             tracing::warn!(unit = %unit, "{unit}: its --sklookup values are too many to keep in its record");
-            r = self
-                .dispatcher
-                .put_unit_record(unit, &record::encode(state, false));
+            r = dispatcher.put_unit_record(unit, &record::encode(state, false));
             if r.is_ok()
                 && let Some(s) = self.units.get_mut(unit)
             {
@@ -374,12 +561,55 @@ impl Service {
         }
     }
 
+    /// The dispatcher of the daemon's own network namespace.
     pub fn dispatcher(&self) -> &Dispatcher {
-        &self.dispatcher
+        &self.dispatchers[&self.home]
     }
 
     pub fn dispatcher_mut(&mut self) -> &mut Dispatcher {
-        &mut self.dispatcher
+        self.dispatchers
+            .get_mut(&self.home)
+            .expect("the daemon's own dispatcher stays")
+    }
+
+    /// Inode of the daemon's own network namespace.
+    pub fn home_netns(&self) -> u64 {
+        self.home
+    }
+
+    /// Every dispatcher with its namespace's inode: the daemon's own first,
+    /// then the others by inode.
+    pub fn dispatchers(&self) -> impl Iterator<Item = (u64, &Dispatcher)> {
+        let home = self.dispatchers.get_key_value(&self.home);
+        home.into_iter()
+            .chain(self.dispatchers.iter().filter(|(k, _)| **k != self.home))
+            .map(|(k, d)| (*k, d))
+    }
+
+    /// The dispatcher of the namespace `netns`, if the daemon serves one there.
+    pub fn namespace_dispatcher(&self, netns: u64) -> Option<&Dispatcher> {
+        self.dispatchers.get(&netns)
+    }
+
+    /// Every binding with its namespace: namespace by namespace (the
+    /// daemon's own first), each in precedence order.
+    pub fn bindings(&self) -> Result<Vec<(u64, crate::dispatcher::BindingInfo)>, DispatcherError> {
+        let mut out = Vec::new();
+        for (ns, d) in self.dispatchers() {
+            out.extend(d.bindings()?.into_iter().map(|b| (ns, b)));
+        }
+        Ok(out)
+    }
+
+    /// Every destination with its namespace.
+    pub fn destinations(
+        &self,
+    ) -> Result<Vec<(u64, crate::dispatcher::DestinationInfo)>, DispatcherError> {
+        let mut out = Vec::new();
+        for (ns, d) in self.dispatchers() {
+            out.extend(d.destinations()?.into_iter().map(|x| (ns, x)));
+        }
+        Ok(out)
     }
 
     pub fn units(&self) -> &BTreeMap<String, UnitState> {
@@ -387,11 +617,15 @@ impl Service {
     }
 
     pub fn counts(&self) -> Counts {
-        let sockets = self
-            .dispatcher
-            .destinations()
-            .map(|d| d.iter().filter(|d| d.socket.is_some()).count())
-            .unwrap_or(0);
+        let sockets: usize = self
+            .dispatchers
+            .values()
+            .map(|d| {
+                d.destinations()
+                    .map(|d| d.iter().filter(|d| d.socket.is_some()).count())
+                    .unwrap_or(0)
+            })
+            .sum();
         Counts {
             units: self.units.len() as u32,
             bindings: self.units.values().map(|u| u.bindings.len()).sum::<usize>() as u32,
@@ -403,7 +637,7 @@ impl Service {
     /// still holds (a closed socket has left the map).
     pub fn unit_sockets(&self, unit: &str) -> Vec<UnitSocket> {
         let live: Vec<_> = self
-            .dispatcher
+            .unit_dispatcher(unit)
             .destinations()
             .unwrap_or_default()
             .into_iter()
@@ -455,7 +689,29 @@ impl Service {
         addr: std::net::IpAddr,
         port: u16,
     ) -> Result<(crate::dispatcher::Lookup, Option<Binding>), DispatcherError> {
-        let l = self.dispatcher.lookup(protocol, addr, port)?;
+        self.lookup_in(self.home, protocol, addr, port)
+    }
+
+    /// [`Service::lookup`] in the network namespace `netns`. Where the
+    /// daemon serves no dispatcher, no program runs: the kernel's own socket
+    /// lookup decides (`Pass`).
+    pub fn lookup_in(
+        &self,
+        netns: u64,
+        protocol: Protocol,
+        addr: std::net::IpAddr,
+        port: u16,
+    ) -> Result<(crate::dispatcher::Lookup, Option<Binding>), DispatcherError> {
+        let Some(dispatcher) = self.dispatchers.get(&netns) else {
+            let none = crate::dispatcher::Lookup {
+                verdict: crate::dispatcher::Verdict::Pass,
+                binding: None,
+                destination: None,
+                cookie: None,
+            };
+            return Ok((none, None));
+        };
+        let l = dispatcher.lookup(protocol, addr, port)?;
         let written = match (&l.destination, &l.binding) {
             (Some(d), Some(b)) => self.units.get(&d.unit).and_then(|u| {
                 u.bindings.iter().map(|(w, _)| *w).find(|w| {
@@ -473,7 +729,11 @@ impl Service {
     /// A unit's counters, summed over its destinations.
     pub fn unit_metrics(&self, unit: &str) -> crate::dispatcher::abi::Metrics {
         let mut m = crate::dispatcher::abi::Metrics::default();
-        for d in self.dispatcher.destinations().unwrap_or_default() {
+        for d in self
+            .unit_dispatcher(unit)
+            .destinations()
+            .unwrap_or_default()
+        {
             if d.destination.unit == unit {
                 m.lookups += d.metrics.lookups;
                 m.misses += d.metrics.misses;
@@ -493,7 +753,14 @@ impl Service {
         };
         let mut out = Vec::new();
         let mut checked = std::collections::HashSet::new();
-        for (b, _) in &state.bindings {
+        // The routes are read in the daemon's own namespace; another
+        // namespace's table is out of its sight (it never enters one).
+        let routes = if state.netns == self.home {
+            &state.bindings[..]
+        } else {
+            &[]
+        };
+        for (b, _) in routes {
             if !checked.insert(b.prefix) {
                 continue;
             }
@@ -622,7 +889,7 @@ impl Service {
             let info = SocketInfo::inspect(*fd).map_err(|source| ServiceError::Dispatcher {
                 unit: unit.to_owned(),
                 source: Box::new(DispatcherError::Inspect {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+                    fd: fd.as_raw_fd(),
                     source,
                 }),
             })?;
@@ -647,24 +914,58 @@ impl Service {
             }
             infos.push(info);
         }
+        // One namespace per unit: its dispatcher is that namespace's.
+        let netns = infos[0].netns;
+        if let Some(other) = infos.iter().find(|i| i.netns != netns) {
+            return Err(ServiceError::SpansNamespaces {
+                unit: unit.to_owned(),
+                first: infos[0].local,
+                first_netns: netns,
+                second: other.local,
+                second_netns: other.netns,
+            });
+        }
         let sockets = distinct_sockets(&infos);
         let items = self.resolve(unit, directives, &sockets)?;
-        let was_registered = self.units.contains_key(unit);
-        self.dispatcher
+        let before = self.units.get(unit).map(|u| u.netns);
+        self.ensure_dispatcher(netns, fds[0])
+            .map_err(|source| ServiceError::Namespace {
+                unit: unit.to_owned(),
+                netns,
+                source: Box::new(source),
+            })?;
+        let dispatcher = self
+            .dispatchers
+            .get_mut(&netns)
+            .expect("ensured just above");
+        let applied = dispatcher
             .register_sockets(unit, fds)
-            .map_err(ServiceError::dispatcher(unit))?;
-        let changes = match self.dispatcher.replace_unit_bindings(unit, &items) {
+            .and_then(|_| dispatcher.replace_unit_bindings(unit, &items));
+        let changes = match applied {
             Ok(c) => c,
             Err(e) => {
-                if !was_registered {
-                    let _ = self.dispatcher.unregister_unit(unit);
+                if before != Some(netns) {
+                    let _ = dispatcher.unregister_unit(unit);
                 }
+                // A dispatcher made for this unit alone goes again.
+                self.retire_if_unused(netns);
                 return Err(ServiceError::Dispatcher {
                     unit: unit.to_owned(),
                     source: Box::new(e),
                 });
             }
         };
+        // Registered again from another namespace (a socket unit restarted
+        // with a new one): its old bindings go once the new ones are in.
+        if let Some(old) = before.filter(|&old| old != netns) {
+            if let Some(d) = self.dispatchers.get_mut(&old) {
+                if let Err(e) = d.unregister_unit(unit) {
+                    tracing::warn!(unit = %unit, "{unit}: its bindings in network namespace {old} stay: {e}");
+                }
+                let _ = d.remove_unit_record(unit);
+            }
+            tracing::info!(unit = %unit, "{unit}: moved from network namespace {old} to {netns}");
+        }
         let outcome = Outcome {
             sockets: sockets.len(),
             bindings: items.len(),
@@ -673,12 +974,16 @@ impl Service {
         self.units.insert(
             unit.to_owned(),
             UnitState {
+                netns,
                 registered: SystemTime::now(),
                 sockets: Some(infos),
                 origin: requested,
                 bindings: items,
             },
         );
+        if let Some(old) = before {
+            self.retire_if_unused(old);
+        }
         self.save_record(unit);
         Ok(outcome)
     }
@@ -738,8 +1043,13 @@ impl Service {
             (None, None) => Vec::new(),
         };
         let items = self.resolve(unit, &directives, &sockets)?;
+        let netns = state.netns;
         let changes = self
-            .dispatcher
+            .dispatchers
+            .get_mut(&netns)
+            .ok_or_else(|| ServiceError::NotRegistered {
+                unit: unit.to_owned(),
+            })?
             .replace_unit_bindings(unit, &items)
             .map_err(ServiceError::dispatcher(unit))?;
         let state = self.units.get_mut(unit).expect("checked above");
@@ -753,14 +1063,21 @@ impl Service {
 
     /// Remove a unit: bindings, sockets, destinations.
     pub fn unregister(&mut self, unit: &str) -> Result<Changes, ServiceError> {
+        let netns = self.units.get(unit).map_or(self.home, |u| u.netns);
         let known = self.units.remove(unit).is_some();
-        let changes = self
-            .dispatcher
+        let Some(dispatcher) = self.dispatchers.get_mut(&netns) else {
+            return Err(ServiceError::NotRegistered {
+                unit: unit.to_owned(),
+            });
+        };
+        let changes = dispatcher
             .unregister_unit(unit)
             .map_err(ServiceError::dispatcher(unit))?;
-        if let Err(e) = self.dispatcher.remove_unit_record(unit) {
+        if let Err(e) = dispatcher.remove_unit_record(unit) {
             tracing::warn!(unit = %unit, "{unit}: its record stays (dropped at the next start): {e}");
         }
+        // The last unit of another namespace takes its dispatcher along.
+        self.retire_if_unused(netns);
         if !known && changes == Changes::default() {
             return Err(ServiceError::NotRegistered {
                 unit: unit.to_owned(),

@@ -23,12 +23,17 @@ pub struct ManagerInfo {
     pub program_id: u32,
     pub program_tag: String,
     pub attached: bool,
+    /// Every network namespace the daemon serves a dispatcher in, its own
+    /// (`netns`) first.
+    pub namespaces: Vec<u64>,
 }
 
 /// What a unit object says about its unit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnitInfo {
     pub id: String,
+    /// Inode of the network namespace its sockets live in.
+    pub netns: u64,
     pub source: String,
     pub bindings: Vec<String>,
     pub sockets: Vec<SocketEntry>,
@@ -88,6 +93,7 @@ async fn manager_info(p: &SkactivateProxy<'_>) -> Result<ManagerInfo> {
         program_id: p.program_id().await.map_err(explain)?,
         program_tag: p.program_tag().await.map_err(explain)?,
         attached: p.attached().await.map_err(explain)?,
+        namespaces: p.network_namespaces().await.map_err(explain)?,
     })
 }
 
@@ -102,6 +108,7 @@ async fn unit_info(
         .await?;
     Ok(UnitInfo {
         id: u.id().await.map_err(explain)?,
+        netns: u.network_namespace().await.map_err(explain)?,
         source: u.source().await.map_err(explain)?,
         bindings: u.bindings().await.map_err(explain)?,
         sockets: u.sockets().await.map_err(explain)?,
@@ -191,6 +198,15 @@ pub fn render_status(m: &ManagerInfo, units: &[UnitInfo], with_daemon: bool) -> 
         let _ = writeln!(out, "skactivate {}: dispatcher {attached}", m.version);
         let _ = writeln!(out, "  Program: id {} tag {}", m.program_id, m.program_tag);
         let _ = writeln!(out, "    Netns: {}", m.netns);
+        let others: Vec<String> = m
+            .namespaces
+            .iter()
+            .filter(|&&n| n != m.netns)
+            .map(ToString::to_string)
+            .collect();
+        if !others.is_empty() {
+            let _ = writeln!(out, "     Also: {}", others.join(" "));
+        }
         let _ = writeln!(out, "    State: {}", m.state_path);
         let bindings: usize = units.iter().map(|u| u.bindings.len()).sum();
         let sockets: usize = units
@@ -219,6 +235,12 @@ pub fn render_status(m: &ManagerInfo, units: &[UnitInfo], with_daemon: bool) -> 
             u.id,
             format_utc(u.registered_at)
         );
+        let own = if u.netns == m.netns {
+            " (the daemon's)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "{:>11} {}{own}", "Netns:", u.netns);
         for (i, b) in u.bindings.iter().enumerate() {
             let _ = writeln!(out, "{:>11} {b}", if i == 0 { "Bindings:" } else { "" });
         }
@@ -255,6 +277,7 @@ pub fn status_json(m: &ManagerInfo, units: &[UnitInfo]) -> Value {
         "state_path": m.state_path,
         "program": { "id": m.program_id, "tag": m.program_tag },
         "attached": m.attached,
+        "namespaces": m.namespaces,
         "units": units.iter().map(unit_json).collect::<Vec<_>>(),
     })
 }
@@ -262,6 +285,7 @@ pub fn status_json(m: &ManagerInfo, units: &[UnitInfo]) -> Value {
 fn unit_json(u: &UnitInfo) -> Value {
     json!({
         "unit": u.id,
+        "netns": u.netns,
         "source": u.source,
         "registered_at_usec": u.registered_at,
         "bindings": u.bindings,
@@ -304,7 +328,16 @@ pub fn render_bindings(rows: &[BindingRow]) -> String {
         .max()
         .unwrap_or(0)
         .max("UNIT".len());
-    let mut out = format!("{:w0$}  {:w1$}  SOCKET\n", "BINDING", "UNIT");
+    let w2 = rows
+        .iter()
+        .map(|r| r.netns.to_string().len())
+        .max()
+        .unwrap_or(0)
+        .max("NETNS".len());
+    let mut out = format!(
+        "{:w0$}  {:w1$}  {:w2$}  SOCKET\n",
+        "BINDING", "UNIT", "NETNS"
+    );
     for r in rows {
         let socket = if r.present {
             format!("cookie {}", r.cookie)
@@ -313,13 +346,16 @@ pub fn render_bindings(rows: &[BindingRow]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:w0$}  {:w1$}  {} {} {socket}",
-            r.binding, r.unit, r.family, r.protocol
+            "{:w0$}  {:w1$}  {:w2$}  {} {} {socket}",
+            r.binding, r.unit, r.netns, r.family, r.protocol
         );
     }
     let n = rows.len();
     let plural = if n == 1 { "" } else { "s" };
-    let _ = writeln!(out, "\n{n} binding{plural} listed, most specific first.");
+    let _ = writeln!(
+        out,
+        "\n{n} binding{plural} listed, most specific first in each network namespace."
+    );
     out
 }
 
@@ -328,7 +364,8 @@ pub fn bindings_json(rows: &[BindingRow]) -> Value {
         rows.iter()
             .map(|r| {
                 json!({
-                    "binding": r.binding, "unit": r.unit, "family": r.family, "protocol": r.protocol,
+                    "binding": r.binding, "unit": r.unit, "netns": r.netns,
+                    "family": r.family, "protocol": r.protocol,
                     "socket": r.present, "cookie": if r.present { json!(r.cookie) } else { Value::Null },
                 })
             })
@@ -336,24 +373,72 @@ pub fn bindings_json(rows: &[BindingRow]) -> Value {
     )
 }
 
-/// `skactivate lookup tcp|udp ADDRESS PORT [--json]`.
-pub fn lookup(protocol: Protocol, address: IpAddr, port: u16, json: bool, bus: &Bus) -> Result<()> {
+/// `skactivate lookup tcp|udp ADDRESS PORT [--netns PATH] [--json]`.
+///
+/// With `--netns` the namespace is opened here and its fd passed to the
+/// daemon (`LookupInNamespace`), which finds that namespace's dispatcher by
+/// the fd's inode. Neither side enters the namespace: the daemon could not
+/// (its unit grants no CAP_SYS_ADMIN, which setns(2) needs), and the program
+/// of any namespace can be run from anywhere (`BPF_PROG_TEST_RUN`). Whoever
+/// may open PATH may ask, as reading is open to everyone.
+pub fn lookup(
+    protocol: Protocol,
+    address: IpAddr,
+    port: u16,
+    netns: Option<&std::path::Path>,
+    json: bool,
+    bus: &Bus,
+) -> Result<()> {
+    let ns = netns
+        .map(|path| {
+            let f =
+                std::fs::File::open(path).with_context(|| format!("--netns {}", path.display()))?;
+            let ino = crate::dispatcher::socket::fd_inode(std::os::fd::AsRawFd::as_raw_fd(&f))
+                .with_context(|| format!("--netns {}", path.display()))?;
+            anyhow::Ok((f, ino))
+        })
+        .transpose()?;
+    let (reply, ino) = runtime()?.block_on(async {
+        let (_conn, p) = manager(bus).await?;
+        let (reply, ino) = match &ns {
+            Some((f, ino)) => {
+                let fd = zbus::zvariant::Fd::from(std::os::fd::AsFd::as_fd(f));
+                let r = p
+                    .lookup_in_namespace(fd, protocol.as_str(), &address.to_string(), port)
+                    .await;
+                (r, *ino)
+            }
+            None => {
+                let r = p
+                    .lookup(protocol.as_str(), &address.to_string(), port)
+                    .await;
+                (r, p.net_ns().await.map_err(explain)?)
+            }
+        };
+        let reply = reply.map_err(|e| match (&e, netns) {
+            (zbus::Error::MethodError(name, _, _), Some(path))
+                if name.as_str() == "org.freedesktop.DBus.Error.UnknownMethod" =>
+            {
+                anyhow::anyhow!(
+                    "the running daemon cannot look up in another network namespace ({}): \
+                     restart skactivate.service to run this version",
+                    path.display()
+                )
+            }
+            _ => explain(e),
+        })?;
+        anyhow::Ok((reply, ino))
+    })?;
     let LookupReply {
         verdict,
         unit,
         binding,
         cookie,
-    } = runtime()?
-        .block_on(async {
-            let (_conn, p) = manager(bus).await?;
-            p.lookup(protocol.as_str(), &address.to_string(), port)
-                .await
-                .map_err(explain)
-        })?
-        .into();
+    } = reply.into();
     if json {
         let v = json!({
             "protocol": protocol.as_str(), "address": address.to_string(), "port": port,
+            "netns": ino,
             "verdict": verdict,
             "unit": if unit.is_empty() { Value::Null } else { json!(unit) },
             "binding": if binding.is_empty() { Value::Null } else { json!(binding) },
@@ -361,10 +446,11 @@ pub fn lookup(protocol: Protocol, address: IpAddr, port: u16, json: bool, bus: &
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
-            "{}",
-            render_lookup(protocol, address, port, &verdict, &unit, &binding, cookie)
-        );
+        let line = render_lookup(protocol, address, port, &verdict, &unit, &binding, cookie);
+        match netns {
+            Some(path) => println!("{line} (network namespace {ino}, {})", path.display()),
+            None => println!("{line}"),
+        }
     }
     Ok(())
 }
@@ -400,7 +486,10 @@ pub fn metrics(bus: &Bus) -> Result<()> {
         let m = manager_info(&p).await?;
         anyhow::Ok((m, units, dests))
     })?;
-    let units: Vec<(String, u32)> = units.into_iter().map(|u| (u.unit, u.bindings)).collect();
+    let units: Vec<(String, u64, u32)> = units
+        .into_iter()
+        .map(|u| (u.unit, u.netns, u.bindings))
+        .collect();
     print!("{}", render_metrics(&m, &units, &dests));
     Ok(())
 }
@@ -414,7 +503,7 @@ fn label(v: &str) -> String {
 
 pub fn render_metrics(
     m: &ManagerInfo,
-    units: &[(String, u32)],
+    units: &[(String, u64, u32)],
     dests: &[DestinationRow],
 ) -> String {
     let mut out = String::new();
@@ -445,6 +534,12 @@ pub fn render_metrics(
         vec![(String::new(), u64::from(m.attached))],
     );
     family(
+        "skactivate_dispatchers",
+        "gauge",
+        "Network namespaces the daemon serves a dispatcher in (its own and those of registered units).",
+        vec![(String::new(), m.namespaces.len() as u64)],
+    );
+    family(
         "skactivate_units",
         "gauge",
         "Registered socket units.",
@@ -456,13 +551,19 @@ pub fn render_metrics(
         "Bindings of each registered unit.",
         units
             .iter()
-            .map(|(u, n)| (format!("{{unit=\"{}\"}}", label(u)), u64::from(*n)))
+            .map(|(u, ns, n)| {
+                (
+                    format!("{{unit=\"{}\",netns=\"{ns}\"}}", label(u)),
+                    u64::from(*n),
+                )
+            })
             .collect(),
     );
     let dest_labels = |d: &DestinationRow| {
         format!(
-            "{{unit=\"{}\",family=\"{}\",protocol=\"{}\"}}",
+            "{{unit=\"{}\",netns=\"{}\",family=\"{}\",protocol=\"{}\"}}",
             label(&d.unit),
+            d.netns,
             d.family,
             d.protocol
         )
@@ -509,12 +610,14 @@ mod tests {
             program_id: 42,
             program_tag: "5a567cea3cdbb212".into(),
             attached: true,
+            namespaces: vec![4026531840, 4026532301],
         }
     }
 
     fn web() -> UnitInfo {
         UnitInfo {
             id: "webserver.socket".into(),
+            netns: 4026531840,
             source: "files".into(),
             bindings: vec![
                 "tcp:192.0.2.0/24:80".into(),
@@ -546,6 +649,7 @@ mod tests {
         let mut dns = web();
         dns.id = "dns.socket".into();
         dns.source = "inline".into();
+        dns.netns = 4026532301;
         dns.bindings = vec!["udp:198.51.100.0/24:53".into()];
         dns.sockets = vec![SocketEntry {
             family: "ipv4".into(),
@@ -559,16 +663,19 @@ mod tests {
 skactivate 0.1.0: dispatcher attached
   Program: id 42 tag 5a567cea3cdbb212
     Netns: 4026531840
+     Also: 4026532301
     State: /sys/fs/bpf/skactivate/4026531840
    Totals: 2 units, 3 bindings, 1 sockets
 
 ● webserver.socket (from unit files, registered 2026-11-22 00:05:58 UTC)
+     Netns: 4026531840 (the daemon's)
   Bindings: tcp:192.0.2.0/24:80
             tcp:192.0.2.0/24:8000-8099
    Sockets: ipv6 tcp [::]:80 (cookie 4249)
   Counters: 256 lookups, 1 misses, 0 errors
 
 × dns.socket (from --sklookup, registered 2026-11-22 00:05:58 UTC)
+     Netns: 4026532301
   Bindings: udp:198.51.100.0/24:53
    Sockets: ipv4 udp 0.0.0.0:53 (gone)
   Counters: 256 lookups, 1 misses, 0 errors
@@ -578,6 +685,8 @@ skactivate 0.1.0: dispatcher attached
         let j = status_json(&manager(), &[web()]);
         assert_eq!(j["units"][0]["sockets"][0]["cookie"], 4249);
         assert_eq!(j["program"]["tag"], "5a567cea3cdbb212");
+        assert_eq!(j["units"][0]["netns"], 4026531840u64);
+        assert_eq!(j["namespaces"][1], 4026532301u64);
     }
 
     #[test]
@@ -591,17 +700,25 @@ skactivate 0.1.0: dispatcher attached
             errors: 2,
             present: true,
             cookie: 7,
+            netns: 4026532301,
         }];
-        let text = render_metrics(&manager(), &[("we\"b.socket".into(), 2)], &dests);
+        let text = render_metrics(
+            &manager(),
+            &[("we\"b.socket".into(), 4026532301, 2)],
+            &dests,
+        );
         assert!(text.contains(
             "skactivate_build_info{version=\"0.1.0\",program_tag=\"5a567cea3cdbb212\"} 1\n"
         ));
         assert!(text.contains("# TYPE skactivate_lookups_total counter\n"));
-        assert!(text.contains("skactivate_lookups_total{unit=\"we\\\"b.socket\",family=\"ipv6\",protocol=\"tcp\"} 256\n"));
+        assert!(text.contains("skactivate_lookups_total{unit=\"we\\\"b.socket\",netns=\"4026532301\",family=\"ipv6\",protocol=\"tcp\"} 256\n"));
         assert!(text.contains(
-            "skactivate_errors_total{unit=\"we\\\"b.socket\",family=\"ipv6\",protocol=\"tcp\"} 2\n"
+            "skactivate_errors_total{unit=\"we\\\"b.socket\",netns=\"4026532301\",family=\"ipv6\",protocol=\"tcp\"} 2\n"
         ));
-        assert!(text.contains("skactivate_bindings{unit=\"we\\\"b.socket\"} 2\n"));
+        assert!(
+            text.contains("skactivate_bindings{unit=\"we\\\"b.socket\",netns=\"4026532301\"} 2\n")
+        );
+        assert!(text.contains("skactivate_dispatchers 2\n"));
         assert!(text.contains("skactivate_units 1\n"));
         // Every sample line belongs to a declared family.
         for line in text.lines().filter(|l| !l.starts_with('#')) {

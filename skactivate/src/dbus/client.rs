@@ -40,6 +40,16 @@ pub trait Skactivate {
     fn list_destinations(&self) -> zbus::Result<Vec<DestinationEntry>>;
     #[zbus(no_autostart)]
     fn lookup(&self, protocol: &str, address: &str, port: u16) -> zbus::Result<LookupArgs>;
+    #[zbus(no_autostart)]
+    fn lookup_in_namespace(
+        &self,
+        netns: zbus::zvariant::Fd<'_>,
+        protocol: &str,
+        address: &str,
+        port: u16,
+    ) -> zbus::Result<LookupArgs>;
+    #[zbus(property)]
+    fn network_namespaces(&self) -> zbus::Result<Vec<u64>>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
     #[zbus(property, name = "NetNS")]
@@ -73,6 +83,8 @@ pub trait SkactivateUnit {
     fn unregister(&self) -> zbus::Result<()>;
     #[zbus(property)]
     fn id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn network_namespace(&self) -> zbus::Result<u64>;
     #[zbus(property)]
     fn source(&self) -> zbus::Result<String>;
     #[zbus(property)]

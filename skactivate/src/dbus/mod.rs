@@ -78,6 +78,8 @@ impl From<ServiceError> for Error {
             | ServiceError::NoValues { .. }
             | ServiceError::EmptyValue { .. } => Error::InvalidArgs(msg),
             ServiceError::OriginConflict { .. } => Error::AlreadyRegistered(msg),
+            ServiceError::SpansNamespaces { .. } => Error::InvalidSocket(msg),
+            ServiceError::Namespace { .. } => Error::Failed(msg),
             ServiceError::Dispatcher { source, .. } => match *source {
                 D::Conflict { .. } => Error::Conflict(msg),
                 D::Inspect { .. }

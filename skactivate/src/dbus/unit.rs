@@ -39,6 +39,16 @@ impl UnitObject {
         self.unit.clone()
     }
 
+    /// Inode of the network namespace the unit's sockets live in (whose
+    /// dispatcher holds its bindings): `ls -iL /proc/PID/ns/net` names it.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn network_namespace(&self) -> u64 {
+        let s = self.shared.lock();
+        s.units()
+            .get(&self.unit)
+            .map_or_else(|| s.home_netns(), |u| u.netns)
+    }
+
     /// `files` (X-SkLookup= from the unit's files), `inline` (values given
     /// with the sockets) or `unknown` (adopted from an older build's state).
     #[zbus(property(emits_changed_signal = "const"))]

@@ -17,7 +17,7 @@ pub fn epoch_usec(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// One element of `ListUnits()`: `(sout)`.
+/// One element of `ListUnits()`: `(soutt)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
 pub struct UnitEntry {
     pub unit: String,
@@ -25,9 +25,11 @@ pub struct UnitEntry {
     pub bindings: u32,
     /// µs since the epoch.
     pub registered_at: u64,
+    /// Inode of the network namespace its sockets live in.
+    pub netns: u64,
 }
 
-/// One element of `ListBindings()`: `(ssssbt)`.
+/// One element of `ListBindings()`: `(ssssbtt)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
 pub struct BindingEntry {
     pub binding: String,
@@ -37,10 +39,12 @@ pub struct BindingEntry {
     pub present: bool,
     /// 0 once the socket is gone.
     pub cookie: u64,
+    /// Inode of the network namespace whose dispatcher holds it.
+    pub netns: u64,
 }
 
-impl From<BindingInfo> for BindingEntry {
-    fn from(b: BindingInfo) -> Self {
+impl From<(u64, BindingInfo)> for BindingEntry {
+    fn from((netns, b): (u64, BindingInfo)) -> Self {
         BindingEntry {
             binding: b.binding.to_string(),
             unit: b.destination.unit,
@@ -48,11 +52,12 @@ impl From<BindingInfo> for BindingEntry {
             protocol: b.destination.protocol.to_string(),
             present: b.socket.is_some(),
             cookie: b.socket.unwrap_or(0),
+            netns,
         }
     }
 }
 
-/// One element of `ListDestinations()`: `(ssstttbt)`.
+/// One element of `ListDestinations()`: `(ssstttbtt)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
 pub struct DestinationEntry {
     pub unit: String,
@@ -63,10 +68,12 @@ pub struct DestinationEntry {
     pub errors: u64,
     pub present: bool,
     pub cookie: u64,
+    /// Inode of the network namespace whose dispatcher holds it.
+    pub netns: u64,
 }
 
-impl From<DestinationInfo> for DestinationEntry {
-    fn from(d: DestinationInfo) -> Self {
+impl From<(u64, DestinationInfo)> for DestinationEntry {
+    fn from((netns, d): (u64, DestinationInfo)) -> Self {
         DestinationEntry {
             unit: d.destination.unit,
             family: d.destination.family.to_string(),
@@ -76,6 +83,7 @@ impl From<DestinationInfo> for DestinationEntry {
             errors: d.metrics.errors,
             present: d.socket.is_some(),
             cookie: d.socket.unwrap_or(0),
+            netns,
         }
     }
 }

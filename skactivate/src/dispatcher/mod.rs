@@ -418,6 +418,38 @@ pub fn netns_inode(netns: &Path) -> Result<u64> {
     socket::fd_inode(f.as_raw_fd()).map_err(io_err(netns))
 }
 
+impl Dispatcher {
+    /// Adopt the pinned dispatcher of the network namespace whose inode is
+    /// `ino`, found under `bpffs` without a path to the namespace (a daemon
+    /// restarting finds the other namespaces it served only by their pinned
+    /// state). The kernel detaches a namespace's links when the namespace
+    /// dies, so a link that no longer serves `ino` means the namespace is
+    /// gone: its state is then removed and `None` returned.
+    pub fn adopt_pinned(bpffs: &Path, ino: u64) -> Result<Option<Dispatcher>> {
+        if let Some(missing) = missing_capabilities() {
+            return Err(DispatcherError::Capabilities { missing });
+        }
+        host::raise_memlock();
+        pinned::check_bpffs(bpffs)?;
+        let root = paths::state_root(bpffs);
+        let lock = lock::lock(&root, ino).map_err(|e| match e {
+            lock::LockError::Held { path, pid } => DispatcherError::Locked { path, pid },
+            lock::LockError::Io { path, source } => DispatcherError::Io { path, source },
+        })?;
+        let dir = paths::netns_state(bpffs, ino);
+        match Self::adopt(&dir, ino)? {
+            Some(mut d) => {
+                d.lock = Some(lock);
+                Ok(Some(d))
+            }
+            None => {
+                fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+                Ok(None)
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct DestState {
     destination: Destination,

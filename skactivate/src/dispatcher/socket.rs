@@ -131,14 +131,20 @@ fn has_peer(fd: BorrowedFd<'_>) -> io::Result<bool> {
 
 /// The inode of the network namespace a socket lives in.
 pub fn socket_netns(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let ns = socket_netns_fd(fd)?;
+    fd_inode(ns.as_raw_fd())
+}
+
+/// An fd for the network namespace a socket lives in (`SIOCGSKNS`; needs
+/// CAP_NET_ADMIN over that namespace). Holding it keeps the namespace alive.
+pub fn socket_netns_fd(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: SIOCGSKNS takes no argument and returns a new fd.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS as _) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel just handed us this fd.
-    let ns = unsafe { OwnedFd::from_raw_fd(r) };
-    fd_inode(ns.as_raw_fd())
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
 }
 
 /// `st_ino` of an fd (for a namespace fd: the namespace's id).
