@@ -16,6 +16,10 @@ use super::{Error, MANAGER_PATH, Shared, error_chain, require_root, systemd, uni
 use crate::binding::Protocol;
 use crate::service::{Directives, Origin};
 
+/// How many of a unit's bindings a registration's journal message and its
+/// `SKACTIVATE_BINDING=` field name; the rest are counted.
+const LOGGED_BINDINGS: usize = 64;
+
 #[expect(clippy::needless_pass_by_value, reason = "used as map_err(failed)")]
 fn failed(e: crate::dispatcher::DispatcherError) -> Error {
     Error::Failed(error_chain(&e))
@@ -335,17 +339,28 @@ impl Manager {
         .map_err(|e| Error::Failed(format!("{unit}: the registration did not finish: {e}")))?;
         match r {
             Ok(o) => {
+                // A unit may hold a million bindings: the journal gets the
+                // first LOGGED_BINDINGS of them and how many more there are.
                 let bindings =
                     self.shared
                         .lock()
                         .units()
                         .get(&unit)
                         .map_or_else(String::new, |u| {
-                            u.bindings
+                            let mut text = u
+                                .bindings
                                 .iter()
+                                .take(LOGGED_BINDINGS)
                                 .map(|(b, _)| b.to_string())
                                 .collect::<Vec<_>>()
-                                .join(" ")
+                                .join(" ");
+                            if u.bindings.len() > LOGGED_BINDINGS {
+                                text.push_str(&format!(
+                                    " … ({} more)",
+                                    u.bindings.len() - LOGGED_BINDINGS
+                                ));
+                            }
+                            text
                         });
                 // Journal fields SKACTIVATE_UNIT=, SKACTIVATE_BINDING= (space-separated), …
                 tracing::info!(unit = %unit, binding = %bindings, sockets = o.sockets, "{unit}: registered {o}: {bindings}");
