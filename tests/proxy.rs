@@ -885,8 +885,10 @@ fn a_slow_backend_cannot_grow_kernel_memory_without_bound() {
                 held_max = held_max.max(held);
             }
             eprintln!("{mode}: client sent {sent} bytes, proxy held at most {held_max}");
-            // Socket buffers (at most 6 MiB receive, 4 MiB send by default)
-            // plus the 4 MiB redirect credit; unbounded would be gigabytes.
+            // Socket buffers plus the 4 MiB redirect credit; unbounded would
+            // be gigabytes. (tcp_rmem's maximum is copied from the host's
+            // into the netns and may be tens of MiB: sockmap mode fixes the
+            // receive buffer of a side whose peer falls behind at 4 MiB.)
             assert!(
                 held_max < 24 << 20,
                 "{mode}: the proxy held {held_max} bytes"

@@ -596,6 +596,14 @@ async fn serve(opts: Options) -> Result<()> {
         redirected: Cell::new(0),
         copied: Cell::new(0),
     });
+    if shared.kernel.is_some() {
+        let shared = shared.clone();
+        tokio::task::spawn_local(async move {
+            if let Some(k) = &shared.kernel {
+                k.credit_events().await;
+            }
+        });
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for fd in streams {
         tasks.spawn_local(accept_loop(shared.clone(), fd));

@@ -415,6 +415,12 @@ pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(info.bytes_acked + outq(fd)?)
 }
 
+/// `tcpi_bytes_acked`: bytes the peer has acknowledged.
+pub fn bytes_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let info: TcpInfo = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    Ok(info.bytes_acked)
+}
+
 /// `SO_RCVLOWAT`: setting it makes TCP re-check its receive queue and call
 /// the socket's data-ready callback if data waits there.
 pub fn set_rcvlowat(fd: BorrowedFd<'_>, v: libc::c_int) -> io::Result<()> {
