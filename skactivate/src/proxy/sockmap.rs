@@ -233,9 +233,11 @@ impl Kernel {
         }
     }
 
+    /// Drop a side's entries. Its socket leaves the SOCKHASH when it is
+    /// closed (the kernel unlinks a closing socket from every map), which
+    /// follows at once: one call fewer per socket.
     fn forget(&self, cookie: u64) {
         self.waiters.borrow_mut().remove(&cookie);
-        let _ = self.socks.borrow_mut().remove(&cookie);
         let _ = self.sides.borrow_mut().remove(&cookie);
         let _ = self.counts.borrow_mut().remove(&cookie);
     }
@@ -248,19 +250,27 @@ pub struct End {
     /// tcpi_bytes_acked and bytes written when the connection was set up.
     acked_base: u64,
     written_base: u64,
+    /// ESTABLISHED when the end was made (only such a socket may join a
+    /// SOCKHASH; one that has changed since makes the insert fail, and
+    /// [`arm`] copes with that).
+    established: bool,
+    /// The most [`End::written_since`] has returned: below it, no need to ask.
+    sent_seen: std::cell::Cell<u64>,
 }
 
 impl End {
     /// Note the bases; call before anything is written to the socket.
     pub fn new(fd: AsyncFd<OwnedFd>) -> io::Result<End> {
         let cookie = sys::cookie(fd.get_ref().as_fd())?;
-        let info = sys::bytes_written(fd.get_ref().as_fd())?;
-        let acked = info - sys::outq(fd.get_ref().as_fd())?;
+        let (state, acked) = sys::tcp_state_acked(fd.get_ref().as_fd())?;
+        let written = acked + sys::outq(fd.get_ref().as_fd())?;
         Ok(End {
             fd,
             cookie,
             acked_base: acked,
-            written_base: info,
+            written_base: written,
+            established: state == 1,
+            sent_seen: std::cell::Cell::new(0),
         })
     }
 
@@ -295,9 +305,10 @@ impl Drop for Armed<'_> {
     }
 }
 
-/// Whether a TCP socket may join a SOCKHASH (it must be ESTABLISHED).
+/// Whether a TCP socket may join a SOCKHASH (it must be ESTABLISHED), as
+/// it was when the end was made.
 pub fn established(end: &End) -> bool {
-    sys::tcp_state(end.fd.get_ref().as_fd()).is_ok_and(|st| st == 1)
+    end.established
 }
 
 /// Steps 3 to 5 of the module's sequence. `header` bytes were already
@@ -341,7 +352,7 @@ pub fn arm<'a>(
         return Ok(armed);
     }
     armed.full = true;
-    kernel.set_side(
+    let sides = kernel.set_side(
         client.cookie,
         &Side {
             peer: backend.cookie,
@@ -349,16 +360,25 @@ pub fn arm<'a>(
             allowed: limit.saturating_sub(header),
             notify: notify_at(0, limit.saturating_sub(header), limit),
         },
-    )?;
-    kernel.set_side(
-        backend.cookie,
-        &Side {
-            peer: client.cookie,
-            drained: 0,
-            allowed: limit,
-            notify: notify_at(0, limit, limit),
-        },
-    )?;
+    );
+    let sides = sides.and_then(|()| {
+        kernel.set_side(
+            backend.cookie,
+            &Side {
+                peer: client.cookie,
+                drained: 0,
+                allowed: limit,
+                notify: notify_at(0, limit, limit),
+            },
+        )
+    });
+    if let Err(e) = sides {
+        // Out of the SOCKHASH again (nothing was redirected: no side had
+        // an entry), so that the caller may splice.
+        let _ = kernel.socks.borrow_mut().remove(&client.cookie);
+        let _ = kernel.socks.borrow_mut().remove(&backend.cookie);
+        return Err(e);
+    }
     kernel_kick(client);
     kernel_kick(backend);
     Ok(armed)
@@ -433,6 +453,7 @@ pub async fn relay(
         if buf.is_empty() && !matches!(why, Why::Credit) {
             buf = vec![0u8; 64 * 1024];
         }
+        let readiness = matches!(why, Why::Readable(_));
         let got = match why {
             Why::Readable(mut guard) => {
                 match guard.try_io(|fd| sys::recv(fd.get_ref().as_fd(), &mut buf)) {
@@ -448,6 +469,10 @@ pub async fn relay(
             },
             Why::Credit => None,
         };
+        if readiness && got.is_none() {
+            // A stale readiness: nothing to read, nothing changed.
+            continue;
+        }
         let count = kernel.count(src.cookie);
         if let Some(n) = got {
             if n == 0 && count.passed > drained {
@@ -519,7 +544,11 @@ pub async fn relay(
 async fn wait_sent(dst: &End, total: u64) -> Result<(), Fault> {
     let mut pause = Duration::from_millis(1);
     for round in 0u32.. {
+        if dst.sent_seen.get() >= total {
+            return Ok(());
+        }
         let now = dst.written_since().map_err(Fault::Write)?;
+        dst.sent_seen.set(now);
         if now >= total {
             return Ok(());
         }

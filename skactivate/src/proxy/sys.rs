@@ -589,6 +589,12 @@ pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(info.bytes_acked + outq(fd)?)
 }
 
+/// The TCP state (1 is ESTABLISHED) and `tcpi_bytes_acked`, in one call.
+pub fn tcp_state_acked(fd: BorrowedFd<'_>) -> io::Result<(u8, u64)> {
+    let info: TcpInfo = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    Ok((info.head[0], info.bytes_acked))
+}
+
 /// `tcpi_bytes_acked`: bytes the peer has acknowledged.
 pub fn bytes_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let info: TcpInfo = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
