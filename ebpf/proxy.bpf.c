@@ -21,11 +21,11 @@
  *    Passed data is charged to the receiving socket, so TCP flow control
  *    then holds the sender back.
  * Credit is renewed before it runs out: when this side's redirected bytes
- * reach `notify` (half of the credit last handed out), the program puts the
+ * reach `notify` (a quarter into the credit last handed out), the program puts the
  * side's cookie on the `credit` ring buffer, once per `notify` value, and
  * user space hands out more as far as the peer's peer has acknowledged. A
  * reader that keeps up therefore never sends a direction through the pass
- * path, and user space wakes once per half credit, not per chunk.
+ * path, and user space wakes once per quarter credit, not per chunk.
  * See skactivate/src/proxy/sockmap.rs for the user-space half.
  */
 #include <linux/bpf.h>
@@ -69,7 +69,7 @@ struct {
 	__uint(max_entries, SKA_PROXY_MAX_SOCKETS);
 } counts SEC(".maps");
 
-/* Cookies of sides whose credit is half used (a __u64 each). */
+/* Cookies of sides whose credit is a quarter used (a __u64 each). */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 64 * 1024);

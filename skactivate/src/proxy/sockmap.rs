@@ -50,12 +50,12 @@
 //! to the receiving socket, its window closes and the sender waits.
 //!
 //! The credit is renewed *before* it runs out, so a reader that keeps up
-//! never sees a pass: with each credit we also set `notify`, half way into
+//! never sees a pass: with each credit we also set `notify`, a quarter into
 //! it; when the program's count reaches it, it puts the side's cookie on the
 //! `credit` ring buffer, [`Kernel::credit_events`] wakes that side's
 //! [`relay`], which hands out new credit as far as the peer's peer has
-//! acknowledged (`tcpi_bytes_acked`), and a new `notify` half way into that.
-//! One wake-up per half credit (megabytes), no copy, no stall. When the
+//! acknowledged (`tcpi_bytes_acked`), and a new `notify` a quarter into
+//! that. One wake-up per megabyte or so, no copy, no stall. When the
 //! peer falls behind and little room is left, the relay re-checks on a
 //! timer (1 ms, backing off to 64 ms while nothing moves) instead of asking
 //! for a signal per small step; when the credit is gone the program passes,
@@ -83,8 +83,13 @@ static PROXY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 /// Unacknowledged bytes towards one socket beyond which the program stops
 /// redirecting (per direction of each connection): the default maximum of
-/// the TCP send buffer (`tcp_wmem`), enough to keep a fast link busy.
+/// the TCP send buffer (`tcp_wmem`). (Twice that did not keep a bulk
+/// transfer off the pass path in the bench, and held 12 MiB instead of 8
+/// under a slow reader.)
 pub const LIMIT: u64 = 4 << 20;
+
+/// The receive buffer a side whose peer falls behind is fixed at.
+const RCVBUF_CAP: u64 = 4 << 20;
 
 /// Mirrors `struct ska_proxy_side` (ebpf/proxy.bpf.c).
 #[repr(C)]
@@ -209,7 +214,7 @@ impl Kernel {
             .map_err(io::Error::other)
     }
 
-    /// Wake the relay of each side whose credit is half used; runs as long
+    /// Wake the relay of each side whose credit is a quarter used; runs as long
     /// as the process serves (one task).
     pub async fn credit_events(&self) {
         loop {
@@ -391,12 +396,13 @@ fn kernel_kick(end: &End) {
     }
 }
 
-/// Where to ask for a credit signal: half way into `room` fresh bytes past
-/// `redirected`, or never (0) when the room is too small to be worth a
-/// signal (then the relay's timer re-checks).
+/// Where to ask for a credit signal: a quarter into `room` fresh bytes past
+/// `redirected` (early, so that the renewal has three quarters of the
+/// credit's time to arrive), or never (0) when the room is too small to be
+/// worth a signal (then the relay's timer re-checks).
 fn notify_at(redirected: u64, room: u64, limit: u64) -> u64 {
-    if room >= limit / 8 {
-        redirected + room / 2
+    if room >= limit / 16 {
+        redirected + room / 4
     } else {
         0
     }
@@ -451,7 +457,7 @@ pub async fn relay(
             () = maybe_sleep(recheck) => Why::Timer,
         };
         if buf.is_empty() && !matches!(why, Why::Credit) {
-            buf = vec![0u8; 64 * 1024];
+            buf = vec![0u8; 256 * 1024];
         }
         let readiness = matches!(why, Why::Readable(_));
         let got = match why {
@@ -514,10 +520,11 @@ pub async fn relay(
             // The peer falls behind: what we pass next waits in src's
             // receive buffer, which autotuning may have grown to
             // tcp_rmem's maximum (tens of MiB on some systems). Fix it
-            // at LIMIT; only for such connections, a fast one never pays
-            // the call.
+            // at RCVBUF_CAP; only for such connections, a fast one never
+            // pays the call.
             rcvbuf_capped = true;
-            let half = i32::try_from(LIMIT / 2).unwrap_or(i32::MAX);
+            // The kernel doubles the value it is given.
+            let half = i32::try_from(RCVBUF_CAP / 2).unwrap_or(i32::MAX);
             if let Err(e) = sys::setsockopt(
                 src.fd.get_ref().as_fd(),
                 libc::SOL_SOCKET,
