@@ -21,11 +21,10 @@
  *    Passed data is charged to the receiving socket, so TCP flow control
  *    then holds the sender back.
  * Credit is renewed before it runs out: when this side's redirected bytes
- * reach `notify` (a quarter into the credit last handed out), the program puts the
- * side's cookie on the `credit` ring buffer, once per `notify` value, and
- * user space hands out more as far as the peer's peer has acknowledged. A
- * reader that keeps up therefore never sends a direction through the pass
- * path, and user space wakes once per quarter credit, not per chunk.
+ * reach `notify` (a quarter into the credit last handed out), the program
+ * puts the side's cookie on the `credit` ring buffer, once per `notify`
+ * value, and user space hands out more as far as the peer's peer has
+ * acknowledged, waking once per quarter credit, not per chunk.
  * See skactivate/src/proxy/sockmap.rs for the user-space half.
  */
 #include <linux/bpf.h>

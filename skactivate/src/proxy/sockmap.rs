@@ -49,8 +49,8 @@
 //! TCP state itself). Beyond it the program passes; passed data is charged
 //! to the receiving socket, its window closes and the sender waits.
 //!
-//! The credit is renewed *before* it runs out, so a reader that keeps up
-//! never sees a pass: with each credit we also set `notify`, a quarter into
+//! The credit is renewed *before* it runs out: with each credit we also set
+//! `notify`, a quarter into
 //! it; when the program's count reaches it, it puts the side's cookie on the
 //! `credit` ring buffer, [`Kernel::credit_events`] wakes that side's
 //! [`relay`], which hands out new credit as far as the peer's peer has
@@ -62,6 +62,12 @@
 //! and we write passed bytes at the speed the peer's send queue takes them,
 //! renewing the credit each time. The same timer retries the read, so a
 //! wake-up lost anywhere cannot leave passed bytes unread.
+//!
+//! Known limit: once the credit has run out, a direction at a high rate
+//! stays on the pass path (a new chunk is passed while we copy the previous
+//! one, so `drained` never catches up with `passed`), and we copy the rest
+//! of the transfer. Getting out needs the sender held back while we catch
+//! up; redirected data is charged to no socket, so TCP does not do it.
 
 use std::cell::RefCell;
 use std::collections::HashMap as Waiters;
