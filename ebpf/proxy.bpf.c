@@ -20,6 +20,11 @@
  *    the peer's peer acknowledges (sk_skb programs may not look at TCP state).
  *    Passed data is charged to the receiving socket, so TCP flow control
  *    then holds the sender back.
+ * Credit is renewed before it runs out: when this side's redirected bytes
+ * reach `notify` (a quarter into the credit last handed out), the program
+ * puts the side's cookie on the `credit` ring buffer, once per `notify`
+ * value, and user space hands out more as far as the peer's peer has
+ * acknowledged, waking once per quarter credit, not per chunk.
  * See skactivate/src/proxy/sockmap.rs for the user-space half.
  */
 #include <linux/bpf.h>
@@ -32,12 +37,14 @@ struct ska_proxy_side {
 	__u64 peer;    /* the other socket's cookie, its key in `socks` */
 	__u64 drained; /* passed bytes user space has read */
 	__u64 allowed; /* redirect while redirected + len <= allowed */
+	__u64 notify;  /* signal on `credit` once redirected >= notify; 0: never */
 };
 
 /* Mirrored by proxy::sockmap::Count. Written by this program only. */
 struct ska_proxy_count {
 	__u64 redirected;
 	__u64 passed;
+	__u64 signalled; /* the `notify` value last signalled */
 };
 
 struct {
@@ -61,6 +68,12 @@ struct {
 	__uint(max_entries, SKA_PROXY_MAX_SOCKETS);
 } counts SEC(".maps");
 
+/* Cookies of sides whose credit is a quarter used (a __u64 each). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} credit SEC(".maps");
+
 SEC("sk_skb/stream_verdict")
 int ska_proxy_verdict(struct __sk_buff *skb)
 {
@@ -82,6 +95,12 @@ int ska_proxy_verdict(struct __sk_buff *skb)
 	if (!s || c->passed != s->drained || c->redirected + len > s->allowed)
 		goto pass;
 	c->redirected += len;
+	if (s->notify && c->redirected >= s->notify && c->signalled != s->notify) {
+		c->signalled = s->notify;
+		/* A full ring loses the signal; user space also re-checks on
+		 * its own timer while a side's credit is low. */
+		bpf_ringbuf_output(&credit, &cookie, sizeof(cookie), 0);
+	}
 	return bpf_sk_redirect_hash(skb, &socks, &s->peer, 0);
 pass:
 	c->passed += len;

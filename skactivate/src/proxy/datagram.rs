@@ -6,6 +6,13 @@
 //! count against `--connections-max`; a datagram from a new client beyond it
 //! is dropped, and the journal says so.
 //!
+//! Replies leave from the address the client sent to: the socket asks for
+//! each datagram's local address (`IP_PKTINFO`, `IPV6_RECVPKTINFO`) and
+//! sends the replies with it, so a socket bound to a wildcard address (or
+//! one that `sk_lookup` steers traffic for other addresses to) answers from
+//! the address the client used, and a client's connected socket accepts the
+//! reply. A client talking to two of our addresses has a flow for each.
+//!
 //! With `--proxy-protocol v2` every datagram to the backend starts with the
 //! header (the PROXY protocol's form for datagrams); v1 has none.
 
@@ -19,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use tokio::io::unix::AsyncFd;
 
 use super::header::{self, Transport, Version};
-use super::sys::{self, Addr};
+use super::sys::{self, Addr, PktInfo};
 use super::{DATAGRAM_IDLE_DEFAULT, Options, Shared, Target};
 
 /// The largest datagram (IPv4 and IPv6 without jumbograms).
@@ -41,6 +48,9 @@ pub fn check_options(opts: &Options) -> Result<()> {
     Ok(())
 }
 
+/// A client's address and the local address it sent to.
+type FlowKey = (Addr, Option<std::net::IpAddr>);
+
 struct Flow {
     sock: Rc<AsyncFd<OwnedFd>>,
     last: Rc<Cell<Instant>>,
@@ -49,14 +59,19 @@ struct Flow {
 /// Serve one datagram socket until it fails.
 pub async fn serve(shared: Rc<Shared>, fd: OwnedFd) -> Result<()> {
     let listener = Rc::new(super::watch(fd).context("registering a datagram socket")?);
-    let local = sys::local_addr(listener.get_ref().as_fd()).unwrap_or(Addr::Other);
+    let bound = sys::local_addr(listener.get_ref().as_fd()).unwrap_or(Addr::Other);
+    if let Err(e) = sys::enable_pktinfo(listener.get_ref().as_fd()) {
+        tracing::warn!(
+            "datagram socket {bound}: IP_PKTINFO/IPV6_RECVPKTINFO: {e}; replies leave from the address routing picks"
+        );
+    }
     let idle = shared.opts.idle_timeout.unwrap_or(DATAGRAM_IDLE_DEFAULT);
-    let flows: Rc<RefCell<HashMap<Addr, Flow>>> = Rc::default();
+    let flows: Rc<RefCell<HashMap<FlowKey, Flow>>> = Rc::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut refused_at: Option<Instant> = None;
     loop {
         let mut g = listener.readable().await.context("datagram socket")?;
-        let (n, client) = match g.try_io(|l| sys::recv_from(l.get_ref().as_fd(), &mut buf)) {
+        let (n, client, to) = match g.try_io(|l| sys::recv_pktinfo(l.get_ref().as_fd(), &mut buf)) {
             Err(_would_block) => continue,
             Ok(Ok(r)) => r,
             // ICMP errors from earlier sends, a full buffer: not fatal.
@@ -66,9 +81,10 @@ pub async fn serve(shared: Rc<Shared>, fd: OwnedFd) -> Result<()> {
             }
         };
         drop(g);
+        let key: FlowKey = (client.clone(), to.as_ref().map(PktInfo::ip));
         let existing = flows
             .borrow()
-            .get(&client)
+            .get(&key)
             .map(|f| (f.sock.clone(), f.last.clone()));
         let (sock, last) = match existing {
             Some(f) => f,
@@ -92,7 +108,7 @@ pub async fn serve(shared: Rc<Shared>, fd: OwnedFd) -> Result<()> {
                 };
                 let last = Rc::new(Cell::new(Instant::now()));
                 flows.borrow_mut().insert(
-                    client.clone(),
+                    key.clone(),
                     Flow {
                         sock: sock.clone(),
                         last: last.clone(),
@@ -101,10 +117,10 @@ pub async fn serve(shared: Rc<Shared>, fd: OwnedFd) -> Result<()> {
                 shared.opened();
                 let (shared2, flows2, listener2) =
                     (shared.clone(), flows.clone(), listener.clone());
-                let (sock2, last2, client2) = (sock.clone(), last.clone(), client.clone());
+                let (sock2, last2, key2) = (sock.clone(), last.clone(), key.clone());
                 tokio::task::spawn_local(async move {
-                    replies(&listener2, &sock2, &client2, &last2, idle).await;
-                    flows2.borrow_mut().remove(&client2);
+                    replies(&listener2, &sock2, &key2.0, to.as_ref(), &last2, idle).await;
+                    flows2.borrow_mut().remove(&key2);
                     shared2.closed();
                     drop(permit);
                 });
@@ -114,6 +130,13 @@ pub async fn serve(shared: Rc<Shared>, fd: OwnedFd) -> Result<()> {
         last.set(Instant::now());
         let datagram = match shared.opts.proxy_protocol {
             Some(v) => {
+                // The destination is the address the client sent to.
+                let local = match (&to, &bound) {
+                    (Some(to), Addr::Ip(b)) => {
+                        Addr::Ip(std::net::SocketAddr::new(to.ip(), b.port()))
+                    }
+                    _ => bound.clone(),
+                };
                 let mut d = header::encode(v, Transport::Datagram, &client, &local);
                 d.extend_from_slice(&buf[..n]);
                 d
@@ -144,6 +167,7 @@ async fn replies(
     listener: &AsyncFd<OwnedFd>,
     sock: &AsyncFd<OwnedFd>,
     client: &Addr,
+    from: Option<&PktInfo>,
     last: &Cell<Instant>,
     idle: Duration,
 ) {
@@ -157,7 +181,7 @@ async fn replies(
                     Err(_would_block) => {}
                     Ok(Ok(n)) => {
                         last.set(Instant::now());
-                        if let Err(e) = sys::send_to(listener.get_ref().as_fd(), &buf[..n], client) {
+                        if let Err(e) = sys::send_from(listener.get_ref().as_fd(), &buf[..n], client, from) {
                             tracing::debug!("to {client}: {e}");
                         }
                     }

@@ -376,8 +376,9 @@ impl Shared {
 /// One accepted (or systemd-accepted) client connection, start to end. The
 /// caller has counted it as open ([`Shared::opened`]).
 async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
-    let local = sys::local_addr(client.as_fd()).unwrap_or(Addr::Other);
-    let client_is_tcp = matches!(local, Addr::Ip(_));
+    // An accepted socket has its peer's family; an unnamed AF_UNIX peer
+    // comes as Other.
+    let client_is_tcp = matches!(peer, Addr::Ip(_));
     let client = match watch(client) {
         Ok(c) => c,
         Err(e) => {
@@ -397,10 +398,13 @@ async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
             let header = shared
                 .opts
                 .proxy_protocol
-                .map(|v| header::encode(v, header::Transport::Stream, &peer, &local))
+                .map(|v| {
+                    let local = sys::local_addr(client.get_ref().as_fd()).unwrap_or(Addr::Other);
+                    header::encode(v, header::Transport::Stream, &peer, &local)
+                })
                 .unwrap_or_default();
-            let backend_is_tcp =
-                matches!(sys::local_addr(backend.get_ref().as_fd()), Ok(Addr::Ip(_)));
+            // The target's kind says the backend socket's family.
+            let backend_is_tcp = matches!(shared.opts.target, Target::Addr(_) | Target::Host(..));
             let kernel = shared
                 .kernel
                 .as_ref()
@@ -596,6 +600,14 @@ async fn serve(opts: Options) -> Result<()> {
         redirected: Cell::new(0),
         copied: Cell::new(0),
     });
+    if shared.kernel.is_some() {
+        let shared = shared.clone();
+        tokio::task::spawn_local(async move {
+            if let Some(k) = &shared.kernel {
+                k.credit_events().await;
+            }
+        });
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for fd in streams {
         tasks.spawn_local(accept_loop(shared.clone(), fd));

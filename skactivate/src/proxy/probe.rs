@@ -72,6 +72,16 @@ pub async fn probe() -> Result<Kernel, String> {
 
     let driver = tokio::task::spawn_blocking(move || drive(client, server));
     let relay = super::relay_pair(Some(&kernel), PROBE_LIMIT, accepted, backend, b"", None);
+    // The credit signals too, as when serving.
+    let relay = async {
+        tokio::select! {
+            r = relay => r,
+            () = async {
+                kernel.credit_events().await;
+                std::future::pending::<()>().await;
+            } => unreachable!(),
+        }
+    };
     let (r, stats) = tokio::time::timeout(STEP_TIMEOUT * 4, relay)
         .await
         .map_err(|_| {

@@ -39,7 +39,7 @@
 //! forwarded (`shutdown(SHUT_WR)`) the same way: after every earlier byte has
 //! entered the other side's send queue.
 //!
-//! # Bounded memory
+//! # Bounded memory, and credit renewed before it runs out
 //!
 //! Redirected data has no backpressure: the source socket's receive queue is
 //! emptied as data arrives and the window stays open while a slow peer's
@@ -47,19 +47,40 @@
 //! `allowed` bytes, a credit we hand out so that at most [`LIMIT`] bytes
 //! towards the peer are unacknowledged (an sk_skb program may not look at
 //! TCP state itself). Beyond it the program passes; passed data is charged
-//! to the receiving socket, its window closes and the sender waits. We write
-//! passed bytes at the speed the peer's send queue takes them, and renew the
-//! credit each time.
+//! to the receiving socket, its window closes and the sender waits.
+//!
+//! The credit is renewed *before* it runs out: with each credit we also set
+//! `notify`, a quarter into
+//! it; when the program's count reaches it, it puts the side's cookie on the
+//! `credit` ring buffer, [`Kernel::credit_events`] wakes that side's
+//! [`relay`], which hands out new credit as far as the peer's peer has
+//! acknowledged (`tcpi_bytes_acked`), and a new `notify` a quarter into
+//! that. One wake-up per megabyte or so, no copy, no stall. When the
+//! peer falls behind and little room is left, the relay re-checks on a
+//! timer (1 ms, backing off to 64 ms while nothing moves) instead of asking
+//! for a signal per small step; when the credit is gone the program passes,
+//! and we write passed bytes at the speed the peer's send queue takes them,
+//! renewing the credit each time. The same timer retries the read, so a
+//! wake-up lost anywhere cannot leave passed bytes unread.
+//!
+//! Known limit: once the credit has run out, a direction at a high rate
+//! stays on the pass path (a new chunk is passed while we copy the previous
+//! one, so `drained` never catches up with `passed`), and we copy the rest
+//! of the transfer. Getting out needs the sender held back while we catch
+//! up; redirected data is charged to no socket, so TCP does not do it.
 
 use std::cell::RefCell;
+use std::collections::HashMap as Waiters;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
 use super::sys;
 use super::{Activity, Fault};
@@ -68,8 +89,13 @@ static PROXY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 /// Unacknowledged bytes towards one socket beyond which the program stops
 /// redirecting (per direction of each connection): the default maximum of
-/// the TCP send buffer (`tcp_wmem`), enough to keep a fast link busy.
+/// the TCP send buffer (`tcp_wmem`). (Twice that did not keep a bulk
+/// transfer off the pass path in the bench, and held 12 MiB instead of 8
+/// under a slow reader.)
 pub const LIMIT: u64 = 4 << 20;
+
+/// The receive buffer a side whose peer falls behind is fixed at.
+const RCVBUF_CAP: u64 = 4 << 20;
 
 /// Mirrors `struct ska_proxy_side` (ebpf/proxy.bpf.c).
 #[repr(C)]
@@ -78,6 +104,7 @@ pub struct Side {
     pub peer: u64,
     pub drained: u64,
     pub allowed: u64,
+    pub notify: u64,
 }
 // SAFETY: repr(C), only u64 fields, no padding.
 unsafe impl aya::Pod for Side {}
@@ -88,12 +115,28 @@ unsafe impl aya::Pod for Side {}
 pub struct Count {
     pub redirected: u64,
     pub passed: u64,
+    pub signalled: u64,
 }
 // SAFETY: repr(C), only u64 fields, no padding.
 unsafe impl aya::Pod for Count {}
 
+/// The ring buffer's fd, for readiness only (the `RingBuf` owns it).
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
 /// The loaded program and its maps.
 pub struct Kernel {
+    /// Registered with the runtime; declared before `ring` so that it is
+    /// deregistered before the ring buffer's fd is closed.
+    ring_ready: AsyncFd<RingFd>,
+    ring: RefCell<RingBuf<MapData>>,
+    /// The relay of each armed side, by cookie, woken by a credit signal.
+    waiters: RefCell<Waiters<u64, Rc<Notify>>>,
     _ebpf: Ebpf,
     socks: RefCell<SockHash<MapData, u64>>,
     sides: RefCell<HashMap<MapData, u64, Side>>,
@@ -113,6 +156,8 @@ pub enum LoadError {
     Program(#[source] aya::programs::ProgramError),
     #[error("attaching the verdict program to the SOCKHASH: {0}")]
     Attach(#[source] aya::programs::ProgramError),
+    #[error("watching the credit ring buffer: {0}")]
+    Ring(#[source] io::Error),
 }
 
 impl Kernel {
@@ -135,6 +180,17 @@ impl Kernel {
             .ok_or(LoadError::Missing("map counts"))?
             .try_into()
             .map_err(|e| LoadError::Map("counts", e))?;
+        let ring: RingBuf<MapData> = ebpf
+            .take_map("credit")
+            .ok_or(LoadError::Missing("map credit"))?
+            .try_into()
+            .map_err(|e| LoadError::Map("credit", e))?;
+        // SAFETY: the fd belongs to `ring`, which the Kernel keeps open
+        // until after this registration is dropped (field order).
+        let ring_ready = unsafe {
+            AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| LoadError::Ring(e.into()))?;
         let prog: &mut SkSkb = ebpf
             .program_mut("ska_proxy_verdict")
             .ok_or(LoadError::Missing("program ska_proxy_verdict"))?
@@ -143,6 +199,9 @@ impl Kernel {
         prog.load().map_err(LoadError::Program)?;
         prog.attach(socks.fd()).map_err(LoadError::Attach)?;
         Ok(Kernel {
+            ring_ready,
+            ring: RefCell::new(ring),
+            waiters: RefCell::default(),
             _ebpf: ebpf,
             socks: RefCell::new(socks),
             sides: RefCell::new(sides),
@@ -161,8 +220,35 @@ impl Kernel {
             .map_err(io::Error::other)
     }
 
+    /// Wake the relay of each side whose credit is a quarter used; runs as long
+    /// as the process serves (one task).
+    pub async fn credit_events(&self) {
+        loop {
+            let Ok(mut g) = self.ring_ready.readable().await else {
+                tracing::warn!("credit ring buffer: not pollable; credit renewed on passes only");
+                return;
+            };
+            {
+                let mut ring = self.ring.borrow_mut();
+                let waiters = self.waiters.borrow();
+                while let Some(item) = ring.next() {
+                    let Ok(cookie) = <[u8; 8]>::try_from(&*item) else {
+                        continue;
+                    };
+                    if let Some(w) = waiters.get(&u64::from_ne_bytes(cookie)) {
+                        w.notify_one();
+                    }
+                }
+            }
+            g.clear_ready();
+        }
+    }
+
+    /// Drop a side's entries. Its socket leaves the SOCKHASH when it is
+    /// closed (the kernel unlinks a closing socket from every map), which
+    /// follows at once: one call fewer per socket.
     fn forget(&self, cookie: u64) {
-        let _ = self.socks.borrow_mut().remove(&cookie);
+        self.waiters.borrow_mut().remove(&cookie);
         let _ = self.sides.borrow_mut().remove(&cookie);
         let _ = self.counts.borrow_mut().remove(&cookie);
     }
@@ -175,19 +261,27 @@ pub struct End {
     /// tcpi_bytes_acked and bytes written when the connection was set up.
     acked_base: u64,
     written_base: u64,
+    /// ESTABLISHED when the end was made (only such a socket may join a
+    /// SOCKHASH; one that has changed since makes the insert fail, and
+    /// [`arm`] copes with that).
+    established: bool,
+    /// The most [`End::written_since`] has returned: below it, no need to ask.
+    sent_seen: std::cell::Cell<u64>,
 }
 
 impl End {
     /// Note the bases; call before anything is written to the socket.
     pub fn new(fd: AsyncFd<OwnedFd>) -> io::Result<End> {
         let cookie = sys::cookie(fd.get_ref().as_fd())?;
-        let info = sys::bytes_written(fd.get_ref().as_fd())?;
-        let acked = info - sys::outq(fd.get_ref().as_fd())?;
+        let (state, acked) = sys::tcp_state_acked(fd.get_ref().as_fd())?;
+        let written = acked + sys::outq(fd.get_ref().as_fd())?;
         Ok(End {
             fd,
             cookie,
             acked_base: acked,
-            written_base: info,
+            written_base: written,
+            established: state == 1,
+            sent_seen: std::cell::Cell::new(0),
         })
     }
 
@@ -196,8 +290,7 @@ impl End {
     }
 
     fn acked_since(&self) -> io::Result<u64> {
-        let fd = self.fd.get_ref().as_fd();
-        Ok(sys::bytes_written(fd)? - sys::outq(fd)? - self.acked_base)
+        Ok(sys::bytes_acked(self.fd.get_ref().as_fd())? - self.acked_base)
     }
 }
 
@@ -223,9 +316,10 @@ impl Drop for Armed<'_> {
     }
 }
 
-/// Whether a TCP socket may join a SOCKHASH (it must be ESTABLISHED).
+/// Whether a TCP socket may join a SOCKHASH (it must be ESTABLISHED), as
+/// it was when the end was made.
 pub fn established(end: &End) -> bool {
-    sys::tcp_state(end.fd.get_ref().as_fd()).is_ok_and(|st| st == 1)
+    end.established
 }
 
 /// Steps 3 to 5 of the module's sequence. `header` bytes were already
@@ -269,22 +363,33 @@ pub fn arm<'a>(
         return Ok(armed);
     }
     armed.full = true;
-    kernel.set_side(
+    let sides = kernel.set_side(
         client.cookie,
         &Side {
             peer: backend.cookie,
             drained: 0,
             allowed: limit.saturating_sub(header),
+            notify: notify_at(0, limit.saturating_sub(header), limit),
         },
-    )?;
-    kernel.set_side(
-        backend.cookie,
-        &Side {
-            peer: client.cookie,
-            drained: 0,
-            allowed: limit,
-        },
-    )?;
+    );
+    let sides = sides.and_then(|()| {
+        kernel.set_side(
+            backend.cookie,
+            &Side {
+                peer: client.cookie,
+                drained: 0,
+                allowed: limit,
+                notify: notify_at(0, limit, limit),
+            },
+        )
+    });
+    if let Err(e) = sides {
+        // Out of the SOCKHASH again (nothing was redirected: no side had
+        // an entry), so that the caller may splice.
+        let _ = kernel.socks.borrow_mut().remove(&client.cookie);
+        let _ = kernel.socks.borrow_mut().remove(&backend.cookie);
+        return Err(e);
+    }
     kernel_kick(client);
     kernel_kick(backend);
     Ok(armed)
@@ -294,6 +399,30 @@ pub fn arm<'a>(
 fn kernel_kick(end: &End) {
     if let Err(e) = sys::set_rcvlowat(end.fd.get_ref().as_fd(), 1) {
         tracing::warn!("SO_RCVLOWAT: {e}");
+    }
+}
+
+/// Where to ask for a credit signal: a quarter into `room` fresh bytes past
+/// `redirected` (early, so that the renewal has three quarters of the
+/// credit's time to arrive), or never (0) when the room is too small to be
+/// worth a signal (then the relay's timer re-checks).
+fn notify_at(redirected: u64, room: u64, limit: u64) -> u64 {
+    if room >= limit / 16 {
+        redirected + room / 4
+    } else {
+        0
+    }
+}
+
+/// The shortest and longest pause of the low-credit re-check.
+const RECHECK_MIN: Duration = Duration::from_millis(1);
+const RECHECK_MAX: Duration = Duration::from_millis(64);
+
+/// Sleep for `pause`, or forever without one.
+async fn maybe_sleep(pause: Option<Duration>) {
+    match pause {
+        Some(p) => tokio::time::sleep(p).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -309,48 +438,117 @@ pub async fn relay(
 ) -> Result<(), Fault> {
     let kernel = armed.kernel;
     let mut drained = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
+    // Allocated on the first pass: most connections of a fast reader see
+    // only the early bytes and EOF.
+    let mut buf = Vec::new();
+    let wake = Rc::new(Notify::new());
+    if armed.full {
+        kernel.waiters.borrow_mut().insert(src.cookie, wake.clone());
+    }
+    // Some(pause) while little credit is left or passed bytes wait: re-check
+    // (and retry the read) after the pause.
+    let mut recheck: Option<Duration> = None;
+    let mut last_room = limit;
+    let mut rcvbuf_capped = false;
     loop {
-        let mut guard = src.fd.readable().await.map_err(Fault::Read)?;
-        let n = match guard.try_io(|fd| sys::recv(fd.get_ref().as_fd(), &mut buf)) {
-            Err(_would_block) => continue,
-            Ok(Err(e)) => return Err(Fault::Read(e)),
-            Ok(Ok(n)) => n,
+        enum Why<G> {
+            Readable(G),
+            Credit,
+            Timer,
+        }
+        let why = tokio::select! {
+            biased;
+            r = src.fd.readable() => Why::Readable(r.map_err(Fault::Read)?),
+            () = wake.notified() => Why::Credit,
+            () = maybe_sleep(recheck) => Why::Timer,
         };
-        drop(guard);
-        let count = kernel.count(src.cookie);
-        if n == 0 && count.passed > drained {
-            // EOF ahead of passed bytes still in the socket's work queue:
-            // they become readable shortly; EOF is only real after them.
-            tokio::time::sleep(Duration::from_micros(200)).await;
+        if buf.is_empty() && !matches!(why, Why::Credit) {
+            buf = vec![0u8; 256 * 1024];
+        }
+        let readiness = matches!(why, Why::Readable(_));
+        let got = match why {
+            Why::Readable(mut guard) => {
+                match guard.try_io(|fd| sys::recv(fd.get_ref().as_fd(), &mut buf)) {
+                    Err(_would_block) => None,
+                    Ok(Err(e)) => return Err(Fault::Read(e)),
+                    Ok(Ok(n)) => Some(n),
+                }
+            }
+            Why::Timer => match sys::recv(src.fd.get_ref().as_fd(), &mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                Err(e) => return Err(Fault::Read(e)),
+                Ok(n) => Some(n),
+            },
+            Why::Credit => None,
+        };
+        if readiness && got.is_none() {
+            // A stale readiness: nothing to read, nothing changed.
             continue;
         }
-        // Everything the program redirected before this pass goes first.
-        wait_sent(dst, written + count.redirected).await?;
-        if n == 0 {
-            sys::shutdown_write(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
-            return Ok(());
+        let count = kernel.count(src.cookie);
+        if let Some(n) = got {
+            if n == 0 && count.passed > drained {
+                // EOF ahead of passed bytes still in the socket's work queue:
+                // they become readable shortly; EOF is only real after them.
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                continue;
+            }
+            // Everything the program redirected before this pass goes first.
+            wait_sent(dst, written + count.redirected).await?;
+            if n == 0 {
+                sys::shutdown_write(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
+                return Ok(());
+            }
+            activity.touch();
+            super::write_all(&dst.fd, &buf[..n]).await?;
+            written += n as u64;
+            drained += n as u64;
         }
-        activity.touch();
-        super::write_all(&dst.fd, &buf[..n]).await?;
-        written += n as u64;
-        drained += n as u64;
         if !armed.full {
             continue;
         }
         // New credit: what keeps unacknowledged bytes towards dst <= limit.
         let acked = dst.acked_since().map_err(Fault::Write)?;
         let outstanding = (written + count.redirected).saturating_sub(acked);
+        let room = limit.saturating_sub(outstanding);
         kernel
             .set_side(
                 src.cookie,
                 &Side {
                     peer: dst.cookie,
                     drained,
-                    allowed: count.redirected + limit.saturating_sub(outstanding),
+                    allowed: count.redirected + room,
+                    notify: notify_at(count.redirected, room, limit),
                 },
             )
             .map_err(Fault::Write)?;
+        if room < limit / 2 && !rcvbuf_capped {
+            // The peer falls behind: what we pass next waits in src's
+            // receive buffer, which autotuning may have grown to
+            // tcp_rmem's maximum (tens of MiB on some systems). Fix it
+            // at RCVBUF_CAP; only for such connections, a fast one never
+            // pays the call.
+            rcvbuf_capped = true;
+            // The kernel doubles the value it is given.
+            let half = i32::try_from(RCVBUF_CAP / 2).unwrap_or(i32::MAX);
+            if let Err(e) = sys::setsockopt(
+                src.fd.get_ref().as_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                half,
+            ) {
+                tracing::debug!("SO_RCVBUF: {e}");
+            }
+        }
+        recheck = if room < limit / 2 || count.passed > drained {
+            Some(match recheck {
+                Some(p) if room <= last_room && got.is_none() => (p * 2).min(RECHECK_MAX),
+                _ => RECHECK_MIN,
+            })
+        } else {
+            None
+        };
+        last_room = room;
     }
 }
 
@@ -359,7 +557,11 @@ pub async fn relay(
 async fn wait_sent(dst: &End, total: u64) -> Result<(), Fault> {
     let mut pause = Duration::from_millis(1);
     for round in 0u32.. {
+        if dst.sent_seen.get() >= total {
+            return Ok(());
+        }
         let now = dst.written_since().map_err(Fault::Write)?;
+        dst.sent_seen.set(now);
         if now >= total {
             return Ok(());
         }
@@ -400,9 +602,11 @@ mod tests {
     /// value size differs, so a mismatch fails every sockmap test too).
     #[test]
     fn mirrors_match_the_c_structs() {
-        assert_eq!(size_of::<Side>(), 3 * 8, "struct ska_proxy_side");
-        assert_eq!(size_of::<Count>(), 2 * 8, "struct ska_proxy_count");
+        assert_eq!(size_of::<Side>(), 4 * 8, "struct ska_proxy_side");
+        assert_eq!(size_of::<Count>(), 3 * 8, "struct ska_proxy_count");
         assert_eq!(std::mem::offset_of!(Side, allowed), 16);
+        assert_eq!(std::mem::offset_of!(Side, notify), 24);
         assert_eq!(std::mem::offset_of!(Count, passed), 8);
+        assert_eq!(std::mem::offset_of!(Count, signalled), 16);
     }
 }

@@ -361,6 +361,180 @@ pub fn send_to(fd: BorrowedFd<'_>, buf: &[u8], to: &Addr) -> io::Result<usize> {
     })
 }
 
+/// The local address a datagram was sent to, as `IP_PKTINFO` /
+/// `IPV6_PKTINFO` give it (an IPv4 datagram on a dual-stack IPv6 socket
+/// comes as a v4-mapped IPv6 address), with the interface it came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PktInfo {
+    V4(Ipv4Addr),
+    V6(Ipv6Addr, u32),
+}
+
+impl PktInfo {
+    pub fn ip(&self) -> std::net::IpAddr {
+        match *self {
+            PktInfo::V4(a) => a.into(),
+            PktInfo::V6(a, _) => a.to_ipv4_mapped().map_or(a.into(), Into::into),
+        }
+    }
+}
+
+/// Ask for the local address of each datagram received on `fd`
+/// (`IP_PKTINFO` on IPv4 sockets, `IPV6_RECVPKTINFO` on IPv6 ones).
+pub fn enable_pktinfo(fd: BorrowedFd<'_>) -> io::Result<()> {
+    match local_addr(fd)? {
+        Addr::Ip(SocketAddr::V4(_)) => {
+            setsockopt(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1 as libc::c_int)
+        }
+        Addr::Ip(SocketAddr::V6(_)) => setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RECVPKTINFO,
+            1 as libc::c_int,
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Room for one `in6_pktinfo` control message (the larger of the two),
+/// aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 64]);
+
+/// `recvmsg`: the datagram, its sender, and the local address it was sent
+/// to when [`enable_pktinfo`] asked for it.
+pub fn recv_pktinfo(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Addr, Option<PktInfo>)> {
+    // SAFETY: zeroed storage for the kernel to fill.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut cbuf = CmsgBuf([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&raw mut ss).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.0.as_mut_ptr().cast();
+    msg.msg_controllen = cbuf.0.len();
+    // SAFETY: msg describes writable storage that outlives the call.
+    let n = cvt_size(unsafe { libc::recvmsg(fd.as_raw_fd(), &raw mut msg, libc::MSG_DONTWAIT) })?;
+    let mut info = None;
+    // SAFETY: walking the control messages the kernel wrote into cbuf,
+    // with the CMSG_* accessors; each payload is read unaligned.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !c.is_null() {
+            let data = libc::CMSG_DATA(c);
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let p: libc::in_pktinfo = std::ptr::read_unaligned(data.cast());
+                    info = Some(PktInfo::V4(Ipv4Addr::from(u32::from_be(p.ipi_addr.s_addr))));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let p: libc::in6_pktinfo = std::ptr::read_unaligned(data.cast());
+                    info = Some(PktInfo::V6(
+                        Ipv6Addr::from(p.ipi6_addr.s6_addr),
+                        p.ipi6_ifindex,
+                    ));
+                }
+                _ => {}
+            }
+            c = libc::CMSG_NXTHDR(&raw const msg, c);
+        }
+    }
+    Ok((n, from_raw(&ss, msg.msg_namelen), info))
+}
+
+/// `sendmsg` to `to`, from the local address `from` (when given) rather
+/// than the one routing would pick for a socket bound to a wildcard.
+pub fn send_from(
+    fd: BorrowedFd<'_>,
+    buf: &[u8],
+    to: &Addr,
+    from: Option<&PktInfo>,
+) -> io::Result<usize> {
+    let (ss, len) = to_raw(to);
+    let mut cbuf = CmsgBuf([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr().cast_mut().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&raw const ss).cast_mut().cast();
+    msg.msg_namelen = len;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(from) = from {
+        let (level, ty, size) = match from {
+            PktInfo::V4(_) => (
+                libc::IPPROTO_IP,
+                libc::IP_PKTINFO,
+                size_of::<libc::in_pktinfo>(),
+            ),
+            PktInfo::V6(..) => (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_PKTINFO,
+                size_of::<libc::in6_pktinfo>(),
+            ),
+        };
+        #[expect(clippy::cast_possible_truncation, reason = "a pktinfo struct's size")]
+        let size = size as u32;
+        // SAFETY: CMSG_SPACE of a small struct fits the 64-byte buffer;
+        // the header and payload are written inside it, unaligned-safe.
+        unsafe {
+            msg.msg_control = cbuf.0.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(size) as usize;
+            let c = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*c).cmsg_level = level;
+            (*c).cmsg_type = ty;
+            (*c).cmsg_len = libc::CMSG_LEN(size) as usize;
+            let data = libc::CMSG_DATA(c);
+            match *from {
+                PktInfo::V4(a) => std::ptr::write_unaligned(
+                    data.cast(),
+                    libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: libc::in_addr {
+                            s_addr: u32::from(a).to_be(),
+                        },
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    },
+                ),
+                PktInfo::V6(a, ifindex) => std::ptr::write_unaligned(
+                    data.cast(),
+                    libc::in6_pktinfo {
+                        ipi6_addr: libc::in6_addr {
+                            s6_addr: a.octets(),
+                        },
+                        // The interface matters for a link-local address
+                        // only; elsewhere routing picks it.
+                        ipi6_ifindex: if a.is_unicast_link_local() {
+                            ifindex
+                        } else {
+                            0
+                        },
+                    },
+                ),
+            }
+        }
+    }
+    // SAFETY: msg describes readable storage that outlives the call.
+    cvt_size(unsafe {
+        libc::sendmsg(
+            fd.as_raw_fd(),
+            &raw const msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
 /// A non-blocking pipe of (at least) `size` bytes: (read end, write end).
 pub fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
@@ -413,6 +587,18 @@ struct TcpInfo {
 pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let info: TcpInfo = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     Ok(info.bytes_acked + outq(fd)?)
+}
+
+/// The TCP state (1 is ESTABLISHED) and `tcpi_bytes_acked`, in one call.
+pub fn tcp_state_acked(fd: BorrowedFd<'_>) -> io::Result<(u8, u64)> {
+    let info: TcpInfo = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    Ok((info.head[0], info.bytes_acked))
+}
+
+/// `tcpi_bytes_acked`: bytes the peer has acknowledged.
+pub fn bytes_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let info: TcpInfo = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    Ok(info.bytes_acked)
 }
 
 /// `SO_RCVLOWAT`: setting it makes TCP re-check its receive queue and call
