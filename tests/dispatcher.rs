@@ -1114,6 +1114,7 @@ fn pinned_state_is_not_world_readable() {
             "destinations",
             "metrics",
             "ports",
+            "entries",
             "link",
         ] {
             assert_eq!(mode(&d.dir().join(name)), 0o640, "{name}");
@@ -1528,7 +1529,14 @@ fn one_binding_and_one_socket_cost_little_map_memory() {
         let (_web, d) = serve_web(fs);
         let mut total = 0u64;
         let mut each = Vec::new();
-        for name in ["bindings", "sockets", "destinations", "metrics", "ports"] {
+        for name in [
+            "bindings",
+            "sockets",
+            "destinations",
+            "metrics",
+            "ports",
+            "entries",
+        ] {
             let fd = skactivate::dispatcher::sys::obj_get(&d.dir().join(name)).unwrap();
             let info =
                 std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
