@@ -251,10 +251,10 @@ impl Dispatcher {
     pub(super) fn apply(&mut self, add: Vec<(Entry, u32)>, remove: Vec<Entry>) -> Result<Changes> {
         // Conflicts first, from the index: nothing has been touched yet.
         for (e, id) in &add {
-            if let Some(other) = self.entries.get(e).filter(|&&o| o != *id) {
+            if let Some(other) = self.entries.get(e).filter(|&o| o != *id) {
                 return Err(DispatcherError::Conflict {
                     binding: e.binding(),
-                    other: self.dests[other].destination.clone(),
+                    other: self.dests[&other].destination.clone(),
                 });
             }
         }
@@ -426,7 +426,7 @@ impl Dispatcher {
         let (keys, values): (Vec<_>, Vec<_>) = self
             .entries
             .iter()
-            .map(|(e, &id)| {
+            .map(|(e, id)| {
                 (
                     e.key(),
                     BindingValue {
@@ -514,9 +514,9 @@ impl Dispatcher {
                 self.dests
                     .get(id)
                     .is_some_and(|s| s.destination.unit == unit)
-                    && !wanted.contains(&(**e, **id))
+                    && !wanted.contains(&(*e, *id))
             })
-            .map(|(e, _)| *e)
+            .map(|(e, _)| e)
             .collect();
         // An entry moving between two destinations of this unit: take it out first.
         let moving: Vec<Entry> = add
@@ -524,7 +524,7 @@ impl Dispatcher {
             .filter(|(e, id)| {
                 self.entries
                     .get(e)
-                    .is_some_and(|o| o != id && self.dests[o].destination.unit == unit)
+                    .is_some_and(|o| o != *id && self.dests[&o].destination.unit == unit)
             })
             .map(|(e, _)| *e)
             .collect();
@@ -542,7 +542,7 @@ impl Dispatcher {
     /// destination shown as one range.
     pub fn bindings(&self) -> Result<Vec<BindingInfo>> {
         let mut by_prefix: BTreeMap<(u32, Protocol, IpNetOrd, bool), Vec<u16>> = BTreeMap::new();
-        for (e, &id) in &self.entries {
+        for (e, id) in self.entries.iter() {
             by_prefix
                 .entry((id, e.protocol, IpNetOrd(e.prefix), e.port == 0))
                 .or_default()

@@ -61,7 +61,7 @@ impl Dispatcher {
                     prefix,
                     port: p,
                 };
-                if let Some(&id) = self.entries.get(&e) {
+                if let Some(id) = self.entries.get(&e) {
                     out.push((e.binding(), id));
                 }
             }

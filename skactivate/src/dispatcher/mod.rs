@@ -14,6 +14,7 @@ pub mod abi;
 mod bindings;
 mod destinations;
 mod host;
+mod index;
 mod lock;
 mod lookup;
 mod pinned;
@@ -462,7 +463,7 @@ pub struct Dispatcher {
     dests: BTreeMap<u32, DestState>,
     ids: HashMap<Destination, u32>,
     /// Every entry and its destination id, mirroring `entries`.
-    entries: HashMap<Entry, u32>,
+    entries: index::Index,
     /// Whether the trie takes `BPF_MAP_UPDATE_BATCH` (probed when opened).
     batch: bool,
     /// The namespace's writer lock, held as long as this handle lives.

@@ -166,7 +166,7 @@ impl Dispatcher {
             kinds: bindings::Kinds::default(),
             dests: BTreeMap::new(),
             ids: HashMap::new(),
-            entries: HashMap::new(),
+            entries: index::Index::default(),
             batch: false,
             lock: None,
             records: records::Records::open(dir)?,
