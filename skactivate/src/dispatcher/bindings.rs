@@ -56,7 +56,7 @@ impl Entry {
 #[derive(Debug)]
 pub(super) struct Kinds {
     /// Entries per (protocol slot << 16 | port), port ≠ 0.
-    specific: HashMap<u32, u32>,
+    specific: HashMap<u32, u32, index::Fast>,
     /// Wildcard entries per (family slot << 1 | protocol slot).
     wild: [u32; 4],
     /// Entries per address length, per (family slot << 1 | protocol slot).
@@ -72,7 +72,7 @@ pub(super) struct Kinds {
 impl Default for Kinds {
     fn default() -> Self {
         Kinds {
-            specific: HashMap::new(),
+            specific: HashMap::default(),
             wild: [0; 4],
             lengths: Default::default(),
             words: vec![0; abi::PORTS_WORDS as usize],

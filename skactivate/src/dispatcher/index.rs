@@ -61,7 +61,7 @@ impl Hasher for FastHasher {
     }
 }
 
-type Fast = BuildHasherDefault<FastHasher>;
+pub(super) type Fast = BuildHasherDefault<FastHasher>;
 
 /// An IPv4 entry: the address, then port (16 bits), prefix length (6) and
 /// protocol (1).
