@@ -396,6 +396,9 @@ impl Dispatcher {
         let staged = self.dir.join(ENTRIES_PIN_NEW);
         let _ = fs::remove_file(&staged);
         let mut ebpf = EbpfLoader::new()
+            // No CO-RE in the object: parsing the kernel's BTF would cost
+            // milliseconds and megabytes for nothing.
+            .btf(None)
             .default_map_pin_directory(&self.dir)
             .map_max_entries(ENTRIES, cap)
             .map_pin_path(ENTRIES, staged.as_path())

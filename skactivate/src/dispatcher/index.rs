@@ -28,8 +28,14 @@ impl FastHasher {
 
 impl Hasher for FastHasher {
     fn finish(&self) -> u64 {
-        // The map takes its bucket from the low bits: fold the high ones in.
-        self.0 ^ self.0 >> 29
+        // A product's low bits see only the input's low bits, and the map
+        // takes its bucket from the low bits: mix (murmur3's finalizer).
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ x >> 33
     }
 
     fn write(&mut self, bytes: &[u8]) {

@@ -350,6 +350,9 @@ pub(super) fn program_of(ebpf: &mut aya::Ebpf) -> Result<&mut SkLookup> {
 /// Create maps and program in `dir`, attach to `netns`, pin the link.
 pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
     let mut ebpf = EbpfLoader::new()
+        // No CO-RE in the object: parsing the kernel's BTF would cost
+        // milliseconds and megabytes for nothing.
+        .btf(None)
         .default_map_pin_directory(dir)
         .load(DISPATCHER_OBJECT)
         .map_err(load_err)?;
@@ -382,6 +385,9 @@ pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
 /// Load this build's program against the maps pinned in `dir`.
 pub(super) fn load_program(dir: &Path) -> Result<OwnedFd> {
     let mut ebpf = EbpfLoader::new()
+        // No CO-RE in the object: parsing the kernel's BTF would cost
+        // milliseconds and megabytes for nothing.
+        .btf(None)
         .default_map_pin_directory(dir)
         .load(DISPATCHER_OBJECT)
         .map_err(load_err)?;
