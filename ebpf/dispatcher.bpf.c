@@ -10,9 +10,14 @@
  * counted as a miss.
  *
  * The miss path is as hot as the hit path (it runs for every service on the
- * host), so the `ports` bitmap answers "can any binding match this port?" with
- * inlined array reads before the trie is touched, and the wildcard lookup
- * only happens when wildcard bindings exist for the protocol.
+ * host), so one inlined read of the `ports` array answers "can any entry
+ * match this port?" before any other map is touched.  Then the `entries` hash
+ * is probed: the full-length key (/32, /128) first, then, longest first, each
+ * shorter prefix length in use (listed in `ports` by user space), the address
+ * masked to it; at each length the specific port before `*`, and the first
+ * entry found wins, which is the precedence rule.  Where more lengths are in
+ * use than the list holds, the LPM trie of the shorter entries answers after
+ * the full-length probes.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -29,6 +34,18 @@
 #define AF_INET6 10
 #endif
 
+/* Every entry, its address masked to its prefix: the exact-match table. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct ska_binding_key);
+	__type(value, struct ska_binding_value);
+	__uint(max_entries, SKA_ENTRIES_MIN);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} entries SEC(".maps");
+
+/* The entries shorter than full length, used only when more prefix lengths
+ * are in use than `ports` lists. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -68,9 +85,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } metrics SEC(".maps");
 
-/* Bit slot << 16 | port: the trie has entries of that protocol and port; bit
- * slot << 16 (port 0): it has wildcard entries of the protocol.  Written by
- * user space, which counts the entries. */
+/* Which kinds of entry exist per port, and the lengths in use: see skactivate.h. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -129,6 +144,22 @@ static __always_inline __u64 key_head(__u32 prefixlen, __u32 protocol, __u32 por
 	return (__u64)header << 32 | prefixlen;
 }
 
+/* The address mask of `bits` (< the family's full length) in the two address
+ * words of a key, as they lie in memory (network order). */
+static __always_inline void prefix_mask(__u32 bits, __u32 v4, __u64 *m1, __u64 *m2)
+{
+	if (v4) {
+		*m1 = bits ? bpf_htonl(0xffffffffu << (32 - bits)) : 0;
+		*m2 = 0;
+	} else if (bits >= 64) {
+		*m1 = ~0ull;
+		*m2 = bits > 64 ? __builtin_bswap64(~0ull << (128 - bits)) : 0;
+	} else {
+		*m1 = bits ? __builtin_bswap64(~0ull << (64 - bits)) : 0;
+		*m2 = 0;
+	}
+}
+
 SEC("sk_lookup")
 int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 {
@@ -136,17 +167,18 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	struct ska_binding_value *v;
 	struct ska_metrics *m;
 	struct bpf_sock *sk;
-	__u32 protocol = ctx->protocol, family = ctx->family;
+	__u32 protocol = ctx->protocol;
 	__u32 port = ctx->local_port & 0xffff;
-	__u32 slot, specific, wild, full, len = 0, found = 0;
+	__u32 family, pslot, fslot, specific, wild, full, len = 0, found = 0;
 	__u64 idx, dest = 0; /* 4-byte keys, read through their low half */
+	__u64 w, a1, a2, m1, m2, lengths;
 	__u64 *word;
-	int err;
+	int err, i;
 
 	if (protocol == IPPROTO_TCP)
-		slot = SKA_PORT_SLOT_TCP;
+		pslot = SKA_PORT_SLOT_TCP;
 	else if (protocol == IPPROTO_UDP)
-		slot = SKA_PORT_SLOT_UDP;
+		pslot = SKA_PORT_SLOT_UDP;
 	else
 		return SK_PASS;
 
@@ -155,57 +187,123 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	 * CAP_PERFMON (6.12 among them) also walk the branch a second test of a
 	 * known-NULL pointer would not take, as a speculative path, and refuse
 	 * the dereference they find there ("invalid mem access 'scalar'"). */
-	idx = (slot << 16 | port) / 64;
+	idx = pslot << 11 | port >> 5;
 	word = bpf_map_lookup_elem(&ports, &idx);
 	if (!word)
 		return SK_PASS;
-	specific = (*word >> (port & 63)) & 1;
-	idx = (slot << 16) / 64;
-	word = bpf_map_lookup_elem(&ports, &idx);
-	if (!word)
-		return SK_PASS;
-	wild = *word & 1;
-	if (!specific && !wild)
-		return SK_PASS; /* the common miss: two inlined array reads, no trie */
+	w = *word;
+	if (!(w & (1ull << (port & 31) | 3ull << SKA_PORTS_WILD_BIT)))
+		return SK_PASS; /* the common miss: one inlined array read */
 
+	family = ctx->family;
 	if (family == AF_INET) {
+		fslot = SKA_FAMILY_SLOT_V4;
 		full = SKA_KEY_V4_FULL_BITS;
-		k.q[1] = ctx->local_ip4;
-		k.q[2] = 0;
+		a1 = ctx->local_ip4;
+		a2 = 0;
 	} else if (family == AF_INET6) {
+		fslot = SKA_FAMILY_SLOT_V6;
 		full = SKA_KEY_V6_FULL_BITS;
-		k.q[1] = (__u64)ctx->local_ip6[1] << 32 | ctx->local_ip6[0];
-		k.q[2] = (__u64)ctx->local_ip6[3] << 32 | ctx->local_ip6[2];
+		a1 = (__u64)ctx->local_ip6[1] << 32 | ctx->local_ip6[0];
+		a2 = (__u64)ctx->local_ip6[3] << 32 | ctx->local_ip6[2];
 	} else {
 		return SK_PASS;
 	}
+	specific = (w >> (port & 31)) & 1;
+	wild = (w >> (SKA_PORTS_WILD_BIT + fslot)) & 1;
+	if (!specific && !wild)
+		return SK_PASS;
 
+	k.q[1] = a1;
+	k.q[2] = a2;
 	if (specific) {
 		k.q[0] = key_head(full, protocol, port, family);
-		v = bpf_map_lookup_elem(&bindings, &k);
+		v = bpf_map_lookup_elem(&entries, &k);
 		if (v) {
 			dest = v->destination;
-			len = v->prefixlen;
 			found = 1;
 		}
 	}
-	/* A full-length prefix cannot be beaten by the wildcard; on equal length
-	 * the specific port wins, so only a longer wildcard replaces it. */
-	if (wild && !(found && len == full)) {
+	if (!found && wild) {
 		k.q[0] = key_head(full, protocol, 0, family);
-		v = bpf_map_lookup_elem(&bindings, &k);
+		v = bpf_map_lookup_elem(&entries, &k);
 		if (v) {
-			__u32 wlen = v->prefixlen, wdest = v->destination;
+			dest = v->destination;
+			found = 1;
+		}
+	}
+	if (found)
+		goto hit;
 
-			if (!found || wlen > len) {
-				dest = wdest;
+	idx = SKA_PORTS_LENGTHS + (fslot << 1 | pslot);
+	word = bpf_map_lookup_elem(&ports, &idx);
+	if (!word)
+		return SK_PASS;
+	lengths = *word;
+
+	if (lengths & SKA_LENGTHS_TRIE) {
+		/* Too many lengths: the trie of the shorter entries answers, the
+		 * full-length address as its key. */
+		if (specific) {
+			k.q[0] = key_head(full, protocol, port, family);
+			v = bpf_map_lookup_elem(&bindings, &k);
+			if (v) {
+				dest = v->destination;
+				len = v->prefixlen;
 				found = 1;
+			}
+		}
+		if (wild) {
+			k.q[0] = key_head(full, protocol, 0, family);
+			v = bpf_map_lookup_elem(&bindings, &k);
+			if (v) {
+				__u32 wlen = v->prefixlen, wdest = v->destination;
+
+				/* On equal length the specific port wins. */
+				if (!found || wlen > len) {
+					dest = wdest;
+					found = 1;
+				}
+			}
+		}
+		if (!found)
+			return SK_PASS;
+		goto hit;
+	}
+
+#pragma unroll
+	for (i = 0; i < SKA_MAX_LENGTHS; i++) {
+		__u32 bits = (lengths >> (8 * i)) & 0xff;
+
+		if (!bits)
+			break;
+		bits -= 1;
+		prefix_mask(bits, fslot == SKA_FAMILY_SLOT_V4, &m1, &m2);
+		k.q[1] = a1 & m1;
+		k.q[2] = a2 & m2;
+		if (specific) {
+			k.q[0] = key_head(SKA_KEY_HEADER_BITS + bits, protocol, port, family);
+			v = bpf_map_lookup_elem(&entries, &k);
+			if (v) {
+				dest = v->destination;
+				found = 1;
+				break;
+			}
+		}
+		if (wild) {
+			k.q[0] = key_head(SKA_KEY_HEADER_BITS + bits, protocol, 0, family);
+			v = bpf_map_lookup_elem(&entries, &k);
+			if (v) {
+				dest = v->destination;
+				found = 1;
+				break;
 			}
 		}
 	}
 	if (!found)
 		return SK_PASS;
 
+hit:
 	m = bpf_map_lookup_elem(&metrics, &dest);
 	if (!m)
 		return SK_PASS; /* an id out of range: not ours to judge */

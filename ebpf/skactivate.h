@@ -12,10 +12,16 @@
 
 #include <linux/types.h>
 
-#define SKA_LAYOUT_VERSION 4
+#define SKA_LAYOUT_VERSION 5
 
-/* Bindings: LPM trie entries (ranges are expanded to single ports). */
+/* Bindings: entries (ranges are expanded to single ports).  Every entry is in
+ * the `entries` hash; the `bindings` LPM trie holds those shorter than full
+ * length (/32, /128) too. */
 #define SKA_MAX_BINDINGS (1u << 20)
+/* The `entries` hash is created with this many entries and grown sixteenfold
+ * at a time (to SKA_MAX_BINDINGS) by replacing it: its bucket array is
+ * allocated whole when it is created, 16 bytes per entry of capacity. */
+#define SKA_ENTRIES_MIN (1u << 12)
 /* Destinations: ids 0..SKA_MAX_DESTINATIONS-1 index the metrics array.  A
  * destination is one socket of a unit (family and protocol): 1024 are some
  * 500 dual-stack socket units.  The per-CPU metrics array costs 24 bytes per
@@ -24,12 +30,25 @@
 /* systemd's UNIT_NAME_MAX is 256 including the terminating NUL. */
 #define SKA_UNIT_NAME_MAX 256
 
-/* The ports bitmap: bit (protocol slot << 16 | port) is set while the trie
- * has entries of that protocol and port; port 0 stands for the protocol's
- * wildcard entries.  64 bits a word: 16 KiB in all. */
+/* The `ports` array.  Word (protocol slot << 11 | port >> 5) says what kinds
+ * of entry can match a port: bit (port & 31) is set while entries of that
+ * protocol and port exist (any family and length); bits 32 and 33 are set in
+ * every word of the protocol while it has wildcard-port entries of IPv4 and
+ * of IPv6.  So an unbound port costs one array read.  Then 4 words of
+ * lengths, one per (family slot << 1 | protocol slot): byte i (i < 4) is 1 +
+ * the address bits of the i-th longest shorter-than-full prefix length in use
+ * (0 ends the list), and bit 63 says more lengths are in use than listed: use
+ * the trie.  Written by user space, which counts the entries. */
 #define SKA_PORT_SLOT_TCP 0
 #define SKA_PORT_SLOT_UDP 1
-#define SKA_PORTS_WORDS ((2u << 16) / 64)
+#define SKA_FAMILY_SLOT_V4 0
+#define SKA_FAMILY_SLOT_V6 1
+#define SKA_PORTS_WILD_BIT 32
+#define SKA_PORTS_PORT_WORDS ((2u << 16) / 32)
+#define SKA_PORTS_LENGTHS SKA_PORTS_PORT_WORDS
+#define SKA_MAX_LENGTHS 4
+#define SKA_LENGTHS_TRIE (1ull << 63)
+#define SKA_PORTS_WORDS (SKA_PORTS_PORT_WORDS + 4)
 
 /* Bits of the trie key in front of the address: protocol (8), port (16) and
  * family (8).  The family is part of every prefix, so an IPv6 binding can
@@ -39,7 +58,8 @@
 #define SKA_KEY_V4_FULL_BITS (SKA_KEY_HEADER_BITS + 32)
 #define SKA_KEY_V6_FULL_BITS (SKA_KEY_HEADER_BITS + 128)
 
-/* Key of the `bindings` trie. prefixlen counts bits of everything after it.
+/* Key of the `bindings` trie and of the `entries` hash. prefixlen counts bits
+ * of everything after it; in the hash the address is masked to its prefix.
  *
  * Laid out for the trie's walk, which compares a key with each node 8 bytes
  * at a time first: header and IPv4 address together are the first 8 bytes, so
@@ -53,7 +73,7 @@ struct ska_binding_key {
 	__u8 addr[16];  /* IPv6, or IPv4 in the first 4 bytes and zeros */
 };
 
-/* Value of the `bindings` trie: the trie does not say which prefix matched, so
+/* Value of the `bindings` trie and the `entries` hash: the trie does not say which prefix matched, so
  * the value carries the key's own prefixlen for the precedence comparison. */
 struct ska_binding_value {
 	__u32 destination;

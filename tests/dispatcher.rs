@@ -1114,6 +1114,7 @@ fn pinned_state_is_not_world_readable() {
             "destinations",
             "metrics",
             "ports",
+            "entries",
             "link",
         ] {
             assert_eq!(mode(&d.dir().join(name)), 0o640, "{name}");
@@ -1528,7 +1529,14 @@ fn one_binding_and_one_socket_cost_little_map_memory() {
         let (_web, d) = serve_web(fs);
         let mut total = 0u64;
         let mut each = Vec::new();
-        for name in ["bindings", "sockets", "destinations", "metrics", "ports"] {
+        for name in [
+            "bindings",
+            "sockets",
+            "destinations",
+            "metrics",
+            "ports",
+            "entries",
+        ] {
             let fd = skactivate::dispatcher::sys::obj_get(&d.dir().join(name)).unwrap();
             let info =
                 std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
@@ -1559,4 +1567,236 @@ fn one_binding_and_one_socket_cost_little_map_memory() {
         );
         assert!(total <= allowed, "{total} > {allowed}: {}", each.join(", "));
     });
+}
+
+/// Where the live program sends a TCP lookup (`BPF_PROG_TEST_RUN`): the unit
+/// of the socket it chose, `None` when it passes, "drop" when it drops.
+fn goes_to(d: &Dispatcher, addr: &str, port: u16) -> Option<String> {
+    let l = d
+        .lookup(Protocol::Tcp, addr.parse().unwrap(), port)
+        .unwrap();
+    match l.verdict {
+        Verdict::Redirect => Some(l.destination.expect("a destination").unit),
+        Verdict::Pass => None,
+        Verdict::Drop => Some("drop".to_owned()),
+    }
+}
+
+/// The `ports` words as pinned, the port words and the lengths words.
+fn ports_words(d: &Dispatcher) -> Vec<u64> {
+    let data = aya::maps::MapData::from_pin(d.dir().join("ports")).unwrap();
+    let ports: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    ports.iter().map(|w| w.unwrap()).collect()
+}
+
+fn some(s: &str) -> Option<String> {
+    Some(s.to_owned())
+}
+
+/// Full length against `*` at full length against a shorter specific port,
+/// in real connections and in the program's own answers, as entries come and
+/// go: the longest prefix wins, then the specific port.
+#[test]
+fn precedence_full_length_against_wildcard_and_shorter() {
+    in_netns(
+        "precedence_full_length_against_wildcard_and_shorter",
+        |fs| {
+            local_route("192.0.2.0/24");
+            let wide = tcp_server("wide", "127.0.0.1:9001", false);
+            let host = tcp_server("host", "127.0.0.1:9002", false);
+            let exact = tcp_server("exact", "127.0.0.1:9003", false);
+            let mut d = open(fs);
+            let wide_b = bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80));
+            let host_b = bind(Protocol::Tcp, "192.0.2.4/32", Ports::All);
+            let exact_b = bind(Protocol::Tcp, "192.0.2.4/32", Ports::single(80));
+            serve(&mut d, "wide.socket", &wide, &[wide_b]);
+            serve(&mut d, "host.socket", &host, &[host_b]);
+            // A /32 `*` beats a /24 with the port.
+            assert_eq!(tcp_ask(sa(v4("192.0.2.4"), 80)).unwrap(), "host");
+            assert_eq!(tcp_ask(sa(v4("192.0.2.5"), 80)).unwrap(), "wide");
+            assert_eq!(tcp_ask(sa(v4("192.0.2.4"), 81)).unwrap(), "host");
+            assert!(tcp_refused(sa(v4("192.0.2.5"), 81)));
+            // A /32 with the port beats the /32 `*`.
+            serve(&mut d, "exact.socket", &exact, &[exact_b]);
+            assert_eq!(tcp_ask(sa(v4("192.0.2.4"), 80)).unwrap(), "exact");
+            assert_eq!(tcp_ask(sa(v4("192.0.2.4"), 81)).unwrap(), "host");
+            assert_eq!(tcp_ask(sa(v4("192.0.2.5"), 80)).unwrap(), "wide");
+            // Entries removed: what they shadowed answers again.
+            d.remove_bindings(&[exact_b]).unwrap();
+            assert_eq!(tcp_ask(sa(v4("192.0.2.4"), 80)).unwrap(), "host");
+            d.remove_bindings(&[host_b]).unwrap();
+            assert_eq!(tcp_ask(sa(v4("192.0.2.4"), 80)).unwrap(), "wide");
+            assert!(tcp_refused(sa(v4("192.0.2.4"), 81)));
+        },
+    );
+}
+
+/// Five prefix lengths (and full length) in one family and protocol, some
+/// `*`: the program probes the four it lists longest first, and with a fifth
+/// in use falls back to the trie; both answer by the precedence rule, and
+/// removing the fifth goes back to the list.
+#[test]
+fn many_prefix_lengths_and_the_trie_fallback() {
+    in_netns("many_prefix_lengths_and_the_trie_fallback", |fs| {
+        let servers: Vec<Server> = (0..7)
+            .map(|i| tcp_server(&format!("s{i}"), &format!("127.0.0.1:{}", 9100 + i), false))
+            .collect();
+        let mut d = open(fs);
+        let layers = [
+            (
+                "l15.socket",
+                bind(Protocol::Tcp, "198.18.0.0/15", Ports::single(80)),
+            ),
+            (
+                "l16.socket",
+                bind(Protocol::Tcp, "198.18.0.0/16", Ports::All),
+            ),
+            (
+                "l24.socket",
+                bind(Protocol::Tcp, "198.18.1.0/24", Ports::single(80)),
+            ),
+            (
+                "l28.socket",
+                bind(Protocol::Tcp, "198.18.1.16/28", Ports::All),
+            ),
+            (
+                "l32.socket",
+                bind(Protocol::Tcp, "198.18.1.20/32", Ports::single(80)),
+            ),
+        ];
+        for (i, (unit, b)) in layers.iter().enumerate() {
+            serve(&mut d, unit, &servers[i], &[*b]);
+        }
+        let expect = |d: &Dispatcher, l20: bool| {
+            assert_eq!(goes_to(d, "198.18.1.20", 80), some("l32.socket"));
+            assert_eq!(goes_to(d, "198.18.1.20", 81), some("l28.socket"));
+            assert_eq!(goes_to(d, "198.18.1.21", 80), some("l28.socket"));
+            assert_eq!(goes_to(d, "198.18.1.40", 80), some("l24.socket"));
+            let l20_or = |other: &str| some(if l20 { "l20.socket" } else { other });
+            assert_eq!(goes_to(d, "198.18.1.40", 81), l20_or("l16.socket"));
+            assert_eq!(goes_to(d, "198.18.16.1", 81), some("l16.socket"));
+            assert_eq!(goes_to(d, "198.18.2.1", 80), l20_or("l16.socket"));
+            assert_eq!(goes_to(d, "198.18.2.1", 81), l20_or("l16.socket"));
+            assert_eq!(goes_to(d, "198.19.0.1", 80), some("l15.socket"));
+            assert_eq!(goes_to(d, "198.19.0.1", 81), None);
+            assert_eq!(goes_to(d, "198.20.0.1", 80), None);
+        };
+        let first = skactivate::dispatcher::abi::PORTS_LENGTHS as usize;
+        let lengths = |d: &Dispatcher| ports_words(d)[first..].to_vec();
+        expect(&d, false);
+        // IPv4 TCP lists /28, /24, /16, /15 (address bits + 1), longest first.
+        assert_eq!(
+            lengths(&d)[0],
+            u64::from_le_bytes([29, 25, 17, 16, 0, 0, 0, 0])
+        );
+        // A fifth shorter length: the trie answers.
+        let l20 = bind(Protocol::Tcp, "198.18.0.0/20", Ports::All);
+        serve(&mut d, "l20.socket", &servers[5], &[l20]);
+        assert_eq!(lengths(&d)[0], 1 << 63);
+        expect(&d, true);
+        // The program's answers are the connections' answers.
+        local_route("198.18.0.0/15");
+        assert_eq!(tcp_ask(sa(v4("198.18.1.20"), 80)).unwrap(), "s4");
+        assert_eq!(tcp_ask(sa(v4("198.18.2.1"), 81)).unwrap(), "s5");
+        assert_eq!(tcp_ask(sa(v4("198.19.0.1"), 80)).unwrap(), "s0");
+        d.remove_bindings(&[l20]).unwrap();
+        assert_eq!(
+            lengths(&d)[0],
+            u64::from_le_bytes([29, 25, 17, 16, 0, 0, 0, 0])
+        );
+        expect(&d, false);
+        assert_eq!(tcp_ask(sa(v4("198.18.2.1"), 81)).unwrap(), "s1");
+    });
+}
+
+/// IPv6 prefixes longer and shorter than 64 bits, with `*`, and the family
+/// kept apart from IPv4's lengths.
+#[test]
+fn ipv6_prefix_lengths_across_the_64_bit_word() {
+    in_netns("ipv6_prefix_lengths_across_the_64_bit_word", |fs| {
+        let servers: Vec<Server> = (0..4)
+            .map(|i| tcp_server(&format!("s{i}"), &format!("[::1]:{}", 9200 + i), false))
+            .collect();
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "a.socket",
+            &servers[0],
+            &[bind(Protocol::Tcp, "2001:db8::/48", Ports::All)],
+        );
+        serve(
+            &mut d,
+            "b.socket",
+            &servers[1],
+            &[bind(Protocol::Tcp, "2001:db8::/64", Ports::single(443))],
+        );
+        serve(
+            &mut d,
+            "c.socket",
+            &servers[2],
+            &[bind(Protocol::Tcp, "2001:db8::ab00/120", Ports::All)],
+        );
+        serve(
+            &mut d,
+            "d.socket",
+            &servers[3],
+            &[bind(
+                Protocol::Tcp,
+                "2001:db8::abcd/128",
+                Ports::single(443),
+            )],
+        );
+        assert_eq!(goes_to(&d, "2001:db8::abcd", 443), some("d.socket"));
+        assert_eq!(goes_to(&d, "2001:db8::abce", 443), some("c.socket"));
+        assert_eq!(goes_to(&d, "2001:db8::1", 443), some("b.socket"));
+        assert_eq!(goes_to(&d, "2001:db8::1", 22), some("a.socket"));
+        assert_eq!(goes_to(&d, "2001:db8:0:1::1", 443), some("a.socket"));
+        assert_eq!(goes_to(&d, "2001:db8:1::1", 443), None);
+        // IPv4 has nothing: its lookups pass, not a v6 prefix's socket.
+        assert_eq!(goes_to(&d, "192.0.2.1", 443), None);
+    });
+}
+
+/// Removing every entry clears every `ports` word it set; more entries than
+/// the hash's first capacity grow it, and the grown hash is adopted.
+#[test]
+fn removed_entries_clear_their_kinds_and_a_grown_hash_is_adopted() {
+    in_netns(
+        "removed_entries_clear_their_kinds_and_a_grown_hash_is_adopted",
+        |fs| {
+            let a = tcp_server("a", "127.0.0.1:9300", false);
+            let mut d = open(fs);
+            let some_bindings = [
+                bind(Protocol::Tcp, "198.18.0.0/24", Ports::All),
+                bind(Protocol::Tcp, "198.18.0.7/32", Ports::Range(80, 90)),
+                bind(Protocol::Tcp, "2001:db8::/64", Ports::single(53)),
+                bind(Protocol::Udp, "198.18.0.0/16", Ports::single(53)),
+            ];
+            serve(&mut d, "a.socket", &a, &some_bindings);
+            assert!(ports_words(&d).iter().any(|&w| w != 0));
+            d.remove_bindings(&some_bindings).unwrap();
+            assert!(ports_words(&d).iter().all(|&w| w == 0), "a bit left set");
+            assert_eq!(goes_to(&d, "198.18.0.7", 80), None);
+
+            // 6000 entries: more than the first 4096.
+            let many = bind(Protocol::Tcp, "198.18.0.9/32", Ports::Range(1000, 6999));
+            serve(&mut d, "a.socket", &a, &[many]);
+            let capacity = |d: &Dispatcher| {
+                let fd = skactivate::dispatcher::sys::obj_get(&d.dir().join("entries")).unwrap();
+                skactivate::dispatcher::sys::map_info(std::os::fd::AsFd::as_fd(&fd))
+                    .unwrap()
+                    .max_entries
+            };
+            assert_eq!(capacity(&d), 1 << 16);
+            assert_eq!(goes_to(&d, "198.18.0.9", 6999), some("a.socket"));
+            drop(d);
+            let d = open(fs);
+            assert_eq!(capacity(&d), 1 << 16);
+            assert_eq!(d.bindings().unwrap().len(), 1);
+            assert_eq!(goes_to(&d, "198.18.0.9", 1000), some("a.socket"));
+            assert_eq!(goes_to(&d, "198.18.0.9", 999), None);
+            assert!(!d.dir().join("entries-new").exists());
+        },
+    );
 }

@@ -10,16 +10,30 @@ use ipnet::IpNet;
 use crate::binding::{Binding, Family, Ports, Protocol};
 
 /// `SKA_LAYOUT_VERSION`.
-pub const LAYOUT_VERSION: u32 = 4;
-/// `SKA_MAX_BINDINGS`: trie entries.
+pub const LAYOUT_VERSION: u32 = 5;
+/// `SKA_MAX_BINDINGS`: entries (a binding has one per port).
 pub const MAX_BINDINGS: u32 = 1 << 20;
+/// `SKA_ENTRIES_MIN`: the `entries` hash's first capacity; it grows
+/// sixteenfold at a time up to `MAX_BINDINGS`.
+pub const ENTRIES_MIN: u32 = 1 << 12;
 /// `SKA_MAX_DESTINATIONS`.
 pub const MAX_DESTINATIONS: u32 = 1024;
 /// `SKA_UNIT_NAME_MAX`.
 pub const UNIT_NAME_MAX: usize = 256;
-/// `SKA_PORTS_WORDS`: 64-bit words of the `ports` bitmap, a bit per protocol
-/// and port.
-pub const PORTS_WORDS: u32 = (2 << 16) / 64;
+/// `SKA_PORTS_PORT_WORDS`: words of the `ports` array with a bit per
+/// protocol and port (32 ports a word).
+pub const PORTS_PORT_WORDS: u32 = (2 << 16) / 32;
+/// `SKA_PORTS_LENGTHS`: the first of the 4 lengths words.
+pub const PORTS_LENGTHS: u32 = PORTS_PORT_WORDS;
+/// `SKA_PORTS_WORDS`: all words of the `ports` array.
+pub const PORTS_WORDS: u32 = PORTS_PORT_WORDS + 4;
+/// `SKA_PORTS_WILD_BIT`: bit of the port words set while the protocol has
+/// wildcard entries of IPv4 (and the next bit: of IPv6).
+pub const PORTS_WILD_BIT: u32 = 32;
+/// `SKA_MAX_LENGTHS`: shorter-than-full lengths a lengths word lists.
+pub const MAX_LENGTHS: usize = 4;
+/// `SKA_LENGTHS_TRIE`: more lengths in use than listed: the trie answers.
+pub const LENGTHS_TRIE: u64 = 1 << 63;
 /// `SKA_KEY_HEADER_BITS`: protocol, port and family in front of the address.
 pub const KEY_HEADER_BITS: u32 = 32;
 
@@ -125,18 +139,53 @@ pub struct Metrics {
 // SAFETY: three u64, no padding.
 unsafe impl aya::Pod for Metrics {}
 
-/// The word of the `ports` bitmap and the bit in it of a `ports_index`.
-pub fn ports_word_bit(idx: u32) -> (u32, u32) {
-    (idx >> 6, idx & 63)
-}
-
-/// Index of a bit of the `ports` bitmap (`slot << 16 | port`, port 0 = wildcards).
-pub fn ports_index(protocol: Protocol, port: u16) -> u32 {
-    let slot = match protocol {
+/// `SKA_PORT_SLOT_*`.
+pub fn protocol_slot(protocol: Protocol) -> u32 {
+    match protocol {
         Protocol::Tcp => 0,
         Protocol::Udp => 1,
-    };
-    slot << 16 | u32::from(port)
+    }
+}
+
+/// `SKA_FAMILY_SLOT_*`.
+pub fn family_slot(family: Family) -> u32 {
+    match family {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
+/// The word of the `ports` array for a protocol's port, and the port's bit.
+pub fn port_word_bit(protocol: Protocol, port: u16) -> (u32, u32) {
+    (
+        protocol_slot(protocol) << 11 | u32::from(port) >> 5,
+        u32::from(port) & 31,
+    )
+}
+
+/// The lengths word of a family and protocol.
+pub fn lengths_index(family: Family, protocol: Protocol) -> u32 {
+    PORTS_LENGTHS + (family_slot(family) << 1 | protocol_slot(protocol))
+}
+
+/// A lengths word: `shorter` are the address bits of the shorter-than-full
+/// prefix lengths in use, longest first.
+pub fn lengths_word(shorter: &[u8]) -> u64 {
+    if shorter.len() > MAX_LENGTHS {
+        return LENGTHS_TRIE;
+    }
+    shorter
+        .iter()
+        .enumerate()
+        .fold(0, |w, (i, &bits)| w | (u64::from(bits) + 1) << (8 * i))
+}
+
+/// The address bits of a full-length prefix of `family`.
+pub fn full_bits(family: Family) -> u8 {
+    match family {
+        Family::V4 => 32,
+        Family::V6 => 128,
+    }
 }
 
 /// The address as the trie stores it: IPv6, or IPv4 followed by zeros.
@@ -166,7 +215,8 @@ fn trie_key(protocol: Protocol, addr: IpAddr, port: u16) -> BindingKey {
     }
 }
 
-/// One trie entry of a binding: `port` is 0 for `*`.
+/// The key of one entry of a binding, for the trie and (the prefix being
+/// masked, as `Binding::new` keeps it) the hash: `port` is 0 for `*`.
 pub fn binding_key(
     protocol: Protocol,
     prefix: &IpNet,

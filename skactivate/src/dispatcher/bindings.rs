@@ -1,9 +1,10 @@
-//! Bindings: the in-memory index of the trie, and `apply`, which changes
-//! the trie all at once or not at all.
+//! Bindings: the in-memory index of the entries, the counts behind the
+//! `ports` words, and `apply`, which changes the maps all at once or not at
+//! all.
 
 use super::*;
 
-/// One trie entry: a binding narrowed to one port (0 = `*`).
+/// One entry: a binding narrowed to one port (0 = `*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct Entry {
     pub(super) protocol: Protocol,
@@ -22,6 +23,11 @@ impl Entry {
             prefix: binding.prefix,
             port,
         })
+    }
+
+    /// A /32 or /128: in the hash only.
+    pub(super) fn is_full(&self) -> bool {
+        self.prefix.prefix_len() == self.prefix.max_prefix_len()
     }
 
     pub(super) fn key(&self) -> aya::maps::lpm_trie::Key<BindingKey> {
@@ -45,58 +51,210 @@ impl Entry {
     }
 }
 
-impl Dispatcher {
-    /// Count entries per (protocol, port) bit and write the words whose bits
-    /// change. A bit is set before its first entry appears and cleared after
-    /// its last one went, so the program never skips an entry; a crash in
-    /// between leaves a bit set with no entry, which costs a lookup and is
-    /// cleared by the next write of its word. Hence the words are derived from
-    /// the entries when the state is adopted, never read back.
-    pub(super) fn bump_ports(&mut self, deltas: &HashMap<u32, i64>, sign: i64) -> Result<()> {
-        let mut dirty = HashSet::new();
-        for (&idx, &delta) in deltas {
-            let d = delta * sign;
-            if d == 0 {
-                continue;
+/// What kinds of entry exist, counted, and the `ports` words that say so to
+/// the program (see `ebpf/skactivate.h`).
+#[derive(Debug)]
+pub(super) struct Kinds {
+    /// Entries per (protocol slot << 16 | port), port ≠ 0.
+    specific: HashMap<u32, u32, index::Fast>,
+    /// Wildcard entries per (family slot << 1 | protocol slot).
+    wild: [u32; 4],
+    /// Entries per address length, per (family slot << 1 | protocol slot).
+    lengths: [BTreeMap<u8, u32>; 4],
+    /// The `ports` words as the entries want them.
+    words: Vec<u64>,
+    /// The `ports` words as written (a crash may have left more bits set in
+    /// the map than these say, never fewer: bits rise before entries appear
+    /// and fall after they are gone).
+    written: Vec<u64>,
+}
+
+impl Default for Kinds {
+    fn default() -> Self {
+        Kinds {
+            specific: HashMap::default(),
+            wild: [0; 4],
+            lengths: Default::default(),
+            words: vec![0; abi::PORTS_WORDS as usize],
+            written: vec![0; abi::PORTS_WORDS as usize],
+        }
+    }
+}
+
+fn bump(count: &mut u32, delta: i64) -> bool {
+    let before = *count;
+    *count = u32::try_from((i64::from(before) + delta).max(0)).unwrap_or(u32::MAX);
+    (before == 0) != (*count == 0)
+}
+
+fn slots(family: Family, protocol: Protocol) -> usize {
+    (abi::family_slot(family) << 1 | abi::protocol_slot(protocol)) as usize
+}
+
+impl Kinds {
+    /// Count `delta` entries like `e`; the words whose bits change go into
+    /// `dirty`.
+    pub(super) fn count(&mut self, e: &Entry, delta: i64, dirty: &mut BTreeSet<u32>) {
+        let family = Family::of(&e.prefix.addr());
+        let ps = abi::protocol_slot(e.protocol);
+        let fs = abi::family_slot(family);
+        if e.port != 0 {
+            let c = self
+                .specific
+                .entry(ps << 16 | u32::from(e.port))
+                .or_default();
+            if bump(c, delta) {
+                let on = *c != 0;
+                if !on {
+                    self.specific.remove(&(ps << 16 | u32::from(e.port)));
+                }
+                let (word, bit) = abi::port_word_bit(e.protocol, e.port);
+                set_bit(&mut self.words[word as usize], bit, on);
+                dirty.insert(word);
             }
-            let cur = self.port_counts.get(&idx).copied().unwrap_or(0);
-            let new = u32::try_from((i64::from(cur) + d).max(0)).unwrap_or(u32::MAX);
-            if new == 0 {
-                self.port_counts.remove(&idx);
-            } else {
-                self.port_counts.insert(idx, new);
-            }
-            let (word, bit) = abi::ports_word_bit(idx);
-            let w = &mut self.port_words[word as usize];
-            let before = *w;
-            if new == 0 {
-                *w &= !(1 << bit);
-            } else {
-                *w |= 1 << bit;
-            }
-            if *w != before {
+        } else if bump(&mut self.wild[slots(family, e.protocol)], delta) {
+            let on = self.wild[slots(family, e.protocol)] != 0;
+            for word in ps << 11..(ps + 1) << 11 {
+                set_bit(&mut self.words[word as usize], abi::PORTS_WILD_BIT + fs, on);
                 dirty.insert(word);
             }
         }
-        for word in dirty {
-            self.ports
-                .set(word, self.port_words[word as usize], 0)
-                .map_err(map_err("ports"))?;
+        let bits = e.prefix.prefix_len();
+        let lengths = &mut self.lengths[slots(family, e.protocol)];
+        let c = lengths.entry(bits).or_default();
+        if bump(c, delta) {
+            if *c == 0 {
+                lengths.remove(&bits);
+            }
+            if bits < abi::full_bits(family) {
+                let shorter: Vec<u8> = lengths
+                    .keys()
+                    .rev()
+                    .copied()
+                    .filter(|&b| b < abi::full_bits(family))
+                    .collect();
+                let idx = abi::lengths_index(family, e.protocol);
+                self.words[idx as usize] = abi::lengths_word(&shorter);
+                dirty.insert(idx);
+            }
         }
-        Ok(())
     }
 
-    /// Apply a change to the trie all at once or not at all: `add` entries
-    /// (entry → destination id) go in first, then `remove` entries go out, so
-    /// that a replacement never leaves a gap. Port counts rise before entries
+    /// The address lengths in use for a family and protocol, longest first.
+    pub(super) fn lengths(&self, family: Family, protocol: Protocol) -> Vec<u8> {
+        self.lengths[slots(family, protocol)]
+            .keys()
+            .rev()
+            .copied()
+            .collect()
+    }
+
+    /// Take the words as written (after adoption: derived, never read back).
+    pub(super) fn assume_written(&mut self) {
+        self.written.clone_from(&self.words);
+    }
+}
+
+fn set_bit(word: &mut u64, bit: u32, on: bool) {
+    if on {
+        *word |= 1 << bit;
+    } else {
+        *word &= !(1 << bit);
+    }
+}
+
+impl Dispatcher {
+    /// Write the `ports` words in `dirty` that differ from what was written.
+    pub(super) fn sync_ports(&mut self, dirty: &BTreeSet<u32>) -> Result<()> {
+        let (keys, values): (Vec<u32>, Vec<u64>) = dirty
+            .iter()
+            .filter(|&&w| self.kinds.words[w as usize] != self.kinds.written[w as usize])
+            .map(|&w| (w, self.kinds.words[w as usize]))
+            .unzip();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let fd = self.ports.fd().as_fd();
+        let (mut n, mut r) = if keys.len() > 1 && self.hash_batch {
+            sys::map_update_batch(fd, &keys, &values)
+        } else {
+            (0, Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)))
+        };
+        if r.is_err() && n == 0 {
+            // Arrays without batch operations: one word per syscall.
+            (n, r) = update_each(fd, &keys, &values);
+        }
+        for (&k, &v) in keys[..n].iter().zip(&values) {
+            self.kinds.written[k as usize] = v;
+        }
+        r.map_err(sys_err("BPF_MAP_UPDATE_ELEM (ports)"))
+    }
+
+    /// Write `keys` and `values` into the hash (`trie` false) or the trie, in
+    /// batches where the map takes them; how many went in, and the error.
+    fn write_entries(
+        &self,
+        trie: bool,
+        keys: &[aya::maps::lpm_trie::Key<BindingKey>],
+        values: &[BindingValue],
+    ) -> (usize, io::Result<()>) {
+        let (fd, batch) = if trie {
+            (self.bindings.map().fd().as_fd(), self.batch)
+        } else {
+            (self.hash.fd().as_fd(), self.hash_batch)
+        };
+        let mut done = 0;
+        for (k, v) in keys.chunks(UPDATE_BATCH).zip(values.chunks(UPDATE_BATCH)) {
+            let (n, r) = if batch {
+                sys::map_update_batch(fd, k, v)
+            } else {
+                update_each(fd, k, v)
+            };
+            done += n;
+            if r.is_err() {
+                return (done, r);
+            }
+        }
+        (done, Ok(()))
+    }
+
+    /// Take entries out of the hash and, if shorter than full length, the
+    /// trie; absent ones are no error.
+    fn delete_entries<'e>(&self, entries: impl Iterator<Item = &'e Entry>) -> Result<()> {
+        let mut failure = None;
+        for e in entries {
+            let key = e.key();
+            if !e.is_full() {
+                match sys::map_delete_elem(self.bindings.map().fd().as_fd(), &key) {
+                    Ok(()) => {}
+                    Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(err) => {
+                        failure.get_or_insert(sys_err("BPF_MAP_DELETE_ELEM (bindings)")(err));
+                    }
+                }
+            }
+            match sys::map_delete_elem(self.hash.fd().as_fd(), &key) {
+                Ok(()) => {}
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(err) => {
+                    failure.get_or_insert(sys_err("BPF_MAP_DELETE_ELEM (entries)")(err));
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Apply a change all at once or not at all: `add` entries (entry →
+    /// destination id) go in first, then `remove` entries go out, so that a
+    /// replacement never leaves a gap. The `ports` words rise before entries
     /// appear and fall after they vanish, so the program never skips an entry.
     pub(super) fn apply(&mut self, add: Vec<(Entry, u32)>, remove: Vec<Entry>) -> Result<Changes> {
         // Conflicts first, from the index: nothing has been touched yet.
         for (e, id) in &add {
-            if let Some(other) = self.entries.get(e).filter(|&&o| o != *id) {
+            if let Some(other) = self.entries.get(e).filter(|&o| o != *id) {
                 return Err(DispatcherError::Conflict {
                     binding: e.binding(),
-                    other: self.dests[other].destination.clone(),
+                    other: self.dests[&other].destination.clone(),
                 });
             }
         }
@@ -121,47 +279,76 @@ impl Dispatcher {
             .filter(|e| self.entries.contains_key(e))
             .collect();
 
-        let mut up: HashMap<u32, i64> = HashMap::new();
-        for (e, _) in &add {
-            *up.entry(abi::ports_index(e.protocol, e.port)).or_default() += 1;
+        // Room in the hash before anything is written.
+        let needed = self.entries.len() + add.len();
+        if needed > self.hash_capacity as usize && self.hash_capacity < abi::MAX_BINDINGS {
+            self.grow(needed)?;
         }
-        self.bump_ports(&up, 1)?;
 
-        // In batches: one syscall per 4096 entries instead of one each. A batch
-        // cannot say BPF_NOEXIST; it need not, as the index has already left
-        // out every entry present and this process is the trie's only writer.
-        let mut done = 0;
-        for chunk in add.chunks(UPDATE_BATCH) {
-            let keys: Vec<_> = chunk.iter().map(|(e, _)| e.key()).collect();
-            let values: Vec<_> = chunk
-                .iter()
-                .map(|(e, id)| BindingValue {
-                    destination: *id,
-                    prefixlen: abi::trie_prefixlen(&e.prefix),
-                })
-                .collect();
-            let fd = self.bindings.map().fd().as_fd();
-            let (n, r) = if self.batch {
-                sys::map_update_batch(fd, &keys, &values)
-            } else {
-                update_each(fd, &keys, &values)
-            };
-            done += n;
-            if let Err(err) = r {
-                for (d, _) in &add[..done] {
-                    let _ = self.bindings.remove(&d.key());
-                }
-                let _ = self.bump_ports(&up, -1);
-                // The trie says ENOSPC when it is full (add[done] did not fit).
-                return Err(match (err.raw_os_error(), add.get(done)) {
-                    (Some(libc::ENOSPC | libc::E2BIG), Some((e, _))) => {
-                        DispatcherError::BindingsFull {
-                            binding: e.binding(),
-                        }
-                    }
-                    _ => sys_err("BPF_MAP_UPDATE_BATCH (bindings)")(err),
-                });
+        let mut dirty = BTreeSet::new();
+        for (e, _) in &add {
+            self.kinds.count(e, 1, &mut dirty);
+        }
+        let undo_counts = |d: &mut Dispatcher, add: &[(Entry, u32)]| {
+            let mut dirty = BTreeSet::new();
+            for (e, _) in add {
+                d.kinds.count(e, -1, &mut dirty);
             }
+            let _ = d.sync_ports(&dirty);
+        };
+        if let Err(e) = self.sync_ports(&dirty) {
+            undo_counts(self, &add);
+            return Err(e);
+        }
+
+        // The hash holds every entry, the trie the shorter ones. A batch
+        // cannot say BPF_NOEXIST; it need not, as the index has already left
+        // out every entry present and this process is the maps' only writer.
+        let keys: Vec<_> = add.iter().map(|(e, _)| e.key()).collect();
+        let values: Vec<_> = add
+            .iter()
+            .map(|(e, id)| BindingValue {
+                destination: *id,
+                prefixlen: abi::trie_prefixlen(&e.prefix),
+            })
+            .collect();
+        let (done, r) = self.write_entries(false, &keys, &values);
+        let mut failed = r
+            .err()
+            .map(|err| (err, add.get(done).map(|a| a.0), "entries"));
+        let mut hash_done = done;
+        let short: Vec<usize> = (0..add.len()).filter(|&i| !add[i].0.is_full()).collect();
+        let mut trie_done = 0;
+        if failed.is_none() && !short.is_empty() {
+            let k: Vec<_> = short.iter().map(|&i| keys[i]).collect();
+            let v: Vec<_> = short.iter().map(|&i| values[i]).collect();
+            let (n, r) = self.write_entries(true, &k, &v);
+            trie_done = n;
+            failed = r
+                .err()
+                .map(|err| (err, short.get(n).map(|&i| add[i].0), "bindings"));
+        }
+        if let Some((err, at, map)) = failed {
+            let trie_part: Vec<Entry> = short[..trie_done].iter().map(|&i| add[i].0).collect();
+            let _ = self.delete_entries(trie_part.iter());
+            hash_done = hash_done.min(add.len());
+            let hash_part: Vec<Entry> = add[..hash_done].iter().map(|a| a.0).collect();
+            let _ = self.delete_entries(hash_part.iter());
+            undo_counts(self, &add);
+            // A full hash says E2BIG, a full trie ENOSPC (`at` did not fit).
+            return Err(match (err.raw_os_error(), at) {
+                (Some(libc::ENOSPC | libc::E2BIG), Some(e)) => DispatcherError::BindingsFull {
+                    binding: e.binding(),
+                },
+                _ => DispatcherError::Syscall {
+                    call: if map == "entries" {
+                        "BPF_MAP_UPDATE (entries)"
+                    } else {
+                        "BPF_MAP_UPDATE (bindings)"
+                    },
+                    source: err,
+                },
+            });
         }
         let mut touched: HashSet<u32> = HashSet::new();
         for (e, id) in add.iter() {
@@ -172,21 +359,10 @@ impl Dispatcher {
             touched.insert(*id);
         }
 
-        let mut down: HashMap<u32, i64> = HashMap::new();
-        let mut removed = 0;
-        let mut failure = None;
+        let failure = self.delete_entries(remove.iter()).err();
+        let mut dirty = BTreeSet::new();
         for e in &remove {
-            match self.bindings.remove(&e.key()) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(err) => {
-                    failure.get_or_insert(map_err("bindings")(err));
-                    continue;
-                }
-            }
-            removed += 1;
-            *down
-                .entry(abi::ports_index(e.protocol, e.port))
-                .or_default() += 1;
+            self.kinds.count(e, -1, &mut dirty);
             if let Some(id) = self.entries.remove(e) {
                 if let Some(s) = self.dests.get_mut(&id) {
                     s.refcount = s.refcount.saturating_sub(1);
@@ -194,16 +370,108 @@ impl Dispatcher {
                 touched.insert(id);
             }
         }
-        self.bump_ports(&down, -1)?;
+        self.sync_ports(&dirty)?;
         self.write_refcounts(touched)?;
         self.collect_garbage()?;
         match failure {
             Some(e) => Err(e),
             None => Ok(Changes {
                 added: add.len(),
-                removed,
+                removed: remove.len(),
             }),
         }
+    }
+
+    /// Replace the `entries` hash by one with room for `needed` entries
+    /// (sixteenfold steps, at most `MAX_BINDINGS`), under a program that uses
+    /// it. The new map is created, pinned aside and filled first; the link
+    /// then runs a program on it, and the pins follow. A crash in between
+    /// leaves the link's program not the pinned one, and adoption runs one
+    /// on the pinned (old, complete) map again.
+    pub(super) fn grow(&mut self, needed: usize) -> Result<()> {
+        let mut cap = self.hash_capacity.max(abi::ENTRIES_MIN);
+        while (cap as usize) < needed && cap < abi::MAX_BINDINGS {
+            cap = (cap * 16).min(abi::MAX_BINDINGS);
+        }
+        let staged = self.dir.join(ENTRIES_PIN_NEW);
+        let _ = fs::remove_file(&staged);
+        let mut ebpf = EbpfLoader::new()
+            // No CO-RE in the object: parsing the kernel's BTF would cost
+            // milliseconds and megabytes for nothing.
+            .btf(None)
+            .default_map_pin_directory(&self.dir)
+            .map_max_entries(ENTRIES, cap)
+            .map_pin_path(ENTRIES, staged.as_path())
+            .load(DISPATCHER_OBJECT)
+            .map_err(load_err)?;
+        let built = (|| {
+            let prog = pinned::program_of(&mut ebpf)?;
+            prog.load().map_err(program_err)?;
+            let program = prog
+                .fd()
+                .map_err(DispatcherError::Program)?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(sys_err("dup"))?;
+            let map = match ebpf.take_map(ENTRIES) {
+                Some(Map::HashMap(m)) => m,
+                _ => return Err(DispatcherError::MissingProgram { name: ENTRIES }),
+            };
+            Ok((program, map))
+        })();
+        let (program, map) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = fs::remove_file(&staged);
+                return Err(e);
+            }
+        };
+        let (keys, values): (Vec<_>, Vec<_>) = self
+            .entries
+            .iter()
+            .map(|(e, id)| {
+                (
+                    e.key(),
+                    BindingValue {
+                        destination: id,
+                        prefixlen: abi::trie_prefixlen(&e.prefix),
+                    },
+                )
+            })
+            .unzip();
+        let fd = map.fd().as_fd();
+        let mut r = Ok(());
+        for (k, v) in keys.chunks(UPDATE_BATCH).zip(values.chunks(UPDATE_BATCH)) {
+            r = if self.hash_batch {
+                sys::map_update_batch(fd, k, v).1
+            } else {
+                update_each(fd, k, v).1
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        let r = r
+            .map_err(sys_err("BPF_MAP_UPDATE (entries)"))
+            .and_then(|()| pinned::restrict(&staged, 0o640))
+            .and_then(|()| {
+                sys::link_update(
+                    self.link.as_fd(),
+                    program.as_fd(),
+                    Some(self.program.as_fd()),
+                )
+                .map_err(sys_err("BPF_LINK_UPDATE"))
+            });
+        if let Err(e) = r {
+            let _ = fs::remove_file(&staged);
+            return Err(e);
+        }
+        self.program = program;
+        self.hash = map;
+        self.hash_capacity = cap;
+        let pin = self.dir.join(ENTRIES);
+        fs::rename(&staged, &pin).map_err(io_err(&pin))?;
+        pinned::pin_program(&self.dir, self.program.as_fd())
     }
 
     /// Add bindings, each to its destination, all or none.
@@ -249,9 +517,9 @@ impl Dispatcher {
                 self.dests
                     .get(id)
                     .is_some_and(|s| s.destination.unit == unit)
-                    && !wanted.contains(&(**e, **id))
+                    && !wanted.contains(&(*e, *id))
             })
-            .map(|(e, _)| *e)
+            .map(|(e, _)| e)
             .collect();
         // An entry moving between two destinations of this unit: take it out first.
         let moving: Vec<Entry> = add
@@ -259,7 +527,7 @@ impl Dispatcher {
             .filter(|(e, id)| {
                 self.entries
                     .get(e)
-                    .is_some_and(|o| o != id && self.dests[o].destination.unit == unit)
+                    .is_some_and(|o| o != *id && self.dests[&o].destination.unit == unit)
             })
             .map(|(e, _)| *e)
             .collect();
@@ -277,7 +545,7 @@ impl Dispatcher {
     /// destination shown as one range.
     pub fn bindings(&self) -> Result<Vec<BindingInfo>> {
         let mut by_prefix: BTreeMap<(u32, Protocol, IpNetOrd, bool), Vec<u16>> = BTreeMap::new();
-        for (e, &id) in &self.entries {
+        for (e, id) in self.entries.iter() {
             by_prefix
                 .entry((id, e.protocol, IpNetOrd(e.prefix), e.port == 0))
                 .or_default()

@@ -191,7 +191,7 @@ impl Dispatcher {
                     .get(id)
                     .is_some_and(|s| s.destination.unit == unit)
             })
-            .map(|(e, _)| *e)
+            .map(|(e, _)| e)
             .collect();
         let changes = self.apply(Vec::new(), remove)?;
         let ids: Vec<u32> = self

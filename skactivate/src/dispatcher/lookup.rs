@@ -5,7 +5,7 @@ use super::*;
 impl Dispatcher {
     /// Where a packet for `addr:port` would go, found by running the live
     /// program once with `BPF_PROG_TEST_RUN` (which counts in the metrics like
-    /// real traffic). The program decides verdict and socket; the trie tells
+    /// real traffic). The program decides verdict and socket; the index tells
     /// which binding it used.
     pub fn lookup(&self, protocol: Protocol, addr: IpAddr, port: u16) -> Result<Lookup> {
         let run = self.test_run(protocol, addr, port, 1)?;
@@ -40,7 +40,8 @@ impl Dispatcher {
         })
     }
 
-    /// The trie's answers for the specific port and for `*`, longest first.
+    /// The entries that cover `addr` on `port` (a specific one or `*`), in
+    /// precedence order: longest prefix first, the specific port before `*`.
     pub(super) fn matching_entries(
         &self,
         protocol: Protocol,
@@ -48,27 +49,24 @@ impl Dispatcher {
         port: u16,
     ) -> Result<Vec<(Binding, u32)>> {
         let mut out = Vec::new();
-        for p in [port, 0] {
-            match self.bindings.get(&abi::lookup_key(protocol, addr, p), 0) {
-                Ok(v) => {
-                    // The family is part of the key: an answer is of addr's family.
-                    let entry = self.entries.iter().find(|(e, id)| {
-                        **id == v.destination
-                            && e.protocol == protocol
-                            && e.port == p
-                            && abi::trie_prefixlen(&e.prefix) == v.prefixlen
-                            && e.prefix.contains(&addr)
-                    });
-                    if let Some((e, id)) = entry {
-                        out.push((e.binding(), *id, v.prefixlen));
-                    }
+        for bits in self.kinds.lengths(Family::of(&addr), protocol) {
+            let Ok(prefix) = IpNet::new(addr, bits) else {
+                continue;
+            };
+            let prefix = prefix.trunc();
+            let ports: &[u16] = if port == 0 { &[0] } else { &[port, 0] };
+            for &p in ports {
+                let e = Entry {
+                    protocol,
+                    prefix,
+                    port: p,
+                };
+                if let Some(id) = self.entries.get(&e) {
+                    out.push((e.binding(), id));
                 }
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err("bindings")(e)),
             }
         }
-        out.sort_by_key(|(_, _, len)| std::cmp::Reverse(*len));
-        Ok(out.into_iter().map(|(b, id, _)| (b, id)).collect())
+        Ok(out)
     }
 
     /// Run the program `repeat` times on one lookup; the kernel reports the mean

@@ -6,7 +6,7 @@
 //! process adopts what an old one left, and traffic keeps flowing in between:
 //! the program is attached through a pinned bpf_link.
 //!
-//! The process also keeps an index of the trie in memory (entry → destination),
+//! The process also keeps an index of the entries in memory (entry → destination),
 //! read from the maps when it opens them, so that conflict checks and diffs cost
 //! no syscalls; it is the maps' only writer, so the index stays exact.
 
@@ -14,6 +14,7 @@ pub mod abi;
 mod bindings;
 mod destinations;
 mod host;
+mod index;
 mod lock;
 mod lookup;
 mod pinned;
@@ -21,7 +22,7 @@ pub mod records;
 pub mod socket;
 pub mod sys;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::net::IpAddr;
@@ -30,8 +31,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{
-    Array, HashMap as BpfHashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
-    PerCpuValues,
+    HashMap as BpfHashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
 };
 use aya::programs::links::FdLink;
 use aya::programs::{ProgramError, SkLookup};
@@ -52,8 +52,11 @@ pub(crate) static DISPATCHER_OBJECT: &[u8] =
 
 const PROGRAM: &str = "skactivate_dispatch";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-/// Trie entries per `BPF_MAP_UPDATE_BATCH`.
+/// Entries per `BPF_MAP_UPDATE_BATCH`.
 const UPDATE_BATCH: usize = 4096;
+/// The `entries` hash, and where a bigger one is pinned while it is filled.
+const ENTRIES: &str = "entries";
+const ENTRIES_PIN_NEW: &str = "entries-new";
 
 /// What a pinned map must look like for this build to adopt it.
 struct MapSpec {
@@ -71,7 +74,7 @@ const fn size<T>() -> u32 {
 
 /// The maps as `ebpf/dispatcher.bpf.c` declares them; sizes come from the
 /// `abi` mirrors, which the layout test holds against the object.
-const MAPS: [MapSpec; 5] = [
+const MAPS: [MapSpec; 6] = [
     MapSpec {
         name: "bindings",
         map_type: sys::MAP_TYPE_LPM_TRIE,
@@ -107,6 +110,14 @@ const MAPS: [MapSpec; 5] = [
         key_size: size::<u32>(),
         value_size: size::<u64>(),
         max_entries: abi::PORTS_WORDS,
+    },
+    // Its capacity grows (see `Dispatcher::grow`): the object's is the first.
+    MapSpec {
+        name: ENTRIES,
+        map_type: sys::MAP_TYPE_HASH,
+        key_size: size::<aya::maps::lpm_trie::Key<BindingKey>>(),
+        value_size: size::<BindingValue>(),
+        max_entries: abi::ENTRIES_MIN,
     },
 ];
 
@@ -307,7 +318,12 @@ pub fn memlock_needed() -> u64 {
     let r8 = |n: u32| u64::from(n).next_multiple_of(8);
     let mut total = 64 << 10; // two programs (one while upgrading), a few pages each
     for spec in &MAPS {
-        let n = u64::from(spec.max_entries);
+        // The entries hash at its largest.
+        let n = if spec.name == ENTRIES {
+            u64::from(abi::MAX_BINDINGS)
+        } else {
+            u64::from(spec.max_entries)
+        };
         total += match spec.map_type {
             // lpm_trie_node: rcu_head, two children, prefixlen, flags; then data and value.
             sys::MAP_TYPE_LPM_TRIE => {
@@ -466,16 +482,20 @@ pub struct Dispatcher {
     sockets: MapData,
     destinations: BpfHashMap<MapData, DestinationKey, DestinationValue>,
     metrics: PerCpuArray<MapData, Metrics>,
-    ports: Array<MapData, u64>,
-    /// Trie entries per `ports` bit (`abi::ports_index`), and the words as
-    /// written: derived from `entries`, never read back (see `bump_ports`).
-    port_counts: HashMap<u32, u32>,
-    port_words: Vec<u64>,
+    ports: MapData,
+    /// The `entries` hash: every entry, the program's exact-match table.
+    hash: MapData,
+    /// Its `max_entries`.
+    hash_capacity: u32,
+    /// Whether it takes `BPF_MAP_UPDATE_BATCH` (probed when opened).
+    hash_batch: bool,
+    /// The kinds of entry in use, counted, and the `ports` words.
+    kinds: bindings::Kinds,
     /// id → destination and refcount, mirroring `destinations`.
     dests: BTreeMap<u32, DestState>,
     ids: HashMap<Destination, u32>,
-    /// Every trie entry and its destination id, mirroring `bindings`.
-    entries: HashMap<Entry, u32>,
+    /// Every entry and its destination id, mirroring `entries`.
+    entries: index::Index,
     /// Whether the trie takes `BPF_MAP_UPDATE_BATCH` (probed when opened).
     batch: bool,
     /// The namespace's writer lock, held as long as this handle lives.

@@ -98,23 +98,32 @@ impl Dispatcher {
             }
         };
 
+        // A bigger entries hash that a crash left half made (see `grow`).
+        let _ = fs::remove_file(dir.join(ENTRIES_PIN_NEW));
         let mut maps = HashMap::new();
+        let mut hash_capacity = abi::ENTRIES_MIN;
         for spec in &MAPS {
             let path = dir.join(spec.name);
             let data = MapData::from_pin(&path).map_err(map_err(spec.name))?;
             let found = sys::map_info(data.fd().as_fd())
                 .map_err(sys_err("BPF_OBJ_GET_INFO_BY_FD (map)"))?;
+            // The entries hash grows sixteenfold from its first capacity.
+            let grown = spec.name == ENTRIES
+                && found.max_entries.is_power_of_two()
+                && (abi::ENTRIES_MIN..=abi::MAX_BINDINGS).contains(&found.max_entries);
+            let want_max = if grown {
+                hash_capacity = found.max_entries;
+                found.max_entries
+            } else {
+                spec.max_entries
+            };
             if (
                 found.map_type,
                 found.key_size,
                 found.value_size,
                 found.max_entries,
-            ) != (
-                spec.map_type,
-                spec.key_size,
-                spec.value_size,
-                spec.max_entries,
-            ) {
+            ) != (spec.map_type, spec.key_size, spec.value_size, want_max)
+            {
                 return Err(DispatcherError::Layout {
                     path: dir.to_owned(),
                     map: spec.name,
@@ -138,7 +147,8 @@ impl Dispatcher {
             .map_err(map_err("destinations"))?;
         let metrics =
             PerCpuArray::try_from(Map::PerCpuArray(take("metrics"))).map_err(map_err("metrics"))?;
-        let ports = Array::try_from(Map::Array(take("ports"))).map_err(map_err("ports"))?;
+        let ports = take("ports");
+        let hash = take(ENTRIES);
 
         let mut d = Dispatcher {
             dir: dir.to_owned(),
@@ -150,21 +160,25 @@ impl Dispatcher {
             destinations,
             metrics,
             ports,
+            hash,
+            hash_capacity,
+            hash_batch: false,
+            kinds: bindings::Kinds::default(),
             dests: BTreeMap::new(),
             ids: HashMap::new(),
-            entries: HashMap::new(),
+            entries: index::Index::default(),
             batch: false,
             lock: None,
-            port_counts: HashMap::new(),
-            port_words: vec![0; abi::PORTS_WORDS as usize],
             records: records::Records::open(dir)?,
         };
         d.batch = d.probe_batch();
+        d.hash_batch = probe_batch(d.hash.fd().as_fd());
         d.load_index()?;
         Ok(Some(d))
     }
 
-    /// Read the destinations and the trie into the in-memory index.
+    /// Read the destinations and the entries hash into the in-memory index
+    /// and the counts; nothing is written.
     pub(super) fn load_index(&mut self) -> Result<()> {
         for item in self.destinations.iter() {
             let (k, v) = item.map_err(map_err("destinations"))?;
@@ -187,28 +201,42 @@ impl Dispatcher {
                 },
             );
         }
-        for item in self.bindings.iter() {
-            let (k, v) = item.map_err(map_err("bindings"))?;
+        // Every entry is in the hash: read it in batches where the kernel
+        // can (hash maps since 5.6), else a key at a time.
+        let mut items = Vec::new();
+        let fd = self.hash.fd().as_fd();
+        let r = sys::map_lookup_batch::<aya::maps::lpm_trie::Key<BindingKey>, BindingValue>(
+            fd,
+            UPDATE_BATCH,
+            |k, v| items.push((*k, *v)),
+        );
+        if let Err(e) = r {
+            if !items.is_empty() || !host::no_batch_support(&e) {
+                return Err(sys_err("BPF_MAP_LOOKUP_BATCH (entries)")(e));
+            }
+            let dup = fd.try_clone_to_owned().map_err(sys_err("dup"))?;
+            let data = MapData::from_fd(dup).map_err(map_err("entries"))?;
+            let map: BpfHashMap<_, aya::maps::lpm_trie::Key<BindingKey>, BindingValue> =
+                BpfHashMap::try_from(Map::HashMap(data)).map_err(map_err("entries"))?;
+            for item in map.iter() {
+                items.push(item.map_err(map_err("entries"))?);
+            }
+        }
+        self.entries.reserve(items.len());
+        let mut dirty = BTreeSet::new();
+        for (k, v) in items {
             let Some((b, port)) = abi::decode_binding_key(k.prefix_len(), &k.data()) else {
                 continue;
             };
-            self.entries.insert(
-                Entry {
-                    protocol: b.protocol,
-                    prefix: b.prefix,
-                    port,
-                },
-                v.destination,
-            );
-            *self
-                .port_counts
-                .entry(abi::ports_index(b.protocol, port))
-                .or_default() += 1;
+            let e = Entry {
+                protocol: b.protocol,
+                prefix: b.prefix,
+                port,
+            };
+            self.entries.insert(e, v.destination);
+            self.kinds.count(&e, 1, &mut dirty);
         }
-        for &idx in self.port_counts.keys() {
-            let (word, bit) = abi::ports_word_bit(idx);
-            self.port_words[word as usize] |= 1 << bit;
-        }
+        self.kinds.assume_written();
         Ok(())
     }
 
@@ -216,16 +244,7 @@ impl Dispatcher {
     /// changes nothing, and says ENOTSUPP where the map has no batch
     /// operations (the LPM trie before 6.0, e.g. on Debian 11's 5.10).
     pub(super) fn probe_batch(&self) -> bool {
-        let fd = self.bindings.map().fd().as_fd();
-        let none: [aya::maps::lpm_trie::Key<BindingKey>; 0] = [];
-        let values: [BindingValue; 0] = [];
-        match sys::map_update_batch(fd, &none, &values).1 {
-            Ok(()) => true,
-            Err(e) => {
-                debug_assert!(host::no_batch_support(&e), "{e}");
-                false
-            }
-        }
+        probe_batch(self.bindings.map().fd().as_fd())
     }
 
     /// Whether changes to the trie go in batches (else one element per
@@ -239,6 +258,7 @@ impl Dispatcher {
     /// kernel.
     pub fn force_single_updates(&mut self) {
         self.batch = false;
+        self.hash_batch = false;
     }
 
     /// The pinned state's directory.
@@ -305,6 +325,21 @@ impl Dispatcher {
     }
 }
 
+/// Whether a map of binding keys and values takes `BPF_MAP_UPDATE_BATCH`:
+/// an empty batch changes nothing, and says ENOTSUPP where the map has no
+/// batch operations (the LPM trie before 6.0, e.g. on Debian 11's 5.10).
+pub(super) fn probe_batch(fd: BorrowedFd<'_>) -> bool {
+    let none: [aya::maps::lpm_trie::Key<BindingKey>; 0] = [];
+    let values: [BindingValue; 0] = [];
+    match sys::map_update_batch(fd, &none, &values).1 {
+        Ok(()) => true,
+        Err(e) => {
+            debug_assert!(host::no_batch_support(&e), "{e}");
+            false
+        }
+    }
+}
+
 pub(super) fn program_of(ebpf: &mut aya::Ebpf) -> Result<&mut SkLookup> {
     let prog = ebpf
         .program_mut(PROGRAM)
@@ -315,6 +350,9 @@ pub(super) fn program_of(ebpf: &mut aya::Ebpf) -> Result<&mut SkLookup> {
 /// Create maps and program in `dir`, attach to `netns`, pin the link.
 pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
     let mut ebpf = EbpfLoader::new()
+        // No CO-RE in the object: parsing the kernel's BTF would cost
+        // milliseconds and megabytes for nothing.
+        .btf(None)
         .default_map_pin_directory(dir)
         .load(DISPATCHER_OBJECT)
         .map_err(load_err)?;
@@ -347,6 +385,9 @@ pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
 /// Load this build's program against the maps pinned in `dir`.
 pub(super) fn load_program(dir: &Path) -> Result<OwnedFd> {
     let mut ebpf = EbpfLoader::new()
+        // No CO-RE in the object: parsing the kernel's BTF would cost
+        // milliseconds and megabytes for nothing.
+        .btf(None)
         .default_map_pin_directory(dir)
         .load(DISPATCHER_OBJECT)
         .map_err(load_err)?;

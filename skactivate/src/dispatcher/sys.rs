@@ -25,6 +25,7 @@ const BPF_PROG_TEST_RUN: libc::c_long = bpf_cmd::BPF_PROG_TEST_RUN as libc::c_lo
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = bpf_cmd::BPF_PROG_GET_FD_BY_ID as libc::c_long;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long;
 const BPF_LINK_UPDATE: libc::c_long = bpf_cmd::BPF_LINK_UPDATE as libc::c_long;
 const BPF_LINK_DETACH: libc::c_long = bpf_cmd::BPF_LINK_DETACH as libc::c_long;
 
@@ -391,6 +392,62 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
     (attr.count as usize, r)
 }
 
+/// `BPF_MAP_LOOKUP_BATCH` of a hash map: every element, `chunk` per
+/// syscall, handed to `each` in the kernel's order. An error says the map
+/// (or the kernel) has no batch lookups before anything was read when
+/// `each` was never called (ENOTSUPP, EINVAL on old kernels).
+pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+    mut each: impl FnMut(&K, &V),
+) -> io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    // SAFETY: Pod types are valid for every bit pattern, zeros included.
+    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
+    // SAFETY: as above.
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
+    // The hash map's cursor is a bucket index.
+    let mut token_in = 0u32;
+    let mut token_out = 0u32;
+    let mut first = true;
+    loop {
+        let mut attr = Attr {
+            in_batch: if first { 0 } else { ptr(&token_in) },
+            out_batch: ptr(&raw mut token_out),
+            keys: ptr(keys.as_mut_ptr()),
+            values: ptr(values.as_mut_ptr()),
+            count: u32::try_from(chunk).expect("batch fits u32"),
+            map_fd: raw(map),
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: Attr is the batch prefix; the kernel writes at most `count`
+        // Pod keys and values into the live buffers, and a u32 cursor.
+        let r = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let n = (attr.count as usize).min(chunk);
+        for (k, v) in keys[..n].iter().zip(&values[..n]) {
+            each(k, v);
+        }
+        match r {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        first = false;
+        token_in = token_out;
+    }
+}
+
 /// `BPF_MAP_UPDATE_ELEM` of one element (`flags`: `BPF_ANY`, `BPF_NOEXIST`,
 /// `BPF_EXIST`): the path for maps whose kernel has no batch operations.
 pub fn map_update_elem<K: aya::Pod, V: aya::Pod>(
@@ -408,6 +465,19 @@ pub fn map_update_elem<K: aya::Pod, V: aya::Pod>(
     };
     // SAFETY: ElemAttr; key and value are live Pod values of the map's sizes.
     unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+}
+
+/// `BPF_MAP_DELETE_ELEM` of one key (ENOENT if absent).
+pub fn map_delete_elem<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: raw(map),
+        pad: 0,
+        key: ptr(key as *const K),
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: ElemAttr; key is a live Pod value of the map's key size.
+    unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
 }
 
 /// `BPF_MAP_DELETE_ELEM`; absent is not an error.

@@ -1,0 +1,202 @@
+//! The in-memory index of the entries (entry → destination id), kept compact:
+//! the daemon holds one item per entry, up to 2^20 of them.
+//!
+//! IPv4 entries, nearly all of them in a large configuration, are packed into
+//! 8 bytes (address; port, prefix length and protocol), 12 bytes with their
+//! id; IPv6 entries keep their `Entry`. Both maps hash with a multiplicative
+//! hash instead of SipHash: the keys come from the administrator's own unit
+//! files, not from the network.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net};
+
+use super::bindings::Entry;
+use crate::binding::Protocol;
+
+/// FxHash's step: fast, and good enough for keys nobody chooses to collide.
+#[derive(Default, Clone, Copy)]
+pub(super) struct FastHasher(u64);
+
+impl FastHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        // A product's low bits see only the input's low bits, and the map
+        // takes its bucket from the low bits: mix (murmur3's finalizer).
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ x >> 33
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+}
+
+pub(super) type Fast = BuildHasherDefault<FastHasher>;
+
+/// An IPv4 entry: the address, then port (16 bits), prefix length (6) and
+/// protocol (1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct V4Key(u32, u32);
+
+impl Hash for V4Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(u64::from(self.0) | u64::from(self.1) << 32);
+    }
+}
+
+fn pack(e: &Entry) -> Option<V4Key> {
+    let IpNet::V4(net) = e.prefix else {
+        return None;
+    };
+    let protocol = match e.protocol {
+        Protocol::Tcp => 0,
+        Protocol::Udp => 1,
+    };
+    Some(V4Key(
+        u32::from(net.addr()),
+        u32::from(e.port) | u32::from(net.prefix_len()) << 16 | protocol << 22,
+    ))
+}
+
+fn unpack(k: V4Key) -> Entry {
+    let protocol = if k.1 >> 22 & 1 == 0 {
+        Protocol::Tcp
+    } else {
+        Protocol::Udp
+    };
+    let len = (k.1 >> 16 & 0x3f) as u8;
+    let prefix = Ipv4Net::new(Ipv4Addr::from(k.0), len)
+        .map(IpNet::V4)
+        .unwrap_or_else(|_| IpNet::from(IpAddr::V4(Ipv4Addr::from(k.0))));
+    Entry {
+        protocol,
+        prefix,
+        port: k.1 as u16,
+    }
+}
+
+/// Every entry and its destination id.
+#[derive(Debug, Default)]
+pub(super) struct Index {
+    v4: HashMap<V4Key, u32, Fast>,
+    v6: HashMap<Entry, u32, Fast>,
+}
+
+impl Index {
+    pub(super) fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    pub(super) fn get(&self, e: &Entry) -> Option<u32> {
+        match pack(e) {
+            Some(k) => self.v4.get(&k).copied(),
+            None => self.v6.get(e).copied(),
+        }
+    }
+
+    pub(super) fn contains_key(&self, e: &Entry) -> bool {
+        self.get(e).is_some()
+    }
+
+    pub(super) fn insert(&mut self, e: Entry, id: u32) -> Option<u32> {
+        match pack(&e) {
+            Some(k) => self.v4.insert(k, id),
+            None => self.v6.insert(e, id),
+        }
+    }
+
+    pub(super) fn remove(&mut self, e: &Entry) -> Option<u32> {
+        match pack(e) {
+            Some(k) => self.v4.remove(&k),
+            None => self.v6.remove(e),
+        }
+    }
+
+    /// Room for `n` more IPv4 entries.
+    pub(super) fn reserve(&mut self, n: usize) {
+        self.v4.reserve(n);
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (Entry, u32)> + '_ {
+        self.v4
+            .iter()
+            .map(|(&k, &id)| (unpack(k), id))
+            .chain(self.v6.iter().map(|(&e, &id)| (e, id)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_through_the_packed_form() {
+        let mut index = Index::default();
+        let entries: Vec<Entry> = [
+            ("192.0.2.0/24", Protocol::Tcp, 80),
+            ("0.0.0.0/0", Protocol::Udp, 0),
+            ("203.0.113.7/32", Protocol::Udp, 65535),
+            ("2001:db8::/64", Protocol::Tcp, 443),
+        ]
+        .iter()
+        .map(|&(p, protocol, port)| Entry {
+            protocol,
+            prefix: p.parse().unwrap(),
+            port,
+        })
+        .collect();
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(index.insert(*e, i as u32), None);
+        }
+        assert_eq!(index.len(), 4);
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(index.get(e), Some(i as u32));
+        }
+        let mut back: Vec<(Entry, u32)> = index.iter().collect();
+        back.sort_by_key(|(_, id)| *id);
+        assert_eq!(
+            back.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+            entries,
+            "unpacked as packed"
+        );
+        assert_eq!(index.remove(&entries[2]), Some(2));
+        assert!(!index.contains_key(&entries[2]));
+        assert_eq!(index.len(), 3);
+    }
+}
