@@ -625,7 +625,7 @@ impl SocketUnit {
                 Some(_) if value.is_empty() => self.listens.clear(),
                 Some(kind) => self.listens.push(Listen {
                     kind,
-                    address: expand_instance_specifiers(value, &self.name),
+                    address: value.to_owned(),
                     location: location.clone(),
                 }),
                 None => {}
@@ -747,73 +747,6 @@ impl<'a> UnitName<'a> {
     fn template(self) -> String {
         format!("{}@.{}", self.prefix, self.suffix)
     }
-}
-
-/// `value` with the specifiers that name the unit resolved for the instance
-/// `name` (`%i`, `%I`, `%n`, `%N`, `%p`, `%P`, `%j`, `%J`, `%%`), as systemd
-/// resolves them in `Listen…=` lines (systemd.unit(5), "Specifiers"): a
-/// template's `ListenStream=127.0.0.1:%i` is what each instance listens on.
-/// Other specifiers, and every specifier of a unit that is not an instance,
-/// are left as written.
-fn expand_instance_specifiers(value: &str, name: &str) -> String {
-    let Some(parsed) = UnitName::parse(name).filter(|p| p.is_instance()) else {
-        return value.to_owned();
-    };
-    if !value.contains('%') {
-        return value.to_owned();
-    }
-    let instance = parsed.instance.unwrap_or_default();
-    let stem = name.rsplit_once('.').map_or(name, |(stem, _)| stem);
-    let last_dash = |s: &str| s.rsplit_once('-').map_or(s, |(_, j)| j).to_owned();
-    let mut out = String::with_capacity(value.len());
-    let mut chars = value.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('i') => out.push_str(instance),
-            Some('I') => out.push_str(&unescape(instance)),
-            Some('n') => out.push_str(name),
-            Some('N') => out.push_str(stem),
-            Some('p') => out.push_str(parsed.prefix),
-            Some('P') => out.push_str(&unescape(parsed.prefix)),
-            Some('j') => out.push_str(&last_dash(parsed.prefix)),
-            Some('J') => out.push_str(&unescape(&last_dash(parsed.prefix))),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                out.push(other);
-            }
-            None => out.push('%'),
-        }
-    }
-    out
-}
-
-/// systemd's `unit_name_unescape()`: `-` is `/`, `\xNN` a byte. A malformed
-/// escape is kept as written.
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'-' => out.push(b'/'),
-            b'\\'
-                if bytes.get(i + 1) == Some(&b'x')
-                    && let Some(hex) = s.get(i + 2..i + 4)
-                    && let Ok(b) = u8::from_str_radix(hex, 16) =>
-            {
-                out.push(b);
-                i += 3;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The full name of a socket unit: `.socket` is implied when the name has no unit
@@ -1278,20 +1211,6 @@ mod tests {
             .iter()
             .map(|e| (e.location.line, e.value.as_str()))
             .collect()
-    }
-
-    #[test]
-    fn instance_specifiers_in_listen_lines_are_resolved() {
-        let e = |v: &str, n: &str| expand_instance_specifiers(v, n);
-        assert_eq!(e("127.0.0.1:%i", "tmpl@8091.socket"), "127.0.0.1:8091");
-        assert_eq!(e("%N-%p-%j:%%", "a-b@x.socket"), "a-b@x-a-b-b:%");
-        assert_eq!(
-            e("/run/%I/sock", "s@foo-bar\\x2dbaz.socket"),
-            "/run/foo/bar-baz/sock"
-        );
-        assert_eq!(e("%H:80", "s@x.socket"), "%H:80", "other specifiers stay");
-        assert_eq!(e("127.0.0.1:%i", "plain.socket"), "127.0.0.1:%i");
-        assert_eq!(e("trailing%", "s@x.socket"), "trailing%");
     }
 
     #[test]
