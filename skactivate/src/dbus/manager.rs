@@ -20,6 +20,17 @@ use crate::service::{Directives, Origin};
 /// `SKACTIVATE_BINDING=` field name; the rest are counted.
 const LOGGED_BINDINGS: usize = 64;
 
+/// The protocol and address arguments of `Lookup` and `LookupInNamespace`.
+fn lookup_args(protocol: &str, address: &str) -> Result<(Protocol, std::net::IpAddr), Error> {
+    let protocol: Protocol = protocol
+        .parse()
+        .map_err(|e: crate::binding::UnknownProtocol| Error::InvalidArgs(e.to_string()))?;
+    let addr = address
+        .parse()
+        .map_err(|_| Error::InvalidArgs(format!("{address:?} is not an IP address")))?;
+    Ok((protocol, addr))
+}
+
 #[expect(clippy::needless_pass_by_value, reason = "used as map_err(failed)")]
 fn failed(e: crate::dispatcher::DispatcherError) -> Error {
     Error::Failed(error_chain(&e))
@@ -165,12 +176,7 @@ impl Manager {
         address: String,
         port: u16,
     ) -> Result<(String, String, String, u64), Error> {
-        let protocol: Protocol = protocol
-            .parse()
-            .map_err(|e: crate::binding::UnknownProtocol| Error::InvalidArgs(e.to_string()))?;
-        let addr: std::net::IpAddr = address
-            .parse()
-            .map_err(|_| Error::InvalidArgs(format!("{address:?} is not an IP address")))?;
+        let (protocol, addr) = lookup_args(&protocol, &address)?;
         let (l, written) = self
             .shared
             .lock()
@@ -192,12 +198,7 @@ impl Manager {
         address: String,
         port: u16,
     ) -> Result<(String, String, String, u64), Error> {
-        let protocol: Protocol = protocol
-            .parse()
-            .map_err(|e: crate::binding::UnknownProtocol| Error::InvalidArgs(e.to_string()))?;
-        let addr: std::net::IpAddr = address
-            .parse()
-            .map_err(|_| Error::InvalidArgs(format!("{address:?} is not an IP address")))?;
+        let (protocol, addr) = lookup_args(&protocol, &address)?;
         let fd: OwnedFd = netns.into();
         let ino = netns_fd_inode(fd.as_fd())?;
         let (l, written) = self
