@@ -51,7 +51,8 @@ pub(crate) static DISPATCHER_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dispatcher.bpf.o"));
 
 const PROGRAM: &str = "skactivate_dispatch";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+#[allow(clippy::unnecessary_cast)] // `c_long` is narrower on 32-bit targets
+const BPF_FS_MAGIC: i64 = libc::BPF_FS_MAGIC as i64;
 /// Entries per `BPF_MAP_UPDATE_BATCH`.
 const UPDATE_BATCH: usize = 4096;
 /// The `entries` hash, and where a bigger one is pinned while it is filled.

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use super::{Dispatcher, DispatcherError, Result, sys};
@@ -35,14 +35,6 @@ const CHUNK_DATA: usize = 444;
 /// Chunks of one record at most.
 const MAX_RECORD_CHUNKS: u32 = 64;
 
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_MAP_TYPE_HASH: u32 = 1;
-const BPF_F_NO_PREALLOC: u32 = 1;
-
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Key {
@@ -50,12 +42,19 @@ struct Key {
     chunk: u32,
 }
 
+// SAFETY: two u32, no padding; any bit pattern is valid.
+unsafe impl aya::Pod for Key {}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Chunk {
     len: u32,
     data: [u8; CHUNK_DATA],
 }
+
+// SAFETY: a u32 and bytes, 448 bytes with no padding; any bit pattern is valid.
+unsafe impl aya::Pod for Chunk {}
+const _: () = assert!(size_of::<Chunk>() == 4 + CHUNK_DATA);
 
 /// Header of chunk 0: total length of header + name + payload, generation,
 /// name length; then the name, then the payload.
@@ -89,132 +88,28 @@ fn record_err(path: &Path) -> impl FnOnce(io::Error) -> RecordError + '_ {
     }
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live #[repr(C)] prefix of union bpf_attr for `cmd`
-    // (the kernel zero-fills the rest); its pointers point to live buffers.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn ptr<T>(p: *const T) -> u64 {
-    p as usize as u64
-}
-
-/// A buffer the kernel writes into.
-fn ptr_mut<T>(p: &mut T) -> u64 {
-    std::ptr::from_mut(p) as usize as u64
-}
-
-fn raw(fd: BorrowedFd<'_>) -> u32 {
-    u32::try_from(fd.as_raw_fd()).expect("fds are non-negative")
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value_or_next: u64,
-    flags: u64,
-}
-
 fn create_map() -> io::Result<OwnedFd> {
-    #[repr(C)]
-    struct Attr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-        inner_map_fd: u32,
-        numa_node: u32,
-        map_name: [u8; 16],
-    }
-    let mut name = [0u8; 16];
-    name[..RECORDS_PIN.len()].copy_from_slice(RECORDS_PIN.as_bytes());
-    let mut attr = Attr {
-        map_type: BPF_MAP_TYPE_HASH,
-        key_size: size_of::<Key>() as u32,
-        value_size: size_of::<Chunk>() as u32,
-        max_entries: MAX_CHUNKS,
-        map_flags: BPF_F_NO_PREALLOC,
-        inner_map_fd: 0,
-        numa_node: 0,
-        map_name: name,
-    };
-    let r = bpf(BPF_MAP_CREATE, &mut attr)?;
-    let fd = i32::try_from(r).expect("the kernel returns an int fd");
-    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sys::create_hash_no_prealloc::<Key, Chunk>(RECORDS_PIN, MAX_CHUNKS)
 }
 
 fn lookup(map: BorrowedFd<'_>, key: &Key) -> io::Result<Option<Chunk>> {
-    let mut value = Chunk {
-        len: 0,
-        data: [0; CHUNK_DATA],
-    };
-    let mut attr = ElemAttr {
-        map_fd: raw(map),
-        key: ptr(key),
-        value_or_next: ptr_mut(&mut value),
-        ..ElemAttr::default()
-    };
-    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-        Ok(_) => Ok(Some(value)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
+    sys::map_lookup_elem(map, key)
 }
 
 fn update(map: BorrowedFd<'_>, key: &Key, value: &Chunk) -> io::Result<()> {
-    let mut attr = ElemAttr {
-        map_fd: raw(map),
-        key: ptr(key),
-        value_or_next: ptr(value),
-        ..ElemAttr::default()
-    };
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+    sys::map_update_elem(map, key, value, 0)
 }
 
 fn delete(map: BorrowedFd<'_>, key: &Key) -> io::Result<()> {
-    let mut attr = ElemAttr {
-        map_fd: raw(map),
-        key: ptr(key),
-        ..ElemAttr::default()
-    };
-    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+    match sys::map_delete_elem(map, key) {
         Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
         _ => Ok(()),
     }
 }
 
+/// Bounded: the map holds at most MAX_CHUNKS keys.
 fn keys(map: BorrowedFd<'_>) -> io::Result<Vec<Key>> {
-    let mut out = Vec::new();
-    let mut cur: Option<Key> = None;
-    // Bounded: the map holds at most MAX_CHUNKS keys.
-    for _ in 0..=MAX_CHUNKS {
-        let mut next = Key::default();
-        let mut attr = ElemAttr {
-            map_fd: raw(map),
-            key: cur.as_ref().map_or(0, |k| ptr(k)),
-            value_or_next: ptr_mut(&mut next),
-            ..ElemAttr::default()
-        };
-        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-            Ok(_) => {
-                out.push(next);
-                cur = Some(next);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(out)
+    sys::map_keys(map, MAX_CHUNKS as usize)
 }
 
 /// The records map of one dispatcher and what it holds: unit → (slot,

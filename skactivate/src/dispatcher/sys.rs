@@ -5,6 +5,17 @@
 //!
 //! Each attr struct is the prefix of the kernel's `union bpf_attr` member for
 //! that command; the kernel zero-fills what a shorter attr leaves out.
+//!
+//! Soundness: `bpf()` is the one `unsafe fn`; every public function is safe
+//! for any fd it is given. Where the kernel *writes* into a Rust value (a
+//! lookup, a next key, a batch, an info struct, a test run's context), the
+//! value is `aya::Pod` (valid for every bit pattern) and the kernel cannot
+//! write more than the value holds: info and test-run sizes are passed to
+//! it, and map element sizes are checked against the map's own
+//! (`BPF_OBJ_GET_INFO_BY_FD`) before the call, so a map of other sizes gets
+//! `EINVAL` rather than a buffer overrun. Where the kernel only *reads* (an
+//! update, a delete) a map of other sizes makes it read past the value: the
+//! result is `EFAULT` or a wrong element, never a write into our memory.
 
 use std::ffi::CString;
 use std::io;
@@ -13,8 +24,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use aya_obj::generated::{bpf_cmd, bpf_map_type};
+use aya_obj::generated::{BPF_F_NO_PREALLOC, BPF_F_REPLACE, bpf_cmd, bpf_map_type};
 
+const BPF_MAP_CREATE: libc::c_long = bpf_cmd::BPF_MAP_CREATE as libc::c_long;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = bpf_cmd::BPF_MAP_LOOKUP_ELEM as libc::c_long;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = bpf_cmd::BPF_MAP_UPDATE_ELEM as libc::c_long;
 const BPF_MAP_DELETE_ELEM: libc::c_long = bpf_cmd::BPF_MAP_DELETE_ELEM as libc::c_long;
@@ -35,9 +47,7 @@ pub const MAP_TYPE_ARRAY: u32 = bpf_map_type::BPF_MAP_TYPE_ARRAY as u32;
 pub const MAP_TYPE_PERCPU_ARRAY: u32 = bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY as u32;
 pub const MAP_TYPE_LPM_TRIE: u32 = bpf_map_type::BPF_MAP_TYPE_LPM_TRIE as u32;
 pub const MAP_TYPE_SOCKMAP: u32 = bpf_map_type::BPF_MAP_TYPE_SOCKMAP as u32;
-
-/// `BPF_F_REPLACE`: update the link only if it still runs `old_prog_fd`.
-const BPF_F_REPLACE: u32 = 1 << 2;
+const MAP_TYPE_LRU_HASH: u32 = bpf_map_type::BPF_MAP_TYPE_LRU_HASH as u32;
 
 /// `bpf(cmd, attr, sizeof attr)`.
 ///
@@ -341,6 +351,9 @@ pub fn sockmap_insert(map: BorrowedFd<'_>, key: u32, sock: BorrowedFd<'_>) -> io
 /// `BPF_MAP_LOOKUP_ELEM` of a sock map with 8-byte values: the socket's cookie,
 /// or `None` when the key is absent (its socket closed or never came).
 pub fn sockmap_cookie(map: BorrowedFd<'_>, key: u32) -> io::Result<Option<u64>> {
+    // The kernel writes the cookie, a u64, only into a SOCKMAP whose value
+    // size is 8 (else ENOSPC); any other map writes its own value size.
+    check_map(map, &[MAP_TYPE_SOCKMAP], size_of::<u32>(), size_of::<u64>())?;
     let mut value = 0u64;
     let mut attr = ElemAttr {
         map_fd: raw(map),
@@ -401,6 +414,14 @@ pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
     chunk: usize,
     mut each: impl FnMut(&K, &V),
 ) -> io::Result<()> {
+    // Only the hash maps' cursor is the u32 below (a bucket index), and the
+    // kernel writes `count` keys and values of the map's sizes.
+    check_map(
+        map,
+        &[MAP_TYPE_HASH, MAP_TYPE_LRU_HASH],
+        size_of::<K>(),
+        size_of::<V>(),
+    )?;
     #[repr(C)]
     struct Attr {
         in_batch: u64,
@@ -503,29 +524,157 @@ pub fn sockmap_remove(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
     }
 }
 
-/// Every key of a u32-keyed map of at most `max_entries` entries. (A hash map
-/// restarts its walk when the previous key vanished meanwhile; the bound keeps
-/// that from looping.)
-pub fn map_keys_u32(map: BorrowedFd<'_>, max_entries: u32) -> io::Result<Vec<u32>> {
-    let mut keys = Vec::new();
-    let mut next = 0u32;
-    while keys.len() <= max_entries as usize {
-        let prev = keys.last().copied();
+/// Every key of a map of at most `max` entries, in the kernel's order. (A
+/// hash map restarts its walk when the previous key vanished meanwhile; the
+/// bound keeps that from looping.)
+pub fn map_keys<K: aya::Pod>(map: BorrowedFd<'_>, max: usize) -> io::Result<Vec<K>> {
+    let info = map_info(map)?;
+    check_sizes(&info, size_of::<K>(), info.value_size as usize)?;
+    let mut keys: Vec<K> = Vec::new();
+    while keys.len() <= max {
+        // SAFETY: Pod types are valid for every bit pattern, zeros included.
+        let mut next: K = unsafe { std::mem::zeroed() };
         let mut attr = ElemAttr {
             map_fd: raw(map),
             pad: 0,
-            key: prev.as_ref().map_or(0, |p| ptr(p)),
-            value: ptr(&mut next as *mut u32),
+            key: keys.last().map_or(0, |p| ptr(p as *const K)),
+            value: ptr(&raw mut next),
             flags: 0,
         };
-        // SAFETY: ElemAttr; key (or none) and the u32 next-key buffer are live.
+        // SAFETY: ElemAttr; the previous key (or none) is live, and the next
+        // key's buffer holds the map's key size (checked above).
         match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
             Ok(_) => keys.push(next),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
             Err(e) => return Err(e),
         }
     }
-    keys.sort_unstable();
-    keys.dedup();
     Ok(keys)
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` of a map that is not per-CPU: the value, or `None`
+/// when the key is absent.
+pub fn map_lookup_elem<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    let info = map_info(map)?;
+    if [MAP_TYPE_PERCPU_ARRAY, MAP_TYPE_SOCKMAP].contains(&info.map_type) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    check_sizes(&info, size_of::<K>(), size_of::<V>())?;
+    // SAFETY: Pod types are valid for every bit pattern, zeros included.
+    let mut value: V = unsafe { std::mem::zeroed() };
+    let mut attr = ElemAttr {
+        map_fd: raw(map),
+        pad: 0,
+        key: ptr(key as *const K),
+        value: ptr(&raw mut value),
+        flags: 0,
+    };
+    // SAFETY: ElemAttr; the key is live and the value's buffer holds the
+    // map's value size (checked above; per-CPU maps write more, refused).
+    match unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_CREATE` of a hash map with `BPF_F_NO_PREALLOC`: memory only for
+/// the elements that exist. `name` is cut to the kernel's 15 bytes.
+pub fn create_hash_no_prealloc<K: aya::Pod, V: aya::Pod>(
+    name: &str,
+    max_entries: u32,
+) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct Attr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+        numa_node: u32,
+        map_name: [u8; 16],
+    }
+    let mut map_name = [0u8; 16];
+    let n = name.len().min(15);
+    map_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let mut attr = Attr {
+        map_type: MAP_TYPE_HASH,
+        key_size: u32::try_from(size_of::<K>()).expect("small key"),
+        value_size: u32::try_from(size_of::<V>()).expect("small value"),
+        max_entries,
+        map_flags: BPF_F_NO_PREALLOC,
+        inner_map_fd: 0,
+        numa_node: 0,
+        map_name,
+    };
+    // SAFETY: Attr is the BPF_MAP_CREATE prefix; no pointers.
+    unsafe { bpf(BPF_MAP_CREATE, &mut attr) }.map(fd_from)
+}
+
+/// Refuse (`EINVAL`) a map whose type is not in `types` or whose key or
+/// value size differs from the Rust types' the kernel is about to write.
+fn check_map(map: BorrowedFd<'_>, types: &[u32], key: usize, value: usize) -> io::Result<()> {
+    let info = map_info(map)?;
+    if !types.contains(&info.map_type) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    check_sizes(&info, key, value)
+}
+
+fn check_sizes(info: &MapInfo, key: usize, value: usize) -> io::Result<()> {
+    if info.key_size as usize == key && info.value_size as usize == value {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// A map of other element sizes than the Rust types is refused before
+    /// the kernel could write past them; matching types round-trip.
+    #[test]
+    fn element_sizes_are_checked_before_the_kernel_writes() {
+        let map = match create_hash_no_prealloc::<u64, u64>("sys_test", 4) {
+            Ok(m) => m,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
+                eprintln!("skipped: this process cannot create BPF maps ({e})");
+                return;
+            }
+            Err(e) => panic!("BPF_MAP_CREATE: {e}"),
+        };
+        let fd = map.as_fd();
+        map_update_elem(fd, &7u64, &42u64, 0).unwrap();
+        assert_eq!(map_lookup_elem::<u64, u64>(fd, &7).unwrap(), Some(42));
+        assert_eq!(map_lookup_elem::<u64, u64>(fd, &8).unwrap(), None);
+        assert_eq!(map_keys::<u64>(fd, 4).unwrap(), vec![7]);
+        let mut seen = Vec::new();
+        map_lookup_batch::<u64, u64>(fd, 2, |k, v| seen.push((*k, *v))).unwrap();
+        assert_eq!(seen, vec![(7, 42)]);
+
+        let einval = |r: io::Result<()>| r.unwrap_err().raw_os_error() == Some(libc::EINVAL);
+        assert!(einval(map_lookup_elem::<u64, u32>(fd, &7).map(drop)));
+        assert!(einval(map_lookup_elem::<u32, u64>(fd, &7).map(drop)));
+        assert!(einval(map_keys::<u32>(fd, 4).map(drop)));
+        assert!(einval(map_lookup_batch::<u64, u32>(fd, 2, |_, _| {})));
+        assert!(einval(sockmap_cookie(fd, 0).map(drop)));
+        let info = map_info(fd).unwrap();
+        assert_eq!(
+            (
+                info.map_type,
+                info.key_size,
+                info.value_size,
+                info.max_entries
+            ),
+            (MAP_TYPE_HASH, 8, 8, 4)
+        );
+        assert_eq!(info.map_flags & BPF_F_NO_PREALLOC, BPF_F_NO_PREALLOC);
+    }
 }
