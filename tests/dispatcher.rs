@@ -1137,8 +1137,11 @@ fn destroy_detaches_the_program() {
         );
         assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 80)).unwrap(), "web");
         let dir = d.dir().to_owned();
+        let lock = dir.with_file_name("locks").join(dir.file_name().unwrap());
+        assert!(lock.is_dir(), "{}: the writer's lock", lock.display());
         d.destroy().unwrap();
         assert!(!dir.exists());
+        assert!(!lock.exists(), "the lock went with the state");
         assert_eq!(tcp_ask(sa(v4("192.0.2.1"), 80)).unwrap(), "plain");
         drop(plain);
     });

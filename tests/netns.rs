@@ -259,6 +259,11 @@ fn a_socket_in_another_namespace_is_served_there_and_nowhere_else() {
                     !state_dir(fs, inner.ino).exists(),
                     "pinned state of the namespace removed"
                 );
+                let lock = state_dir(fs, inner.ino).with_file_name("locks");
+                assert!(
+                    !lock.join(inner.ino.to_string()).exists(),
+                    "its lock directory too"
+                );
                 assert_eq!(p.network_namespaces().await.unwrap(), [home]);
                 assert!(inner.run(|| tcp_refused(to("192.0.2.77", 80))));
                 assert!(state_dir(fs, home).exists(), "the daemon's own stays");

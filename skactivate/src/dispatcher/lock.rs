@@ -12,8 +12,13 @@
 //!   write only /sys/fs/bpf).
 //! * Not the state directory itself: that one is built under another name and
 //!   renamed into place, and replaced when its namespace died; a lock on it
-//!   would change identity under the holder. The lock directory is never
-//!   removed.
+//!   would change identity under the holder.
+//!
+//! A lock directory is removed, by its holder, with the state it guards
+//! (`StateLock::remove`): namespaces come and go, and their inode numbers
+//! with them. Whoever opened the directory before it was removed gets the
+//! lock of a directory that is no longer there; `lock` sees that (the path
+//! no longer leads to the inode it locked) and starts again.
 //!
 //! `flock` does not say who holds a lock, so the holder records its pid as the
 //! name of an empty subdirectory, `pid-<N>` (bpffs has no regular files). The
@@ -38,6 +43,23 @@ impl Drop for StateLock {
     }
 }
 
+impl StateLock {
+    /// Remove the lock directory, still holding the lock, then release it:
+    /// for when the state it guards was removed.
+    pub fn remove(self) -> io::Result<()> {
+        fs::remove_dir(&self.record)?;
+        let dir = self.record.parent().map(Path::to_owned);
+        let r = dir.map_or(Ok(()), |d| match fs::remove_dir(&d) {
+            // A waiter recorded itself meanwhile? It cannot: records are made
+            // only under the lock. Anything else is worth reporting.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        });
+        drop(self);
+        r
+    }
+}
+
 /// Why the lock was not taken.
 #[derive(Debug)]
 pub enum LockError {
@@ -57,6 +79,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LockError + '_ {
         path: path.to_owned(),
         source,
     }
+}
+
+/// The lock directory a held lock is on.
+pub fn lock_dir_of(lock: &StateLock) -> PathBuf {
+    lock.record.parent().map(Path::to_owned).unwrap_or_default()
 }
 
 /// The lock directory of the namespace `netns` under the state root.
@@ -90,6 +117,26 @@ pub fn lock(root: &Path, netns: u64) -> Result<StateLock, LockError> {
     let parent = root.join("locks");
     mkdir(&parent)?;
     let path = lock_dir(root, netns);
+    // Bounded: each round lost means another holder removed the directory
+    // in between, which takes that holder's whole lifetime.
+    let mut attempts = 0;
+    loop {
+        match lock_once(&path)? {
+            Some(lock) => return Ok(lock),
+            None if attempts < 16 => attempts += 1,
+            None => {
+                return Err(io_err(&path)(io::Error::other(
+                    "the lock directory kept being removed while it was locked",
+                )));
+            }
+        }
+    }
+}
+
+/// `None`: the directory locked was removed meanwhile (see the module doc).
+fn lock_once(path: &Path) -> Result<Option<StateLock>, LockError> {
+    use std::os::unix::fs::MetadataExt;
+    let path = path.to_owned();
     mkdir(&path)?;
     let dir = fs::File::open(&path).map_err(io_err(&path))?;
     // SAFETY: flock on an fd we own.
@@ -109,11 +156,43 @@ pub fn lock(root: &Path, netns: u64) -> Result<StateLock, LockError> {
         }
         return Err(LockError::Held { path, pid });
     }
+    let held = dir.metadata().map_err(io_err(&path))?;
+    match fs::metadata(&path) {
+        Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {}
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path)(e)),
+    }
     // Ours. Records of earlier holders are stale (they no longer hold it).
     for old in recorded(&path) {
         let _ = fs::remove_dir(path.join(format!("pid-{old}")));
     }
     let record = path.join(format!("pid-{}", std::process::id()));
     mkdir(&record)?;
-    Ok(StateLock { _dir: dir, record })
+    Ok(Some(StateLock { _dir: dir, record }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_lock_can_be_taken_again() {
+        let root = std::env::temp_dir().join(format!("skactivate-lock-{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        let held = lock(&root, 7).unwrap();
+        let dir = lock_dir(&root, 7);
+        assert_eq!(recorded(&dir), [std::process::id()]);
+        match lock(&root, 7) {
+            Err(LockError::Held { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("a second writer got {other:?}"),
+        }
+        held.remove().unwrap();
+        assert!(!dir.exists());
+        let again = lock(&root, 7).unwrap();
+        assert_eq!(recorded(&dir), [std::process::id()]);
+        drop(again);
+        assert!(dir.is_dir(), "a lock dropped, not removed, stays");
+        fs::remove_dir_all(&root).unwrap();
+    }
 }

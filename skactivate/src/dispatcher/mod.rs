@@ -461,6 +461,7 @@ impl Dispatcher {
             }
             None => {
                 fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+                pinned::remove_lock(Some(lock))?;
                 Ok(None)
             }
         }

@@ -286,13 +286,16 @@ impl Dispatcher {
     }
 
     /// Detach the program and remove all pinned state of this namespace.
-    pub fn destroy(self) -> Result<()> {
+    pub fn destroy(mut self) -> Result<()> {
         let dir = self.dir.clone();
         // Detach first, so that traffic is the kernel's again when this
         // returns (releasing the pinned link alone happens asynchronously).
         sys::link_detach(self.link.as_fd()).map_err(sys_err("BPF_LINK_DETACH"))?;
+        let lock = self.lock.take();
         drop(self);
-        fs::remove_dir_all(&dir).map_err(io_err(&dir))
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        // The lock goes with the state it guarded, while still held.
+        remove_lock(lock)
     }
 
     /// Replace the running program with this build's, atomically
@@ -458,4 +461,11 @@ pub(super) fn check_bpffs(path: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Remove a held lock's directory (after the state it guards).
+pub(super) fn remove_lock(lock: Option<lock::StateLock>) -> Result<()> {
+    let Some(lock) = lock else { return Ok(()) };
+    let path = lock::lock_dir_of(&lock);
+    lock.remove().map_err(io_err(&path))
 }
