@@ -30,8 +30,6 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::IO_TIMEOUT;
-
 /// How long a command inside may take before it is killed.
 pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the harness waits for something asynchronous to settle (a unit
@@ -667,11 +665,17 @@ pub struct HttpReply {
     pub body: String,
 }
 
-/// `GET /` over a fresh connection, every step bounded by [`IO_TIMEOUT`].
+/// How long one step of [`http_get`] may take. The first request to a
+/// socket-activated example server waits for systemd to start a Python
+/// process, which takes seconds on a loaded 2-CPU machine; this is a bound
+/// that keeps a test from hanging, not a speed requirement.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `GET /` over a fresh connection, every step bounded by [`HTTP_TIMEOUT`].
 pub fn http_get(to: SocketAddr) -> io::Result<HttpReply> {
-    let mut c = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
-    c.set_read_timeout(Some(IO_TIMEOUT))?;
-    c.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut c = TcpStream::connect_timeout(&to, HTTP_TIMEOUT)?;
+    c.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    c.set_write_timeout(Some(HTTP_TIMEOUT))?;
     write!(c, "GET / HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
     let mut reply = Vec::new();
     c.take(64 * 1024).read_to_end(&mut reply)?;
