@@ -1547,7 +1547,7 @@ mod tests {
             bindings: 3,
             ranges: vec![
                 binding("tcp:192.0.2.0/24:82-90"),
-                binding("udp:[2001:db8::]/64:53-54"),
+                binding("udp:2001:db8::/64:53-54"),
             ],
         };
         let r = record::decode(&record::encode(&state, true, true)).unwrap();
