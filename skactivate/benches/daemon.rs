@@ -93,7 +93,8 @@ fn main() {
          bindings were registered once, by the generator's link, and unregistered), with the N \
          bindings; after a restart, the new process's with the state it adopted (the restart \
          must leave the `Bindings` count at N); after unregistering them (`systemctl stop \
-         bench.socket`).\n\
+         bench.socket`). **peak**: the daemon's `VmHWM` with the N bindings, the most it \
+         ever had resident (reading and resolving the N lines, done twice by then).\n\
          * **idle wakeups**: voluntary and involuntary context switches of all its threads over \
          {} s with nothing happening, with the N bindings. The unit's `WatchdogSec=30s` wakes \
          it every 15 s by design (a ping to systemd), so a window may hold one such wakeup.\n\
@@ -105,18 +106,19 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "| bindings | lines | register (s) | RSS before (MiB) | RSS with them (MiB) | idle wakeups | restart (s) | RSS after restart (MiB) | RSS after unregister (MiB) |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| bindings | lines | register (s) | RSS before (MiB) | RSS with them (MiB) | peak (MiB) | idle wakeups | restart (s) | RSS after restart (MiB) | RSS after unregister (MiB) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for r in &rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.2} | {:.1} | {:.1} | {} | {:.2} | {:.1} | {:.1} |",
+            "| {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {:.1} | {:.1} |",
             r.bindings,
             r.lines,
             r.register_s,
             mib(r.rss_before),
             mib(r.rss),
+            mib(r.peak),
             r.idle_wakeups,
             r.restart_s,
             mib(r.rss_after_restart),
@@ -139,12 +141,13 @@ fn main() {
             .map(|r| {
                 format!(
                     "{{\"bindings\": {}, \"register_s\": {:.4}, \"rss_before_bytes\": {}, \
-                     \"rss_bytes\": {}, \"idle_wakeups\": {}, \"restart_s\": {:.4}, \
+                     \"rss_bytes\": {}, \"peak_bytes\": {}, \"idle_wakeups\": {}, \"restart_s\": {:.4}, \
                      \"rss_after_restart_bytes\": {}, \"rss_after_unregister_bytes\": {}}}",
                     r.bindings,
                     r.register_s,
                     r.rss_before,
                     r.rss,
+                    r.peak,
                     r.idle_wakeups,
                     r.restart_s,
                     r.rss_after_restart,

@@ -30,6 +30,9 @@ pub struct Row {
     pub rss_before: u64,
     /// With the N bindings registered.
     pub rss: u64,
+    /// The most the daemon ever had resident until then (`VmHWM`): reading
+    /// and resolving the N lines (twice: the first registration too).
+    pub peak: u64,
     pub idle_wakeups: u64,
     pub restart_s: f64,
     pub rss_after_restart: u64,
@@ -110,6 +113,7 @@ fn measure(sd: &Systemd, n: u32) -> Row {
     wait_bindings(sd, n);
     let register_s = t.elapsed().as_secs_f64();
     let rss_with = rss(sd);
+    let peak = status_kib(sd, "VmHWM:") * 1024;
     let idle_wakeups = wakeups_over(sd, IDLE);
 
     let t = Instant::now();
@@ -134,6 +138,7 @@ fn measure(sd: &Systemd, n: u32) -> Row {
         register_s,
         rss_before,
         rss: rss_with,
+        peak,
         idle_wakeups,
         restart_s,
         rss_after_restart,
@@ -152,13 +157,17 @@ fn main_pid(sd: &Systemd) -> String {
 
 /// `VmRSS` of the daemon's main process (bytes).
 fn rss(sd: &Systemd) -> u64 {
+    status_kib(sd, "VmRSS:") * 1024
+}
+
+/// A `kB` line of the daemon's `/proc/PID/status`.
+fn status_kib(sd: &Systemd, field: &str) -> u64 {
     let status = sd.ok(&["cat", &format!("/proc/{}/status", main_pid(sd))]);
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
 }
 
 /// Context switches of every thread of the daemon over `d`.
