@@ -93,8 +93,11 @@ fn main() {
          bindings were registered once, by the generator's link, and unregistered), with the N \
          bindings; after a restart, the new process's with the state it adopted (the restart \
          must leave the `Bindings` count at N); after unregistering them (`systemctl stop \
-         bench.socket`). **peak**: the daemon's `VmHWM` with the N bindings, the most it \
-         ever had resident (reading and resolving the N lines, done twice by then).\n\
+         bench.socket`). **peak**: the daemon's `VmHWM` with the N bindings: the most its \
+         process ever had resident, since it started (at the bench's start for the first \
+         row, at the previous row's restart for the others; starting takes about 26 MiB \
+         for a moment), so mostly registering the N bindings (reading the lines, resolving \
+         them, loading the maps), done twice by then.\n\
          * **idle wakeups**: voluntary and involuntary context switches of all its threads over \
          {} s with nothing happening, with the N bindings. The unit's `WatchdogSec=30s` wakes \
          it every 15 s by design (a ping to systemd), so a window may hold one such wakeup.\n\
