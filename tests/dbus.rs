@@ -40,12 +40,25 @@ where
             .server(guid)
             .unwrap()
             .p2p()
-            .serve_at("/org/skactivate1", Manager { shared })
+            .serve_at(
+                "/org/skactivate1",
+                Manager {
+                    shared: shared.clone(),
+                },
+            )
             .unwrap()
             .build();
         let client = zbus::connection::Builder::unix_stream(b).p2p().build();
         let (server, client) = futures_util::future::join(server, client).await;
-        let (_server, client) = (server.unwrap(), client.unwrap());
+        let (server, client) = (server.unwrap(), client.unwrap());
+        // Units adopted from the pinned state get their objects, as the
+        // daemon gives them at start.
+        let adopted: Vec<String> = shared.lock().units().keys().cloned().collect();
+        for unit in adopted {
+            skactivate::dbus::publish_unit(server.object_server(), &shared, &unit)
+                .await
+                .unwrap();
+        }
         let proxy = SkactivateProxy::builder(&client)
             .destination("org.skactivate1")
             .unwrap()
@@ -581,6 +594,94 @@ fn error_texts_say_each_cause_once() {
             let text = error_text(&e);
             assert_eq!(text.matches("is already bound to").count(), 1, "{text}");
             assert!(text.starts_with("b.socket: "), "{text}");
+        });
+    });
+}
+
+/// A unit's bindings as written (single ports, a range, `*`) and their count
+/// are what a restarted daemon shows too: it adopts the entries, one per
+/// port, and puts the range back together from the unit's record.
+#[test]
+fn bindings_as_written_survive_a_restart() {
+    in_netns("bindings_as_written_survive_a_restart", |fs| {
+        local_route("192.0.2.0/24");
+        let web = tcp_server("web", "127.0.0.1:8080", false);
+        let written = [
+            "tcp:192.0.2.0/24:8000-8009",
+            "tcp:192.0.2.0/24:8010",
+            "tcp:192.0.2.0/24:8011",
+            "tcp:192.0.2.7/32:*",
+        ];
+        // What the daemon shows: counts, the unit's bindings, and the
+        // binding a lookup names, for a port inside the range and next to it.
+        async fn shown(p: &SkactivateProxy<'static>) -> (u32, u32, Vec<String>, Vec<String>) {
+            let path = p.get_unit("edge.socket").await.unwrap();
+            let u = SkactivateUnitProxy::builder(p.inner().connection())
+                .destination("org.skactivate1")
+                .unwrap()
+                .path(path)
+                .unwrap()
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+                .unwrap();
+            let mut looked_up = Vec::new();
+            // 192.0.2.7 is the /32's on every port: ask another address of the /24.
+            for (addr, port) in [
+                ("192.0.2.9", 8005),
+                ("192.0.2.9", 8010),
+                ("192.0.2.9", 8011),
+                ("192.0.2.7", 8005),
+            ] {
+                let (_, _, binding, _) = p.lookup("tcp", addr, port).await.unwrap();
+                looked_up.push(binding);
+            }
+            let units = p.list_units().await.unwrap();
+            (
+                p.bindings().await.unwrap(),
+                units[0].bindings,
+                u.bindings().await.unwrap(),
+                looked_up,
+            )
+        }
+        let mut before = None;
+        with_manager(fs, async |p| {
+            let (_, n) = p
+                .register_sockets_with_directives("edge.socket", &[Fd::from(web.fd())], &written)
+                .await
+                .unwrap();
+            assert_eq!(n, 4);
+            let s = shown(&p).await;
+            assert_eq!((s.0, s.1), (4, 4));
+            assert_eq!(
+                s.2,
+                [
+                    "tcp:192.0.2.7/32:*",
+                    "tcp:192.0.2.0/24:8000-8009",
+                    "tcp:192.0.2.0/24:8010",
+                    "tcp:192.0.2.0/24:8011",
+                ]
+            );
+            assert_eq!(
+                s.3,
+                [
+                    "tcp:192.0.2.0/24:8000-8009",
+                    "tcp:192.0.2.0/24:8010",
+                    "tcp:192.0.2.0/24:8011",
+                    "tcp:192.0.2.7/32:*",
+                ]
+            );
+            before = Some(s);
+        });
+        // A new daemon: the dispatcher adopted from the pinned state.
+        with_manager(fs, async |p| {
+            assert_eq!(
+                Some(shown(&p).await),
+                before,
+                "the restart changed what is shown"
+            );
+            p.unregister_unit("edge.socket").await.unwrap();
+            assert_eq!(p.bindings().await.unwrap(), 0);
         });
     });
 }

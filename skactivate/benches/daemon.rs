@@ -18,64 +18,40 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+#[path = "shared/daemon.rs"]
+mod daemon;
 
 use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::systemd::{ADMIN_UNITS, Systemd, poll_until};
-
-/// Ports the bindings are spread over, as in the dispatcher bench's workload.
-const PORTS: u32 = 16;
-
-/// How long the daemon is watched for wakeups while nothing happens.
-const IDLE: Duration = Duration::from_secs(5);
-
-struct Row {
-    bindings: u32,
-    lines: u32,
-    register_s: f64,
-    rss_before: u64,
-    rss: u64,
-    idle_wakeups: u64,
-    restart_s: f64,
-    rss_after_restart: u64,
-}
+use daemon::{IDLE, PORTS};
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
-    let sizes: &[u32] = if bench {
-        &[1_000, 100_000, 1_000_000]
-    } else {
-        &[1_000]
+    // SKACTIVATE_BENCH_SIZES=100000,… measures those sizes only and writes
+    // no file (for a quick look while working).
+    let chosen: Option<Vec<u32>> = std::env::var("SKACTIVATE_BENCH_SIZES").ok().map(|v| {
+        v.split(',')
+            .map(|n| n.trim().parse().expect("a size"))
+            .collect()
+    });
+    let sizes: &[u32] = match &chosen {
+        Some(sizes) => sizes,
+        None if bench => &[1_000, 100_000, 1_000_000],
+        None => &[1_000],
     };
     let started = Instant::now();
-    let Some(sd) = Systemd::boot() else {
+    let Some(daemon::Run {
+        idle_rss,
+        idle_wakeups,
+        rows,
+    }) = daemon::run(sizes)
+    else {
         eprintln!("SKIP daemon bench: no throwaway systemd here (see above)");
         return;
     };
-    sd.install_skactivate();
-    sd.write_file(
-        &format!("{ADMIN_UNITS}/bench.socket"),
-        b"[Socket]\nListenStream=127.0.0.1:7999\n",
-        0o644,
-    );
-    // systemd starts a socket only if it has a service to trigger.
-    sd.write_file(
-        &format!("{ADMIN_UNITS}/bench.service"),
-        b"[Service]\nExecStart=/bin/true\n",
-        0o644,
-    );
-    sd.ok(&["systemctl", "start", "skactivate.service"]);
-    let idle_rss = rss(&sd);
-    let idle_wakeups = wakeups_over(&sd, IDLE);
-
-    let mut rows = Vec::new();
-    for &n in sizes {
-        rows.push(measure(&sd, n));
-    }
-    sd.down();
 
     let mut out = String::new();
     let _ = writeln!(
@@ -113,8 +89,15 @@ fn main() {
         out,
         "* **register**: `systemctl start skactivate@bench.service` until the daemon's \
          `Bindings` property counts N (reading the unit files, resolving, loading the maps).\n\
-         * **RSS**: `VmRSS` of the daemon's main process, before registering and with the N \
-         bindings; after a restart, the new process's with the state it adopted.\n\
+         * **RSS**: `VmRSS` of the daemon's main process: before registering (after the same N \
+         bindings were registered once, by the generator's link, and unregistered), with the N \
+         bindings; after a restart, the new process's with the state it adopted (the restart \
+         must leave the `Bindings` count at N); after unregistering them (`systemctl stop \
+         bench.socket`). **peak**: the daemon's `VmHWM` with the N bindings: the most its \
+         process ever had resident, since it started (at the bench's start for the first \
+         row, at the previous row's restart for the others; starting takes about 26 MiB \
+         for a moment), so mostly registering the N bindings (reading the lines, resolving \
+         them, loading the maps), done twice by then.\n\
          * **idle wakeups**: voluntary and involuntary context switches of all its threads over \
          {} s with nothing happening, with the N bindings. The unit's `WatchdogSec=30s` wakes \
          it every 15 s by design (a ping to systemd), so a window may hold one such wakeup.\n\
@@ -126,25 +109,27 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "| bindings | lines | register (s) | RSS before (MiB) | RSS with them (MiB) | idle wakeups | restart (s) | RSS after restart (MiB) |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| bindings | lines | register (s) | RSS before (MiB) | RSS with them (MiB) | peak (MiB) | idle wakeups | restart (s) | RSS after restart (MiB) | RSS after unregister (MiB) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for r in &rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.2} | {:.1} | {:.1} | {} | {:.2} | {:.1} |",
+            "| {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {:.1} | {:.1} |",
             r.bindings,
             r.lines,
             r.register_s,
             mib(r.rss_before),
             mib(r.rss),
+            mib(r.peak),
             r.idle_wakeups,
             r.restart_s,
-            mib(r.rss_after_restart)
+            mib(r.rss_after_restart),
+            mib(r.rss_after_unregister)
         );
     }
     print!("{out}");
-    if !bench {
+    if !bench || chosen.is_some() {
         for r in &rows {
             assert!(r.rss > 0 && r.rss_after_restart > 0, "no VmRSS read");
         }
@@ -159,15 +144,17 @@ fn main() {
             .map(|r| {
                 format!(
                     "{{\"bindings\": {}, \"register_s\": {:.4}, \"rss_before_bytes\": {}, \
-                     \"rss_bytes\": {}, \"idle_wakeups\": {}, \"restart_s\": {:.4}, \
-                     \"rss_after_restart_bytes\": {}}}",
+                     \"rss_bytes\": {}, \"peak_bytes\": {}, \"idle_wakeups\": {}, \"restart_s\": {:.4}, \
+                     \"rss_after_restart_bytes\": {}, \"rss_after_unregister_bytes\": {}}}",
                     r.bindings,
                     r.register_s,
                     r.rss_before,
                     r.rss,
+                    r.peak,
                     r.idle_wakeups,
                     r.restart_s,
-                    r.rss_after_restart
+                    r.rss_after_restart,
+                    r.rss_after_unregister
                 )
             })
             .collect();
@@ -177,119 +164,6 @@ fn main() {
         );
         fs::write(&json, text).unwrap();
     }
-}
-
-/// Register `n` bindings through the unit files, measure, restart, measure,
-/// and unregister them again.
-fn measure(sd: &Systemd, n: u32) -> Row {
-    let lines = n;
-    let mut dropin = String::with_capacity(n as usize * 40);
-    dropin.push_str("[Socket]\n");
-    for i in 0..n {
-        // 198.18.0.0/15 holds 131,072 addresses, 16 ports each: 2M bindings.
-        let a = i / PORTS;
-        let _ = writeln!(
-            dropin,
-            "X-SkLookup=tcp:198.{}.{}.{}/32:{}",
-            18 + (a >> 16),
-            (a >> 8) & 0xff,
-            a & 0xff,
-            8000 + i % PORTS
-        );
-    }
-    sd.write_file(
-        &format!("{ADMIN_UNITS}/bench.socket.d/sklookup.conf"),
-        dropin.as_bytes(),
-        0o644,
-    );
-    sd.daemon_reload();
-    sd.ok(&["systemctl", "start", "bench.socket"]);
-    // The generator's link made bench.socket want its registration; let
-    // that run end before timing one of our own.
-    wait_bindings(sd, n);
-    sd.ok(&["skactivate", "unregister", "bench.socket"]);
-    wait_bindings(sd, 0);
-    let rss_before = rss(sd);
-
-    let t = Instant::now();
-    sd.ok(&["systemctl", "start", "skactivate@bench.service"]);
-    wait_bindings(sd, n);
-    let register_s = t.elapsed().as_secs_f64();
-    let rss_with = rss(sd);
-    let idle_wakeups = wakeups_over(sd, IDLE);
-
-    let t = Instant::now();
-    sd.ok(&["systemctl", "restart", "skactivate.service"]);
-    let restart_s = t.elapsed().as_secs_f64();
-    // READY=1 comes after the pinned state is adopted. An adopted unit's
-    // bindings are rebuilt from the map entries, the ports of one address
-    // merged into a range, so the count is not compared.
-    let adopted = sd.manager_property("Bindings");
-    assert!(adopted.trim() != "u 0", "nothing adopted: {adopted}");
-    let rss_after_restart = rss(sd);
-
-    sd.ok(&["systemctl", "stop", "bench.socket"]);
-    wait_bindings(sd, 0);
-    Row {
-        bindings: lines,
-        lines,
-        register_s,
-        rss_before,
-        rss: rss_with,
-        idle_wakeups,
-        restart_s,
-        rss_after_restart,
-    }
-}
-
-fn main_pid(sd: &Systemd) -> String {
-    let pid = sd.property("skactivate.service", "MainPID");
-    assert!(
-        pid != "0" && !pid.is_empty(),
-        "skactivate.service is not running"
-    );
-    pid
-}
-
-fn rss(sd: &Systemd) -> u64 {
-    let status = sd.ok(&["cat", &format!("/proc/{}/status", main_pid(sd))]);
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
-
-/// Context switches of every thread of the daemon over `d`.
-fn wakeups_over(sd: &Systemd, d: Duration) -> u64 {
-    let pid = main_pid(sd);
-    let count = || -> u64 {
-        let out = sd.ok(&[
-            "sh",
-            "-c",
-            &format!("cat /proc/{pid}/task/*/status | grep ctxt_switches"),
-        ]);
-        out.lines()
-            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
-            .sum()
-    };
-    let before = count();
-    std::thread::sleep(d);
-    count().saturating_sub(before)
-}
-
-fn wait_bindings(sd: &Systemd, n: u32) {
-    let want = format!("u {n}");
-    assert!(
-        poll_until(Duration::from_secs(300), || sd
-            .manager_property("Bindings")
-            .trim()
-            == want),
-        "the daemon never counted {n} bindings: {}\n{}",
-        sd.manager_property("Bindings"),
-        sd.journal("skactivate.service")
-    );
 }
 
 fn mib(b: u64) -> f64 {

@@ -5,8 +5,9 @@
 //! dispatcher (`ebpf/reference.bpf.c`: tubular's design, one LPM trie asked
 //! twice). Every lookup figure is given net of the empty program; the issue's
 //! target is "≤ 0.4× the reference's net cost". Around it: loading and
-//! adopting 1M bindings, map memory, fresh-dispatcher creation, daemon-like
-//! RSS and steered traffic against no program at all. The report goes to
+//! adopting 1M bindings, map memory, fresh-dispatcher creation, the shipped
+//! daemon's RSS (measured as `benches/daemon.rs` does, by the module it
+//! shares, `benches/shared/daemon.rs`) and steered traffic against no program at all. The report goes to
 //! stdout and to `BENCHMARKS.md` at the repository root; with
 //! `SKACTIVATE_BENCH_JSON=FILE` the figures also go to FILE as JSON.
 //!
@@ -26,6 +27,11 @@
 //!
 //! Run without `--bench` (as `cargo test --all-targets` does) it is a smoke
 //! test: small sizes, few repeats, seconds; no file written.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+#[path = "shared/daemon.rs"]
+mod daemon;
 
 /// The netns tests' approach (tests/common), cut down to what a benchmark needs.
 mod netns {
@@ -846,62 +852,18 @@ fn run_memory(plan: &'static Plan) -> MapMemory {
     })
 }
 
-/// The child process of the RSS rows: holds a dispatcher with `n` bench
-/// bindings in a namespace of its own, prints `rss_empty B` and `rss B`.
-fn rss_child(n: u32, chunk: u32) {
-    netns::in_netns(move |fs| {
-        let listener = TcpListener::bind("127.0.0.1:7999").expect("listen");
-        let mut d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("open dispatcher");
-        let regs = d
-            .register_sockets("bench.socket", &[listener.as_fd()])
-            .expect("register");
-        let dest = regs[0].0.clone();
-        println!("rss_empty {}", vm_rss());
-        let mut have = 0;
-        while have < n {
-            let upto = n.min(have + chunk);
-            let items: Vec<(Binding, Destination)> = (have..upto)
-                .map(|i| (Workload::Bench.spec(Family::V4, i).binding(), dest.clone()))
-                .collect();
-            d.add_bindings(&items).expect("add bindings");
-            have = upto;
-        }
-        println!("rss {}", vm_rss());
-        drop(d);
-    });
-}
-
-/// VmRSS of this process (bytes).
-fn vm_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .expect("/proc/self/status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
-
-/// (bindings, RSS with none, RSS with them).
+/// (bindings, RSS of the idle daemon, RSS with them): the shipped
+/// `skactivate.service` under a throwaway systemd with `n` bindings
+/// registered from a socket unit's files (`benches/shared/daemon.rs`, the
+/// daemon bench's own measurement). Empty where no throwaway systemd runs.
 fn run_rss(plan: &Plan) -> Vec<(u32, u64, u64)> {
-    let exe = std::env::current_exe().expect("current exe");
-    plan.rss
+    let Some(run) = daemon::run(plan.rss) else {
+        eprintln!("no throwaway systemd here: the daemon RSS rows are left out");
+        return Vec::new();
+    };
+    run.rows
         .iter()
-        .map(|&n| {
-            let out = std::process::Command::new(&exe)
-                .env("SKACTIVATE_BENCH_CHILD", format!("rss:{n}:{}", plan.chunk))
-                .output()
-                .expect("rss child");
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success(), "rss child: {out:?}");
-            let field = |name: &str| -> u64 {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or_else(|| panic!("rss child printed no {name}: {text}"))
-            };
-            (n, field("rss_empty "), field("rss "))
-        })
+        .map(|r| (r.bindings, run.idle_rss, r.rss))
         .collect()
 }
 
@@ -1545,7 +1507,7 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
         };
         let _ = writeln!(
             w,
-            "| daemon-like RSS, {} bindings (none: {}) | {} | {} | {} |",
+            "| daemon RSS (`skactivate.service`), {} bindings (idle: {}) | {} | {} | {} |",
             count(n),
             mib(empty),
             mib(rss),
@@ -1558,12 +1520,13 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
         "\nMap memory is the `memlock:` line of `/proc/self/fdinfo` for each map \
          pinned in the dispatcher's state directory (programs and links \
          excluded), as the kernel accounts it. The per-CPU `metrics` map grows \
-         with the CPU count. Daemon-like RSS: a child process (this bench \
-         binary again) opens a dispatcher in a namespace of its own, registers \
-         one listener, adds the bench workload's bindings in calls of {} and \
-         reports its `VmRSS` from `/proc/self/status` while it holds the \
-         dispatcher.",
-        plan.chunk
+         with the CPU count. Daemon RSS: the shipped `skactivate.service` \
+         under a throwaway systemd (the real dbus-daemon), a socket unit whose \
+         drop-in has the bench workload's bindings one per `X-SkLookup=` line, \
+         registered by the generator's `skactivate@bench.service`; the \
+         daemon's `VmRSS` once it counts them all (`benches/shared/daemon.rs`, \
+         the measurement `cargo bench --bench daemon` reports in \
+         BENCHMARKS-daemon.md).",
     );
 
     // Traffic.
@@ -1624,14 +1587,6 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
 }
 
 fn main() {
-    if let Ok(spec) = std::env::var("SKACTIVATE_BENCH_CHILD") {
-        let mut parts = spec.split(':');
-        assert_eq!(parts.next(), Some("rss"), "unknown child {spec}");
-        let n: u32 = parts.next().and_then(|v| v.parse().ok()).expect("count");
-        let chunk: u32 = parts.next().and_then(|v| v.parse().ok()).expect("chunk");
-        rss_child(n, chunk);
-        return;
-    }
     let full = std::env::args().any(|a| a == "--bench");
     let plan: &'static Plan = if full { &FULL } else { &SMOKE };
     // SAFETY: geteuid has no preconditions.

@@ -122,7 +122,7 @@ impl Checked {
             Some(l) => (
                 files
                     .iter()
-                    .position(|f| *f == l.path)
+                    .position(|f| *f == &*l.path)
                     .unwrap_or(files.len()),
                 l.line,
             ),

@@ -382,109 +382,143 @@ fn unescape(text: &str) -> String {
 
 /// Matches the unit's `X-SkLookup=` values to `sockets`.
 pub fn resolve(unit: &SocketUnit, sockets: &[Socket]) -> Resolution {
-    let mut resolution = Resolution::default();
-    let values: Vec<(Result<Value, directive::InvalidValue>, &Location)> = unit
-        .sklookup
-        .iter()
-        .flat_map(|entry| {
-            directive::parse_list(&entry.value)
-                .into_iter()
-                .map(move |parsed| (parsed, &entry.location))
+    let mut bindings = Vec::new();
+    let problems = resolve_each(unit, sockets, |binding, socket, value, location| {
+        bindings.push(Resolved {
+            binding,
+            socket,
+            value: value.to_owned(),
+            location: location.clone(),
+        });
+    });
+    Resolution { bindings, problems }
+}
+
+/// [`resolve`] without keeping the values' text and lines: `emit` gets each
+/// binding with the index of its socket, in the order written; the problems
+/// come back. What the daemon needs of a unit that may hold a million values.
+pub fn resolve_bindings(
+    unit: &SocketUnit,
+    sockets: &[Socket],
+    mut emit: impl FnMut(Binding, usize),
+) -> Vec<Problem> {
+    resolve_each(unit, sockets, |binding, socket, _, _| emit(binding, socket))
+}
+
+/// The value at `index` (`line << 32 | nth`, the nth value of that line of
+/// `unit.sklookup`) as written, and its line.
+fn value_at(unit: &SocketUnit, index: usize) -> (String, Location) {
+    let line = &unit.sklookup[index >> 32];
+    let text = directive::parse_list(&line.value)
+        .into_iter()
+        .nth(index & 0xffff_ffff)
+        .map(|v| match v {
+            Ok(v) => v.text,
+            Err(bad) => bad.text,
         })
-        .collect();
+        .unwrap_or_default();
+    (text, line.location.clone())
+}
+
+/// The matching itself, one value at a time (a line's values are parsed
+/// when it is reached, nothing of the whole list is copied): `emit` gets
+/// each binding, its socket's index, the value as written and its line.
+/// Returns the problems.
+fn resolve_each(
+    unit: &SocketUnit,
+    sockets: &[Socket],
+    mut emit: impl FnMut(Binding, usize, &str, &Location),
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
     let accept = unit.accept.as_ref().filter(|a| a.value);
     if accept.is_none() && sockets.is_empty() {
         // Said once, at the first value that would need a socket.
-        if let Some((Ok(value), location)) = values.iter().find(|(v, _)| v.is_ok()) {
-            let problem = Problem::value(location, &value.text, Reason::NoIpSocket);
-            resolution.problems.push(problem);
+        let first = unit.sklookup.iter().find_map(|entry| {
+            directive::parse_list(&entry.value)
+                .into_iter()
+                .find_map(Result::ok)
+                .map(|value| (value, &entry.location))
+        });
+        if let Some((value, location)) = first {
+            problems.push(Problem::value(location, &value.text, Reason::NoIpSocket));
         }
     }
 
     let mut claimed = Claimed::default();
-    for (parsed, location) in values {
-        let value = match parsed {
-            Ok(value) => value,
-            Err(bad) => {
-                let problem = Problem::value(location, &bad.text, bad.error.into());
-                resolution.problems.push(problem);
+    // Sockets that take UDP, and UDP over IPv6, for the warnings below.
+    let mut udp = Vec::new();
+    let mut udp_v6 = Vec::new();
+    for (line, entry) in unit.sklookup.iter().enumerate() {
+        let location = &entry.location;
+        for (nth, parsed) in directive::parse_list(&entry.value).into_iter().enumerate() {
+            let value = match parsed {
+                Ok(value) => value,
+                Err(bad) => {
+                    problems.push(Problem::value(location, &bad.text, bad.error.into()));
+                    continue;
+                }
+            };
+            if let Some(accept) = accept {
+                let reason = Reason::Accept {
+                    at: accept.location.clone(),
+                };
+                problems.push(Problem::value(location, &value.text, reason));
                 continue;
             }
-        };
-        if let Some(accept) = accept {
-            let reason = Reason::Accept {
-                at: accept.location.clone(),
-            };
-            resolution
-                .problems
-                .push(Problem::value(location, &value.text, reason));
-            continue;
-        }
-        if sockets.is_empty() {
-            continue;
-        }
-        match place(&value, sockets) {
-            Err(reason) => resolution
-                .problems
-                .push(Problem::value(location, &value.text, reason)),
-            Ok(targets) => {
-                for (protocol, socket) in targets {
-                    let port = sockets[socket].address.port();
-                    let ports = value.ports.unwrap_or(Ports::single(port));
-                    let binding = Binding::new(protocol, value.prefix, ports);
-                    if let Some(first) = claimed.claim(&binding, resolution.bindings.len()) {
-                        let first = &resolution.bindings[first];
-                        let reason = Reason::Duplicate {
-                            binding,
-                            value: first.value.clone(),
-                            at: first.location.clone(),
-                        };
-                        resolution
-                            .problems
-                            .push(Problem::value(location, &value.text, reason));
-                        continue;
-                    }
-                    resolution.bindings.push(Resolved {
-                        binding,
-                        socket,
-                        value: value.text.clone(),
-                        location: location.clone(),
-                    });
+            if sockets.is_empty() {
+                continue;
+            }
+            let targets = match place(&value, sockets) {
+                Ok(targets) => targets,
+                Err(reason) => {
+                    problems.push(Problem::value(location, &value.text, reason));
+                    continue;
                 }
+            };
+            for (protocol, socket) in targets {
+                let port = sockets[socket].address.port();
+                let ports = value.ports.unwrap_or(Ports::single(port));
+                let binding = Binding::new(protocol, value.prefix, ports);
+                if let Some(first) = claimed.claim(&binding, line << 32 | nth) {
+                    let (first_value, at) = value_at(unit, first);
+                    let reason = Reason::Duplicate {
+                        binding,
+                        value: first_value,
+                        at,
+                    };
+                    problems.push(Problem::value(location, &value.text, reason));
+                    continue;
+                }
+                if protocol == Protocol::Udp {
+                    if !udp.contains(&socket) {
+                        udp.push(socket);
+                    }
+                    if binding.prefix.addr().is_ipv6() && !udp_v6.contains(&socket) {
+                        udp_v6.push(socket);
+                    }
+                }
+                emit(binding, socket, &value.text, location);
             }
         }
     }
 
     if !unit.pass_packet_info() {
-        let mut warned = Vec::new();
-        for resolved in &resolution.bindings {
-            let socket = sockets[resolved.socket];
-            if socket.protocol == Protocol::Udp && !warned.contains(&resolved.socket) {
-                warned.push(resolved.socket);
-                let reason = Reason::NoPacketInfo { socket };
-                resolution
-                    .problems
-                    .push(Problem::unit(Severity::Warning, reason));
-            }
+        for &socket in &udp {
+            let reason = Reason::NoPacketInfo {
+                socket: sockets[socket],
+            };
+            problems.push(Problem::unit(Severity::Warning, reason));
         }
     }
     if !unit.free_bind() {
-        let mut warned = Vec::new();
-        for resolved in &resolution.bindings {
-            let socket = sockets[resolved.socket];
-            if socket.protocol == Protocol::Udp
-                && resolved.binding.prefix.addr().is_ipv6()
-                && !warned.contains(&resolved.socket)
-            {
-                warned.push(resolved.socket);
-                let reason = Reason::NoFreeBind { socket };
-                resolution
-                    .problems
-                    .push(Problem::unit(Severity::Warning, reason));
-            }
+        for &socket in &udp_v6 {
+            let reason = Reason::NoFreeBind {
+                socket: sockets[socket],
+            };
+            problems.push(Problem::unit(Severity::Warning, reason));
         }
     }
-    resolution
+    problems
 }
 
 /// The bindings a unit claimed so far, indexed so that finding a clash
@@ -652,10 +686,7 @@ mod tests {
         for (i, line) in lines.iter().enumerate() {
             unit.sklookup.push(crate::unit::Located {
                 value: (*line).to_owned(),
-                location: Location {
-                    path: "/t.socket".into(),
-                    line: i + 1,
-                },
+                location: Location::new(std::path::Path::new("/t.socket"), i as u32 + 1),
             });
         }
         unit

@@ -151,6 +151,7 @@ async fn name_taken(conn: &Connection, bus: &Bus) -> anyhow::Error {
 }
 
 async fn serve(opts: &Options) -> Result<()> {
+    dbus::keep_large_allocations_apart();
     // A daemon already serving this bus: say so before touching anything.
     let conn = opts
         .bus

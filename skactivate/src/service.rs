@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use crate::binding::{Binding, Destination, Protocol};
+use crate::binding::{Binding, Destination, Ports, Protocol};
 use crate::config::{self, Problem, Socket};
 use crate::dispatcher::records::RecordError;
 use crate::dispatcher::{Changes, Dispatcher, DispatcherError, SocketInfo};
@@ -109,9 +109,16 @@ impl Origin {
     }
 }
 
-/// What the daemon knows of a registered unit. Everything but the bindings
-/// (which the maps hold) is kept in the unit's pinned record, so a restarted
-/// daemon knows it as well.
+/// What the daemon knows of a registered unit. Everything but its entries
+/// (which the maps and the dispatcher's index hold) is kept in the unit's
+/// pinned record, so a restarted daemon knows it as well.
+///
+/// The bindings themselves are not kept here: the dispatcher holds one entry
+/// per port (or `*`) of each, and a binding of one port or `*` is exactly its
+/// entry. Only a port range written as one binding
+/// (`tcp:192.0.2.0/24:8000-8099`) cannot be told from its entries, so the
+/// unit keeps those ([`Service::unit_bindings`] puts the bindings as written
+/// back together).
 #[derive(Debug, Clone)]
 pub struct UnitState {
     /// Inode of the network namespace its sockets live in, whose dispatcher
@@ -121,7 +128,84 @@ pub struct UnitState {
     /// The sockets as registered, `None` when adopted without a record.
     pub sockets: Option<Vec<SocketInfo>>,
     pub origin: Origin,
-    pub bindings: Vec<(Binding, Destination)>,
+    /// How many bindings it has as written (a range counts once).
+    pub bindings: usize,
+    /// Its bindings of more than one port, sorted by [`range_key`]. Adopted
+    /// without a record of them, the runs of consecutive ports its entries
+    /// make.
+    pub ranges: Vec<Binding>,
+}
+
+/// How [`UnitState::ranges`] is sorted: protocol, prefix, first port.
+fn range_key(b: &Binding) -> (Protocol, ipnet::IpNet, u16) {
+    let first = match b.ports {
+        Ports::All => 0,
+        Ports::Range(a, _) => a,
+    };
+    (b.protocol, b.prefix, first)
+}
+
+/// The bindings of `items` that span more than one port, sorted by
+/// [`range_key`].
+fn multi_port(items: impl Iterator<Item = Binding>) -> Vec<Binding> {
+    let mut ranges: Vec<Binding> = items
+        .filter(|b| matches!(b.ports, Ports::Range(a, z) if a < z))
+        .collect();
+    ranges.sort_by_key(range_key);
+    ranges.shrink_to_fit();
+    ranges
+}
+
+/// The range of `ranges` (sorted by [`range_key`]; the ranges of one
+/// protocol and prefix never overlap) that holds the entry `entry` (one
+/// port, not `*`), if any.
+fn range_of(ranges: &[Binding], entry: &Binding) -> Option<Binding> {
+    let Ports::Range(port, _) = entry.ports else {
+        return None;
+    };
+    let key = (entry.protocol, entry.prefix, port);
+    let after = ranges.partition_point(|r| range_key(r) <= key);
+    let r = ranges.get(after.checked_sub(1)?)?;
+    (r.protocol == entry.protocol && r.prefix == entry.prefix && r.ports.contains(port))
+        .then_some(*r)
+}
+
+/// The bindings as written, from the dispatcher's view of a unit's entries
+/// (`merged`: consecutive ports of one prefix and destination shown as one
+/// range) and the unit's multi-port bindings: each run is cut into those
+/// ranges and single ports.
+fn as_written(
+    merged: Vec<(Binding, Destination)>,
+    ranges: &[Binding],
+) -> Vec<(Binding, Destination)> {
+    let mut out = Vec::with_capacity(merged.len());
+    for (b, d) in merged {
+        let Ports::Range(start, end) = b.ports else {
+            out.push((b, d));
+            continue;
+        };
+        let mut port = u32::from(start);
+        while port <= u32::from(end) {
+            let single = Binding::new(b.protocol, b.prefix, Ports::single(port as u16));
+            match range_of(ranges, &single) {
+                Some(
+                    r @ Binding {
+                        ports: Ports::Range(_, z),
+                        ..
+                    },
+                ) => {
+                    out.push((r, d.clone()));
+                    port = u32::from(z) + 1;
+                }
+                _ => {
+                    out.push((single, d.clone()));
+                    port += 1;
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.precedence_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+    out
 }
 
 /// Why a registration or reload was refused. The unit keeps what it had.
@@ -273,12 +357,18 @@ impl ServiceError {
     }
 }
 
+/// How many of a unit's bindings an [`Outcome`] names (a registration's
+/// journal message shows them and counts the rest).
+pub const SHOWN_BINDINGS: usize = 64;
+
 /// What a registration or reload did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub sockets: usize,
     pub bindings: usize,
     pub changes: Changes,
+    /// The first [`SHOWN_BINDINGS`] bindings, in the order written.
+    pub first: Vec<Binding>,
 }
 
 impl fmt::Display for Outcome {
@@ -363,7 +453,8 @@ impl Service {
                     registered: SystemTime::now(),
                     sockets: None,
                     origin: Origin::Unknown,
-                    bindings: Vec::new(),
+                    bindings: 0,
+                    ranges: Vec::new(),
                 },
             );
         }
@@ -373,6 +464,8 @@ impl Service {
             );
             Vec::new()
         });
+        // A unit's multi-port bindings, from its record; `None`: unknown.
+        let mut recorded: BTreeMap<String, Vec<Binding>> = BTreeMap::new();
         for (unit, bytes) in records {
             match units.get_mut(&unit) {
                 Some(state) => match record::decode(&bytes) {
@@ -380,6 +473,9 @@ impl Service {
                         state.registered = r.registered;
                         state.sockets = Some(r.sockets);
                         state.origin = r.origin;
+                        if let Some(ranges) = r.ranges {
+                            recorded.insert(unit, ranges);
+                        }
                     }
                     None => tracing::warn!(unit = %unit, "{unit}: its record is unreadable"),
                 },
@@ -390,11 +486,29 @@ impl Service {
                 }
             }
         }
-        for b in dispatcher.bindings()? {
-            if let Some(u) = units.get_mut(&b.destination.unit) {
-                u.bindings.push((b.binding, b.destination));
+        // The entries, consecutive ports merged: a unit's count as written
+        // is its entries less what its ranges span, plus one per range.
+        let mut entries: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut runs: BTreeMap<&str, Vec<Binding>> = BTreeMap::new();
+        let merged = dispatcher.bindings()?;
+        for b in &merged {
+            let unit = b.destination.unit.as_str();
+            *entries.entry(unit).or_default() += b.binding.ports.entries() as usize;
+            if !recorded.contains_key(unit) {
+                runs.entry(unit).or_default().push(b.binding);
             }
         }
+        for (name, u) in units.iter_mut() {
+            let ranges = match recorded.remove(name) {
+                Some(ranges) => ranges,
+                None => runs.remove(name.as_str()).unwrap_or_default(),
+            };
+            u.ranges = multi_port(ranges.into_iter());
+            let spanned: usize = u.ranges.iter().map(|r| r.ports.entries() as usize).sum();
+            let n = entries.get(name.as_str()).copied().unwrap_or(0);
+            u.bindings = n.saturating_sub(spanned) + u.ranges.len();
+        }
+        drop(merged);
         for (name, state) in units {
             if let Some(kept) = self.units.get(&name) {
                 // A daemon stopped between registering a unit in its new
@@ -535,8 +649,30 @@ impl Service {
             .unwrap_or_else(|| &self.dispatchers[&self.home])
     }
 
-    /// Keep a unit's record with the pinned state; values that do not fit
-    /// are left out of it (the bindings stay in the maps all the same).
+    /// A unit's entries as the dispatcher shows them, consecutive ports of
+    /// one prefix merged into a range.
+    fn unit_entries(&self, unit: &str) -> Vec<(Binding, Destination)> {
+        self.unit_dispatcher(unit)
+            .bindings()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|b| b.destination.unit == unit)
+            .map(|b| (b.binding, b.destination))
+            .collect()
+    }
+
+    /// A registered unit's bindings as written, each with its destination,
+    /// in precedence order: the same before and after a restart.
+    pub fn unit_bindings(&self, unit: &str) -> Vec<(Binding, Destination)> {
+        let Some(state) = self.units.get(unit) else {
+            return Vec::new();
+        };
+        as_written(self.unit_entries(unit), &state.ranges)
+    }
+
+    /// Keep a unit's record with the pinned state; values, then port ranges,
+    /// that do not fit are left out of it (the bindings stay in the maps all
+    /// the same).
     fn save_record(&mut self, unit: &str) {
         let Some(state) = self.units.get(unit) else {
             return;
@@ -544,17 +680,30 @@ impl Service {
         let Some(dispatcher) = self.dispatchers.get_mut(&state.netns) else {
             return;
         };
-        let mut r = dispatcher.put_unit_record(unit, &record::encode(state, true));
-        if matches!(r, Err(RecordError::TooLarge { .. } | RecordError::Full))
-            && matches!(state.origin, Origin::Inline(Some(_)))
-        {
+        let too_large = |r: &Result<(), RecordError>| {
+            matches!(r, Err(RecordError::TooLarge { .. } | RecordError::Full))
+        };
+        let mut with_values = true;
+        let mut r = dispatcher.put_unit_record(unit, &record::encode(state, true, true));
+        if too_large(&r) && matches!(state.origin, Origin::Inline(Some(_))) {
             tracing::warn!(unit = %unit, "{unit}: its --sklookup values are too many to keep in its record");
-            r = dispatcher.put_unit_record(unit, &record::encode(state, false));
-            if r.is_ok()
-                && let Some(s) = self.units.get_mut(unit)
-            {
-                s.origin = Origin::Inline(None);
-            }
+            with_values = false;
+            r = dispatcher.put_unit_record(unit, &record::encode(state, false, true));
+        }
+        if too_large(&r) && !state.ranges.is_empty() {
+            tracing::warn!(
+                unit = %unit,
+                "{unit}: its {} port ranges are too many to keep in its record: after a restart \
+                 consecutive ports of one prefix show as one range",
+                state.ranges.len()
+            );
+            r = dispatcher.put_unit_record(unit, &record::encode(state, with_values, false));
+        }
+        if r.is_ok()
+            && !with_values
+            && let Some(s) = self.units.get_mut(unit)
+        {
+            s.origin = Origin::Inline(None);
         }
         if let Err(e) = r {
             tracing::warn!(unit = %unit, "{unit}: its record is not kept, a restarted daemon will not know its origin: {e}");
@@ -628,7 +777,7 @@ impl Service {
             .sum();
         Counts {
             units: self.units.len() as u32,
-            bindings: self.units.values().map(|u| u.bindings.len()).sum::<usize>() as u32,
+            bindings: self.units.values().map(|u| u.bindings).sum::<usize>() as u32,
             sockets: sockets as u32,
         }
     }
@@ -713,13 +862,12 @@ impl Service {
         };
         let l = dispatcher.lookup(protocol, addr, port)?;
         let written = match (&l.destination, &l.binding) {
-            (Some(d), Some(b)) => self.units.get(&d.unit).and_then(|u| {
-                u.bindings.iter().map(|(w, _)| *w).find(|w| {
-                    w.protocol == b.protocol
-                        && w.prefix == b.prefix
-                        && w.ports.is_wildcard() == b.ports.is_wildcard()
-                        && w.ports.contains(port)
-                })
+            (Some(d), Some(b)) => self.units.get(&d.unit).map(|u| {
+                let entry = match b.ports {
+                    Ports::All => *b,
+                    Ports::Range(..) => Binding::new(b.protocol, b.prefix, Ports::single(port)),
+                };
+                range_of(&u.ranges, &entry).unwrap_or(entry)
             }),
             _ => None,
         };
@@ -755,8 +903,9 @@ impl Service {
         let mut checked = std::collections::HashSet::new();
         // The routes are read in the daemon's own namespace; another
         // namespace's table is out of its sight (it never enters one).
+        let bindings = self.unit_entries(unit);
         let routes = if state.netns == self.home {
-            &state.bindings[..]
+            &bindings[..]
         } else {
             &[]
         };
@@ -795,7 +944,7 @@ impl Service {
                         i.local
                     ));
                 }
-                let v6_bound = state.bindings.iter().any(|(b, d)| {
+                let v6_bound = bindings.iter().any(|(b, d)| {
                     b.protocol == Protocol::Udp && d.family == i.family && b.prefix.addr().is_ipv6()
                 });
                 if v6_bound && !i.freebind {
@@ -828,7 +977,18 @@ impl Service {
             }
             Directives::Inline(values) => SocketUnit::from_sklookup_options(unit, values),
         };
-        let resolution = config::resolve(&socket_unit, sockets);
+        // Each binding goes straight to the list the dispatcher takes: a
+        // unit may hold a million, and nothing else of them is kept.
+        let destinations: Vec<Destination> = sockets.iter().map(|s| s.destination(unit)).collect();
+        let mut items = Vec::new();
+        let problems = config::resolve_bindings(&socket_unit, sockets, |binding, socket| {
+            items.push((binding, destinations[socket].clone()));
+        });
+        drop(socket_unit);
+        let resolution = config::Resolution {
+            bindings: Vec::new(),
+            problems,
+        };
         for p in resolution
             .problems
             .iter()
@@ -839,11 +999,8 @@ impl Service {
         if !resolution.is_valid() {
             return Err(bad_directive(unit, &resolution));
         }
-        Ok(resolution
-            .bindings
-            .iter()
-            .map(|r| (r.binding, sockets[r.socket].destination(unit)))
-            .collect())
+        items.shrink_to_fit();
+        Ok(items)
     }
 
     /// Register `fds` as the sockets of `unit` and apply its directives, all
@@ -942,7 +1099,12 @@ impl Service {
             .register_sockets(unit, fds)
             .and_then(|_| dispatcher.replace_unit_bindings(unit, &items));
         let changes = match applied {
-            Ok(c) => c,
+            Ok(c) => {
+                if c.removed > 0 {
+                    dispatcher.shrink_index();
+                }
+                c
+            }
             Err(e) => {
                 if before != Some(netns) {
                     let _ = dispatcher.unregister_unit(unit);
@@ -970,7 +1132,10 @@ impl Service {
             sockets: sockets.len(),
             bindings: items.len(),
             changes,
+            first: first_bindings(&items),
         };
+        let ranges = multi_port(items.iter().map(|(b, _)| *b));
+        drop(items);
         self.units.insert(
             unit.to_owned(),
             UnitState {
@@ -978,7 +1143,8 @@ impl Service {
                 registered: SystemTime::now(),
                 sockets: Some(infos),
                 origin: requested,
-                bindings: items,
+                bindings: outcome.bindings,
+                ranges,
             },
         );
         if let Some(old) = before {
@@ -1001,7 +1167,11 @@ impl Service {
         if socket_unit.sklookup.is_empty() {
             return Ok(false);
         }
-        let resolution = config::resolve(&socket_unit, &files.sockets());
+        let problems = config::resolve_bindings(&socket_unit, &files.sockets(), |_, _| {});
+        let resolution = config::Resolution {
+            bindings: Vec::new(),
+            problems,
+        };
         if !resolution.is_valid() {
             return Err(bad_directive(unit, &resolution));
         }
@@ -1032,8 +1202,9 @@ impl Service {
                         .sockets
                         .as_ref()
                         .map_or(0, |s| distinct_sockets(s).len()),
-                    bindings: state.bindings.len(),
+                    bindings: state.bindings,
                     changes: Changes::default(),
+                    first: Vec::new(),
                 });
             }
         };
@@ -1052,12 +1223,22 @@ impl Service {
             })?
             .replace_unit_bindings(unit, &items)
             .map_err(ServiceError::dispatcher(unit))?;
+        if changes.removed > 0
+            && let Some(d) = self.dispatchers.get_mut(&netns)
+        {
+            d.shrink_index();
+        }
         let state = self.units.get_mut(unit).expect("checked above");
-        state.bindings = items;
+        state.bindings = items.len();
+        state.ranges = multi_port(items.iter().map(|(b, _)| *b));
+        let first = first_bindings(&items);
+        drop(items);
+        self.save_record(unit);
         Ok(Outcome {
             sockets: sockets.len(),
-            bindings: state.bindings.len(),
+            bindings: self.units[unit].bindings,
             changes,
+            first,
         })
     }
 
@@ -1073,6 +1254,9 @@ impl Service {
         let changes = dispatcher
             .unregister_unit(unit)
             .map_err(ServiceError::dispatcher(unit))?;
+        if changes.removed > 0 {
+            dispatcher.shrink_index();
+        }
         if let Err(e) = dispatcher.remove_unit_record(unit) {
             tracing::warn!(unit = %unit, "{unit}: its record stays (dropped at the next start): {e}");
         }
@@ -1085,6 +1269,11 @@ impl Service {
         }
         Ok(changes)
     }
+}
+
+/// The first [`SHOWN_BINDINGS`] of `items`.
+fn first_bindings(items: &[(Binding, Destination)]) -> Vec<Binding> {
+    items.iter().take(SHOWN_BINDINGS).map(|(b, _)| *b).collect()
 }
 
 /// The sockets as matching sees them, once each: the members of a
@@ -1126,16 +1315,18 @@ mod record {
     use serde_json::{Value, json};
 
     use super::{Origin, UnitState};
-    use crate::binding::{Family, Protocol};
+    use crate::binding::{Binding, Family, Ports, Protocol};
     use crate::dispatcher::SocketInfo;
 
     pub struct Record {
         pub registered: SystemTime,
         pub origin: Origin,
         pub sockets: Vec<SocketInfo>,
+        /// The unit's multi-port bindings; `None` when not kept.
+        pub ranges: Option<Vec<Binding>>,
     }
 
-    pub fn encode(state: &UnitState, with_values: bool) -> Vec<u8> {
+    pub fn encode(state: &UnitState, with_values: bool, with_ranges: bool) -> Vec<u8> {
         let registered = state
             .registered
             .duration_since(UNIX_EPOCH)
@@ -1162,12 +1353,29 @@ mod record {
                 })
             })
             .collect();
+        // `["tcp", "192.0.2.0/24", 8000, 8099]` each.
+        let ranges = if with_ranges {
+            json!(
+                state
+                    .ranges
+                    .iter()
+                    .filter_map(|b| match b.ports {
+                        Ports::Range(a, z) =>
+                            Some(json!([b.protocol.as_str(), b.prefix.to_string(), a, z])),
+                        Ports::All => None,
+                    })
+                    .collect::<Vec<_>>()
+            )
+        } else {
+            Value::Null
+        };
         json!({
             "version": 1,
             "origin": state.origin.name(),
             "values": values,
             "registered_usec": registered,
             "sockets": sockets,
+            "ranges": ranges,
         })
         .to_string()
         .into_bytes()
@@ -1208,10 +1416,25 @@ mod record {
                 netns: s.get("netns").and_then(Value::as_u64).unwrap_or(0),
             });
         }
+        let ranges = v.get("ranges").and_then(Value::as_array).map(|a| {
+            a.iter()
+                .filter_map(|r| {
+                    let protocol: Protocol = r.get(0)?.as_str()?.parse().ok()?;
+                    let prefix = r.get(1)?.as_str()?.parse().ok()?;
+                    let port = |i| r.get(i)?.as_u64().and_then(|p| u16::try_from(p).ok());
+                    Some(Binding::new(
+                        protocol,
+                        prefix,
+                        Ports::Range(port(2)?, port(3)?),
+                    ))
+                })
+                .collect()
+        });
         Some(Record {
             registered,
             origin,
             sockets,
+            ranges,
         })
     }
 }
@@ -1249,6 +1472,88 @@ mod tests {
             Some("[fe80::1]:80".parse().unwrap())
         );
         assert_eq!(parse_listen_address("/run/foo.sock"), None);
+    }
+
+    fn binding(text: &str) -> Binding {
+        let (protocol, rest) = text.split_once(':').unwrap();
+        let (prefix, ports) = rest.rsplit_once(':').unwrap();
+        let ports = match ports.split_once('-') {
+            _ if ports == "*" => Ports::All,
+            Some((a, z)) => Ports::Range(a.parse().unwrap(), z.parse().unwrap()),
+            None => Ports::single(ports.parse().unwrap()),
+        };
+        Binding::new(protocol.parse().unwrap(), prefix.parse().unwrap(), ports)
+    }
+
+    fn dest(family: crate::binding::Family) -> Destination {
+        Destination {
+            unit: "t.socket".into(),
+            family,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    /// The bindings as written come back from the merged entries and the
+    /// unit's ranges: single ports, ranges and `*` as they were.
+    #[test]
+    fn bindings_as_written_from_entries_and_ranges() {
+        use crate::binding::Family::V4;
+        let written = [
+            "tcp:192.0.2.0/24:80",
+            "tcp:192.0.2.0/24:81",
+            "tcp:192.0.2.0/24:82-90",
+            "tcp:192.0.2.0/24:91",
+            "tcp:192.0.2.0/24:*",
+            "tcp:198.51.100.7/32:1000-1001",
+            "tcp:198.51.100.7/32:1002-1003",
+        ]
+        .map(binding);
+        let ranges = multi_port(written.iter().copied());
+        assert_eq!(ranges.len(), 3);
+        // What the dispatcher shows: consecutive ports of one prefix merged.
+        let merged = [
+            "tcp:192.0.2.0/24:80-91",
+            "tcp:192.0.2.0/24:*",
+            "tcp:198.51.100.7/32:1000-1003",
+        ]
+        .map(|b| (binding(b), dest(V4)))
+        .to_vec();
+        let mut back: Vec<String> = as_written(merged, &ranges)
+            .iter()
+            .map(|(b, _)| b.to_string())
+            .collect();
+        back.sort();
+        let mut expected: Vec<String> = written.iter().map(ToString::to_string).collect();
+        expected.sort();
+        assert_eq!(back, expected);
+        // The binding as written that holds one port of an entry.
+        let entry = binding("tcp:192.0.2.0/24:85");
+        assert_eq!(
+            range_of(&ranges, &entry),
+            Some(binding("tcp:192.0.2.0/24:82-90"))
+        );
+        assert_eq!(range_of(&ranges, &binding("tcp:192.0.2.0/24:81")), None);
+    }
+
+    /// A unit's record keeps its ranges, so the count and the bindings as
+    /// written survive a restart; left out, they are unknown.
+    #[test]
+    fn records_keep_the_port_ranges() {
+        let state = UnitState {
+            netns: 1,
+            registered: SystemTime::UNIX_EPOCH,
+            sockets: Some(Vec::new()),
+            origin: Origin::Files,
+            bindings: 3,
+            ranges: vec![
+                binding("tcp:192.0.2.0/24:82-90"),
+                binding("udp:2001:db8::/64:53-54"),
+            ],
+        };
+        let r = record::decode(&record::encode(&state, true, true)).unwrap();
+        assert_eq!(r.ranges, Some(state.ranges.clone()));
+        let r = record::decode(&record::encode(&state, true, false)).unwrap();
+        assert_eq!(r.ranges, None);
     }
 
     #[test]

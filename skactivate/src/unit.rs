@@ -19,6 +19,7 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 /// The system manager's unit search path, highest priority first
 /// (systemd's `lookup_paths_init()` for the system scope).
@@ -56,12 +57,22 @@ const UNIT_TYPES: &[&str] = &[
 /// How many symbolic links one lookup may follow (the kernel's `MAXSYMLINKS`).
 const MAX_LINKS: usize = 40;
 
-/// A line of a file, shown as `PATH:LINE`.
+/// A line of a file, shown as `PATH:LINE`. The path is shared by every
+/// location in one file: a unit may have a million lines.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Location {
-    pub path: PathBuf,
+    pub path: Arc<Path>,
     /// 1-based; for a continued line, the line where it starts.
-    pub line: usize,
+    pub line: u32,
+}
+
+impl Location {
+    pub fn new(path: &Path, line: u32) -> Self {
+        Location {
+            path: Arc::from(path),
+            line,
+        }
+    }
 }
 
 impl fmt::Display for Location {
@@ -384,14 +395,15 @@ impl SocketUnit {
     /// A unit made of `--sklookup` values alone; problems point at
     /// `--sklookup:N`, the Nth value given.
     pub fn from_sklookup_options(name: &str, values: &[String]) -> SocketUnit {
+        let path: Arc<Path> = Arc::from(Path::new("--sklookup"));
         let located = values
             .iter()
             .enumerate()
             .map(|(i, v)| Located {
                 value: v.clone(),
                 location: Location {
-                    path: PathBuf::from("--sklookup"),
-                    line: i + 1,
+                    path: path.clone(),
+                    line: u32::try_from(i + 1).unwrap_or(u32::MAX),
                 },
             })
             .collect();
@@ -477,6 +489,8 @@ impl SocketUnit {
     /// counts as the line where it starts.
     fn parse(&mut self, path: &Path, text: &str) {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let path: Arc<Path> = Arc::from(path);
+        let line_number = |start: usize| u32::try_from(start).unwrap_or(u32::MAX);
         let mut section: Option<String> = None;
         let mut continued: Option<(String, usize)> = None;
         for (index, raw) in text.split('\n').enumerate() {
@@ -498,8 +512,8 @@ impl SocketUnit {
                 continue;
             }
             let location = Location {
-                path: path.to_owned(),
-                line: start,
+                path: path.clone(),
+                line: line_number(start),
             };
             if !self.parse_line(location, &line, &mut section) {
                 return;
@@ -507,8 +521,8 @@ impl SocketUnit {
         }
         if let Some((line, start)) = continued {
             let location = Location {
-                path: path.to_owned(),
-                line: start,
+                path,
+                line: line_number(start),
             };
             self.parse_line(location, &line, &mut section);
         }
@@ -1206,7 +1220,7 @@ mod tests {
         unit
     }
 
-    fn sklookup(unit: &SocketUnit) -> Vec<(usize, &str)> {
+    fn sklookup(unit: &SocketUnit) -> Vec<(u32, &str)> {
         unit.sklookup
             .iter()
             .map(|e| (e.location.line, e.value.as_str()))

@@ -18,7 +18,7 @@ use crate::service::{Directives, Origin};
 
 /// How many of a unit's bindings a registration's journal message and its
 /// `SKACTIVATE_BINDING=` field name; the rest are counted.
-const LOGGED_BINDINGS: usize = 64;
+const LOGGED_BINDINGS: usize = crate::service::SHOWN_BINDINGS;
 
 /// The protocol and address arguments of `Lookup` and `LookupInNamespace`.
 fn lookup_args(protocol: &str, address: &str) -> Result<(Protocol, std::net::IpAddr), Error> {
@@ -134,7 +134,7 @@ impl Manager {
             .map(|(name, u)| UnitEntry {
                 unit: name.clone(),
                 path: unit_path(name),
-                bindings: u.bindings.len() as u32,
+                bindings: u.bindings as u32,
                 registered_at: epoch_usec(u.registered),
                 netns: u.netns,
             })
@@ -342,27 +342,16 @@ impl Manager {
             Ok(o) => {
                 // A unit may hold a million bindings: the journal gets the
                 // first LOGGED_BINDINGS of them and how many more there are.
-                let bindings =
-                    self.shared
-                        .lock()
-                        .units()
-                        .get(&unit)
-                        .map_or_else(String::new, |u| {
-                            let mut text = u
-                                .bindings
-                                .iter()
-                                .take(LOGGED_BINDINGS)
-                                .map(|(b, _)| b.to_string())
-                                .collect::<Vec<_>>()
-                                .join(" ");
-                            if u.bindings.len() > LOGGED_BINDINGS {
-                                text.push_str(&format!(
-                                    " … ({} more)",
-                                    u.bindings.len() - LOGGED_BINDINGS
-                                ));
-                            }
-                            text
-                        });
+                let mut bindings = o
+                    .first
+                    .iter()
+                    .take(LOGGED_BINDINGS)
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                if o.bindings > LOGGED_BINDINGS {
+                    bindings.push_str(&format!(" … ({} more)", o.bindings - LOGGED_BINDINGS));
+                }
                 // Journal fields SKACTIVATE_UNIT=, SKACTIVATE_BINDING= (space-separated), …
                 tracing::info!(unit = %unit, binding = %bindings, sockets = o.sockets, "{unit}: registered {o}: {bindings}");
                 self.shared.changed();

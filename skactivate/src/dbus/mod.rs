@@ -199,6 +199,21 @@ impl Shared {
     }
 }
 
+/// Keep every large allocation (the index's tables, a unit's resolved
+/// values, batches for the maps) in mappings of its own, returned to the
+/// kernel as soon as it is freed. glibc's default raises the threshold to
+/// the size of any mapped block freed (up to 32 MiB), after which such
+/// buffers come from the heap, where the small allocations living beside
+/// them keep their pages resident. Called once, at the daemon's start.
+pub fn keep_large_allocations_apart() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a parameter of the allocator; it is
+    // thread-safe (it takes the main arena's lock).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Give the memory freed by a change back to the kernel. Reading a unit's
 /// files and resolving a million values allocates several times what the
 /// daemon keeps; glibc's allocator would hold on to that peak (hundreds of

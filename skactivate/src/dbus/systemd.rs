@@ -237,6 +237,8 @@ pub async fn register_missing(sys: &Connection, shared: &Shared) -> zbus::Result
             }
         };
         let wanted = shared.lock().wants_registration(&unit, &files);
+        // Reading a unit's files may have taken much (a million lines).
+        super::release_free_memory();
         match wanted {
             Ok(true) => {}
             Ok(false) => continue,

@@ -64,10 +64,10 @@ impl UnitObject {
     #[zbus(property(emits_changed_signal = "false"))]
     async fn bindings(&self) -> Vec<String> {
         let s = self.shared.lock();
-        s.units()
-            .get(&self.unit)
-            .map(|u| u.bindings.iter().map(|(b, _)| b.to_string()).collect())
-            .unwrap_or_default()
+        s.unit_bindings(&self.unit)
+            .iter()
+            .map(|(b, _)| b.to_string())
+            .collect()
     }
 
     /// The unit's sockets; cookie 0 once a socket is gone.

@@ -161,6 +161,23 @@ impl Index {
     }
 }
 
+impl Index {
+    /// Give back the room of removed entries (a table never shrinks by itself).
+    pub(super) fn shrink_to_fit(&mut self) {
+        self.v4.shrink_to_fit();
+        self.v6.shrink_to_fit();
+    }
+}
+
+impl super::Dispatcher {
+    /// Give back the memory the index kept for entries since removed: after
+    /// a unit with many bindings goes, its table would otherwise stay as
+    /// large as it ever was.
+    pub fn shrink_index(&mut self) {
+        self.entries.shrink_to_fit();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
