@@ -408,14 +408,18 @@ fn other_netns_other_uid_and_gone_processes_are_refused() {
         "-c",
         "true & echo $! > /run/zombie.pid; exec sleep 600",
     ]);
+    // Its pid is written before `true` has exited: wait until the kernel
+    // says it is a zombie, or what is tested is a race with its exit.
     let zombie = common::systemd::poll_for(SETTLE, || {
         let out = sd.exec(&["cat", "/run/zombie.pid"]);
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-            .filter(|s| !s.is_empty())
+        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let status = sd.exec(&["cat", &format!("/proc/{pid}/status")]);
+        let zombie = String::from_utf8_lossy(&status.stdout)
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains("Z (zombie)"));
+        (out.status.success() && !pid.is_empty() && zombie).then_some(pid)
     })
-    .expect("the zombie's pid");
+    .expect("the zombie's pid, in state Z");
     let said = refused(&sd, &[&zombie, "--sklookup", "203.0.113.0/24"]);
     assert!(said.contains(&format!("process {zombie} exited")), "{said}");
 
