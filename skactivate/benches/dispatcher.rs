@@ -1643,6 +1643,10 @@ fn main() {
         eprintln!("SKIP: kernel has no BPF sk_lookup (needs Linux >= 5.9)");
         return;
     }
+    if let Ok(only) = std::env::var("SKACTIVATE_BENCH_ONLY") {
+        run_only(plan, &only);
+        return;
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the crate lives in the workspace")
@@ -1699,6 +1703,67 @@ fn main() {
         std::fs::write(&path, text + &kept).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         eprintln!("wrote {}", path.display());
     }
+}
+
+/// `SKACTIVATE_BENCH_ONLY=startup`: only the fresh-dispatcher, load and
+/// adopt rows (the bench workload's IPv4 dispatcher, no lookups and no
+/// reference), printed to stdout; BENCHMARKS.md is left as it is.
+fn run_only(plan: &'static Plan, only: &str) {
+    assert_eq!(
+        only, "startup",
+        "SKACTIVATE_BENCH_ONLY: unknown part {only:?} (known: startup)"
+    );
+    let start = Instant::now();
+    let adopt_at: &'static [u32] = if plan.full {
+        &[100_000, 1_000_000]
+    } else {
+        std::slice::from_ref(plan.sizes.last().expect("sizes"))
+    };
+    netns::in_netns(move |fs| {
+        let mut fresh = Vec::new();
+        for _ in 0..plan.fresh {
+            let t = Instant::now();
+            let d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("fresh dispatcher");
+            fresh.push(t.elapsed());
+            d.destroy().expect("destroy");
+        }
+        println!(
+            "fresh dispatcher ready: median {:.2} ms of {} ({:?})",
+            median_secs(&fresh) * 1e3,
+            fresh.len(),
+            fresh
+        );
+        let listener = TcpListener::bind("127.0.0.1:7999").expect("listen");
+        let mut d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("open dispatcher");
+        let regs = d
+            .register_sockets("bench.socket", &[listener.as_fd()])
+            .expect("register the listener");
+        let dest = regs[0].0.clone();
+        let mut have = 0u32;
+        let mut took = Duration::ZERO;
+        for &n in plan.sizes {
+            while have < n {
+                check_deadline(start, "loading bindings");
+                let upto = n.min(have + plan.chunk);
+                let items: Vec<(Binding, Destination)> = (have..upto)
+                    .map(|i| (Workload::Bench.spec(Family::V4, i).binding(), dest.clone()))
+                    .collect();
+                let t = Instant::now();
+                let changes = d.add_bindings(&items).expect("add bindings");
+                took += t.elapsed();
+                assert_eq!(changes.added, items.len(), "every binding is new");
+                have = upto;
+            }
+            println!("load 0 → {n} bindings: {:.3} s", took.as_secs_f64());
+            if adopt_at.contains(&n) {
+                drop(d);
+                let t = Instant::now();
+                d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("adopt");
+                println!("adopt {n} bindings: {:.3} s", t.elapsed().as_secs_f64());
+            }
+        }
+        d.destroy().expect("destroy");
+    });
 }
 
 /// A "## The proxy" section another bench writes into BENCHMARKS.md: kept
