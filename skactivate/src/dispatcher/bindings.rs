@@ -58,6 +58,20 @@ impl Entry {
         abi::binding_key(self.protocol, &self.prefix, self.port)
     }
 
+    /// A total order of entries, cheap to compare: address, then family,
+    /// length, protocol and port packed in one word.
+    pub(super) fn sort_key(&self) -> (u128, u32) {
+        let (addr, family) = match self.prefix.addr() {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 0),
+            IpAddr::V6(a) => (u128::from(a), 1),
+        };
+        let rest = family << 31
+            | u32::from(self.prefix.prefix_len()) << 24
+            | abi::protocol_slot(self.protocol) << 16
+            | u32::from(self.port);
+        (addr, rest)
+    }
+
     /// Sorts entries as the trie orders its keys.
     pub(super) fn trie_order(&self) -> (u8, [u8; 2], u8, [u8; 16], u32) {
         let key = self.key();
@@ -291,10 +305,8 @@ impl Dispatcher {
                 other: self.dests[&other].destination.clone(),
             });
         }
-        // In the trie's own order: each insert walks the path the previous one
-        // just walked, still in cache (in random order a big trie costs a
-        // cache miss per level).
-        add.sort_by_cached_key(|(e, id)| (e.trie_order(), *id));
+        // Equal entries side by side, by a key quick to compare.
+        add.sort_unstable_by_key(|(e, id)| (e.sort_key(), *id));
         add.dedup();
         if let Some(w) = add.windows(2).find(|w| w[0].0 == w[1].0) {
             let (e, first) = w[0];
@@ -346,7 +358,11 @@ impl Dispatcher {
             .err()
             .map(|err| (err, add.get(done).map(|a| a.0), "entries"));
         let mut hash_done = done;
-        let short: Vec<usize> = (0..add.len()).filter(|&i| !add[i].0.is_full()).collect();
+        let mut short: Vec<usize> = (0..add.len()).filter(|&i| !add[i].0.is_full()).collect();
+        // In the trie's own order: each insert walks the path the previous one
+        // just walked, still in cache (in random order a big trie costs a
+        // cache miss per level).
+        short.sort_by_cached_key(|&i| add[i].0.trie_order());
         let mut trie_done = 0;
         if failed.is_none() && !short.is_empty() {
             let k: Vec<_> = short.iter().map(|&i| keys[i]).collect();
