@@ -25,6 +25,30 @@ impl Entry {
         })
     }
 
+    /// The entry a hash or trie key stands for (written masked), or `None`
+    /// for a key skactivate would never have written. The adoption path:
+    /// no `Binding` on the way.
+    pub(super) fn from_key(key: &aya::maps::lpm_trie::Key<BindingKey>) -> Option<Entry> {
+        let k = key.data();
+        let protocol = Protocol::from_number(k.protocol)?;
+        let bits = u8::try_from(key.prefix_len().checked_sub(abi::KEY_HEADER_BITS)?).ok()?;
+        let prefix = match Family::from_af(k.family)? {
+            Family::V4 => {
+                let [a, b, c, d, ..] = k.addr;
+                IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(a, b, c, d), bits).ok()?)
+            }
+            Family::V6 => {
+                IpNet::V6(ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(k.addr), bits).ok()?)
+            }
+        };
+        Some(Entry {
+            protocol,
+            // Masked as `Binding::new` masks (the keys written were).
+            prefix: prefix.trunc(),
+            port: u16::from_be_bytes(k.port),
+        })
+    }
+
     /// A /32 or /128: in the hash only.
     pub(super) fn is_full(&self) -> bool {
         self.prefix.prefix_len() == self.prefix.max_prefix_len()
@@ -32,6 +56,20 @@ impl Entry {
 
     pub(super) fn key(&self) -> aya::maps::lpm_trie::Key<BindingKey> {
         abi::binding_key(self.protocol, &self.prefix, self.port)
+    }
+
+    /// A total order of entries, cheap to compare: address, then family,
+    /// length, protocol and port packed in one word.
+    pub(super) fn sort_key(&self) -> (u128, u32) {
+        let (addr, family) = match self.prefix.addr() {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 0),
+            IpAddr::V6(a) => (u128::from(a), 1),
+        };
+        let rest = family << 31
+            | u32::from(self.prefix.prefix_len()) << 24
+            | abi::protocol_slot(self.protocol) << 16
+            | u32::from(self.port);
+        (addr, rest)
     }
 
     /// Sorts entries as the trie orders its keys.
@@ -250,22 +288,25 @@ impl Dispatcher {
     /// appear and fall after they vanish, so the program never skips an entry.
     pub(super) fn apply(&mut self, add: Vec<(Entry, u32)>, remove: Vec<Entry>) -> Result<Changes> {
         // Conflicts first, from the index: nothing has been touched yet.
-        for (e, id) in &add {
-            if let Some(other) = self.entries.get(e).filter(|&o| o != *id) {
-                return Err(DispatcherError::Conflict {
-                    binding: e.binding(),
-                    other: self.dests[&other].destination.clone(),
-                });
+        let mut add = add;
+        let mut conflict = None;
+        add.retain(|(e, id)| match self.entries.get(e) {
+            None => true,
+            Some(other) => {
+                if other != *id && conflict.is_none() {
+                    conflict = Some((*e, other));
+                }
+                false
             }
+        });
+        if let Some((e, other)) = conflict {
+            return Err(DispatcherError::Conflict {
+                binding: e.binding(),
+                other: self.dests[&other].destination.clone(),
+            });
         }
-        let mut add: Vec<(Entry, u32)> = add
-            .into_iter()
-            .filter(|(e, _)| !self.entries.contains_key(e))
-            .collect();
-        // In the trie's own order: each insert walks the path the previous one
-        // just walked, still in cache (in random order a big trie costs a
-        // cache miss per level).
-        add.sort_by_cached_key(|(e, id)| (e.trie_order(), *id));
+        // Equal entries side by side, by a key quick to compare.
+        add.sort_unstable_by_key(|(e, id)| (e.sort_key(), *id));
         add.dedup();
         if let Some(w) = add.windows(2).find(|w| w[0].0 == w[1].0) {
             let (e, first) = w[0];
@@ -317,7 +358,11 @@ impl Dispatcher {
             .err()
             .map(|err| (err, add.get(done).map(|a| a.0), "entries"));
         let mut hash_done = done;
-        let short: Vec<usize> = (0..add.len()).filter(|&i| !add[i].0.is_full()).collect();
+        let mut short: Vec<usize> = (0..add.len()).filter(|&i| !add[i].0.is_full()).collect();
+        // In the trie's own order: each insert walks the path the previous one
+        // just walked, still in cache (in random order a big trie costs a
+        // cache miss per level).
+        short.sort_by_cached_key(|&i| add[i].0.trie_order());
         let mut trie_done = 0;
         if failed.is_none() && !short.is_empty() {
             let k: Vec<_> = short.iter().map(|&i| keys[i]).collect();
@@ -350,14 +395,18 @@ impl Dispatcher {
                 },
             });
         }
-        let mut touched: HashSet<u32> = HashSet::new();
-        for (e, id) in add.iter() {
-            self.entries.insert(*e, *id);
-            if let Some(s) = self.dests.get_mut(id) {
-                s.refcount += 1;
-            }
-            touched.insert(*id);
+        let mut per_id: HashMap<u32, u32, index::Fast> = HashMap::default();
+        for (_, id) in &add {
+            *per_id.entry(*id).or_default() += 1;
         }
+        let mut touched: HashSet<u32> = HashSet::new();
+        for (id, n) in per_id {
+            if let Some(s) = self.dests.get_mut(&id) {
+                s.refcount += n;
+            }
+            touched.insert(id);
+        }
+        self.entries.insert_many(add.iter().copied());
 
         let failure = self.delete_entries(remove.iter()).err();
         let mut dirty = BTreeSet::new();
@@ -395,15 +444,7 @@ impl Dispatcher {
         }
         let staged = self.dir.join(ENTRIES_PIN_NEW);
         let _ = fs::remove_file(&staged);
-        let mut ebpf = EbpfLoader::new()
-            // No CO-RE in the object: parsing the kernel's BTF would cost
-            // milliseconds and megabytes for nothing.
-            .btf(None)
-            .default_map_pin_directory(&self.dir)
-            .map_max_entries(ENTRIES, cap)
-            .map_pin_path(ENTRIES, staged.as_path())
-            .load(DISPATCHER_OBJECT)
-            .map_err(load_err)?;
+        let mut ebpf = pinned::load_object(&self.dir, &staged, cap)?;
         let built = (|| {
             let prog = pinned::program_of(&mut ebpf)?;
             prog.load().map_err(program_err)?;
@@ -476,9 +517,15 @@ impl Dispatcher {
 
     /// Add bindings, each to its destination, all or none.
     pub fn add_bindings(&mut self, items: &[(Binding, Destination)]) -> Result<Changes> {
-        let mut add = Vec::new();
+        let mut add = Vec::with_capacity(items.len());
+        let mut last: Option<(&Destination, u32)> = None;
         for (b, d) in items {
-            let id = self.ensure_destination(d)?;
+            // Bindings come in runs of one destination: no hashing then.
+            let id = match last {
+                Some((l, id)) if l == d => id,
+                _ => self.ensure_destination(d)?,
+            };
+            last = Some((d, id));
             add.extend(Entry::of(b).map(|e| (e, id)));
         }
         let r = self.apply(add, Vec::new());

@@ -55,6 +55,9 @@ const PROGRAM: &str = "skactivate_dispatch";
 const BPF_FS_MAGIC: i64 = libc::BPF_FS_MAGIC as i64;
 /// Entries per `BPF_MAP_UPDATE_BATCH`.
 const UPDATE_BATCH: usize = 4096;
+/// Entries per `BPF_MAP_LOOKUP_BATCH` when adopting: 512 KiB of keys and
+/// values per call.
+const LOOKUP_BATCH: usize = 16384;
 /// The `entries` hash, and where a bigger one is pinned while it is filled.
 const ENTRIES: &str = "entries";
 const ENTRIES_PIN_NEW: &str = "entries-new";
@@ -406,7 +409,15 @@ impl ProgramIdentity {
 
 /// Whether this kernel can run sk_lookup programs at all.
 pub fn is_supported() -> bool {
-    aya::sys::is_program_supported(aya::programs::ProgramType::SkLookup).unwrap_or(false)
+    // A yes is remembered (the kernel does not lose the feature); a no is
+    // asked again, as it may come from missing privileges.
+    static SUPPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if SUPPORTED.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
+    let yes = aya::sys::is_program_supported(aya::programs::ProgramType::SkLookup).unwrap_or(false);
+    SUPPORTED.store(yes, std::sync::atomic::Ordering::Relaxed);
+    yes
 }
 
 /// The capabilities loading and attaching the dispatcher needs that the

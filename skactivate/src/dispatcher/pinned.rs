@@ -1,6 +1,8 @@
 //! Pinned state: create, adopt, pin, upgrade and destroy the dispatcher of
 //! one network namespace, under its writer lock.
 
+use std::sync::{LazyLock, Mutex, PoisonError};
+
 use super::*;
 
 impl Dispatcher {
@@ -202,16 +204,23 @@ impl Dispatcher {
             );
         }
         // Every entry is in the hash: read it in batches where the kernel
-        // can (hash maps since 5.6), else a key at a time.
-        let mut items = Vec::new();
+        // can (hash maps since 5.6), else a key at a time. Read straight
+        // into entries, with nothing kept of the keys.
+        let mut items: Vec<(Entry, u32)> = Vec::new();
+        let mut read = 0usize;
         let fd = self.hash.fd().as_fd();
         let r = sys::map_lookup_batch::<aya::maps::lpm_trie::Key<BindingKey>, BindingValue>(
             fd,
-            UPDATE_BATCH,
-            |k, v| items.push((*k, *v)),
+            LOOKUP_BATCH,
+            |k, v| {
+                read += 1;
+                if let Some(e) = Entry::from_key(k) {
+                    items.push((e, v.destination));
+                }
+            },
         );
         if let Err(e) = r {
-            if !items.is_empty() || !host::no_batch_support(&e) {
+            if read > 0 || !host::no_batch_support(&e) {
                 return Err(sys_err("BPF_MAP_LOOKUP_BATCH (entries)")(e));
             }
             let dup = fd.try_clone_to_owned().map_err(sys_err("dup"))?;
@@ -219,23 +228,17 @@ impl Dispatcher {
             let map: BpfHashMap<_, aya::maps::lpm_trie::Key<BindingKey>, BindingValue> =
                 BpfHashMap::try_from(Map::HashMap(data)).map_err(map_err("entries"))?;
             for item in map.iter() {
-                items.push(item.map_err(map_err("entries"))?);
+                let (k, v) = item.map_err(map_err("entries"))?;
+                if let Some(e) = Entry::from_key(&k) {
+                    items.push((e, v.destination));
+                }
             }
         }
-        self.entries.reserve(items.len());
         let mut dirty = BTreeSet::new();
-        for (k, v) in items {
-            let Some((b, port)) = abi::decode_binding_key(k.prefix_len(), &k.data()) else {
-                continue;
-            };
-            let e = Entry {
-                protocol: b.protocol,
-                prefix: b.prefix,
-                port,
-            };
-            self.entries.insert(e, v.destination);
-            self.kinds.count(&e, 1, &mut dirty);
+        for (e, _) in &items {
+            self.kinds.count(e, 1, &mut dirty);
         }
+        self.entries.insert_many(items);
         self.kinds.assume_written();
         Ok(())
     }
@@ -350,15 +353,33 @@ pub(super) fn program_of(ebpf: &mut aya::Ebpf) -> Result<&mut SkLookup> {
     prog.try_into().map_err(DispatcherError::Program)
 }
 
+/// One loader per process. `EbpfLoader::new()` reads and parses the
+/// kernel's BTF (`/sys/kernel/btf/vmlinux`, megabytes: most of the time a
+/// fresh dispatcher took) on every call, though the object has no CO-RE
+/// relocations and `.btf(None)` drops it again; this one parses it once,
+/// at its first use, and keeps none of it.
+static LOADER: LazyLock<Mutex<EbpfLoader<'static>>> = LazyLock::new(|| {
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    Mutex::new(loader)
+});
+
+/// Load the object against `dir`: each map pinned there is used, a missing
+/// one is created and pinned there, except the `entries` hash, which is
+/// pinned at `entries_pin` and created with `entries_max` entries.
+pub(super) fn load_object(dir: &Path, entries_pin: &Path, entries_max: u32) -> Result<aya::Ebpf> {
+    let mut loader = LOADER.lock().unwrap_or_else(PoisonError::into_inner);
+    loader
+        .default_map_pin_directory(dir)
+        .map_pin_path(ENTRIES, entries_pin.to_owned())
+        .map_max_entries(ENTRIES, entries_max)
+        .load(DISPATCHER_OBJECT)
+        .map_err(load_err)
+}
+
 /// Create maps and program in `dir`, attach to `netns`, pin the link.
 pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
-    let mut ebpf = EbpfLoader::new()
-        // No CO-RE in the object: parsing the kernel's BTF would cost
-        // milliseconds and megabytes for nothing.
-        .btf(None)
-        .default_map_pin_directory(dir)
-        .load(DISPATCHER_OBJECT)
-        .map_err(load_err)?;
+    let mut ebpf = load_object(dir, &dir.join(ENTRIES), abi::ENTRIES_MIN)?;
     let prog = program_of(&mut ebpf)?;
     prog.load().map_err(program_err)?;
     let link_id = prog.attach(netns).map_err(DispatcherError::Program)?;
@@ -387,13 +408,7 @@ pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
 
 /// Load this build's program against the maps pinned in `dir`.
 pub(super) fn load_program(dir: &Path) -> Result<OwnedFd> {
-    let mut ebpf = EbpfLoader::new()
-        // No CO-RE in the object: parsing the kernel's BTF would cost
-        // milliseconds and megabytes for nothing.
-        .btf(None)
-        .default_map_pin_directory(dir)
-        .load(DISPATCHER_OBJECT)
-        .map_err(load_err)?;
+    let mut ebpf = load_object(dir, &dir.join(ENTRIES), abi::ENTRIES_MIN)?;
     let prog: &mut SkLookup = program_of(&mut ebpf)?;
     prog.load().map_err(program_err)?;
     prog.fd()
