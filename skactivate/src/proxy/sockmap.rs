@@ -21,13 +21,24 @@
 //!    No `sides` entry exists yet, so every byte arriving now is *passed*
 //!    (to the socket's own receive queue, for us to read) and counted —
 //!    nothing is redirected to a socket not yet in the map.
-//! 4. Write both `sides` entries (`drained = 0`): from now on a side
-//!    redirects as long as nothing passed is unread.
-//! 5. Kick both sockets with `SO_RCVLOWAT`, which makes TCP call the
+//! 4. Kick both sockets with `SO_RCVLOWAT`, which makes TCP call the
 //!    data-ready callback if bytes wait in the receive queue: the bytes that
 //!    came before step 3 go through the program now, in order, ahead of any
-//!    later byte. After this, no byte is ever read by us except through the
-//!    program (everything we read was passed and counted).
+//!    later byte, and are passed (still no `sides` entry) and counted. After
+//!    this, no byte is ever read by us except through the program
+//!    (everything we read was passed and counted).
+//! 5. Write both `sides` entries (`drained = 0`): from now on a side
+//!    redirects as long as nothing passed is unread — so once we have
+//!    copied the early bytes, if there were any.
+//!
+//! Why the kick comes before the `sides` entries: a redirect runs in a
+//! kernel worker on the CPU that made it (`sk_psock_backlog`), and the kick
+//! runs the program in our own context. Redirecting the early bytes from
+//! there woke a worker on our CPU for every connection, which preempted the
+//! proxy; on a busy machine the proxy then waited a whole time slice behind
+//! other work (`perf sched`: most of the time per connection of the
+//! connection-rate bench was spent runnable, not running). The early bytes
+//! are few; copying them costs one `recv` and one `send`, in our own time.
 //!
 //! From then on each direction is a loop over one socket's readability
 //! ([`relay`]): anything readable was passed (or is EOF, or an error). Before
@@ -325,7 +336,9 @@ pub fn established(end: &End) -> bool {
 /// Steps 3 to 5 of the module's sequence. `header` bytes were already
 /// written to the backend. `limit` is [`LIMIT`] but for the probe, which
 /// makes it small to go through the pass path. An error means nothing was
-/// inserted: the connection can go on without the kernel's help.
+/// inserted: the connection can go on without the kernel's help. When only
+/// part could be set up, the result is not [`Armed::full`]: the sockets stay
+/// in the SOCKHASH, everything is passed, and the relay copies.
 pub fn arm<'a>(
     kernel: &'a Kernel,
     client: &'a End,
@@ -362,7 +375,10 @@ pub fn arm<'a>(
         kernel_kick(backend);
         return Ok(armed);
     }
-    armed.full = true;
+    // Step 4 before step 5: bytes already queued are passed, not
+    // redirected from our context (see the module's documentation).
+    kernel_kick(client);
+    kernel_kick(backend);
     let sides = kernel.set_side(
         client.cookie,
         &Side {
@@ -384,18 +400,20 @@ pub fn arm<'a>(
         )
     });
     if let Err(e) = sides {
-        // Out of the SOCKHASH again (nothing was redirected: no side had
-        // an entry), so that the caller may splice.
-        let _ = kernel.socks.borrow_mut().remove(&client.cookie);
-        let _ = kernel.socks.borrow_mut().remove(&backend.cookie);
-        return Err(e);
+        // The kick may have passed bytes to a socket's own queue; taking
+        // the socket out of the SOCKHASH would discard them. Both stay in,
+        // without `sides` entries: everything is passed and we copy both
+        // directions.
+        tracing::debug!("sides not written ({e}): copying this connection");
+        let _ = kernel.sides.borrow_mut().remove(&client.cookie);
+        let _ = kernel.sides.borrow_mut().remove(&backend.cookie);
+        return Ok(armed);
     }
-    kernel_kick(client);
-    kernel_kick(backend);
+    armed.full = true;
     Ok(armed)
 }
 
-/// Step 5: bytes that arrived before the insert go through the program now.
+/// Step 4: bytes that arrived before the insert go through the program now.
 fn kernel_kick(end: &End) {
     if let Err(e) = sys::set_rcvlowat(end.fd.get_ref().as_fd(), 1) {
         tracing::warn!("SO_RCVLOWAT: {e}");
@@ -413,6 +431,11 @@ fn notify_at(redirected: u64, room: u64, limit: u64) -> u64 {
         0
     }
 }
+
+/// The copy buffer of a direction that has passed bytes to copy: first
+/// small (below malloc's mmap threshold), then, once a read fills it, large.
+const BUF_FIRST: usize = 16 * 1024;
+const BUF_MAX: usize = 256 * 1024;
 
 /// The shortest and longest pause of the low-credit re-check.
 const RECHECK_MIN: Duration = Duration::from_millis(1);
@@ -438,8 +461,10 @@ pub async fn relay(
 ) -> Result<(), Fault> {
     let kernel = armed.kernel;
     let mut drained = 0u64;
-    // Allocated on the first pass: most connections of a fast reader see
-    // only the early bytes and EOF.
+    // Allocated on the first pass, small: most connections see only the
+    // early bytes and EOF. A 256 KiB buffer per direction cost each
+    // connection two mmap/munmap pairs, 128 page faults and 512 KiB of
+    // zeroing; it grows to that only when a read fills the small one.
     let mut buf = Vec::new();
     let wake = Rc::new(Notify::new());
     if armed.full {
@@ -463,7 +488,7 @@ pub async fn relay(
             () = maybe_sleep(recheck) => Why::Timer,
         };
         if buf.is_empty() && !matches!(why, Why::Credit) {
-            buf = vec![0u8; 256 * 1024];
+            buf = vec![0u8; BUF_FIRST];
         }
         let readiness = matches!(why, Why::Readable(_));
         let got = match why {
@@ -503,6 +528,9 @@ pub async fn relay(
             super::write_all(&dst.fd, &buf[..n]).await?;
             written += n as u64;
             drained += n as u64;
+            if n == buf.len() && buf.len() < BUF_MAX {
+                buf = vec![0u8; BUF_MAX];
+            }
         }
         if !armed.full {
             continue;
