@@ -1558,29 +1558,29 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
         m.reference
     );
     let fresh = median_secs(&m.fresh);
-    let _ = writeln!(
-        w,
-        "| fresh dispatcher ready (`Dispatcher::open`, median of {}) | {:.1} ms | ≤ 8 ms | {} |",
-        m.fresh.len(),
-        fresh * 1e3,
-        verdict(fresh <= 0.008)
-    );
-    let first = median_secs(&m.first);
-    let _ = writeln!(
-        w,
-        "| fresh dispatcher ready, the first of a new process (a daemon starting; median of {} child processes) | {:.1} ms | ≤ 8 ms | {} |",
-        m.first.len(),
-        first * 1e3,
-        verdict(first <= 0.008)
-    );
-    let first_unit = median_secs(&m.first_unit);
-    let _ = writeln!(
-        w,
-        "| the same, as `skactivate.service` runs it (`/sys/kernel/btf/vmlinux` inaccessible; median of {} child processes) | {:.1} ms | ≤ 8 ms | {} |",
-        m.first_unit.len(),
-        first_unit * 1e3,
-        verdict(first_unit <= 0.008)
-    );
+    for (what, samples) in [
+        (
+            "fresh dispatcher ready (`Dispatcher::open`, median of {n})",
+            &m.fresh,
+        ),
+        (
+            "fresh dispatcher ready, the first of a new process (a daemon starting; median of {n} child processes)",
+            &m.first,
+        ),
+        (
+            "the same, as `skactivate.service` runs it (`/sys/kernel/btf/vmlinux` inaccessible; median of {n} child processes)",
+            &m.first_unit,
+        ),
+    ] {
+        let t = median_secs(samples);
+        let _ = writeln!(
+            w,
+            "| {} | {:.1} ms | ≤ 8 ms | {} |",
+            what.replace("{n}", &samples.len().to_string()),
+            t * 1e3,
+            verdict(t <= 0.008)
+        );
+    }
     let _ = writeln!(
         w,
         "| creating {} TCP listeners instead (at most {} held at once: RLIMIT_NOFILE) | {:.1} ms ({:.1}× the fresh dispatcher) | — | (context) |",
