@@ -69,6 +69,20 @@ where
     });
 }
 
+/// The object of a registered unit, found by `GetUnit`, its properties read
+/// afresh on every call.
+async fn unit_proxy(p: &SkactivateProxy<'static>, unit: &str) -> SkactivateUnitProxy<'static> {
+    SkactivateUnitProxy::builder(p.inner().connection())
+        .destination("org.skactivate1")
+        .unwrap()
+        .path(p.get_unit(unit).await.unwrap())
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap()
+}
+
 fn error_name(e: &zbus::Error) -> String {
     match e {
         zbus::Error::MethodError(name, _, _) => name.to_string(),
@@ -299,15 +313,7 @@ fn unit_objects_properties_signals_and_warnings() {
 
             let path = p.get_unit("edge.socket").await.unwrap();
             assert_eq!(path, args.path);
-            let u = SkactivateUnitProxy::builder(p.inner().connection())
-                .destination("org.skactivate1")
-                .unwrap()
-                .path(path)
-                .unwrap()
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await
-                .unwrap();
+            let u = unit_proxy(&p, "edge.socket").await;
             assert_eq!(u.id().await.unwrap(), "edge.socket");
             assert_eq!(u.source().await.unwrap(), "inline");
             assert_eq!(
@@ -414,14 +420,7 @@ fn a_udp_socket_without_packet_info_is_warned_about() {
             )
             .await
             .unwrap();
-            let u = SkactivateUnitProxy::builder(p.inner().connection())
-                .destination("org.skactivate1")
-                .unwrap()
-                .path(p.get_unit("plain.socket").await.unwrap())
-                .unwrap()
-                .build()
-                .await
-                .unwrap();
+            let u = unit_proxy(&p, "plain.socket").await;
             let warnings = u.warnings().await.unwrap();
             assert_eq!(warnings.len(), 1, "{warnings:?}");
             assert!(
@@ -615,16 +614,7 @@ fn bindings_as_written_survive_a_restart() {
         // What the daemon shows: counts, the unit's bindings, and the
         // binding a lookup names, for a port inside the range and next to it.
         async fn shown(p: &SkactivateProxy<'static>) -> (u32, u32, Vec<String>, Vec<String>) {
-            let path = p.get_unit("edge.socket").await.unwrap();
-            let u = SkactivateUnitProxy::builder(p.inner().connection())
-                .destination("org.skactivate1")
-                .unwrap()
-                .path(path)
-                .unwrap()
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await
-                .unwrap();
+            let u = unit_proxy(p, "edge.socket").await;
             let mut looked_up = Vec::new();
             // 192.0.2.7 is the /32's on every port: ask another address of the /24.
             for (addr, port) in [

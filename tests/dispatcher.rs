@@ -1100,6 +1100,16 @@ fn pin_array_map(path: &std::path::Path, value_size: u32) {
     unsafe { libc::close(fd as i32) };
 }
 
+/// The maps a dispatcher pins in its state directory.
+const MAP_PINS: [&str; 6] = [
+    "bindings",
+    "sockets",
+    "destinations",
+    "metrics",
+    "ports",
+    "entries",
+];
+
 #[test]
 fn pinned_state_is_not_world_readable() {
     in_netns("pinned_state_is_not_world_readable", |fs| {
@@ -1108,15 +1118,7 @@ fn pinned_state_is_not_world_readable() {
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&fs.path.join("skactivate")), 0o750);
         assert_eq!(mode(d.dir()), 0o750);
-        for name in [
-            "bindings",
-            "sockets",
-            "destinations",
-            "metrics",
-            "ports",
-            "entries",
-            "link",
-        ] {
+        for name in MAP_PINS.into_iter().chain(["link"]) {
             assert_eq!(mode(&d.dir().join(name)), 0o640, "{name}");
         }
     });
@@ -1532,14 +1534,7 @@ fn one_binding_and_one_socket_cost_little_map_memory() {
         let (_web, d) = serve_web(fs);
         let mut total = 0u64;
         let mut each = Vec::new();
-        for name in [
-            "bindings",
-            "sockets",
-            "destinations",
-            "metrics",
-            "ports",
-            "entries",
-        ] {
+        for name in MAP_PINS {
             let fd = skactivate::dispatcher::sys::obj_get(&d.dir().join(name)).unwrap();
             let info =
                 std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();

@@ -788,15 +788,23 @@ fn nofile_room(want: u64) -> u16 {
     u16::try_from(lim.rlim_cur.saturating_sub(1000).clamp(100, 60_000)).expect("clamped")
 }
 
-fn run_memory(plan: &'static Plan) -> MapMemory {
-    netns::in_netns(move |fs| {
-        let mut fresh = Vec::new();
-        for _ in 0..plan.fresh {
+/// Time `n` fresh dispatchers created and destroyed one after another in the
+/// calling thread's namespace.
+fn fresh_opens(fs: &netns::Bpffs, n: usize) -> Vec<Duration> {
+    (0..n)
+        .map(|_| {
             let t = Instant::now();
             let d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("fresh dispatcher");
-            fresh.push(t.elapsed());
+            let took = t.elapsed();
             d.destroy().expect("destroy");
-        }
+            took
+        })
+        .collect()
+}
+
+fn run_memory(plan: &'static Plan) -> MapMemory {
+    netns::in_netns(move |fs| {
+        let fresh = fresh_opens(fs, plan.fresh);
         let mut s = Setup::new(fs, Family::V4);
         s.add(&[Workload::Bench.spec(Family::V4, 0)]);
         let dir = s.d().dir().to_owned();
@@ -1782,13 +1790,7 @@ fn run_only(plan: &'static Plan, only: &str) {
         std::slice::from_ref(plan.sizes.last().expect("sizes"))
     };
     netns::in_netns(move |fs| {
-        let mut fresh = Vec::new();
-        for _ in 0..plan.fresh {
-            let t = Instant::now();
-            let d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("fresh dispatcher");
-            fresh.push(t.elapsed());
-            d.destroy().expect("destroy");
-        }
+        let fresh = fresh_opens(fs, plan.fresh);
         println!(
             "fresh dispatcher ready: median {:.2} ms of {} ({:?})",
             median_secs(&fresh) * 1e3,

@@ -354,20 +354,8 @@ pub fn sockmap_cookie(map: BorrowedFd<'_>, key: u32) -> io::Result<Option<u64>> 
     // The kernel writes the cookie, a u64, only into a SOCKMAP whose value
     // size is 8 (else ENOSPC); any other map writes its own value size.
     check_map(map, &[MAP_TYPE_SOCKMAP], size_of::<u32>(), size_of::<u64>())?;
-    let mut value = 0u64;
-    let mut attr = ElemAttr {
-        map_fd: raw(map),
-        pad: 0,
-        key: ptr(&key),
-        value: ptr(&mut value as *mut u64),
-        flags: 0,
-    };
-    // SAFETY: ElemAttr; key and the 8-byte value buffer are live.
-    match unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
-        Ok(_) => Ok(Some(value)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
+    // SAFETY: checked just above.
+    unsafe { lookup_elem(map, &key) }
 }
 
 /// `BPF_MAP_UPDATE_BATCH` (`BPF_ANY`: the kernel takes no other flag for a
@@ -563,6 +551,20 @@ pub fn map_lookup_elem<K: aya::Pod, V: aya::Pod>(
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     check_sizes(&info, size_of::<K>(), size_of::<V>())?;
+    // SAFETY: checked just above; per-CPU maps, which write more, refused.
+    unsafe { lookup_elem(map, key) }
+}
+
+/// `BPF_MAP_LOOKUP_ELEM`: the value, or `None` when the key is absent.
+///
+/// # Safety
+///
+/// What the kernel writes for this map's lookup must be exactly
+/// `size_of::<V>()` bytes (the caller checked the map's type and sizes).
+unsafe fn lookup_elem<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
     // SAFETY: Pod types are valid for every bit pattern, zeros included.
     let mut value: V = unsafe { std::mem::zeroed() };
     let mut attr = ElemAttr {
@@ -572,8 +574,8 @@ pub fn map_lookup_elem<K: aya::Pod, V: aya::Pod>(
         value: ptr(&raw mut value),
         flags: 0,
     };
-    // SAFETY: ElemAttr; the key is live and the value's buffer holds the
-    // map's value size (checked above; per-CPU maps write more, refused).
+    // SAFETY: ElemAttr; the key is live and the value's buffer holds what
+    // the kernel writes (the caller's contract).
     match unsafe { bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
         Ok(_) => Ok(Some(value)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
