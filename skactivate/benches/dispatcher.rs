@@ -337,9 +337,9 @@ const FULL: Plan = Plan {
     rss: &[100_000, 1_000_000],
     fresh: 9,
     listeners: 65_000,
-    rounds: 15,
-    connects: 2_000,
-    datagrams: 5_000,
+    rounds: 150,
+    connects: 200,
+    datagrams: 500,
     full: true,
 };
 
@@ -962,6 +962,9 @@ fn traffic_worker(steered: bool) -> (mpsc::Sender<Cmd>, mpsc::Receiver<Duration>
     let (tx, rx) = mpsc::channel::<Cmd>();
     let (dtx, drx) = mpsc::channel::<Duration>();
     std::thread::spawn(move || {
+        // Both sides on the same CPU: a side must not win by running where
+        // other work on the machine happens to be lighter.
+        pin_thread(traffic_cpu());
         netns::enter(&[&format!("{TRAFFIC_ADDR}/32")]);
         let fs = netns::Bpffs::mount();
         let target: SocketAddr = (TRAFFIC_ADDR, TRAFFIC_PORT)
@@ -1053,6 +1056,28 @@ fn traffic_worker(steered: bool) -> (mpsc::Sender<Cmd>, mpsc::Receiver<Duration>
     (tx, drx)
 }
 
+/// The CPU both traffic workers run on: the last one.
+fn traffic_cpu() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get() - 1)
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes inside it, and
+    // sched_setaffinity(0, …) reads it for the calling thread.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set)
+    };
+    assert_eq!(
+        r,
+        0,
+        "sched_setaffinity to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// Per round: (steered, plain) times of TCP and of UDP.
 struct Traffic {
     tcp: Vec<(Duration, Duration)>,
@@ -1112,6 +1137,17 @@ fn rate_ratio_range(v: &[(Duration, Duration)]) -> (f64, f64) {
     v.iter()
         .map(|(s, p)| p.as_secs_f64() / s.as_secs_f64())
         .fold((f64::INFINITY, 0.0), |(lo, hi), x| (lo.min(x), hi.max(x)))
+}
+
+/// Median over rounds of (steered time − plain time) / operations: what
+/// steering adds to one connection or one round trip, in ns.
+fn median_extra_ns(v: &[(Duration, Duration)], k: u32) -> f64 {
+    let mut r: Vec<f64> = v
+        .iter()
+        .map(|(s, p)| (s.as_secs_f64() - p.as_secs_f64()) * 1e9 / f64::from(k))
+        .collect();
+    r.sort_by(f64::total_cmp);
+    r[r.len() / 2]
 }
 
 fn median_rate(v: &[(Duration, Duration)], k: u32, steered: bool) -> f64 {
@@ -1643,23 +1679,29 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
         "Two namespaces, each with {TRAFFIC_ADDR}/32 on `lo`: in one, the \
          dispatcher steers tcp and udp {TRAFFIC_ADDR}:{TRAFFIC_PORT} to sockets \
          bound to 127.0.0.1:7999; in the other, sockets are bound to \
-         {TRAFFIC_ADDR}:{TRAFFIC_PORT} and no program is attached. {} rounds, \
-         alternating which side goes first; per round and side {} TCP \
-         connections (connect, accept, close with RST) and {} UDP request/\
-         response pairs, all from one thread. Ratio = median over rounds of \
-         steered rate / plain rate. On the steered side the program runs for \
-         every SYN and every datagram, the replies to the client's unconnected \
-         UDP socket (a port with no binding) included: that is part of what \
-         steering costs. The ratio's spread over rounds (in brackets) is \
-         wide on a shared machine: a verdict near 0.99 can flip from one run \
-         to the next.\n",
-        plan.rounds, plan.connects, plan.datagrams
+         {TRAFFIC_ADDR}:{TRAFFIC_PORT} and no program is attached. Both \
+         sides run one thread each, pinned to the same CPU (CPU {}), one side \
+         at a time. {} rounds, alternating which side goes first; per round \
+         and side {} TCP connections (connect, accept, close with RST) and {} \
+         UDP request/response pairs. Short rounds, so that a change in the \
+         machine's load falls on both sides of a round alike. Ratio = median \
+         over rounds of steered rate / plain rate; \"extra\" = median over \
+         rounds of (steered time − plain time) per connection or round trip. \
+         On the steered side the program runs for every SYN and every \
+         datagram, the replies to the client's unconnected UDP socket (a port \
+         with no binding) included: that is part of what steering costs. The \
+         ratio's spread over rounds (in brackets) is wide on a shared \
+         machine.\n",
+        traffic_cpu(),
+        plan.rounds,
+        plan.connects,
+        plan.datagrams
     );
     let _ = writeln!(
         w,
-        "| traffic | steered (per s) | no program (per s) | ratio | target | verdict |"
+        "| traffic | steered (per s) | no program (per s) | ratio | extra (ns) | target | verdict |"
     );
-    let _ = writeln!(w, "| --- | ---: | ---: | ---: | ---: | --- |");
+    let _ = writeln!(w, "| --- | ---: | ---: | ---: | ---: | ---: | --- |");
     for (name, v, k) in [
         ("TCP connect", &t.tcp, plan.connects),
         ("UDP request/response", &t.udp, plan.datagrams),
@@ -1668,9 +1710,10 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
         let (lo, hi) = rate_ratio_range(v);
         let _ = writeln!(
             w,
-            "| {name} | {:.0} | {:.0} | **{ratio:.3}** ({lo:.3}–{hi:.3}) | ≥ 0.99 | {} |",
+            "| {name} | {:.0} | {:.0} | **{ratio:.3}** ({lo:.3}–{hi:.3}) | {:.0} | ≥ 0.99 | {} |",
             median_rate(v, k, true),
             median_rate(v, k, false),
+            median_extra_ns(v, k),
             verdict(ratio >= 0.99)
         );
     }
@@ -1775,14 +1818,38 @@ fn main() {
     }
 }
 
-/// `SKACTIVATE_BENCH_ONLY=startup`: only the fresh-dispatcher, load and
-/// adopt rows (the bench workload's IPv4 dispatcher, no lookups and no
-/// reference), printed to stdout; BENCHMARKS.md is left as it is.
+/// `SKACTIVATE_BENCH_ONLY=PART`: one part of the bench, printed to stdout;
+/// BENCHMARKS.md is left as it is.
 fn run_only(plan: &'static Plan, only: &str) {
-    assert_eq!(
-        only, "startup",
-        "SKACTIVATE_BENCH_ONLY: unknown part {only:?} (known: startup)"
-    );
+    match only {
+        "startup" => run_only_startup(plan),
+        "traffic" => run_only_traffic(plan),
+        _ => panic!("SKACTIVATE_BENCH_ONLY: unknown part {only:?} (known: startup, traffic)"),
+    }
+}
+
+/// `traffic`: the steered-traffic rows.
+fn run_only_traffic(plan: &'static Plan) {
+    let t = run_traffic(plan, Instant::now());
+    for (name, v, k) in [
+        ("TCP connect", &t.tcp, plan.connects),
+        ("UDP request/response", &t.udp, plan.datagrams),
+    ] {
+        let (lo, hi) = rate_ratio_range(v);
+        println!(
+            "{name}: ratio {:.3} ({lo:.3}–{hi:.3}) over {} rounds, extra {:.0} ns, steered {:.0}/s, plain {:.0}/s",
+            rate_ratio(v),
+            v.len(),
+            median_extra_ns(v, k),
+            median_rate(v, k, true),
+            median_rate(v, k, false)
+        );
+    }
+}
+
+/// `startup`: only the fresh-dispatcher, load and adopt rows (the bench
+/// workload's IPv4 dispatcher, no lookups and no reference).
+fn run_only_startup(plan: &'static Plan) {
     let start = Instant::now();
     let adopt_at: &'static [u32] = if plan.full {
         &[100_000, 1_000_000]
