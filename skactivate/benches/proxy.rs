@@ -15,7 +15,9 @@
 //!   reads and discards; throughput, the proxy process's CPU time
 //!   (utime + stime from /proc/PID/stat) per GiB, and the same plus the CPU
 //!   time of every kernel thread (kworker/*, ksoftirqd/*: in sockmap mode the
-//!   redirected sends run in a kworker) over the same interval.
+//!   redirected sends run in a kworker) over the same interval; and, from
+//!   the bulk proxy's `STATUS=` (to a notify socket of the bench's), how
+//!   many bytes the kernel redirected and how many the proxy copied.
 //! * connections: sequential connect, 1 byte each way, close, for `CONN_TIME`.
 //! * slow reader: the backend reads nothing while the client pushes for
 //!   `SLOW_TIME`; the most the proxy held (bytes its client socket took,
@@ -27,6 +29,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -72,6 +75,7 @@ fn start(
     argv: &[&str],
     target: SocketAddr,
     sink: Option<&TcpListener>,
+    notify: Option<&str>,
 ) -> Proxy {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -97,6 +101,9 @@ fn start(
             libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
             Ok(())
         });
+    }
+    if let Some(n) = notify {
+        cmd.env("NOTIFY_SOCKET", n);
     }
     let child = cmd.spawn().unwrap();
     drop(l);
@@ -294,6 +301,46 @@ fn slow_reader(p: &Proxy, sink: &TcpListener, for_: Duration) -> usize {
     held_max
 }
 
+/// Where a proxy's sd_notify messages arrive (a path: the sd-notify crate
+/// does not take abstract addresses). Removed again by [`NotifyPath`].
+fn notify_socket(tag: usize) -> (UnixDatagram, NotifyPath) {
+    let path = std::env::temp_dir().join(format!(
+        "skactivate-bench-proxy-{}-{tag}.sock",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    let s = UnixDatagram::bind(&path).unwrap();
+    s.set_nonblocking(true).unwrap();
+    (s, NotifyPath(path.to_string_lossy().into_owned()))
+}
+
+struct NotifyPath(String);
+
+impl Drop for NotifyPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The last `STATUS=` a proxy sent, if any (it updates it every 500 ms).
+fn last_status(s: &UnixDatagram) -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    let mut last = None;
+    while let Ok(n) = s.recv(&mut buf) {
+        let text = String::from_utf8_lossy(&buf[..n]);
+        if let Some(st) = text.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+            last = Some(st.to_string());
+        }
+    }
+    last
+}
+
+/// The number before `what` in a status line ("N bytes redirected").
+fn status_number(status: &str, what: &str) -> Option<u64> {
+    let before = &status[..status.find(what)?];
+    before.trim_end().rsplit(' ').next()?.parse().ok()
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted[i]
@@ -313,15 +360,21 @@ fn run(plan: &Plan) -> String {
     ];
     let proxies: Vec<Proxy> = kinds
         .iter()
-        .map(|(n, argv)| start(n, argv, echo, None))
+        .map(|(n, argv)| start(n, argv, echo, None, None))
         .collect();
     let sinks: Vec<TcpListener> = (0..3)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
+    // The bulk proxies report what the kernel redirected and what they
+    // copied themselves in their STATUS= (sockmap mode).
+    let notifies: Vec<(UnixDatagram, NotifyPath)> = (0..3).map(notify_socket).collect();
     let sink_proxies: Vec<Proxy> = kinds
         .iter()
         .zip(&sinks)
-        .map(|((n, argv), s)| start(n, argv, s.local_addr().unwrap(), Some(s)))
+        .zip(&notifies)
+        .map(|(((n, argv), s), (_, addr))| {
+            start(n, argv, s.local_addr().unwrap(), Some(s), Some(&addr.0))
+        })
         .collect();
     let n = proxies.len();
     let mut lat: Vec<Vec<f64>> = vec![Vec::new(); n];
@@ -345,6 +398,9 @@ fn run(plan: &Plan) -> String {
         latency(&d, plan.pings_per_round, &mut direct);
         eprintln!("round {} of {} done", round + 1, plan.rounds);
     }
+    // Every bulk connection is closed; the status is at most 500 ms old.
+    std::thread::sleep(Duration::from_millis(700));
+    let bulk_status: Vec<Option<String>> = notifies.iter().map(|(s, _)| last_status(s)).collect();
     for i in 0..n {
         held[i] = slow_reader(&sink_proxies[i], &sinks[i], plan.slow_time);
     }
@@ -395,6 +451,22 @@ fn run(plan: &Plan) -> String {
         plan.conn_time,
         plan.slow_time,
     );
+    for (i, st) in bulk_status.iter().enumerate() {
+        let Some(st) = st else { continue };
+        let (Some(r), Some(c)) = (
+            status_number(st, "bytes redirected"),
+            status_number(st, "bytes copied"),
+        ) else {
+            continue;
+        };
+        out += &format!(
+            "\nBulk through {}: {:.1} MiB redirected by the kernel, {:.1} MiB copied by the proxy ({:.1} % copied).\n",
+            proxies[i].name,
+            r as f64 / f64::from(1u32 << 20),
+            c as f64 / f64::from(1u32 << 20),
+            100.0 * c as f64 / (r + c).max(1) as f64,
+        );
+    }
     out
 }
 

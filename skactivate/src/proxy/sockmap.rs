@@ -78,7 +78,19 @@
 //! stays on the pass path (a new chunk is passed while we copy the previous
 //! one, so `drained` never catches up with `passed`), and we copy the rest
 //! of the transfer. Getting out needs the sender held back while we catch
-//! up; redirected data is charged to no socket, so TCP does not do it.
+//! up; redirected data is charged to no socket, so TCP does not do it. And
+//! the credit does run out in any bulk transfer whose reader is the slower
+//! end: no credit size avoids that (counting only the redirect queue, not
+//! the send queue, still ran out after 25 MiB of 1 GiB), so the pass path is
+//! the backpressure and the way back from it is what is missing. Tried and
+//! not kept (BENCHMARKS.md, "The proxy"): holding the sender by leaving the
+//! passed bytes unread, peeking at them (`MSG_PEEK`), writing them, publishing
+//! `drained`, and only then consuming them (the read's window update must
+//! come after the program redirects again: on loopback the sender's next
+//! segment arrives inside that `recv`). The backend got whole segments
+//! twice on 6.18. `TCP_WINDOW_CLAMP` does not fit either: raising it again
+//! leaves `rcv_ssthresh` at the tiny window, and the sender waits for its
+//! persist timer.
 
 use std::cell::RefCell;
 use std::collections::HashMap as Waiters;
