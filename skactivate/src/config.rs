@@ -326,7 +326,7 @@ fn listen_port(text: &str) -> Option<u16> {
 
 /// The specifiers that make sense in an address (`%i`, `%I`, `%n`, `%N`,
 /// `%p`, `%P`, `%%`); any other `%` is left as written.
-fn expand_specifiers(text: &str, unit: &str) -> String {
+pub(crate) fn expand_specifiers(text: &str, unit: &str) -> String {
     let stem = unit.rsplit_once('.').map_or(unit, |(stem, _)| stem);
     let (prefix, instance) = stem.split_once('@').unwrap_or((stem, ""));
     let mut out = String::with_capacity(text.len());

@@ -590,7 +590,13 @@ impl SocketUnit {
         }
         match key {
             "X-SkLookup" if value.is_empty() => self.sklookup.clear(),
-            "X-SkLookup" => self.sklookup.push(Located::at(&location, value.to_owned())),
+            // Specifiers as systemd would expand them in a unit file
+            // (`X-SkLookup=192.0.2.0/24:%i` in `dns@.socket`): `%i`, `%I`,
+            // `%n`, `%N`, `%p`, `%P`, `%%`.
+            "X-SkLookup" => {
+                let value = crate::config::expand_specifiers(value, &self.name);
+                self.sklookup.push(Located::at(&location, value));
+            }
             "Accept" => self.set_boolean(&location, "Accept", value, |u| &mut u.accept),
             "ReusePort" => self.set_boolean(&location, "ReusePort", value, |u| &mut u.reuse_port),
             "PassPacketInfo" => {
@@ -1248,6 +1254,25 @@ mod tests {
         assert_eq!(
             sklookup(&unit),
             [(2, "192.0.2.0/24:80    198.51.100.0/24:80")]
+        );
+    }
+
+    #[test]
+    fn specifiers_expand_with_the_instance() {
+        let mut unit = SocketUnit::empty(
+            "dns@8053.socket".into(),
+            "dns@8053.socket".into(),
+            vec!["dns@8053.socket".into()],
+            "/dns@.socket".into(),
+            Vec::new(),
+        );
+        unit.parse(
+            Path::new("/dns@.socket"),
+            "[Socket]\nX-SkLookup=192.0.2.0/24:%i udp:[2001:db8::%%]:53\nX-SkLookup=%x\n",
+        );
+        assert_eq!(
+            sklookup(&unit),
+            [(2, "192.0.2.0/24:8053 udp:[2001:db8::%]:53"), (3, "%x")]
         );
     }
 
