@@ -965,7 +965,7 @@ impl Service {
         unit: &str,
         directives: &Directives,
         sockets: &[Socket],
-    ) -> Result<Vec<(Binding, Destination)>, ServiceError> {
+    ) -> Result<Resolved, ServiceError> {
         let socket_unit = match directives {
             Directives::Files(files) => {
                 SocketUnit::from_paths(&self.root, unit, &files.fragment, &files.dropins).map_err(
@@ -977,12 +977,13 @@ impl Service {
             }
             Directives::Inline(values) => SocketUnit::from_sklookup_options(unit, values),
         };
-        // Each binding goes straight to the list the dispatcher takes: a
-        // unit may hold a million, and nothing else of them is kept.
+        // Each binding goes straight to the list the dispatcher takes, its
+        // socket by index: a unit may hold a million, and nothing else of
+        // them is kept.
         let destinations: Vec<Destination> = sockets.iter().map(|s| s.destination(unit)).collect();
         let mut items = Vec::new();
         let problems = config::resolve_bindings(&socket_unit, sockets, |binding, socket| {
-            items.push((binding, destinations[socket].clone()));
+            items.push((binding, socket as u32));
         });
         drop(socket_unit);
         let resolution = config::Resolution {
@@ -1000,7 +1001,10 @@ impl Service {
             return Err(bad_directive(unit, &resolution));
         }
         items.shrink_to_fit();
-        Ok(items)
+        Ok(Resolved {
+            destinations,
+            items,
+        })
     }
 
     /// Register `fds` as the sockets of `unit` and apply its directives, all
@@ -1095,9 +1099,9 @@ impl Service {
             .dispatchers
             .get_mut(&netns)
             .expect("ensured just above");
-        let applied = dispatcher
-            .register_sockets(unit, fds)
-            .and_then(|_| dispatcher.replace_unit_bindings(unit, &items));
+        let applied = dispatcher.register_sockets(unit, fds).and_then(|_| {
+            dispatcher.replace_unit_bindings_to(unit, &items.destinations, &items.items)
+        });
         let changes = match applied {
             Ok(c) => {
                 if c.removed > 0 {
@@ -1130,11 +1134,11 @@ impl Service {
         }
         let outcome = Outcome {
             sockets: sockets.len(),
-            bindings: items.len(),
+            bindings: items.items.len(),
             changes,
-            first: first_bindings(&items),
+            first: first_bindings(&items.items),
         };
-        let ranges = multi_port(items.iter().map(|(b, _)| *b));
+        let ranges = multi_port(items.items.iter().map(|(b, _)| *b));
         drop(items);
         self.units.insert(
             unit.to_owned(),
@@ -1221,7 +1225,7 @@ impl Service {
             .ok_or_else(|| ServiceError::NotRegistered {
                 unit: unit.to_owned(),
             })?
-            .replace_unit_bindings(unit, &items)
+            .replace_unit_bindings_to(unit, &items.destinations, &items.items)
             .map_err(ServiceError::dispatcher(unit))?;
         if changes.removed > 0
             && let Some(d) = self.dispatchers.get_mut(&netns)
@@ -1229,9 +1233,9 @@ impl Service {
             d.shrink_index();
         }
         let state = self.units.get_mut(unit).expect("checked above");
-        state.bindings = items.len();
-        state.ranges = multi_port(items.iter().map(|(b, _)| *b));
-        let first = first_bindings(&items);
+        state.bindings = items.items.len();
+        state.ranges = multi_port(items.items.iter().map(|(b, _)| *b));
+        let first = first_bindings(&items.items);
         drop(items);
         self.save_record(unit);
         Ok(Outcome {
@@ -1271,8 +1275,15 @@ impl Service {
     }
 }
 
+/// A unit's directives matched against its sockets: each binding with the
+/// index of its socket's destination.
+struct Resolved {
+    destinations: Vec<Destination>,
+    items: Vec<(Binding, u32)>,
+}
+
 /// The first [`SHOWN_BINDINGS`] of `items`.
-fn first_bindings(items: &[(Binding, Destination)]) -> Vec<Binding> {
+fn first_bindings(items: &[(Binding, u32)]) -> Vec<Binding> {
     items.iter().take(SHOWN_BINDINGS).map(|(b, _)| *b).collect()
 }
 

@@ -193,7 +193,7 @@ impl Dispatcher {
             })
             .map(|(e, _)| e)
             .collect();
-        let changes = self.apply(Vec::new(), remove)?;
+        let changes = self.apply(&[], &[], remove, 0)?;
         let ids: Vec<u32> = self
             .dests
             .iter()

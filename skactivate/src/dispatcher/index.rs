@@ -146,6 +146,33 @@ impl Index {
         }
     }
 
+    /// Insert `e` unless present: `None` when inserted, else the id it has.
+    pub(super) fn insert_new(&mut self, e: Entry, id: u32) -> Option<u32> {
+        use std::collections::hash_map::Entry as Slot;
+        match pack(&e) {
+            Some(k) => match self.v4.entry(k) {
+                Slot::Occupied(o) => Some(*o.get()),
+                Slot::Vacant(v) => {
+                    v.insert(id);
+                    None
+                }
+            },
+            None => match self.v6.entry(e) {
+                Slot::Occupied(o) => Some(*o.get()),
+                Slot::Vacant(v) => {
+                    v.insert(id);
+                    None
+                }
+            },
+        }
+    }
+
+    /// Room for `v4` more IPv4 entries and `v6` more IPv6 ones.
+    pub(super) fn reserve(&mut self, v4: usize, v6: usize) {
+        self.v4.reserve(v4);
+        self.v6.reserve(v6);
+    }
+
     pub(super) fn remove(&mut self, e: &Entry) -> Option<u32> {
         match pack(e) {
             Some(k) => self.v4.remove(&k),

@@ -170,6 +170,7 @@ impl Dispatcher {
             ids: HashMap::new(),
             entries: index::Index::default(),
             batch: false,
+            trie_filled: [false; 4],
             lock: None,
             records: records::Records::open(dir)?,
         };
@@ -240,7 +241,7 @@ impl Dispatcher {
         }
         self.entries.insert_many(items);
         self.kinds.assume_written();
-        Ok(())
+        self.adopt_tries()
     }
 
     /// Whether the trie has batch updates: an empty `BPF_MAP_UPDATE_BATCH`

@@ -38,6 +38,7 @@ const BPF_PROG_GET_FD_BY_ID: libc::c_long = bpf_cmd::BPF_PROG_GET_FD_BY_ID as li
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long;
+const BPF_MAP_DELETE_BATCH: libc::c_long = bpf_cmd::BPF_MAP_DELETE_BATCH as libc::c_long;
 const BPF_LINK_UPDATE: libc::c_long = bpf_cmd::BPF_LINK_UPDATE as libc::c_long;
 const BPF_LINK_DETACH: libc::c_long = bpf_cmd::BPF_LINK_DETACH as libc::c_long;
 
@@ -487,6 +488,71 @@ pub fn map_delete_elem<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<
     };
     // SAFETY: ElemAttr; key is a live Pod value of the map's key size.
     unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
+}
+
+/// `BPF_MAP_DELETE_BATCH`: `keys` out of the map, in order. Returns how
+/// many went, and the error that stopped the rest (ENOENT for a key that is
+/// absent: `keys[n]`), as `map_update_batch` does.
+pub fn map_delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> (usize, io::Result<()>) {
+    #[repr(C)]
+    struct Attr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut attr = Attr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: ptr(keys.as_ptr()),
+        values: 0,
+        count: u32::try_from(keys.len()).expect("batch fits u32"),
+        map_fd: raw(map),
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: Attr is the batch prefix; `count` Pod keys are live (the
+    // kernel reads keys only).
+    let r = unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) }.map(drop);
+    ((attr.count as usize).min(keys.len()), r)
+}
+
+/// Every key of a map, handed to `each` in the kernel's order, holding one
+/// key at a time; `each` must not delete keys (a walk whose previous key
+/// vanished starts again). At most `max` keys.
+pub fn map_for_each_key<K: aya::Pod>(
+    map: BorrowedFd<'_>,
+    max: usize,
+    mut each: impl FnMut(&K),
+) -> io::Result<()> {
+    let info = map_info(map)?;
+    check_sizes(&info, size_of::<K>(), info.value_size as usize)?;
+    // SAFETY: Pod types are valid for every bit pattern, zeros included.
+    let mut prev: K = unsafe { std::mem::zeroed() };
+    for n in 0..max {
+        // SAFETY: as above.
+        let mut next: K = unsafe { std::mem::zeroed() };
+        let mut attr = ElemAttr {
+            map_fd: raw(map),
+            pad: 0,
+            key: if n == 0 { 0 } else { ptr(&raw const prev) },
+            value: ptr(&raw mut next),
+            flags: 0,
+        };
+        // SAFETY: ElemAttr; the previous key (or none) is live, and the next
+        // key's buffer holds the map's key size (checked above).
+        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            Ok(_) => each(&next),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        prev = next;
+    }
+    Ok(())
 }
 
 /// `BPF_MAP_DELETE_ELEM`; absent is not an error.
