@@ -247,19 +247,11 @@ impl Dispatcher {
         } else {
             (self.hash.fd().as_fd(), self.hash_batch)
         };
-        let mut done = 0;
-        for (k, v) in keys.chunks(UPDATE_BATCH).zip(values.chunks(UPDATE_BATCH)) {
-            let (n, r) = if batch {
-                sys::map_update_batch(fd, k, v)
-            } else {
-                update_each(fd, k, v)
-            };
-            done += n;
-            if r.is_err() {
-                return (done, r);
-            }
+        if trie {
+            write_chunks(fd, batch, keys, values)
+        } else {
+            write_hash(fd, batch, keys, values)
         }
-        (done, Ok(()))
     }
 
     /// Take `keys` out of the hash (`trie` false) or the trie, in batches
@@ -640,24 +632,21 @@ impl Dispatcher {
                 return Err(e);
             }
         };
-        // The index, a batch at a time.
+        // The index, a step at a time.
         let fd = map.fd().as_fd();
         let mut r = Ok(());
-        let mut keys = Vec::with_capacity(UPDATE_BATCH);
-        let mut values = Vec::with_capacity(UPDATE_BATCH);
+        let step = self.entries.len().min(APPLY_BATCH);
+        let mut keys = Vec::with_capacity(step);
+        let mut values = Vec::with_capacity(step);
         let mut all = self.entries.iter().peekable();
         while r.is_ok() && all.peek().is_some() {
             keys.clear();
             values.clear();
-            for (e, id) in all.by_ref().take(UPDATE_BATCH) {
+            for (e, id) in all.by_ref().take(APPLY_BATCH) {
                 keys.push(e.key());
                 values.push(value_of(&e, id));
             }
-            r = if self.hash_batch {
-                sys::map_update_batch(fd, &keys, &values).1
-            } else {
-                update_each(fd, &keys, &values).1
-            };
+            r = write_hash(fd, self.hash_batch, &keys, &values).1;
         }
         drop(all);
         let r = r
@@ -880,6 +869,62 @@ pub(super) fn update_each<K: aya::Pod, V: aya::Pod>(
         }
     }
     (keys.len(), Ok(()))
+}
+
+/// `keys` and `values` into a map, `UPDATE_BATCH` per syscall (`batch`)
+/// or one per syscall; how many went in, and the error.
+fn write_chunks<K: aya::Pod, V: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    batch: bool,
+    keys: &[K],
+    values: &[V],
+) -> (usize, io::Result<()>) {
+    let mut done = 0;
+    for (k, v) in keys.chunks(UPDATE_BATCH).zip(values.chunks(UPDATE_BATCH)) {
+        let (n, r) = if batch {
+            sys::map_update_batch(fd, k, v)
+        } else {
+            update_each(fd, k, v)
+        };
+        done += n;
+        if r.is_err() {
+            return (done, r);
+        }
+    }
+    (done, Ok(()))
+}
+
+/// `write_chunks` into a hash. Its buckets have a lock each: two threads
+/// insert side by side (the kernel's insert is most of loading). (The
+/// trie has one lock for all.)
+fn write_hash<K: aya::Pod + Sync, V: aya::Pod + Sync>(
+    fd: BorrowedFd<'_>,
+    batch: bool,
+    keys: &[K],
+    values: &[V],
+) -> (usize, io::Result<()>) {
+    if !batch || keys.len() < PARALLEL_WRITE || !two_cpus() {
+        return write_chunks(fd, batch, keys, values);
+    }
+    let half = keys.len() / 2;
+    let ((n_low, r_low), (n_high, r_high)) = std::thread::scope(|s| {
+        let high = s.spawn(|| write_chunks(fd, batch, &keys[half..], &values[half..]));
+        let low = write_chunks(fd, batch, &keys[..half], &values[..half]);
+        (low, high.join().expect("the writer does not panic"))
+    });
+    match (r_low, r_high) {
+        (Err(e), _) => (n_low, Err(e)),
+        (Ok(()), Err(e)) => (half + n_high, Err(e)),
+        (Ok(()), Ok(())) => (keys.len(), Ok(())),
+    }
+}
+
+/// From how many entries on a write to the hash is shared by two threads.
+const PARALLEL_WRITE: usize = 4 * UPDATE_BATCH;
+
+/// Whether this process may run on more than one CPU.
+fn two_cpus() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
 }
 
 /// One `BPF_MAP_DELETE_ELEM` per key, absent ones skipped: the same

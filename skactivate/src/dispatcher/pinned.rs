@@ -207,19 +207,8 @@ impl Dispatcher {
         // Every entry is in the hash: read it in batches where the kernel
         // can (hash maps since 5.6), else a key at a time. Read straight
         // into entries, with nothing kept of the keys.
-        let mut items: Vec<(Entry, u32)> = Vec::new();
-        let mut read = 0usize;
         let fd = self.hash.fd().as_fd();
-        let r = sys::map_lookup_batch::<aya::maps::lpm_trie::Key<BindingKey>, BindingValue>(
-            fd,
-            LOOKUP_BATCH,
-            |k, v| {
-                read += 1;
-                if let Some(e) = Entry::from_key(k) {
-                    items.push((e, v.destination));
-                }
-            },
-        );
+        let (mut items, read, r) = read_entries(fd, self.hash_capacity);
         if let Err(e) = r {
             if read > 0 || !host::no_batch_support(&e) {
                 return Err(sys_err("BPF_MAP_LOOKUP_BATCH (entries)")(e));
@@ -331,6 +320,64 @@ impl Dispatcher {
         Ok(true)
     }
 }
+
+/// Every entry of the `entries` hash (`buckets`: its capacity, a power of
+/// two, is its bucket count), read in batches: a large one by two threads,
+/// one from each half of the buckets. The kernel spends most of adopting
+/// here, and a bucket's lock and copies cost the same on any CPU. Returns
+/// the entries, how many elements were read, and the error that stopped.
+fn read_entries(fd: BorrowedFd<'_>, buckets: u32) -> (Vec<(Entry, u32)>, usize, io::Result<()>) {
+    type K = aya::maps::lpm_trie::Key<BindingKey>;
+    let read_half = |from: u32, until: u32| {
+        let mut items: Vec<(Entry, u32)> = Vec::new();
+        let mut read = 0usize;
+        // Where the entries of a call that read past `until` begin.
+        let mut past = None;
+        let r = sys::map_lookup_batch_buckets::<K, BindingValue>(
+            fd,
+            LOOKUP_BATCH,
+            from,
+            until,
+            |k, v, beyond| {
+                read += 1;
+                if beyond && past.is_none() {
+                    past = Some(items.len());
+                }
+                if let Some(e) = Entry::from_key(k) {
+                    items.push((e, v.destination));
+                }
+            },
+        );
+        (items, read, r, past)
+    };
+    let two = buckets >= PARALLEL_READ_BUCKETS
+        && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    if !two {
+        let (items, read, r, _) = read_half(0, u32::MAX);
+        return (items, read, r);
+    }
+    let half = buckets / 2;
+    let ((mut low, read_low, r_low, past), (high, read_high, r_high, _)) =
+        std::thread::scope(|s| {
+            let high = s.spawn(|| read_half(half, u32::MAX));
+            let low = read_half(0, half);
+            (low, high.join().expect("the reader does not panic"))
+        });
+    // The low reader's last call may have read on into the high half: the
+    // high reader's first entry marks where that began.
+    if let (Some(at), Some(first)) = (past, high.first())
+        && let Some(p) = low[at..].iter().position(|x| x == first)
+    {
+        low.truncate(at + p);
+    }
+    let r = r_low.and(r_high);
+    low.extend(high);
+    (low, read_low + read_high, r)
+}
+
+/// From how many buckets (the `entries` hash's capacity) on adoption reads
+/// with two threads.
+const PARALLEL_READ_BUCKETS: u32 = 1 << 16;
 
 /// Whether a map of binding keys and values takes `BPF_MAP_UPDATE_BATCH`:
 /// an empty batch changes nothing, and says ENOTSUPP where the map has no

@@ -403,6 +403,21 @@ pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
     chunk: usize,
     mut each: impl FnMut(&K, &V),
 ) -> io::Result<()> {
+    map_lookup_batch_buckets(map, chunk, 0, u32::MAX, |k, v, _| each(k, v))
+}
+
+/// `map_lookup_batch` from bucket `from` on, until a call ends at or past
+/// bucket `until` (or at the end). A call reads whole buckets, so the last
+/// one may read on past `until`: `each` is told which elements came from a
+/// call that did (`true`), so that a reader of the buckets from `until` on
+/// can be told apart.
+pub fn map_lookup_batch_buckets<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+    from: u32,
+    until: u32,
+    mut each: impl FnMut(&K, &V, bool),
+) -> io::Result<()> {
     // Only the hash maps' cursor is the u32 below (a bucket index), and the
     // kernel writes `count` keys and values of the map's sizes.
     check_map(
@@ -427,12 +442,16 @@ pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
     // SAFETY: as above.
     let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
     // The hash map's cursor is a bucket index.
-    let mut token_in = 0u32;
+    let mut token_in = from;
     let mut token_out = 0u32;
     let mut first = true;
     loop {
         let mut attr = Attr {
-            in_batch: if first { 0 } else { ptr(&token_in) },
+            in_batch: if first && from == 0 {
+                0
+            } else {
+                ptr(&token_in)
+            },
             out_batch: ptr(&raw mut token_out),
             keys: ptr(keys.as_mut_ptr()),
             values: ptr(values.as_mut_ptr()),
@@ -445,13 +464,17 @@ pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
         // Pod keys and values into the live buffers, and a u32 cursor.
         let r = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let n = (attr.count as usize).min(chunk);
+        let past = r.is_err() || token_out >= until;
         for (k, v) in keys[..n].iter().zip(&values[..n]) {
-            each(k, v);
+            each(k, v, past && until != u32::MAX);
         }
         match r {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
+        }
+        if past {
+            return Ok(());
         }
         first = false;
         token_in = token_out;
