@@ -486,29 +486,34 @@ impl Service {
                 }
             }
         }
-        // The entries, consecutive ports merged: a unit's count as written
-        // is its entries less what its ranges span, plus one per range.
-        let mut entries: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut runs: BTreeMap<&str, Vec<Binding>> = BTreeMap::new();
-        let merged = dispatcher.bindings()?;
-        for b in &merged {
-            let unit = b.destination.unit.as_str();
-            *entries.entry(unit).or_default() += b.binding.ports.entries() as usize;
-            if !recorded.contains_key(unit) {
-                runs.entry(unit).or_default().push(b.binding);
+        // A unit's count as written is its entries less what its ranges
+        // span, plus one per range. The entries are counted from the index;
+        // the ranges come from the record, or, for a unit whose record has
+        // none, from its entries with consecutive ports merged (that list
+        // is costly: a name and a binding per merged run).
+        let entries = dispatcher.entries_per_unit();
+        let mut runs: BTreeMap<String, Vec<Binding>> = BTreeMap::new();
+        if units
+            .keys()
+            .any(|u| !recorded.contains_key(u) && entries.contains_key(u))
+        {
+            for b in dispatcher.bindings()? {
+                if !recorded.contains_key(&b.destination.unit) {
+                    runs.entry(b.destination.unit).or_default().push(b.binding);
+                }
             }
         }
         for (name, u) in units.iter_mut() {
             let ranges = match recorded.remove(name) {
                 Some(ranges) => ranges,
-                None => runs.remove(name.as_str()).unwrap_or_default(),
+                None => runs.remove(name).unwrap_or_default(),
             };
             u.ranges = multi_port(ranges.into_iter());
             let spanned: usize = u.ranges.iter().map(|r| r.ports.entries() as usize).sum();
-            let n = entries.get(name.as_str()).copied().unwrap_or(0);
+            let n = entries.get(name).copied().unwrap_or(0);
             u.bindings = n.saturating_sub(spanned) + u.ranges.len();
         }
-        drop(merged);
+        drop(runs);
         for (name, state) in units {
             if let Some(kept) = self.units.get(&name) {
                 // A daemon stopped between registering a unit in its new

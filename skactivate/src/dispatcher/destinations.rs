@@ -206,6 +206,22 @@ impl Dispatcher {
         Ok(changes)
     }
 
+    /// How many entries each unit has (units without any are left out),
+    /// counted from the index.
+    pub fn entries_per_unit(&self) -> BTreeMap<String, usize> {
+        let mut per_id: BTreeMap<u32, usize> = BTreeMap::new();
+        for (_, id) in self.entries.iter() {
+            *per_id.entry(id).or_default() += 1;
+        }
+        let mut out: BTreeMap<String, usize> = BTreeMap::new();
+        for (id, n) in per_id {
+            if let Some(s) = self.dests.get(&id) {
+                *out.entry(s.destination.unit.clone()).or_default() += n;
+            }
+        }
+        out
+    }
+
     /// The units that have a destination here.
     pub fn units(&self) -> Vec<String> {
         let mut u: Vec<String> = self
