@@ -532,3 +532,59 @@ pub(super) fn remove_lock(lock: Option<lock::StateLock>) -> Result<()> {
     let path = lock::lock_dir_of(&lock);
     lock.remove().map_err(io_err(&path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two readers, one per half of the buckets, hand back every entry of a
+    /// large hash exactly once: the low reader's last call, which reads on
+    /// into the high half, is cut where the high reader began.
+    #[test]
+    fn a_large_hash_is_read_back_once_by_two_readers() {
+        type K = aya::maps::lpm_trie::Key<BindingKey>;
+        let buckets = PARALLEL_READ_BUCKETS;
+        let map = match sys::create_hash_no_prealloc::<K, BindingValue>("read_test", buckets) {
+            Ok(m) => m,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
+                eprintln!("skipped: this process cannot create BPF maps ({e})");
+                return;
+            }
+            Err(e) => panic!("BPF_MAP_CREATE: {e}"),
+        };
+        let fd = map.as_fd();
+        // Sizes around one batch call (LOOKUP_BATCH), so the low reader's
+        // last call crosses the middle in more than one way.
+        let mut written = 0u32;
+        for n in [1u32, 3_000, 20_000, 40_000] {
+            let entries: Vec<Entry> = (written..n)
+                .map(|i| Entry {
+                    protocol: Protocol::Tcp,
+                    prefix: IpNet::new(IpAddr::from([198, 18, (i >> 8) as u8, i as u8]), 32)
+                        .unwrap(),
+                    port: 8000 + (i >> 16) as u16,
+                })
+                .collect();
+            let keys: Vec<K> = entries.iter().map(Entry::key).collect();
+            let values: Vec<BindingValue> = (written..n)
+                .map(|i| BindingValue {
+                    destination: i,
+                    prefixlen: 64,
+                })
+                .collect();
+            let (done, r) = sys::map_update_batch(fd, &keys, &values);
+            r.unwrap();
+            assert_eq!(done, keys.len());
+            written = n;
+            let (mut items, read, r) = read_entries(fd, buckets);
+            r.unwrap();
+            assert!(read >= n as usize, "{read} read of {n}");
+            assert_eq!(items.len(), n as usize, "each entry once");
+            items.sort_by_key(|(_, id)| *id);
+            for (i, (e, id)) in items.iter().enumerate() {
+                assert_eq!(*id, i as u32);
+                assert_eq!(e.prefix.prefix_len(), 32);
+            }
+        }
+    }
+}
