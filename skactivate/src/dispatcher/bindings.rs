@@ -490,6 +490,12 @@ impl Dispatcher {
             .sum();
         self.entries
             .reserve(reserve.min(v4), reserve.min(total - v4));
+        // Room in the hash before anything is written: growing copies every
+        // entry, so once, to what the change will need.
+        let needed = self.entries.len() + reserve.min(total);
+        if needed > self.hash_capacity as usize && self.hash_capacity < abi::MAX_BINDINGS {
+            self.grow(needed)?;
+        }
         // Which entries this change added (the others were present with
         // the same destination, or named twice): what a failure undoes.
         let mut added = vec![0u64; total.div_ceil(64)];
