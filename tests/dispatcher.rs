@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -1782,7 +1782,7 @@ fn removed_entries_clear_their_kinds_and_a_grown_hash_is_adopted() {
             serve(&mut d, "a.socket", &a, &[many]);
             let capacity = |d: &Dispatcher| {
                 let fd = skactivate::dispatcher::sys::obj_get(&d.dir().join("entries")).unwrap();
-                skactivate::dispatcher::sys::map_info(std::os::fd::AsFd::as_fd(&fd))
+                skactivate::dispatcher::sys::map_info(fd.as_fd())
                     .unwrap()
                     .max_entries
             };
@@ -1797,4 +1797,194 @@ fn removed_entries_clear_their_kinds_and_a_grown_hash_is_adopted() {
             assert!(!d.dir().join("entries-new").exists());
         },
     );
+}
+
+/// How many keys the pinned trie holds.
+fn trie_keys(d: &Dispatcher) -> usize {
+    use skactivate::dispatcher::abi::{BindingKey, BindingValue};
+    let data = aya::maps::MapData::from_pin(d.dir().join("bindings")).unwrap();
+    let trie: aya::maps::LpmTrie<_, BindingKey, BindingValue> =
+        aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).unwrap();
+    let mut n = 0;
+    for k in trie.keys() {
+        k.expect("a trie key");
+        n += 1;
+    }
+    n
+}
+
+/// The trie is filled only while a family and protocol has more shorter
+/// lengths than its lengths word lists, and emptied when it drops back;
+/// meanwhile a prober running the live program never sees an existing
+/// binding's answer change, across the switch both ways and across the
+/// handle being dropped and the pinned state adopted. A stale trie entry a
+/// crash could leave behind is cleared before the program reads the trie.
+#[test]
+fn the_trie_is_filled_only_past_the_listed_lengths() {
+    in_netns("the_trie_is_filled_only_past_the_listed_lengths", |fs| {
+        use skactivate::dispatcher::abi::{self, BindingValue};
+        use skactivate::dispatcher::{socket, sys, test_run};
+        let servers: Vec<Server> = (0..7)
+            .map(|i| tcp_server(&format!("s{i}"), &format!("127.0.0.1:{}", 9300 + i), false))
+            .collect();
+        let cookie = |i: usize| socket::socket_cookie(servers[i].fd()).unwrap();
+        let mut d = open(fs);
+        // IPv4 TCP: four shorter lengths (/15, /16, /24 on 11 ports, /28)
+        // and full length; IPv6 TCP and IPv4 UDP have a shorter length each.
+        let layers = [
+            (
+                "l15.socket",
+                bind(Protocol::Tcp, "198.18.0.0/15", Ports::single(80)),
+            ),
+            (
+                "l16.socket",
+                bind(Protocol::Tcp, "198.18.0.0/16", Ports::All),
+            ),
+            (
+                "l24.socket",
+                bind(Protocol::Tcp, "198.18.1.0/24", Ports::Range(80, 90)),
+            ),
+            (
+                "l28.socket",
+                bind(Protocol::Tcp, "198.18.1.16/28", Ports::All),
+            ),
+            (
+                "l32.socket",
+                bind(Protocol::Tcp, "198.18.1.20/32", Ports::single(80)),
+            ),
+        ];
+        for (i, (unit, b)) in layers.iter().enumerate() {
+            serve(&mut d, unit, &servers[i], &[*b]);
+        }
+        serve(
+            &mut d,
+            "v6.socket",
+            &servers[6],
+            &[bind(Protocol::Tcp, "2001:db8::/64", Ports::single(443))],
+        );
+        let short_v4_tcp = 1 + 1 + 11 + 1;
+        let first = abi::PORTS_LENGTHS as usize;
+        let list = u64::from_le_bytes([29, 25, 17, 16, 0, 0, 0, 0]);
+        assert_eq!(ports_words(&d)[first], list);
+        assert_eq!(trie_keys(&d), 0, "four lengths: the trie stays empty");
+
+        // A crash could have left an entry of this family and protocol in
+        // the trie, unread while the lengths are listed: it must not answer
+        // once the trie is read.
+        let stale = Binding::new(
+            Protocol::Tcp,
+            "198.51.100.0/24".parse().unwrap(),
+            Ports::single(80),
+        );
+        {
+            let data = aya::maps::MapData::from_pin(d.dir().join("bindings")).unwrap();
+            let mut trie: aya::maps::LpmTrie<_, abi::BindingKey, BindingValue> =
+                aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).unwrap();
+            let key = abi::binding_key(stale.protocol, &stale.prefix, 80);
+            let value = BindingValue {
+                destination: 0,
+                prefixlen: abi::trie_prefixlen(&stale.prefix),
+            };
+            trie.insert(&key, value, 0).unwrap();
+        }
+        assert_eq!(trie_keys(&d), 1);
+
+        // Answers that never change, whichever way the program finds them.
+        let probes: Vec<(&str, u16, u64)> = vec![
+            ("198.18.1.20", 80, cookie(4)),
+            ("198.18.1.21", 80, cookie(3)),
+            ("198.18.1.40", 85, cookie(2)),
+            ("198.18.16.1", 81, cookie(1)),
+            ("198.19.0.1", 80, cookie(0)),
+        ];
+        let prog = sys::prog_fd_by_id(d.program().unwrap().id).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (runs, wrong) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let prober = {
+            let (stop, runs, wrong) = (stop.clone(), runs.clone(), wrong.clone());
+            let probes = probes.clone();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(120) {
+                    for (addr, port, want) in &probes {
+                        let run =
+                            test_run(prog.as_fd(), Protocol::Tcp, v4(addr), *port, 1).unwrap();
+                        if run.retval != 1 || run.ctx_out.cookie != *want {
+                            wrong.fetch_add(1, Ordering::Relaxed);
+                        }
+                        runs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        let check = |d: &Dispatcher, l20: bool| {
+            for (addr, port, want) in &probes {
+                let l = d.lookup(Protocol::Tcp, v4(addr), *port).unwrap();
+                assert_eq!(l.cookie, Some(*want), "{addr}:{port}");
+            }
+            let want = if l20 {
+                some("l20.socket")
+            } else {
+                some("l16.socket")
+            };
+            assert_eq!(goes_to(d, "198.18.2.1", 81), want);
+            assert_eq!(goes_to(d, "198.18.1.40", 91), want);
+            assert_eq!(
+                goes_to(d, "198.51.100.1", 80),
+                None,
+                "the stale entry answered"
+            );
+        };
+        let l20 = bind(Protocol::Tcp, "198.18.0.0/20", Ports::All);
+        let d20 = d
+            .register_sockets("l20.socket", &[servers[5].fd()])
+            .unwrap()[0]
+            .0
+            .clone();
+        check(&d, false);
+        for round in 0..12 {
+            d.add_bindings(&[(l20, d20.clone())]).unwrap();
+            assert_eq!(ports_words(&d)[first], abi::LENGTHS_TRIE, "round {round}");
+            assert_eq!(
+                trie_keys(&d),
+                short_v4_tcp + 1,
+                "round {round}: IPv4 TCP only"
+            );
+            check(&d, true);
+            if round % 3 == 1 {
+                // Adopted in the trie's state: nothing to fill, all answers kept.
+                drop(d);
+                d = open(fs);
+                assert_eq!(trie_keys(&d), short_v4_tcp + 1);
+                check(&d, true);
+            }
+            d.remove_bindings(&[l20]).unwrap();
+            assert_eq!(ports_words(&d)[first], list, "round {round}");
+            assert_eq!(trie_keys(&d), 0, "round {round}: emptied again");
+            check(&d, false);
+            if round % 3 == 2 {
+                drop(d);
+                d = open(fs);
+                assert_eq!(trie_keys(&d), 0);
+                check(&d, false);
+            }
+        }
+        // Replacing a unit's bindings takes the same road: in, then out.
+        d.replace_unit_bindings("l20.socket", &[(l20, d20.clone())])
+            .unwrap();
+        assert_eq!(trie_keys(&d), short_v4_tcp + 1);
+        check(&d, true);
+        d.unregister_unit("l20.socket").unwrap();
+        assert_eq!(trie_keys(&d), 0);
+        check(&d, false);
+        stop.store(true, Ordering::Relaxed);
+        prober.join().unwrap();
+        assert!(runs.load(Ordering::Relaxed) > 0, "the prober ran");
+        assert_eq!(
+            wrong.load(Ordering::Relaxed),
+            0,
+            "lookups of existing bindings answered otherwise during the switches (of {})",
+            runs.load(Ordering::Relaxed)
+        );
+    });
 }

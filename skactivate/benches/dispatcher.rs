@@ -1824,7 +1824,8 @@ fn run_only(plan: &'static Plan, only: &str) {
     match only {
         "startup" => run_only_startup(plan),
         "traffic" => run_only_traffic(plan),
-        _ => panic!("SKACTIVATE_BENCH_ONLY: unknown part {only:?} (known: startup, traffic)"),
+        "load" => run_loads(plan),
+        _ => panic!("SKACTIVATE_BENCH_ONLY: unknown part {only:?} (known: startup, load, traffic)"),
     }
 }
 
@@ -1905,6 +1906,64 @@ fn run_only_startup(plan: &'static Plan) {
         }
         d.destroy().expect("destroy");
     });
+}
+
+/// `SKACTIVATE_BENCH_ONLY=load`: loading each workload and family as the
+/// phases do (no lookups, no reference), each step timed, then adopting the
+/// largest; printed to stdout.
+fn run_loads(plan: &'static Plan) {
+    let start = Instant::now();
+    for (workload, family) in [
+        (Workload::Bench, Family::V4),
+        (Workload::Bench, Family::V6),
+        (Workload::Mixed, Family::V4),
+        (Workload::Mixed, Family::V6),
+    ] {
+        netns::in_netns(move |fs| {
+            let listener = TcpListener::bind("127.0.0.1:7999").expect("listen");
+            let mut d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("open");
+            let regs = d
+                .register_sockets("bench.socket", &[listener.as_fd()])
+                .expect("register the listener");
+            let dest = regs[0].0.clone();
+            let mut have = 0u32;
+            for &n in plan.sizes {
+                let from = have;
+                let mut took = Duration::ZERO;
+                while have < n {
+                    check_deadline(start, "loading bindings");
+                    let upto = n.min(have + plan.chunk);
+                    let items: Vec<(Binding, Destination)> = (have..upto)
+                        .map(|i| (workload.spec(family, i).binding(), dest.clone()))
+                        .collect();
+                    let t = Instant::now();
+                    let changes = d.add_bindings(&items).expect("add bindings");
+                    took += t.elapsed();
+                    assert_eq!(changes.added, items.len(), "every binding is new");
+                    have = upto;
+                }
+                println!(
+                    "{} {} load {} → {}: {:.3} s",
+                    workload.name(),
+                    family_name(family),
+                    count(from),
+                    count(n),
+                    took.as_secs_f64()
+                );
+            }
+            drop(d);
+            let t = Instant::now();
+            let d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("adopt");
+            println!(
+                "{} {} adopt {}: {:.3} s",
+                workload.name(),
+                family_name(family),
+                count(have),
+                t.elapsed().as_secs_f64()
+            );
+            d.destroy().expect("destroy");
+        });
+    }
 }
 
 /// A "## The proxy" section another bench writes into BENCHMARKS.md: kept

@@ -165,6 +165,7 @@ async fn serve(opts: &Options) -> Result<()> {
     if owned {
         return Err(name_taken(&conn, &opts.bus).await);
     }
+    let opening = std::time::Instant::now();
     let mut dispatcher = Dispatcher::open(&opts.netns, &opts.bpffs).with_context(|| {
         format!(
             "dispatcher for {} on {}",
@@ -188,11 +189,12 @@ async fn serve(opts: &Options) -> Result<()> {
     }
     let prog = dispatcher.program()?;
     tracing::info!(
-        "dispatcher attached to netns {} from {} (program {} tag {})",
+        "dispatcher attached to netns {} from {} (program {} tag {}; opened in {} ms)",
         dispatcher.netns(),
         dispatcher.dir().display(),
         prog.id,
-        prog.tag_hex()
+        prog.tag_hex(),
+        opening.elapsed().as_millis()
     );
     let mut service =
         Service::new(dispatcher, Path::new("/")).context("reading the pinned state")?;

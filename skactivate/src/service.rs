@@ -486,29 +486,34 @@ impl Service {
                 }
             }
         }
-        // The entries, consecutive ports merged: a unit's count as written
-        // is its entries less what its ranges span, plus one per range.
-        let mut entries: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut runs: BTreeMap<&str, Vec<Binding>> = BTreeMap::new();
-        let merged = dispatcher.bindings()?;
-        for b in &merged {
-            let unit = b.destination.unit.as_str();
-            *entries.entry(unit).or_default() += b.binding.ports.entries() as usize;
-            if !recorded.contains_key(unit) {
-                runs.entry(unit).or_default().push(b.binding);
+        // A unit's count as written is its entries less what its ranges
+        // span, plus one per range. The entries are counted from the index;
+        // the ranges come from the record, or, for a unit whose record has
+        // none, from its entries with consecutive ports merged (that list
+        // is costly: a name and a binding per merged run).
+        let entries = dispatcher.entries_per_unit();
+        let mut runs: BTreeMap<String, Vec<Binding>> = BTreeMap::new();
+        if units
+            .keys()
+            .any(|u| !recorded.contains_key(u) && entries.contains_key(u))
+        {
+            for b in dispatcher.bindings()? {
+                if !recorded.contains_key(&b.destination.unit) {
+                    runs.entry(b.destination.unit).or_default().push(b.binding);
+                }
             }
         }
         for (name, u) in units.iter_mut() {
             let ranges = match recorded.remove(name) {
                 Some(ranges) => ranges,
-                None => runs.remove(name.as_str()).unwrap_or_default(),
+                None => runs.remove(name).unwrap_or_default(),
             };
             u.ranges = multi_port(ranges.into_iter());
             let spanned: usize = u.ranges.iter().map(|r| r.ports.entries() as usize).sum();
-            let n = entries.get(name.as_str()).copied().unwrap_or(0);
+            let n = entries.get(name).copied().unwrap_or(0);
             u.bindings = n.saturating_sub(spanned) + u.ranges.len();
         }
-        drop(merged);
+        drop(runs);
         for (name, state) in units {
             if let Some(kept) = self.units.get(&name) {
                 // A daemon stopped between registering a unit in its new
@@ -965,7 +970,7 @@ impl Service {
         unit: &str,
         directives: &Directives,
         sockets: &[Socket],
-    ) -> Result<Vec<(Binding, Destination)>, ServiceError> {
+    ) -> Result<Resolved, ServiceError> {
         let socket_unit = match directives {
             Directives::Files(files) => {
                 SocketUnit::from_paths(&self.root, unit, &files.fragment, &files.dropins).map_err(
@@ -977,12 +982,13 @@ impl Service {
             }
             Directives::Inline(values) => SocketUnit::from_sklookup_options(unit, values),
         };
-        // Each binding goes straight to the list the dispatcher takes: a
-        // unit may hold a million, and nothing else of them is kept.
+        // Each binding goes straight to the list the dispatcher takes, its
+        // socket by index: a unit may hold a million, and nothing else of
+        // them is kept.
         let destinations: Vec<Destination> = sockets.iter().map(|s| s.destination(unit)).collect();
         let mut items = Vec::new();
         let problems = config::resolve_bindings(&socket_unit, sockets, |binding, socket| {
-            items.push((binding, destinations[socket].clone()));
+            items.push((binding, socket as u32));
         });
         drop(socket_unit);
         let resolution = config::Resolution {
@@ -1000,7 +1006,10 @@ impl Service {
             return Err(bad_directive(unit, &resolution));
         }
         items.shrink_to_fit();
-        Ok(items)
+        Ok(Resolved {
+            destinations,
+            items,
+        })
     }
 
     /// Register `fds` as the sockets of `unit` and apply its directives, all
@@ -1095,9 +1104,9 @@ impl Service {
             .dispatchers
             .get_mut(&netns)
             .expect("ensured just above");
-        let applied = dispatcher
-            .register_sockets(unit, fds)
-            .and_then(|_| dispatcher.replace_unit_bindings(unit, &items));
+        let applied = dispatcher.register_sockets(unit, fds).and_then(|_| {
+            dispatcher.replace_unit_bindings_to(unit, &items.destinations, &items.items)
+        });
         let changes = match applied {
             Ok(c) => {
                 if c.removed > 0 {
@@ -1130,11 +1139,11 @@ impl Service {
         }
         let outcome = Outcome {
             sockets: sockets.len(),
-            bindings: items.len(),
+            bindings: items.items.len(),
             changes,
-            first: first_bindings(&items),
+            first: first_bindings(&items.items),
         };
-        let ranges = multi_port(items.iter().map(|(b, _)| *b));
+        let ranges = multi_port(items.items.iter().map(|(b, _)| *b));
         drop(items);
         self.units.insert(
             unit.to_owned(),
@@ -1221,7 +1230,7 @@ impl Service {
             .ok_or_else(|| ServiceError::NotRegistered {
                 unit: unit.to_owned(),
             })?
-            .replace_unit_bindings(unit, &items)
+            .replace_unit_bindings_to(unit, &items.destinations, &items.items)
             .map_err(ServiceError::dispatcher(unit))?;
         if changes.removed > 0
             && let Some(d) = self.dispatchers.get_mut(&netns)
@@ -1229,9 +1238,9 @@ impl Service {
             d.shrink_index();
         }
         let state = self.units.get_mut(unit).expect("checked above");
-        state.bindings = items.len();
-        state.ranges = multi_port(items.iter().map(|(b, _)| *b));
-        let first = first_bindings(&items);
+        state.bindings = items.items.len();
+        state.ranges = multi_port(items.items.iter().map(|(b, _)| *b));
+        let first = first_bindings(&items.items);
         drop(items);
         self.save_record(unit);
         Ok(Outcome {
@@ -1271,8 +1280,15 @@ impl Service {
     }
 }
 
+/// A unit's directives matched against its sockets: each binding with the
+/// index of its socket's destination.
+struct Resolved {
+    destinations: Vec<Destination>,
+    items: Vec<(Binding, u32)>,
+}
+
 /// The first [`SHOWN_BINDINGS`] of `items`.
-fn first_bindings(items: &[(Binding, Destination)]) -> Vec<Binding> {
+fn first_bindings(items: &[(Binding, u32)]) -> Vec<Binding> {
     items.iter().take(SHOWN_BINDINGS).map(|(b, _)| *b).collect()
 }
 

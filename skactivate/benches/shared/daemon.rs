@@ -128,6 +128,26 @@ fn measure(sd: &Systemd, n: u32) -> Row {
         "the restart changed the count"
     );
     let rss_after_restart = rss(sd);
+    if std::env::var_os("SKACTIVATE_BENCH_JOURNAL").is_some() {
+        // Where a restart goes: the daemon's own lines, timestamped.
+        let _ = sd.exec(&["journalctl", "--sync"]);
+        let out = sd.exec(&[
+            "journalctl",
+            "--no-pager",
+            "-q",
+            "-b",
+            "-o",
+            "short-precise",
+            "-n",
+            "14",
+            "-u",
+            "skactivate.service",
+        ]);
+        eprintln!(
+            "restart at {n} bindings:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 
     sd.ok(&["systemctl", "stop", "bench.socket"]);
     wait_bindings(sd, 0);

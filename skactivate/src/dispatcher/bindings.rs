@@ -49,6 +49,12 @@ impl Entry {
         })
     }
 
+    /// The family and protocol's slot: `(family slot << 1 | protocol slot)`,
+    /// the index of its lengths word after the port words.
+    pub(super) fn slot(&self) -> usize {
+        slots(Family::of(&self.prefix.addr()), self.protocol)
+    }
+
     /// A /32 or /128: in the hash only.
     pub(super) fn is_full(&self) -> bool {
         self.prefix.prefix_len() == self.prefix.max_prefix_len()
@@ -241,194 +247,359 @@ impl Dispatcher {
         } else {
             (self.hash.fd().as_fd(), self.hash_batch)
         };
-        let mut done = 0;
-        for (k, v) in keys.chunks(UPDATE_BATCH).zip(values.chunks(UPDATE_BATCH)) {
-            let (n, r) = if batch {
-                sys::map_update_batch(fd, k, v)
-            } else {
-                update_each(fd, k, v)
-            };
-            done += n;
-            if r.is_err() {
-                return (done, r);
-            }
+        if trie {
+            write_chunks(fd, batch, keys, values)
+        } else {
+            write_hash(fd, batch, keys, values)
         }
-        (done, Ok(()))
     }
 
-    /// Take entries out of the hash and, if shorter than full length, the
-    /// trie; absent ones are no error.
-    fn delete_entries<'e>(&self, entries: impl Iterator<Item = &'e Entry>) -> Result<()> {
-        let mut failure = None;
-        for e in entries {
-            let key = e.key();
-            if !e.is_full() {
-                match sys::map_delete_elem(self.bindings.map().fd().as_fd(), &key) {
-                    Ok(()) => {}
-                    Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(err) => {
-                        failure.get_or_insert(sys_err("BPF_MAP_DELETE_ELEM (bindings)")(err));
+    /// Take `keys` out of the hash (`trie` false) or the trie, in batches
+    /// where the map takes them; absent ones are no error.
+    fn delete_keys(&self, trie: bool, keys: &[aya::maps::lpm_trie::Key<BindingKey>]) -> Result<()> {
+        let (fd, mut batch, call) = if trie {
+            let call = "BPF_MAP_DELETE_ELEM (bindings)";
+            (self.bindings.map().fd().as_fd(), self.batch, call)
+        } else {
+            (
+                self.hash.fd().as_fd(),
+                self.hash_batch,
+                "BPF_MAP_DELETE_ELEM (entries)",
+            )
+        };
+        let mut rest = keys;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(UPDATE_BATCH)];
+            let (n, r) = if batch {
+                sys::map_delete_batch(fd, chunk)
+            } else {
+                delete_each(fd, chunk)
+            };
+            match r {
+                Ok(()) => rest = &rest[chunk.len()..],
+                // `chunk[n]` was absent.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[n + 1..],
+                // A map without batch deletes: one key per syscall.
+                Err(e) if batch && n == 0 && host::no_batch_support(&e) => batch = false,
+                Err(e) => return Err(sys_err(call)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the program reads the trie of a family and protocol (its
+    /// lengths word as written says so).
+    fn trie_read(&self, slot: usize) -> bool {
+        self.kinds.written[abi::PORTS_LENGTHS as usize + slot] & abi::LENGTHS_TRIE != 0
+    }
+
+    /// Whether the entries want the program to read it.
+    fn trie_wanted(&self, slot: usize) -> bool {
+        self.kinds.words[abi::PORTS_LENGTHS as usize + slot] & abi::LENGTHS_TRIE != 0
+    }
+
+    /// Put every shorter-than-full entry of a family and protocol (`slot`)
+    /// in the trie, which the program does not read for it yet: what a
+    /// crash left there of the slot goes first.
+    fn fill_trie(&mut self, slot: usize) -> Result<()> {
+        let fd = self.bindings.map().fd().as_fd();
+        let mut stale = Vec::new();
+        sys::map_for_each_key::<aya::maps::lpm_trie::Key<BindingKey>>(
+            fd,
+            abi::MAX_BINDINGS as usize + 1,
+            |k| {
+                if Entry::from_key(k).is_none_or(|e| e.slot() == slot) {
+                    stale.push(*k);
+                }
+            },
+        )
+        .map_err(sys_err("BPF_MAP_GET_NEXT_KEY (bindings)"))?;
+        self.delete_keys(true, &stale)?;
+        drop(stale);
+        let mut short: Vec<(Entry, u32)> = self
+            .entries
+            .iter()
+            .filter(|(e, _)| !e.is_full() && e.slot() == slot)
+            .collect();
+        // In the trie's own order: each insert walks the path the previous
+        // one just walked, still in cache.
+        short.sort_by_cached_key(|(e, _)| e.trie_order());
+        for chunk in short.chunks(UPDATE_BATCH) {
+            let (keys, values) = keys_values(chunk);
+            let (n, r) = self.write_entries(true, &keys, &values);
+            if let Err(err) = r {
+                return Err(write_err(err, chunk.get(n).map(|a| a.0), "bindings"));
+            }
+        }
+        self.trie_filled[slot] = true;
+        Ok(())
+    }
+
+    /// Take the shorter entries of a family and protocol out of the trie,
+    /// once the program no longer reads it for them.
+    fn empty_trie(&mut self, slot: usize) -> Result<()> {
+        self.trie_filled[slot] = false;
+        let keys: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|(e, _)| !e.is_full() && e.slot() == slot)
+            .map(|(e, _)| e.key())
+            .collect();
+        self.delete_keys(true, &keys)
+    }
+
+    /// Write the `ports` words in `dirty` as they rise: a family and
+    /// protocol whose lengths word is about to say "trie" gets its trie
+    /// filled first, so the program never reads an incomplete one. Returns
+    /// the slots filled here (their trie already holds every entry).
+    pub(super) fn raise_ports(&mut self, dirty: &BTreeSet<u32>) -> Result<[bool; 4]> {
+        let mut filled = [false; 4];
+        for (slot, f) in filled.iter_mut().enumerate() {
+            if self.trie_wanted(slot) && !self.trie_filled[slot] {
+                self.fill_trie(slot)?;
+                *f = true;
+            }
+        }
+        self.sync_ports(dirty)?;
+        Ok(filled)
+    }
+
+    /// Empty the trie of each family and protocol the program no longer
+    /// reads it for (after its lengths word was written).
+    pub(super) fn settle_trie(&mut self) -> Result<()> {
+        for slot in 0..4 {
+            if self.trie_filled[slot] && !self.trie_read(slot) && !self.trie_wanted(slot) {
+                self.empty_trie(slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After adoption: the lengths words as pinned say which tries the
+    /// program reads, and those are complete (filled before a word said
+    /// so). Where the entries want otherwise (a crash in the middle of a
+    /// change), the tries and words are put right; else nothing is written.
+    pub(super) fn adopt_tries(&mut self) -> Result<()> {
+        let fd = self.ports.fd().as_fd();
+        let mut dirty = BTreeSet::new();
+        for slot in 0..4 {
+            let idx = abi::PORTS_LENGTHS + slot as u32;
+            let word: u64 = sys::map_lookup_elem(fd, &idx)
+                .map_err(sys_err("BPF_MAP_LOOKUP_ELEM (ports)"))?
+                .unwrap_or(0);
+            self.kinds.written[idx as usize] = word;
+            self.trie_filled[slot] = word & abi::LENGTHS_TRIE != 0;
+            dirty.insert(idx);
+        }
+        self.raise_ports(&dirty)?;
+        self.settle_trie()
+    }
+
+    /// One step of `apply`: `batch`, new entries already in the index, into
+    /// the maps: counted, the hash grown if need be, the `ports` words
+    /// raised, then the hash and (where the program reads it) the trie.
+    fn write_batch(&mut self, batch: &[(Entry, u32)]) -> Result<()> {
+        let mut dirty = BTreeSet::new();
+        for (e, _) in batch {
+            self.kinds.count(e, 1, &mut dirty);
+        }
+        let needed = self.entries.len();
+        if needed > self.hash_capacity as usize && self.hash_capacity < abi::MAX_BINDINGS {
+            self.grow(needed)?;
+        }
+        let filled = self.raise_ports(&dirty)?;
+        // A batch cannot say BPF_NOEXIST; it need not, as the index has
+        // already left out every entry present and this process is the
+        // maps' only writer.
+        let (keys, values) = keys_values(batch);
+        let (n, r) = self.write_entries(false, &keys, &values);
+        if let Err(err) = r {
+            return Err(write_err(err, batch.get(n).map(|a| a.0), "entries"));
+        }
+        let mut short: Vec<usize> = (0..batch.len())
+            .filter(|&i| {
+                let e = &batch[i].0;
+                !e.is_full() && self.trie_filled[e.slot()] && !filled[e.slot()]
+            })
+            .collect();
+        if short.is_empty() {
+            return Ok(());
+        }
+        short.sort_by_cached_key(|&i| batch[i].0.trie_order());
+        let k: Vec<_> = short.iter().map(|&i| keys[i]).collect();
+        let v: Vec<_> = short.iter().map(|&i| values[i]).collect();
+        let (n, r) = self.write_entries(true, &k, &v);
+        r.map_err(|err| write_err(err, short.get(n).map(|&i| batch[i].0), "bindings"))
+    }
+
+    /// Undo the first `upto` entries of an `apply` that failed: those
+    /// marked in `added` leave the index, and the first `counted` of them
+    /// the maps and the counts.
+    fn roll_back(&mut self, add: &[(Binding, u32)], added: &[u64], upto: usize, counted: usize) {
+        let mut dirty = BTreeSet::new();
+        let mut keys = Vec::new();
+        let mut trie_keys = Vec::new();
+        let mut pos = 0;
+        'all: for (b, _) in add {
+            for e in Entry::of(b) {
+                if pos >= upto {
+                    break 'all;
+                }
+                if added[pos / 64] >> (pos % 64) & 1 == 1 {
+                    self.entries.remove(&e);
+                    if pos < counted {
+                        self.kinds.count(&e, -1, &mut dirty);
+                        keys.push(e.key());
+                        if !e.is_full() && self.trie_filled[e.slot()] {
+                            trie_keys.push(e.key());
+                        }
                     }
                 }
-            }
-            match sys::map_delete_elem(self.hash.fd().as_fd(), &key) {
-                Ok(()) => {}
-                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(err) => {
-                    failure.get_or_insert(sys_err("BPF_MAP_DELETE_ELEM (entries)")(err));
-                }
+                pos += 1;
             }
         }
-        failure.map_or(Ok(()), Err)
+        let _ = self.delete_keys(true, &trie_keys);
+        let _ = self.delete_keys(false, &keys);
+        let _ = self.sync_ports(&dirty);
+        let _ = self.settle_trie();
     }
 
-    /// Apply a change all at once or not at all: `add` entries (entry →
-    /// destination id) go in first, then `remove` entries go out, so that a
-    /// replacement never leaves a gap. The `ports` words rise before entries
-    /// appear and fall after they vanish, so the program never skips an entry.
-    pub(super) fn apply(&mut self, add: Vec<(Entry, u32)>, remove: Vec<Entry>) -> Result<Changes> {
-        // Conflicts first, from the index: nothing has been touched yet.
-        let mut add = add;
-        let mut conflict = None;
-        add.retain(|(e, id)| match self.entries.get(e) {
-            None => true,
-            Some(other) => {
-                if other != *id && conflict.is_none() {
-                    conflict = Some((*e, other));
-                }
-                false
-            }
-        });
-        if let Some((e, other)) = conflict {
-            return Err(DispatcherError::Conflict {
-                binding: e.binding(),
-                other: self.dests[&other].destination.clone(),
-            });
-        }
-        // Equal entries side by side, by a key quick to compare.
-        add.sort_unstable_by_key(|(e, id)| (e.sort_key(), *id));
-        add.dedup();
-        if let Some(w) = add.windows(2).find(|w| w[0].0 == w[1].0) {
-            let (e, first) = w[0];
-            return Err(DispatcherError::Conflict {
-                binding: e.binding(),
-                other: self.dests[&first].destination.clone(),
-            });
-        }
+    /// Apply a change all at once or not at all: `add` (binding → index
+    /// into `ids`, the destination ids) goes in first, in steps of at most
+    /// `APPLY_BATCH` entries, then `remove` entries go out, so that a
+    /// replacement never leaves a gap. The `ports` words rise before
+    /// entries appear and fall after they vanish, so the program never
+    /// skips an entry. `reserve`: how many entries the index should make
+    /// room for (the new ones, as far as known).
+    pub(super) fn apply(
+        &mut self,
+        add: &[(Binding, u32)],
+        ids: &[u32],
+        remove: Vec<Entry>,
+        reserve: usize,
+    ) -> Result<Changes> {
         let remove: Vec<Entry> = remove
             .into_iter()
             .filter(|e| self.entries.contains_key(e))
             .collect();
-
-        // Room in the hash before anything is written.
-        let needed = self.entries.len() + add.len();
+        let total: usize = add.iter().map(|(b, _)| entry_count(b)).sum();
+        let v4: usize = add
+            .iter()
+            .filter(|(b, _)| b.prefix.addr().is_ipv4())
+            .map(|(b, _)| entry_count(b))
+            .sum();
+        self.entries
+            .reserve(reserve.min(v4), reserve.min(total - v4));
+        // Room in the hash before anything is written: growing copies every
+        // entry, so once, to what the change will need.
+        let needed = self.entries.len() + reserve.min(total);
         if needed > self.hash_capacity as usize && self.hash_capacity < abi::MAX_BINDINGS {
             self.grow(needed)?;
         }
-
-        let mut dirty = BTreeSet::new();
-        for (e, _) in &add {
-            self.kinds.count(e, 1, &mut dirty);
-        }
-        let undo_counts = |d: &mut Dispatcher, add: &[(Entry, u32)]| {
-            let mut dirty = BTreeSet::new();
-            for (e, _) in add {
-                d.kinds.count(e, -1, &mut dirty);
+        // Which entries this change added (the others were present with
+        // the same destination, or named twice): what a failure undoes.
+        let mut added = vec![0u64; total.div_ceil(64)];
+        let mut batch: Vec<(Entry, u32)> = Vec::with_capacity(total.min(APPLY_BATCH));
+        let mut per_id: BTreeMap<u32, u32> = BTreeMap::new();
+        let (mut pos, mut counted) = (0, 0);
+        let mut failure = None;
+        'all: for (b, i) in add {
+            let id = ids[*i as usize];
+            for e in Entry::of(b) {
+                match self.entries.insert_new(e, id) {
+                    None => {
+                        added[pos / 64] |= 1 << (pos % 64);
+                        batch.push((e, id));
+                        *per_id.entry(id).or_default() += 1;
+                    }
+                    Some(other) if other == id => {}
+                    Some(other) => {
+                        failure = Some(DispatcherError::Conflict {
+                            binding: e.binding(),
+                            other: self.dests[&other].destination.clone(),
+                        });
+                        break 'all;
+                    }
+                }
+                pos += 1;
+                if batch.len() == APPLY_BATCH {
+                    counted = pos;
+                    if let Err(e) = self.write_batch(&batch) {
+                        failure = Some(e);
+                        break 'all;
+                    }
+                    batch.clear();
+                }
             }
-            let _ = d.sync_ports(&dirty);
-        };
-        if let Err(e) = self.sync_ports(&dirty) {
-            undo_counts(self, &add);
+        }
+        if failure.is_none() && !batch.is_empty() {
+            counted = pos;
+            if let Err(e) = self.write_batch(&batch) {
+                failure = Some(e);
+            }
+        }
+        drop(batch);
+        if let Some(e) = failure {
+            self.roll_back(add, &added, pos, counted);
             return Err(e);
         }
-
-        // The hash holds every entry, the trie the shorter ones. A batch
-        // cannot say BPF_NOEXIST; it need not, as the index has already left
-        // out every entry present and this process is the maps' only writer.
-        let keys: Vec<_> = add.iter().map(|(e, _)| e.key()).collect();
-        let values: Vec<_> = add
-            .iter()
-            .map(|(e, id)| BindingValue {
-                destination: *id,
-                prefixlen: abi::trie_prefixlen(&e.prefix),
-            })
-            .collect();
-        let (done, r) = self.write_entries(false, &keys, &values);
-        let mut failed = r
-            .err()
-            .map(|err| (err, add.get(done).map(|a| a.0), "entries"));
-        let mut hash_done = done;
-        let mut short: Vec<usize> = (0..add.len()).filter(|&i| !add[i].0.is_full()).collect();
-        // In the trie's own order: each insert walks the path the previous one
-        // just walked, still in cache (in random order a big trie costs a
-        // cache miss per level).
-        short.sort_by_cached_key(|&i| add[i].0.trie_order());
-        let mut trie_done = 0;
-        if failed.is_none() && !short.is_empty() {
-            let k: Vec<_> = short.iter().map(|&i| keys[i]).collect();
-            let v: Vec<_> = short.iter().map(|&i| values[i]).collect();
-            let (n, r) = self.write_entries(true, &k, &v);
-            trie_done = n;
-            failed = r
-                .err()
-                .map(|err| (err, short.get(n).map(|&i| add[i].0), "bindings"));
-        }
-        if let Some((err, at, map)) = failed {
-            let trie_part: Vec<Entry> = short[..trie_done].iter().map(|&i| add[i].0).collect();
-            let _ = self.delete_entries(trie_part.iter());
-            hash_done = hash_done.min(add.len());
-            let hash_part: Vec<Entry> = add[..hash_done].iter().map(|a| a.0).collect();
-            let _ = self.delete_entries(hash_part.iter());
-            undo_counts(self, &add);
-            // A full hash says E2BIG, a full trie ENOSPC (`at` did not fit).
-            return Err(match (err.raw_os_error(), at) {
-                (Some(libc::ENOSPC | libc::E2BIG), Some(e)) => DispatcherError::BindingsFull {
-                    binding: e.binding(),
-                },
-                _ => DispatcherError::Syscall {
-                    call: if map == "entries" {
-                        "BPF_MAP_UPDATE (entries)"
-                    } else {
-                        "BPF_MAP_UPDATE (bindings)"
-                    },
-                    source: err,
-                },
-            });
-        }
-        let mut per_id: HashMap<u32, u32, index::Fast> = HashMap::default();
-        for (_, id) in &add {
-            *per_id.entry(*id).or_default() += 1;
-        }
-        let mut touched: HashSet<u32> = HashSet::new();
+        drop(added);
+        let mut touched: BTreeSet<u32> = BTreeSet::new();
+        let mut added_count = 0;
         for (id, n) in per_id {
             if let Some(s) = self.dests.get_mut(&id) {
                 s.refcount += n;
             }
+            added_count += n as usize;
             touched.insert(id);
         }
-        self.entries.insert_many(add.iter().copied());
 
-        let failure = self.delete_entries(remove.iter()).err();
-        let mut dirty = BTreeSet::new();
-        for e in &remove {
-            self.kinds.count(e, -1, &mut dirty);
-            if let Some(id) = self.entries.remove(e) {
-                if let Some(s) = self.dests.get_mut(&id) {
-                    s.refcount = s.refcount.saturating_sub(1);
-                }
-                touched.insert(id);
-            }
-        }
-        self.sync_ports(&dirty)?;
+        let failure = self.remove_entries(&remove, &mut touched).err();
         self.write_refcounts(touched)?;
         self.collect_garbage()?;
         match failure {
             Some(e) => Err(e),
             None => Ok(Changes {
-                added: add.len(),
+                added: added_count,
                 removed: remove.len(),
             }),
         }
+    }
+
+    /// Take entries (all present) out, in steps: out of the maps first,
+    /// then the counts and the `ports` words fall; the trie of a family and
+    /// protocol that falls back to the list is emptied last.
+    fn remove_entries(&mut self, remove: &[Entry], touched: &mut BTreeSet<u32>) -> Result<()> {
+        let mut failure = None;
+        for chunk in remove.chunks(APPLY_BATCH) {
+            let trie_keys: Vec<_> = chunk
+                .iter()
+                .filter(|e| !e.is_full() && self.trie_filled[e.slot()])
+                .map(Entry::key)
+                .collect();
+            if let Err(e) = self.delete_keys(true, &trie_keys) {
+                failure.get_or_insert(e);
+            }
+            drop(trie_keys);
+            let keys: Vec<_> = chunk.iter().map(Entry::key).collect();
+            if let Err(e) = self.delete_keys(false, &keys) {
+                failure.get_or_insert(e);
+            }
+            drop(keys);
+            let mut dirty = BTreeSet::new();
+            for e in chunk {
+                self.kinds.count(e, -1, &mut dirty);
+                if let Some(id) = self.entries.remove(e) {
+                    if let Some(s) = self.dests.get_mut(&id) {
+                        s.refcount = s.refcount.saturating_sub(1);
+                    }
+                    touched.insert(id);
+                }
+            }
+            self.sync_ports(&dirty)?;
+        }
+        self.settle_trie()?;
+        failure.map_or(Ok(()), Err)
     }
 
     /// Replace the `entries` hash by one with room for `needed` entries
@@ -467,31 +638,23 @@ impl Dispatcher {
                 return Err(e);
             }
         };
-        let (keys, values): (Vec<_>, Vec<_>) = self
-            .entries
-            .iter()
-            .map(|(e, id)| {
-                (
-                    e.key(),
-                    BindingValue {
-                        destination: id,
-                        prefixlen: abi::trie_prefixlen(&e.prefix),
-                    },
-                )
-            })
-            .unzip();
+        // The index, a step at a time.
         let fd = map.fd().as_fd();
         let mut r = Ok(());
-        for (k, v) in keys.chunks(UPDATE_BATCH).zip(values.chunks(UPDATE_BATCH)) {
-            r = if self.hash_batch {
-                sys::map_update_batch(fd, k, v).1
-            } else {
-                update_each(fd, k, v).1
-            };
-            if r.is_err() {
-                break;
+        let step = self.entries.len().min(APPLY_BATCH);
+        let mut keys = Vec::with_capacity(step);
+        let mut values = Vec::with_capacity(step);
+        let mut all = self.entries.iter().peekable();
+        while r.is_ok() && all.peek().is_some() {
+            keys.clear();
+            values.clear();
+            for (e, id) in all.by_ref().take(APPLY_BATCH) {
+                keys.push(e.key());
+                values.push(value_of(&e, id));
             }
+            r = write_hash(fd, self.hash_batch, &keys, &values).1;
         }
+        drop(all);
         let r = r
             .map_err(sys_err("BPF_MAP_UPDATE (entries)"))
             .and_then(|()| pinned::restrict(&staged, 0o640))
@@ -515,20 +678,33 @@ impl Dispatcher {
         pinned::pin_program(&self.dir, self.program.as_fd())
     }
 
+    /// The ids of `destinations` (allocated where new), and the list of
+    /// `items` by index into them.
+    fn ids_of(&mut self, destinations: &[Destination]) -> Result<Vec<u32>> {
+        destinations
+            .iter()
+            .map(|d| self.ensure_destination(d))
+            .collect()
+    }
+
     /// Add bindings, each to its destination, all or none.
     pub fn add_bindings(&mut self, items: &[(Binding, Destination)]) -> Result<Changes> {
-        let mut add = Vec::with_capacity(items.len());
-        let mut last: Option<(&Destination, u32)> = None;
-        for (b, d) in items {
-            // Bindings come in runs of one destination: no hashing then.
-            let id = match last {
-                Some((l, id)) if l == d => id,
-                _ => self.ensure_destination(d)?,
-            };
-            last = Some((d, id));
-            add.extend(Entry::of(b).map(|e| (e, id)));
-        }
-        let r = self.apply(add, Vec::new());
+        let (destinations, indexed) = by_index(items);
+        self.add_bindings_to(&destinations, &indexed)
+    }
+
+    /// Add bindings, each to a destination given by its index in
+    /// `destinations`, all or none: the list a daemon holds of a million
+    /// bindings names each destination once.
+    pub fn add_bindings_to(
+        &mut self,
+        destinations: &[Destination],
+        items: &[(Binding, u32)],
+    ) -> Result<Changes> {
+        check_indexes(destinations, items);
+        let r = self
+            .ids_of(destinations)
+            .and_then(|ids| self.apply(items, &ids, Vec::new(), usize::MAX));
         if r.is_err() {
             self.collect_garbage()?;
         }
@@ -538,7 +714,7 @@ impl Dispatcher {
     /// Remove bindings, whoever they point to.
     pub fn remove_bindings(&mut self, items: &[Binding]) -> Result<Changes> {
         let remove = items.iter().flat_map(Entry::of).collect();
-        self.apply(Vec::new(), remove)
+        self.apply(&[], &[], remove, 0)
     }
 
     /// Make `items` the complete set of bindings of `unit`: what is new is added,
@@ -548,44 +724,88 @@ impl Dispatcher {
         unit: &str,
         items: &[(Binding, Destination)],
     ) -> Result<Changes> {
-        let mut add = Vec::new();
-        let mut wanted = HashSet::new();
-        for (b, d) in items {
-            let id = self.ensure_destination(d)?;
-            for e in Entry::of(b) {
-                wanted.insert((e, id));
-                add.push((e, id));
-            }
-        }
-        let remove = self
-            .entries
-            .iter()
-            .filter(|(e, id)| {
-                self.dests
-                    .get(id)
-                    .is_some_and(|s| s.destination.unit == unit)
-                    && !wanted.contains(&(*e, *id))
-            })
-            .map(|(e, _)| e)
-            .collect();
-        // An entry moving between two destinations of this unit: take it out first.
-        let moving: Vec<Entry> = add
-            .iter()
-            .filter(|(e, id)| {
-                self.entries
-                    .get(e)
-                    .is_some_and(|o| o != *id && self.dests[&o].destination.unit == unit)
-            })
-            .map(|(e, _)| *e)
-            .collect();
-        if !moving.is_empty() {
-            self.apply(Vec::new(), moving)?;
-        }
-        let r = self.apply(add, remove);
+        let (destinations, indexed) = by_index(items);
+        self.replace_unit_bindings_to(unit, &destinations, &indexed)
+    }
+
+    /// `replace_unit_bindings` with each destination given by its index in
+    /// `destinations`.
+    pub fn replace_unit_bindings_to(
+        &mut self,
+        unit: &str,
+        destinations: &[Destination],
+        items: &[(Binding, u32)],
+    ) -> Result<Changes> {
+        check_indexes(destinations, items);
+        let r = self.replace_indexed(unit, destinations, items);
         if r.is_err() {
             self.collect_garbage()?;
         }
         r
+    }
+
+    fn replace_indexed(
+        &mut self,
+        unit: &str,
+        destinations: &[Destination],
+        items: &[(Binding, u32)],
+    ) -> Result<Changes> {
+        let ids = self.ids_of(destinations)?;
+        let of_unit: BTreeSet<u32> = self
+            .dests
+            .iter()
+            .filter(|(_, s)| s.destination.unit == unit)
+            .map(|(&id, _)| id)
+            .collect();
+        // The unit's entries as they are, sorted to be found; each marked
+        // 1 if it stays, 2 if it moves to another destination of the unit.
+        let mut present: Vec<((u128, u32), u32)> = if of_unit.is_empty() {
+            Vec::new()
+        } else {
+            self.entries
+                .iter()
+                .filter(|(_, id)| of_unit.contains(id))
+                .map(|(e, id)| (e.sort_key(), id))
+                .collect()
+        };
+        present.sort_unstable_by_key(|p| p.0);
+        let mut marks = vec![0u8; present.len()];
+        let mut moving = Vec::new();
+        if !present.is_empty() {
+            for (b, i) in items {
+                let id = ids[*i as usize];
+                for e in Entry::of(b) {
+                    if let Ok(at) = present.binary_search_by_key(&e.sort_key(), |p| p.0) {
+                        if present[at].1 == id {
+                            marks[at] |= 1;
+                        } else if marks[at] & 2 == 0 {
+                            marks[at] |= 2;
+                            moving.push(e);
+                        }
+                    }
+                }
+            }
+        }
+        let kept = marks.iter().filter(|&&m| m == 1).count();
+        let remove: Vec<Entry> = self
+            .entries
+            .iter()
+            .filter(|(e, id)| {
+                of_unit.contains(id)
+                    && present
+                        .binary_search_by_key(&e.sort_key(), |p| p.0)
+                        .is_ok_and(|at| marks[at] == 0)
+            })
+            .map(|(e, _)| e)
+            .collect();
+        drop(present);
+        drop(marks);
+        // An entry moving between two destinations of this unit: out first.
+        if !moving.is_empty() {
+            self.apply(&[], &[], moving, 0)?;
+        }
+        let total: usize = items.iter().map(|(b, _)| entry_count(b)).sum();
+        self.apply(items, &ids, remove, total.saturating_sub(kept))
     }
 
     /// Bindings in precedence order, consecutive ports of one prefix and
@@ -655,6 +875,154 @@ pub(super) fn update_each<K: aya::Pod, V: aya::Pod>(
         }
     }
     (keys.len(), Ok(()))
+}
+
+/// `keys` and `values` into a map, `UPDATE_BATCH` per syscall (`batch`)
+/// or one per syscall; how many went in, and the error.
+fn write_chunks<K: aya::Pod, V: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    batch: bool,
+    keys: &[K],
+    values: &[V],
+) -> (usize, io::Result<()>) {
+    let mut done = 0;
+    for (k, v) in keys.chunks(UPDATE_BATCH).zip(values.chunks(UPDATE_BATCH)) {
+        let (n, r) = if batch {
+            sys::map_update_batch(fd, k, v)
+        } else {
+            update_each(fd, k, v)
+        };
+        done += n;
+        if r.is_err() {
+            return (done, r);
+        }
+    }
+    (done, Ok(()))
+}
+
+/// `write_chunks` into a hash. Its buckets have a lock each: two threads
+/// insert side by side (the kernel's insert is most of loading). (The
+/// trie has one lock for all.)
+fn write_hash<K: aya::Pod + Sync, V: aya::Pod + Sync>(
+    fd: BorrowedFd<'_>,
+    batch: bool,
+    keys: &[K],
+    values: &[V],
+) -> (usize, io::Result<()>) {
+    if !batch || keys.len() < PARALLEL_WRITE || !two_cpus() {
+        return write_chunks(fd, batch, keys, values);
+    }
+    let half = keys.len() / 2;
+    let ((n_low, r_low), (n_high, r_high)) = std::thread::scope(|s| {
+        let high = s.spawn(|| write_chunks(fd, batch, &keys[half..], &values[half..]));
+        let low = write_chunks(fd, batch, &keys[..half], &values[..half]);
+        (low, high.join().expect("the writer does not panic"))
+    });
+    match (r_low, r_high) {
+        (Err(e), _) => (n_low, Err(e)),
+        (Ok(()), Err(e)) => (half + n_high, Err(e)),
+        (Ok(()), Ok(())) => (keys.len(), Ok(())),
+    }
+}
+
+/// From how many entries on a write to the hash is shared by two threads.
+const PARALLEL_WRITE: usize = 4 * UPDATE_BATCH;
+
+/// Whether this process may run on more than one CPU.
+fn two_cpus() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+}
+
+/// One `BPF_MAP_DELETE_ELEM` per key, absent ones skipped: the same
+/// contract as `sys::map_delete_batch` otherwise.
+fn delete_each<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> (usize, io::Result<()>) {
+    for (i, k) in keys.iter().enumerate() {
+        match sys::map_delete_elem(map, k) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return (i, Err(e)),
+        }
+    }
+    (keys.len(), Ok(()))
+}
+
+/// Entries per step of `apply`: how much of a change is held expanded at
+/// a time (a few MiB), however many bindings it has.
+const APPLY_BATCH: usize = 1 << 16;
+
+/// How many entries a binding stands for.
+fn entry_count(b: &Binding) -> usize {
+    match b.ports {
+        Ports::All => 1,
+        Ports::Range(a, z) => usize::from(z.saturating_sub(a)) + 1,
+    }
+}
+
+/// The value an entry's key carries.
+fn value_of(e: &Entry, id: u32) -> BindingValue {
+    BindingValue {
+        destination: id,
+        prefixlen: abi::trie_prefixlen(&e.prefix),
+    }
+}
+
+fn keys_values(
+    entries: &[(Entry, u32)],
+) -> (Vec<aya::maps::lpm_trie::Key<BindingKey>>, Vec<BindingValue>) {
+    entries
+        .iter()
+        .map(|(e, id)| (e.key(), value_of(e, *id)))
+        .unzip()
+}
+
+/// A write to the hash or the trie that failed at entry `at`: a full hash
+/// says E2BIG, a full trie ENOSPC (`at` did not fit).
+fn write_err(err: io::Error, at: Option<Entry>, map: &str) -> DispatcherError {
+    match (err.raw_os_error(), at) {
+        (Some(libc::ENOSPC | libc::E2BIG), Some(e)) => DispatcherError::BindingsFull {
+            binding: e.binding(),
+        },
+        _ => DispatcherError::Syscall {
+            call: if map == "entries" {
+                "BPF_MAP_UPDATE (entries)"
+            } else {
+                "BPF_MAP_UPDATE (bindings)"
+            },
+            source: err,
+        },
+    }
+}
+
+/// Each destination of `items` once, and the items by index into them.
+fn by_index(items: &[(Binding, Destination)]) -> (Vec<Destination>, Vec<(Binding, u32)>) {
+    let mut destinations: Vec<Destination> = Vec::new();
+    let mut indexed = Vec::with_capacity(items.len());
+    let mut last: Option<(&Destination, u32)> = None;
+    for (b, d) in items {
+        // Bindings come in runs of one destination: no search then.
+        let i = match last {
+            Some((l, i)) if l == d => i,
+            _ => match destinations.iter().position(|x| x == d) {
+                Some(i) => i as u32,
+                None => {
+                    destinations.push(d.clone());
+                    (destinations.len() - 1) as u32
+                }
+            },
+        };
+        last = Some((d, i));
+        indexed.push((*b, i));
+    }
+    (destinations, indexed)
+}
+
+fn check_indexes(destinations: &[Destination], items: &[(Binding, u32)]) {
+    assert!(
+        items
+            .iter()
+            .all(|(_, i)| (*i as usize) < destinations.len()),
+        "a destination index out of range"
+    );
 }
 
 /// `IpNet` ordered by family, address and length, for grouping.

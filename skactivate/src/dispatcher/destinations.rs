@@ -193,7 +193,7 @@ impl Dispatcher {
             })
             .map(|(e, _)| e)
             .collect();
-        let changes = self.apply(Vec::new(), remove)?;
+        let changes = self.apply(&[], &[], remove, 0)?;
         let ids: Vec<u32> = self
             .dests
             .iter()
@@ -204,6 +204,22 @@ impl Dispatcher {
             self.forget_destination(id)?;
         }
         Ok(changes)
+    }
+
+    /// How many entries each unit has (units without any are left out),
+    /// counted from the index.
+    pub fn entries_per_unit(&self) -> BTreeMap<String, usize> {
+        let mut per_id: BTreeMap<u32, usize> = BTreeMap::new();
+        for (_, id) in self.entries.iter() {
+            *per_id.entry(id).or_default() += 1;
+        }
+        let mut out: BTreeMap<String, usize> = BTreeMap::new();
+        for (id, n) in per_id {
+            if let Some(s) = self.dests.get(&id) {
+                *out.entry(s.destination.unit.clone()).or_default() += n;
+            }
+        }
+        out
     }
 
     /// The units that have a destination here.

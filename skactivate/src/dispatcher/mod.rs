@@ -22,7 +22,7 @@ pub mod records;
 pub mod socket;
 pub mod sys;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::net::IpAddr;
@@ -511,6 +511,11 @@ pub struct Dispatcher {
     entries: index::Index,
     /// Whether the trie takes `BPF_MAP_UPDATE_BATCH` (probed when opened).
     batch: bool,
+    /// Per family and protocol (`Entry::slot`): whether the trie holds all
+    /// its shorter-than-full entries. It does while the program reads it
+    /// (its lengths word says "trie"), and only then: below the lengths a
+    /// lengths word lists, the trie is left empty.
+    trie_filled: [bool; 4],
     /// The namespace's writer lock, held as long as this handle lives.
     lock: Option<lock::StateLock>,
     /// The units' records, kept with the pinned state (see [`records`]).

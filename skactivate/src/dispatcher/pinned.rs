@@ -170,6 +170,7 @@ impl Dispatcher {
             ids: HashMap::new(),
             entries: index::Index::default(),
             batch: false,
+            trie_filled: [false; 4],
             lock: None,
             records: records::Records::open(dir)?,
         };
@@ -206,19 +207,8 @@ impl Dispatcher {
         // Every entry is in the hash: read it in batches where the kernel
         // can (hash maps since 5.6), else a key at a time. Read straight
         // into entries, with nothing kept of the keys.
-        let mut items: Vec<(Entry, u32)> = Vec::new();
-        let mut read = 0usize;
         let fd = self.hash.fd().as_fd();
-        let r = sys::map_lookup_batch::<aya::maps::lpm_trie::Key<BindingKey>, BindingValue>(
-            fd,
-            LOOKUP_BATCH,
-            |k, v| {
-                read += 1;
-                if let Some(e) = Entry::from_key(k) {
-                    items.push((e, v.destination));
-                }
-            },
-        );
+        let (mut items, read, r) = read_entries(fd, self.hash_capacity);
         if let Err(e) = r {
             if read > 0 || !host::no_batch_support(&e) {
                 return Err(sys_err("BPF_MAP_LOOKUP_BATCH (entries)")(e));
@@ -240,7 +230,7 @@ impl Dispatcher {
         }
         self.entries.insert_many(items);
         self.kinds.assume_written();
-        Ok(())
+        self.adopt_tries()
     }
 
     /// Whether the trie has batch updates: an empty `BPF_MAP_UPDATE_BATCH`
@@ -330,6 +320,64 @@ impl Dispatcher {
         Ok(true)
     }
 }
+
+/// Every entry of the `entries` hash (`buckets`: its capacity, a power of
+/// two, is its bucket count), read in batches: a large one by two threads,
+/// one from each half of the buckets. The kernel spends most of adopting
+/// here, and a bucket's lock and copies cost the same on any CPU. Returns
+/// the entries, how many elements were read, and the error that stopped.
+fn read_entries(fd: BorrowedFd<'_>, buckets: u32) -> (Vec<(Entry, u32)>, usize, io::Result<()>) {
+    type K = aya::maps::lpm_trie::Key<BindingKey>;
+    let read_half = |from: u32, until: u32| {
+        let mut items: Vec<(Entry, u32)> = Vec::new();
+        let mut read = 0usize;
+        // Where the entries of a call that read past `until` begin.
+        let mut past = None;
+        let r = sys::map_lookup_batch_buckets::<K, BindingValue>(
+            fd,
+            LOOKUP_BATCH,
+            from,
+            until,
+            |k, v, beyond| {
+                read += 1;
+                if beyond && past.is_none() {
+                    past = Some(items.len());
+                }
+                if let Some(e) = Entry::from_key(k) {
+                    items.push((e, v.destination));
+                }
+            },
+        );
+        (items, read, r, past)
+    };
+    let two = buckets >= PARALLEL_READ_BUCKETS
+        && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    if !two {
+        let (items, read, r, _) = read_half(0, u32::MAX);
+        return (items, read, r);
+    }
+    let half = buckets / 2;
+    let ((mut low, read_low, r_low, past), (high, read_high, r_high, _)) =
+        std::thread::scope(|s| {
+            let high = s.spawn(|| read_half(half, u32::MAX));
+            let low = read_half(0, half);
+            (low, high.join().expect("the reader does not panic"))
+        });
+    // The low reader's last call may have read on into the high half: the
+    // high reader's first entry marks where that began.
+    if let (Some(at), Some(first)) = (past, high.first())
+        && let Some(p) = low[at..].iter().position(|x| x == first)
+    {
+        low.truncate(at + p);
+    }
+    let r = r_low.and(r_high);
+    low.extend(high);
+    (low, read_low + read_high, r)
+}
+
+/// From how many buckets (the `entries` hash's capacity) on adoption reads
+/// with two threads.
+const PARALLEL_READ_BUCKETS: u32 = 1 << 16;
 
 /// Whether a map of binding keys and values takes `BPF_MAP_UPDATE_BATCH`:
 /// an empty batch changes nothing, and says ENOTSUPP where the map has no
@@ -483,4 +531,60 @@ pub(super) fn remove_lock(lock: Option<lock::StateLock>) -> Result<()> {
     let Some(lock) = lock else { return Ok(()) };
     let path = lock::lock_dir_of(&lock);
     lock.remove().map_err(io_err(&path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two readers, one per half of the buckets, hand back every entry of a
+    /// large hash exactly once: the low reader's last call, which reads on
+    /// into the high half, is cut where the high reader began.
+    #[test]
+    fn a_large_hash_is_read_back_once_by_two_readers() {
+        type K = aya::maps::lpm_trie::Key<BindingKey>;
+        let buckets = PARALLEL_READ_BUCKETS;
+        let map = match sys::create_hash_no_prealloc::<K, BindingValue>("read_test", buckets) {
+            Ok(m) => m,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
+                eprintln!("skipped: this process cannot create BPF maps ({e})");
+                return;
+            }
+            Err(e) => panic!("BPF_MAP_CREATE: {e}"),
+        };
+        let fd = map.as_fd();
+        // Sizes around one batch call (LOOKUP_BATCH), so the low reader's
+        // last call crosses the middle in more than one way.
+        let mut written = 0u32;
+        for n in [1u32, 3_000, 20_000, 40_000] {
+            let entries: Vec<Entry> = (written..n)
+                .map(|i| Entry {
+                    protocol: Protocol::Tcp,
+                    prefix: IpNet::new(IpAddr::from([198, 18, (i >> 8) as u8, i as u8]), 32)
+                        .unwrap(),
+                    port: 8000 + (i >> 16) as u16,
+                })
+                .collect();
+            let keys: Vec<K> = entries.iter().map(Entry::key).collect();
+            let values: Vec<BindingValue> = (written..n)
+                .map(|i| BindingValue {
+                    destination: i,
+                    prefixlen: 64,
+                })
+                .collect();
+            let (done, r) = sys::map_update_batch(fd, &keys, &values);
+            r.unwrap();
+            assert_eq!(done, keys.len());
+            written = n;
+            let (mut items, read, r) = read_entries(fd, buckets);
+            r.unwrap();
+            assert!(read >= n as usize, "{read} read of {n}");
+            assert_eq!(items.len(), n as usize, "each entry once");
+            items.sort_by_key(|(_, id)| *id);
+            for (i, (e, id)) in items.iter().enumerate() {
+                assert_eq!(*id, i as u32);
+                assert_eq!(e.prefix.prefix_len(), 32);
+            }
+        }
+    }
 }

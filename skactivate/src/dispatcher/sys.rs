@@ -38,6 +38,7 @@ const BPF_PROG_GET_FD_BY_ID: libc::c_long = bpf_cmd::BPF_PROG_GET_FD_BY_ID as li
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long;
+const BPF_MAP_DELETE_BATCH: libc::c_long = bpf_cmd::BPF_MAP_DELETE_BATCH as libc::c_long;
 const BPF_LINK_UPDATE: libc::c_long = bpf_cmd::BPF_LINK_UPDATE as libc::c_long;
 const BPF_LINK_DETACH: libc::c_long = bpf_cmd::BPF_LINK_DETACH as libc::c_long;
 
@@ -402,6 +403,21 @@ pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
     chunk: usize,
     mut each: impl FnMut(&K, &V),
 ) -> io::Result<()> {
+    map_lookup_batch_buckets(map, chunk, 0, u32::MAX, |k, v, _| each(k, v))
+}
+
+/// `map_lookup_batch` from bucket `from` on, until a call ends at or past
+/// bucket `until` (or at the end). A call reads whole buckets, so the last
+/// one may read on past `until`: `each` is told which elements came from a
+/// call that did (`true`), so that a reader of the buckets from `until` on
+/// can be told apart.
+pub fn map_lookup_batch_buckets<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    chunk: usize,
+    from: u32,
+    until: u32,
+    mut each: impl FnMut(&K, &V, bool),
+) -> io::Result<()> {
     // Only the hash maps' cursor is the u32 below (a bucket index), and the
     // kernel writes `count` keys and values of the map's sizes.
     check_map(
@@ -426,12 +442,16 @@ pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
     // SAFETY: as above.
     let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
     // The hash map's cursor is a bucket index.
-    let mut token_in = 0u32;
+    let mut token_in = from;
     let mut token_out = 0u32;
     let mut first = true;
     loop {
         let mut attr = Attr {
-            in_batch: if first { 0 } else { ptr(&token_in) },
+            in_batch: if first && from == 0 {
+                0
+            } else {
+                ptr(&token_in)
+            },
             out_batch: ptr(&raw mut token_out),
             keys: ptr(keys.as_mut_ptr()),
             values: ptr(values.as_mut_ptr()),
@@ -444,13 +464,17 @@ pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
         // Pod keys and values into the live buffers, and a u32 cursor.
         let r = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let n = (attr.count as usize).min(chunk);
+        let past = r.is_err() || token_out >= until;
         for (k, v) in keys[..n].iter().zip(&values[..n]) {
-            each(k, v);
+            each(k, v, past && until != u32::MAX);
         }
         match r {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
+        }
+        if past {
+            return Ok(());
         }
         first = false;
         token_in = token_out;
@@ -487,6 +511,71 @@ pub fn map_delete_elem<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<
     };
     // SAFETY: ElemAttr; key is a live Pod value of the map's key size.
     unsafe { bpf(BPF_MAP_DELETE_ELEM, &mut attr) }.map(drop)
+}
+
+/// `BPF_MAP_DELETE_BATCH`: `keys` out of the map, in order. Returns how
+/// many went, and the error that stopped the rest (ENOENT for a key that is
+/// absent: `keys[n]`), as `map_update_batch` does.
+pub fn map_delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> (usize, io::Result<()>) {
+    #[repr(C)]
+    struct Attr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut attr = Attr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: ptr(keys.as_ptr()),
+        values: 0,
+        count: u32::try_from(keys.len()).expect("batch fits u32"),
+        map_fd: raw(map),
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: Attr is the batch prefix; `count` Pod keys are live (the
+    // kernel reads keys only).
+    let r = unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) }.map(drop);
+    ((attr.count as usize).min(keys.len()), r)
+}
+
+/// Every key of a map, handed to `each` in the kernel's order, holding one
+/// key at a time; `each` must not delete keys (a walk whose previous key
+/// vanished starts again). At most `max` keys.
+pub fn map_for_each_key<K: aya::Pod>(
+    map: BorrowedFd<'_>,
+    max: usize,
+    mut each: impl FnMut(&K),
+) -> io::Result<()> {
+    let info = map_info(map)?;
+    check_sizes(&info, size_of::<K>(), info.value_size as usize)?;
+    // SAFETY: Pod types are valid for every bit pattern, zeros included.
+    let mut prev: K = unsafe { std::mem::zeroed() };
+    for n in 0..max {
+        // SAFETY: as above.
+        let mut next: K = unsafe { std::mem::zeroed() };
+        let mut attr = ElemAttr {
+            map_fd: raw(map),
+            pad: 0,
+            key: if n == 0 { 0 } else { ptr(&raw const prev) },
+            value: ptr(&raw mut next),
+            flags: 0,
+        };
+        // SAFETY: ElemAttr; the previous key (or none) is live, and the next
+        // key's buffer holds the map's key size (checked above).
+        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            Ok(_) => each(&next),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        prev = next;
+    }
+    Ok(())
 }
 
 /// `BPF_MAP_DELETE_ELEM`; absent is not an error.
