@@ -1775,14 +1775,60 @@ fn main() {
     }
 }
 
+/// `SKACTIVATE_BENCH_ONLY=PART`: one part of the benchmark.
+fn run_only(plan: &'static Plan, only: &str) {
+    match only {
+        "startup" => run_startup(plan),
+        "lookup" => run_lookup(plan),
+        _ => panic!("SKACTIVATE_BENCH_ONLY: unknown part {only:?} (known: startup, lookup)"),
+    }
+}
+
+/// `SKACTIVATE_BENCH_ONLY=lookup`: only the lookup rows, both workloads and
+/// families, at the sizes in `SKACTIVATE_BENCH_SIZES` (comma-separated;
+/// default: the plan's), printed to stdout; BENCHMARKS.md is left as it is.
+fn run_lookup(plan: &'static Plan) {
+    let sizes: &'static [u32] = match std::env::var("SKACTIVATE_BENCH_SIZES") {
+        Ok(v) => Vec::leak(
+            v.split(',')
+                .map(|n| {
+                    n.trim()
+                        .parse()
+                        .unwrap_or_else(|e| panic!("SKACTIVATE_BENCH_SIZES: {n:?}: {e}"))
+                })
+                .collect(),
+        ),
+        Err(_) => plan.sizes,
+    };
+    let start = Instant::now();
+    for (workload, family) in [
+        (Workload::Bench, Family::V4),
+        (Workload::Bench, Family::V6),
+        (Workload::Mixed, Family::V4),
+        (Workload::Mixed, Family::V6),
+    ] {
+        let phase = run_phase(plan, workload, family, sizes, &[], start);
+        for c in &phase.cases {
+            println!(
+                "{} {} {} {}: ours {} reference {} (net; empty {}) target {:.0}: {}",
+                workload.name(),
+                family_name(family),
+                count(c.bindings),
+                c.case,
+                c.ours_net(),
+                c.reference_net(),
+                Case::raw(&c.empty),
+                c.target(),
+                verdict(c.meets())
+            );
+        }
+    }
+}
+
 /// `SKACTIVATE_BENCH_ONLY=startup`: only the fresh-dispatcher, load and
 /// adopt rows (the bench workload's IPv4 dispatcher, no lookups and no
 /// reference), printed to stdout; BENCHMARKS.md is left as it is.
-fn run_only(plan: &'static Plan, only: &str) {
-    assert_eq!(
-        only, "startup",
-        "SKACTIVATE_BENCH_ONLY: unknown part {only:?} (known: startup)"
-    );
+fn run_startup(plan: &'static Plan) {
     let start = Instant::now();
     let adopt_at: &'static [u32] = if plan.full {
         &[100_000, 1_000_000]

@@ -34,6 +34,14 @@ pub const PORTS_WILD_BIT: u32 = 32;
 pub const MAX_LENGTHS: usize = 4;
 /// `SKA_LENGTHS_TRIE`: more lengths in use than listed: the trie answers.
 pub const LENGTHS_TRIE: u64 = 1 << 63;
+/// `SKA_LENGTHS_NO_SPECIFIC`: bit + i of a lengths word says the i-th
+/// listed length (i = `LENGTHS_FULL`: the full length) has no port-specific
+/// entries. Inverted, so that a clear bit means "probe".
+pub const LENGTHS_NO_SPECIFIC: u32 = 32;
+/// `SKA_LENGTHS_NO_WILD`: the same for `*` entries.
+pub const LENGTHS_NO_WILD: u32 = 40;
+/// `SKA_LENGTHS_FULL`: the i of the full length in those bits.
+pub const LENGTHS_FULL: u32 = MAX_LENGTHS as u32;
 /// `SKA_KEY_HEADER_BITS`: protocol, port and family in front of the address.
 pub const KEY_HEADER_BITS: u32 = 32;
 
@@ -168,16 +176,32 @@ pub fn lengths_index(family: Family, protocol: Protocol) -> u32 {
     PORTS_LENGTHS + (family_slot(family) << 1 | protocol_slot(protocol))
 }
 
+/// Which kinds of entry a prefix length has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LengthKinds {
+    /// Port-specific entries.
+    pub specific: bool,
+    /// `*` entries.
+    pub wild: bool,
+}
+
 /// A lengths word: `shorter` are the address bits of the shorter-than-full
-/// prefix lengths in use, longest first.
-pub fn lengths_word(shorter: &[u8]) -> u64 {
+/// prefix lengths in use, longest first, and their kinds; `full` the kinds
+/// of the full-length entries.
+pub fn lengths_word(shorter: &[(u8, LengthKinds)], full: LengthKinds) -> u64 {
+    let absent = |i: u32, kinds: LengthKinds| {
+        u64::from(!kinds.specific) << (LENGTHS_NO_SPECIFIC + i)
+            | u64::from(!kinds.wild) << (LENGTHS_NO_WILD + i)
+    };
+    let full = absent(LENGTHS_FULL, full);
     if shorter.len() > MAX_LENGTHS {
-        return LENGTHS_TRIE;
+        return LENGTHS_TRIE | full;
     }
-    shorter
-        .iter()
-        .enumerate()
-        .fold(0, |w, (i, &bits)| w | (u64::from(bits) + 1) << (8 * i))
+    (0u32..)
+        .zip(shorter)
+        .fold(full, |w, (i, &(bits, kinds))| {
+            w | (u64::from(bits) + 1) << (8 * i) | absent(i, kinds)
+        })
 }
 
 /// The address bits of a full-length prefix of `family`.

@@ -97,8 +97,9 @@ pub(super) struct Kinds {
     specific: HashMap<u32, u32, index::Fast>,
     /// Wildcard entries per (family slot << 1 | protocol slot).
     wild: [u32; 4],
-    /// Entries per address length, per (family slot << 1 | protocol slot).
-    lengths: [BTreeMap<u8, u32>; 4],
+    /// Entries per address length, port-specific and `*`, per (family slot
+    /// << 1 | protocol slot).
+    lengths: [BTreeMap<u8, [u32; 2]>; 4],
     /// The `ports` words as the entries want them.
     words: Vec<u64>,
     /// The `ports` words as written (a crash may have left more bits set in
@@ -109,11 +110,16 @@ pub(super) struct Kinds {
 
 impl Default for Kinds {
     fn default() -> Self {
+        let mut words = vec![0; abi::PORTS_WORDS as usize];
+        // No entries: every kind absent (a fresh map holds zeros, "probe",
+        // until the word is first written).
+        let none = abi::lengths_word(&[], abi::LengthKinds::default());
+        words[abi::PORTS_LENGTHS as usize..].fill(none);
         Kinds {
             specific: HashMap::default(),
             wild: [0; 4],
             lengths: Default::default(),
-            words: vec![0; abi::PORTS_WORDS as usize],
+            words,
             written: vec![0; abi::PORTS_WORDS as usize],
         }
     }
@@ -149,6 +155,7 @@ impl Kinds {
                 let (word, bit) = abi::port_word_bit(e.protocol, e.port);
                 set_bit(&mut self.words[word as usize], bit, on);
                 dirty.insert(word);
+                self.unwritten_lengths(e.protocol, dirty);
             }
         } else if bump(&mut self.wild[slots(family, e.protocol)], delta) {
             let on = self.wild[slots(family, e.protocol)] != 0;
@@ -158,21 +165,42 @@ impl Kinds {
             }
         }
         let bits = e.prefix.prefix_len();
-        let lengths = &mut self.lengths[slots(family, e.protocol)];
+        let slot = slots(family, e.protocol);
+        let lengths = &mut self.lengths[slot];
         let c = lengths.entry(bits).or_default();
-        if bump(c, delta) {
-            if *c == 0 {
+        if bump(&mut c[usize::from(e.port == 0)], delta) {
+            if *c == [0, 0] {
                 lengths.remove(&bits);
             }
-            if bits < abi::full_bits(family) {
-                let shorter: Vec<u8> = lengths
-                    .keys()
-                    .rev()
-                    .copied()
-                    .filter(|&b| b < abi::full_bits(family))
-                    .collect();
-                let idx = abi::lengths_index(family, e.protocol);
-                self.words[idx as usize] = abi::lengths_word(&shorter);
+            let idx = abi::lengths_index(family, e.protocol);
+            self.words[idx as usize] = self.lengths_word(slot, family);
+            dirty.insert(idx);
+        }
+    }
+
+    /// The lengths word of a slot: the lengths in use and their kinds.
+    fn lengths_word(&self, slot: usize, family: Family) -> u64 {
+        let kinds = |c: &[u32; 2]| abi::LengthKinds {
+            specific: c[0] != 0,
+            wild: c[1] != 0,
+        };
+        let full = abi::full_bits(family);
+        let lengths = &self.lengths[slot];
+        let shorter: Vec<_> = lengths
+            .range(..full)
+            .rev()
+            .map(|(&bits, c)| (bits, kinds(c)))
+            .collect();
+        abi::lengths_word(&shorter, lengths.get(&full).map(kinds).unwrap_or_default())
+    }
+
+    /// A port bit of `protocol` changed: the program may now read the
+    /// protocol's lengths words, so each not yet written goes into `dirty`
+    /// (a fresh map holds zeros there, which is right but slow).
+    fn unwritten_lengths(&self, protocol: Protocol, dirty: &mut BTreeSet<u32>) {
+        for family in [Family::V4, Family::V6] {
+            let idx = abi::lengths_index(family, protocol);
+            if self.words[idx as usize] != self.written[idx as usize] {
                 dirty.insert(idx);
             }
         }
@@ -187,9 +215,20 @@ impl Kinds {
             .collect()
     }
 
-    /// Take the words as written (after adoption: derived, never read back).
+    /// Take the port words as written (after adoption: derived, never read
+    /// back). The lengths words are not: an older daemon may have changed
+    /// the entries under bits it did not know; `lengths_indices` are to be
+    /// written after adoption.
     pub(super) fn assume_written(&mut self) {
         self.written.clone_from(&self.words);
+        for w in &mut self.written[abi::PORTS_LENGTHS as usize..] {
+            *w = !*w;
+        }
+    }
+
+    /// The indices of the lengths words.
+    pub(super) fn lengths_indices() -> BTreeSet<u32> {
+        (abi::PORTS_LENGTHS..abi::PORTS_WORDS).collect()
     }
 }
 

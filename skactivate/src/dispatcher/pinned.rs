@@ -180,7 +180,7 @@ impl Dispatcher {
     }
 
     /// Read the destinations and the entries hash into the in-memory index
-    /// and the counts; nothing is written.
+    /// and the counts; nothing is written but the lengths words of `ports`.
     pub(super) fn load_index(&mut self) -> Result<()> {
         for item in self.destinations.iter() {
             let (k, v) = item.map_err(map_err("destinations"))?;
@@ -240,7 +240,7 @@ impl Dispatcher {
         }
         self.entries.insert_many(items);
         self.kinds.assume_written();
-        Ok(())
+        self.sync_ports(&bindings::Kinds::lengths_indices())
     }
 
     /// Whether the trie has batch updates: an empty `BPF_MAP_UPDATE_BATCH`
