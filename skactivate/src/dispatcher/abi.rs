@@ -197,11 +197,9 @@ pub fn lengths_word(shorter: &[(u8, LengthKinds)], full: LengthKinds) -> u64 {
     if shorter.len() > MAX_LENGTHS {
         return LENGTHS_TRIE | full;
     }
-    (0u32..)
-        .zip(shorter)
-        .fold(full, |w, (i, &(bits, kinds))| {
-            w | (u64::from(bits) + 1) << (8 * i) | absent(i, kinds)
-        })
+    (0u32..).zip(shorter).fold(full, |w, (i, &(bits, kinds))| {
+        w | (u64::from(bits) + 1) << (8 * i) | absent(i, kinds)
+    })
 }
 
 /// The address bits of a full-length prefix of `family`.

@@ -711,3 +711,121 @@ impl Ord for IpNetOrd {
         (self.0.addr(), self.0.prefix_len()).cmp(&(other.0.addr(), other.0.prefix_len()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(protocol: Protocol, prefix: &str, port: u16) -> Entry {
+        Entry {
+            protocol,
+            prefix: prefix.parse().unwrap(),
+            port,
+        }
+    }
+
+    const NO_SPECIFIC: u32 = abi::LENGTHS_NO_SPECIFIC;
+    const NO_WILD: u32 = abi::LENGTHS_NO_WILD;
+    const FULL: u32 = abi::LENGTHS_FULL;
+
+    /// Absent kinds: (listed length i or FULL, no specific, no wild).
+    fn absent(kinds: &[(u32, bool, bool)]) -> u64 {
+        kinds.iter().fold(0, |w, &(i, s, wild)| {
+            w | u64::from(s) << (NO_SPECIFIC + i) | u64::from(wild) << (NO_WILD + i)
+        })
+    }
+
+    fn word(k: &Kinds, family: Family, protocol: Protocol) -> u64 {
+        k.words[abi::lengths_index(family, protocol) as usize]
+    }
+
+    #[test]
+    fn lengths_words_say_which_kinds_each_length_has() {
+        let mut k = Kinds::default();
+        let none = absent(&[(FULL, true, true)]);
+        for family in [Family::V4, Family::V6] {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                assert_eq!(word(&k, family, protocol), none);
+            }
+        }
+        let mut dirty = BTreeSet::new();
+        let star24 = entry(Protocol::Tcp, "192.0.2.0/24", 0);
+        k.count(&star24, 1, &mut dirty);
+        let tcp4 = abi::lengths_index(Family::V4, Protocol::Tcp);
+        assert!(dirty.contains(&tcp4));
+        // One `*` /24: the /24 listed with no specific entry, nothing at /32.
+        assert_eq!(
+            word(&k, Family::V4, Protocol::Tcp),
+            25 | absent(&[(0, true, false), (FULL, true, true)])
+        );
+        // A /32 with a port: the full length has specific entries.
+        let host80 = entry(Protocol::Tcp, "192.0.2.4/32", 80);
+        k.count(&host80, 1, &mut dirty);
+        assert_eq!(
+            word(&k, Family::V4, Protocol::Tcp),
+            25 | absent(&[(0, true, false), (FULL, false, true)])
+        );
+        // A /25 with a port, listed before the /24; a second /32 changes nothing.
+        k.count(&entry(Protocol::Tcp, "192.0.2.0/25", 80), 1, &mut dirty);
+        k.count(&entry(Protocol::Tcp, "192.0.2.5/32", 81), 1, &mut dirty);
+        assert_eq!(
+            word(&k, Family::V4, Protocol::Tcp),
+            26 | 25 << 8 | absent(&[(0, false, true), (1, true, false), (FULL, false, true)])
+        );
+        // The other slots are untouched.
+        assert_eq!(word(&k, Family::V4, Protocol::Udp), none);
+        assert_eq!(word(&k, Family::V6, Protocol::Tcp), none);
+        // Gone again, kind by kind.
+        k.count(&entry(Protocol::Tcp, "192.0.2.0/25", 80), -1, &mut dirty);
+        k.count(&star24, -1, &mut dirty);
+        assert_eq!(
+            word(&k, Family::V4, Protocol::Tcp),
+            absent(&[(FULL, false, true)])
+        );
+        k.count(&host80, -1, &mut dirty);
+        k.count(&entry(Protocol::Tcp, "192.0.2.5/32", 81), -1, &mut dirty);
+        assert_eq!(word(&k, Family::V4, Protocol::Tcp), none);
+    }
+
+    #[test]
+    fn more_lengths_than_listed_keep_the_full_length_kinds() {
+        let mut k = Kinds::default();
+        let mut dirty = BTreeSet::new();
+        for bits in [8, 12, 16, 20, 24] {
+            k.count(
+                &entry(Protocol::Udp, &format!("2001:db8::/{}", 96 + bits), 53),
+                1,
+                &mut dirty,
+            );
+        }
+        k.count(&entry(Protocol::Udp, "2001:db8::1/128", 0), 1, &mut dirty);
+        assert_eq!(
+            word(&k, Family::V6, Protocol::Udp),
+            abi::LENGTHS_TRIE | absent(&[(FULL, true, false)])
+        );
+    }
+
+    #[test]
+    fn a_port_bit_brings_the_protocols_unwritten_lengths_words() {
+        let mut k = Kinds::default();
+        let mut dirty = BTreeSet::new();
+        k.count(&entry(Protocol::Tcp, "192.0.2.4/32", 80), 1, &mut dirty);
+        // The IPv6 word of TCP too: the port bit sends IPv6 lookups there.
+        for family in [Family::V4, Family::V6] {
+            assert!(dirty.contains(&abi::lengths_index(family, Protocol::Tcp)));
+            assert!(!dirty.contains(&abi::lengths_index(family, Protocol::Udp)));
+        }
+        // Once written, only what changes.
+        k.written.clone_from(&k.words);
+        let mut dirty = BTreeSet::new();
+        k.count(&entry(Protocol::Tcp, "192.0.2.5/32", 81), 1, &mut dirty);
+        assert!(!dirty.contains(&abi::lengths_index(Family::V6, Protocol::Tcp)));
+        // Adoption takes the port words as written, never the lengths words.
+        k.assume_written();
+        for i in Kinds::lengths_indices() {
+            assert_ne!(k.written[i as usize], k.words[i as usize]);
+        }
+        let ports = abi::PORTS_LENGTHS as usize;
+        assert_eq!(k.written[..ports], k.words[..ports]);
+    }
+}
