@@ -12,8 +12,9 @@
  * The miss path is as hot as the hit path (it runs for every service on the
  * host), so one inlined read of the `ports` array answers "can any entry
  * match this port?" before any other map is touched.  A second one reads the
- * lengths word of the family and protocol: the prefix lengths in use, and
- * which kinds of entry (port-specific, `*`) each has.  Then the `entries`
+ * lengths word of the family and protocol: the prefix lengths in use, which
+ * kinds of entry (port-specific, `*`) each has, and, while few prefixes are
+ * in use, a filter of the addresses they cover.  Then the `entries`
  * hash is probed: the full-length key (/32, /128) first, then, longest first,
  * each shorter prefix length in use, the address masked to it; at each length
  * the specific port before `*`, each only where entries of its kind exist, and
@@ -173,7 +174,7 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	__u32 port = ctx->local_port & 0xffff;
 	__u32 family, pslot, fslot, full, len = 0, found = 0;
 	__u64 idx, dest; /* 4-byte keys, read through their low half */
-	__u64 w, a1, a2, m1, m2, lengths, specific, wild;
+	__u64 w, a1, a2, m1, m2, lengths, filter, specific, wild;
 	__u64 *word;
 	int err, i;
 
@@ -225,6 +226,20 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	if (!word)
 		return SK_PASS;
 	lengths = *word;
+
+	filter = lengths >> SKA_LENGTHS_FILTER & 0xffff;
+	if (filter) {
+		__u32 n = lengths >> SKA_LENGTHS_NIBBLE & 31, nibble;
+
+		if (fslot == SKA_FAMILY_SLOT_V4)
+			nibble = bpf_ntohl((__u32)a1) >> (28 - 4 * (n & 7));
+		else if (n < 16)
+			nibble = __builtin_bswap64(a1) >> (60 - 4 * n);
+		else
+			nibble = __builtin_bswap64(a2) >> (124 - 4 * n);
+		if (filter >> (nibble & 15) & 1)
+			return SK_PASS; /* no entry has that nibble */
+	}
 
 	k.q[1] = a1;
 	k.q[2] = a2;

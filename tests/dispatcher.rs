@@ -1696,6 +1696,7 @@ fn many_prefix_lengths_and_the_trie_fallback() {
         let listed = abi::lengths_word(
             &[(28, wild), (24, specific), (16, wild), (15, specific)],
             specific,
+            abi::AddrFilter::default(),
         );
         assert_eq!(
             listed & 0xffff_ffff,
@@ -1708,12 +1709,15 @@ fn many_prefix_lengths_and_the_trie_fallback() {
             | no(abi::LENGTHS_NO_WILD, 3)
             | no(abi::LENGTHS_NO_WILD, abi::LENGTHS_FULL);
         assert_eq!(listed >> 32, kinds >> 32);
-        assert_eq!(lengths(&d)[0], listed);
+        assert_eq!(lengths(&d)[0] & !FILTER_BITS, listed);
+        // Six prefixes, the shortest a /15: the filter reads nibble 2 (bits
+        // 8-11: 1 in 198.18 and 198.19), which they all share.
+        assert_eq!(lengths(&d)[0] & FILTER_BITS, filter_bits(2, !(1 << 1)));
         // A fifth shorter length: the trie answers.
         let l20 = bind(Protocol::Tcp, "198.18.0.0/20", Ports::All);
         serve(&mut d, "l20.socket", &servers[5], &[l20]);
         assert_eq!(
-            lengths(&d)[0],
+            lengths(&d)[0] & !FILTER_BITS,
             1 << 63 | no(abi::LENGTHS_NO_WILD, abi::LENGTHS_FULL)
         );
         expect(&d, true);
@@ -1723,7 +1727,7 @@ fn many_prefix_lengths_and_the_trie_fallback() {
         assert_eq!(tcp_ask(sa(v4("198.18.2.1"), 81)).unwrap(), "s5");
         assert_eq!(tcp_ask(sa(v4("198.19.0.1"), 80)).unwrap(), "s0");
         d.remove_bindings(&[l20]).unwrap();
-        assert_eq!(lengths(&d)[0], listed);
+        assert_eq!(lengths(&d)[0] & !FILTER_BITS, listed);
         expect(&d, false);
         assert_eq!(tcp_ask(sa(v4("198.18.2.1"), 81)).unwrap(), "s1");
     });
@@ -1798,7 +1802,7 @@ fn removed_entries_clear_their_kinds_and_a_grown_hash_is_adopted() {
             let words = ports_words(&d);
             let (port_words, lengths_words) = words.split_at(abi::PORTS_LENGTHS as usize);
             assert!(port_words.iter().all(|&w| w == 0), "a bit left set");
-            let none = abi::lengths_word(&[], abi::LengthKinds::default());
+            let none = abi::lengths_word(&[], Default::default(), Default::default());
             assert!(
                 lengths_words.iter().all(|&w| w == none),
                 "a kind left in use"
@@ -1825,6 +1829,14 @@ fn removed_entries_clear_their_kinds_and_a_grown_hash_is_adopted() {
             assert!(!d.dir().join("entries-new").exists());
         },
     );
+}
+
+/// The address filter's bits of a lengths word.
+const FILTER_BITS: u64 = 0x1f << abi::LENGTHS_NIBBLE | 0xffff << abi::LENGTHS_FILTER;
+
+/// Filter bits: nibble number and absent values.
+fn filter_bits(nibble: u64, absent: u16) -> u64 {
+    nibble << abi::LENGTHS_NIBBLE | u64::from(absent) << abi::LENGTHS_FILTER
 }
 
 /// The lengths word of a family and protocol, as pinned.
@@ -1871,6 +1883,7 @@ fn skipped_probes_keep_precedence_as_kinds_come_and_go() {
                 ("198.18.7.5", 80),
                 ("198.18.7.5", 81),
                 ("198.18.8.4", 80),
+                ("198.18.23.4", 80),
                 ("2001:db8::4", 80),
             ];
             let expected = |on: &[bool; 4], addr: &str, port: u16| -> Option<String> {
@@ -1894,7 +1907,7 @@ fn skipped_probes_keep_precedence_as_kinds_come_and_go() {
                 } else {
                     vec![]
                 };
-                abi::lengths_word(&shorter, kinds(on[3], on[2]))
+                abi::lengths_word(&shorter, kinds(on[3], on[2]), Default::default())
             };
             // Every subset, reached from the previous one by one add or
             // remove (a Gray code), then back to none.
@@ -1914,11 +1927,19 @@ fn skipped_probes_keep_precedence_as_kinds_come_and_go() {
                 } else {
                     d.remove_bindings(&[bindings[i]]).unwrap();
                 }
-                assert_eq!(
-                    lengths_word(&d, Family::V4, Protocol::Tcp),
-                    kinds_word(&on),
-                    "kinds {on:?}"
-                );
+                let word = lengths_word(&d, Family::V4, Protocol::Tcp);
+                assert_eq!(word & !FILTER_BITS, kinds_word(&on), "kinds {on:?}");
+                // The filter: nibble 5 (bits 20-23) of a /24 is 7, nibble 7 of
+                // the /32 alone is 4; a miss in another /24 (198.18.8.4)
+                // stops there.
+                let filter = if on[0] || on[1] {
+                    filter_bits(5, !(1 << 7))
+                } else if on[2] || on[3] {
+                    filter_bits(7, !(1 << 4))
+                } else {
+                    0
+                };
+                assert_eq!(word & FILTER_BITS, filter, "filter, kinds {on:?}");
                 assert_eq!(
                     lengths_word(&d, Family::V6, Protocol::Tcp),
                     kinds_word(&[false; 4]),
@@ -1956,16 +1977,22 @@ fn adoption_rewrites_stale_lengths_words() {
         let data = aya::maps::MapData::from_pin(d.dir().join("ports")).unwrap();
         let mut ports: aya::maps::Array<_, u64> =
             aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
-        let stale = abi::lengths_word(&[], abi::LengthKinds::default());
+        let good = lengths_word(&d, Family::V4, Protocol::Tcp);
+        let stale = abi::lengths_word(&[], Default::default(), Default::default());
         ports.set(idx, stale, 0).unwrap();
         assert_eq!(
             goes_to(&d, "198.18.9.4", 80),
             None,
             "the stale word is obeyed"
         );
+        // A filter saying every value of the last nibble is absent.
+        ports
+            .set(idx, good & !FILTER_BITS | filter_bits(7, 0xffff), 0)
+            .unwrap();
+        assert_eq!(goes_to(&d, "198.18.9.4", 80), None, "the filter is obeyed");
         drop(d);
         let d = open(fs);
         assert_eq!(goes_to(&d, "198.18.9.4", 80), some("a.socket"));
-        assert_ne!(lengths_word(&d, Family::V4, Protocol::Tcp), stale);
+        assert_eq!(lengths_word(&d, Family::V4, Protocol::Tcp), good);
     });
 }

@@ -100,6 +100,12 @@ pub(super) struct Kinds {
     /// Entries per address length, port-specific and `*`, per (family slot
     /// << 1 | protocol slot).
     lengths: [BTreeMap<u8, [u32; 2]>; 4],
+    /// Entries per prefix, per slot, while a slot has at most
+    /// `FILTER_PREFIXES` (the address filter); `None` past that until the
+    /// slot is empty again.
+    prefixes: [Option<HashMap<IpNet, u32>>; 4],
+    /// Entries per slot.
+    total: [u64; 4],
     /// The `ports` words as the entries want them.
     words: Vec<u64>,
     /// The `ports` words as written (a crash may have left more bits set in
@@ -113,12 +119,14 @@ impl Default for Kinds {
         let mut words = vec![0; abi::PORTS_WORDS as usize];
         // No entries: every kind absent (a fresh map holds zeros, "probe",
         // until the word is first written).
-        let none = abi::lengths_word(&[], abi::LengthKinds::default());
+        let none = abi::lengths_word(&[], Default::default(), Default::default());
         words[abi::PORTS_LENGTHS as usize..].fill(none);
         Kinds {
             specific: HashMap::default(),
             wild: [0; 4],
             lengths: Default::default(),
+            prefixes: std::array::from_fn(|_| Some(HashMap::new())),
+            total: [0; 4],
             words,
             written: vec![0; abi::PORTS_WORDS as usize],
         }
@@ -130,6 +138,10 @@ fn bump(count: &mut u32, delta: i64) -> bool {
     *count = u32::try_from((i64::from(before) + delta).max(0)).unwrap_or(u32::MAX);
     (before == 0) != (*count == 0)
 }
+
+/// Past this many prefixes in a slot the address filter is off: 16 values
+/// of a nibble are mostly taken by then.
+const FILTER_PREFIXES: usize = 32;
 
 fn slots(family: Family, protocol: Protocol) -> usize {
     (abi::family_slot(family) << 1 | abi::protocol_slot(protocol)) as usize
@@ -166,12 +178,30 @@ impl Kinds {
         }
         let bits = e.prefix.prefix_len();
         let slot = slots(family, e.protocol);
+        let total = &mut self.total[slot];
+        *total = total.saturating_add_signed(delta);
+        let mut filter_changed = false;
+        match &mut self.prefixes[slot] {
+            Some(prefixes) => {
+                let c = prefixes.entry(e.prefix).or_default();
+                filter_changed = bump(c, delta);
+                if *c == 0 {
+                    prefixes.remove(&e.prefix);
+                }
+                if prefixes.len() > FILTER_PREFIXES {
+                    self.prefixes[slot] = None;
+                }
+            }
+            None if *total == 0 => self.prefixes[slot] = Some(HashMap::new()),
+            None => {}
+        }
         let lengths = &mut self.lengths[slot];
         let c = lengths.entry(bits).or_default();
-        if bump(&mut c[usize::from(e.port == 0)], delta) {
-            if *c == [0, 0] {
-                lengths.remove(&bits);
-            }
+        let kinds_changed = bump(&mut c[usize::from(e.port == 0)], delta);
+        if *c == [0, 0] {
+            lengths.remove(&bits);
+        }
+        if kinds_changed || filter_changed {
             let idx = abi::lengths_index(family, e.protocol);
             self.words[idx as usize] = self.lengths_word(slot, family);
             dirty.insert(idx);
@@ -191,7 +221,25 @@ impl Kinds {
             .rev()
             .map(|(&bits, c)| (bits, kinds(c)))
             .collect();
-        abi::lengths_word(&shorter, lengths.get(&full).map(kinds).unwrap_or_default())
+        let filter = match (&self.prefixes[slot], lengths.keys().next()) {
+            // The last nibble within the shortest prefix in use.
+            (Some(prefixes), Some(&shortest)) if shortest >= 4 => {
+                let nibble = shortest / 4 - 1;
+                let present = prefixes.keys().fold(0u16, |m, p| {
+                    m | 1 << abi::AddrFilter::value(p.addr(), nibble)
+                });
+                abi::AddrFilter {
+                    nibble,
+                    absent: !present,
+                }
+            }
+            _ => abi::AddrFilter::default(),
+        };
+        abi::lengths_word(
+            &shorter,
+            lengths.get(&full).map(kinds).unwrap_or_default(),
+            filter,
+        )
     }
 
     /// A port bit of `protocol` changed: the program may now read the
@@ -735,8 +783,75 @@ mod tests {
         })
     }
 
+    const FILTER_BITS: u64 = 0x1f << abi::LENGTHS_NIBBLE | 0xffff << abi::LENGTHS_FILTER;
+
+    /// A lengths word but its address filter.
     fn word(k: &Kinds, family: Family, protocol: Protocol) -> u64 {
-        k.words[abi::lengths_index(family, protocol) as usize]
+        k.words[abi::lengths_index(family, protocol) as usize] & !FILTER_BITS
+    }
+
+    /// The address filter of a lengths word: (nibble, absent values).
+    fn filter(k: &Kinds, family: Family, protocol: Protocol) -> (u64, u16) {
+        let w = k.words[abi::lengths_index(family, protocol) as usize];
+        (
+            w >> abi::LENGTHS_NIBBLE & 31,
+            (w >> abi::LENGTHS_FILTER) as u16,
+        )
+    }
+
+    #[test]
+    fn the_address_filter_follows_few_prefixes() {
+        let mut k = Kinds::default();
+        let mut dirty = BTreeSet::new();
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (0, 0));
+        // 192.0.2.0/24: nibble 5 (bits 20-23) is 0 (of 0x02).
+        let net = entry(Protocol::Tcp, "192.0.2.0/24", 0);
+        k.count(&net, 1, &mut dirty);
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (5, !(1 << 2)));
+        // A /32 elsewhere, on many ports: still read at the /24's nibble.
+        for port in 1..=100 {
+            k.count(
+                &entry(Protocol::Tcp, "198.51.100.7/32", port),
+                1,
+                &mut dirty,
+            );
+        }
+        assert_eq!(
+            filter(&k, Family::V4, Protocol::Tcp),
+            (5, !(1 << 2 | 1 << 4))
+        );
+        // The /24 gone: the last nibble of the /32 (7).
+        k.count(&net, -1, &mut dirty);
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (7, !(1 << 7)));
+        // IPv6: the /64's last nibble (bits 60-63).
+        k.count(
+            &entry(Protocol::Udp, "2001:db8:0:5::/64", 53),
+            1,
+            &mut dirty,
+        );
+        assert_eq!(filter(&k, Family::V6, Protocol::Udp), (15, !(1 << 5)));
+        // Past FILTER_PREFIXES prefixes: no filter, until the slot empties.
+        let many: Vec<Entry> = (0..=FILTER_PREFIXES)
+            .map(|i| entry(Protocol::Tcp, &format!("203.0.113.{i}/32"), 80))
+            .collect();
+        for e in &many {
+            k.count(e, 1, &mut dirty);
+        }
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (0, 0));
+        for e in &many {
+            k.count(e, -1, &mut dirty);
+        }
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (0, 0));
+        for port in 1..=100 {
+            k.count(
+                &entry(Protocol::Tcp, "198.51.100.7/32", port),
+                -1,
+                &mut dirty,
+            );
+        }
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (0, 0));
+        k.count(&net, 1, &mut dirty);
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (5, !(1 << 2)));
     }
 
     #[test]
