@@ -171,7 +171,7 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	struct ska_metrics *m;
 	struct bpf_sock *sk;
 	__u32 protocol = ctx->protocol;
-	__u32 port = ctx->local_port & 0xffff;
+	__u32 port = ctx->local_port; /* host order, below 65536 */
 	__u32 family, pslot, fslot, full, len = 0, found = 0;
 	__u64 idx, dest; /* 4-byte keys, read through their low half */
 	__u64 w, a1, a2, m1, m2, lengths, filter, specific, wild;
