@@ -200,6 +200,10 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 		pslot = SKA_PORT_SLOT_UDP;
 	else
 		return SK_PASS;
+	/* Written on every path to `hit`: 5.10 without CAP_PERFMON walks a
+	 * speculative one that skips the assignments ("invalid indirect read
+	 * from stack"). */
+	dest = 0;
 
 	family = ctx->family;
 	if (family == AF_INET) {
