@@ -1403,12 +1403,16 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
     let _ = writeln!(
         w,
         "\n{met} of {total} rows meet the target. The dispatcher reads one \
-         `ports` word (an unbound port stops there), then probes its `entries` \
-         hash: the full-length key, then each shorter prefix length in use, \
-         longest first (the bench workload, all /32: one hash lookup per hit \
-         and per miss on a bound port; the mixed workload, /32 and /24: up to \
-         four). The reference walks its LPM trie twice. Rows where skactivate \
-         costs more than the reference: {}.\n",
+         `ports` word (an unbound port stops there), then the lengths word of \
+         the family and protocol (the prefix lengths in use, which kinds of \
+         entry each has, and while few prefixes are in use an address filter, \
+         where a miss elsewhere stops), then probes its `entries` hash: the \
+         full-length key, then each shorter prefix length in use, longest \
+         first, only the kinds in use (the bench workload, all /32: one hash \
+         lookup per hit and per miss on a bound port; the mixed workload, /32 \
+         and /24: up to four, one with a single `*` /24). The reference walks \
+         its LPM trie twice. Rows where skactivate costs more than the \
+         reference: {}.\n",
         if dearer.is_empty() {
             "none".to_owned()
         } else {
