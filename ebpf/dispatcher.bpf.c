@@ -11,11 +11,14 @@
  *
  * The miss path is as hot as the hit path (it runs for every service on the
  * host), so one inlined read of the `ports` array answers "can any entry
- * match this port?" before any other map is touched.  Then the `entries` hash
- * is probed: the full-length key (/32, /128) first, then, longest first, each
- * shorter prefix length in use (listed in `ports` by user space), the address
- * masked to it; at each length the specific port before `*`, and the first
- * entry found wins, which is the precedence rule.  Where more lengths are in
+ * match this port?" before any other map is touched.  A second one reads the
+ * lengths word of the family and protocol: the prefix lengths in use, which
+ * kinds of entry (port-specific, `*`) each has, and, while few prefixes are
+ * in use, a filter of the addresses they cover.  Then the `entries`
+ * hash is probed: the full-length key (/32, /128) first, then, longest first,
+ * each shorter prefix length in use, the address masked to it; at each length
+ * the specific port before `*`, each only where entries of its kind exist, and
+ * the first entry found wins, which is the precedence rule.  Where more lengths are in
  * use than the list holds, the LPM trie of the shorter entries answers after
  * the full-length probes.
  */
@@ -168,32 +171,39 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	struct ska_metrics *m;
 	struct bpf_sock *sk;
 	__u32 protocol = ctx->protocol;
-	__u32 port = ctx->local_port & 0xffff;
-	__u32 family, pslot, fslot, specific, wild, full, len = 0, found = 0;
-	__u64 idx, dest = 0; /* 4-byte keys, read through their low half */
-	__u64 w, a1, a2, m1, m2, lengths;
+	__u32 port = ctx->local_port; /* host order, below 65536 */
+	__u32 family, pslot, fslot, full, len = 0, found = 0;
+	__u64 idx, dest; /* 4-byte keys, read through their low half */
+	__u64 w, a1, a2, m1, m2, lengths, filter, specific, wild;
 	__u64 *word;
 	int err, i;
 
-	if (protocol == IPPROTO_TCP)
-		pslot = SKA_PORT_SLOT_TCP;
-	else if (protocol == IPPROTO_UDP)
-		pslot = SKA_PORT_SLOT_UDP;
-	else
+	/* The common miss first, in as few instructions as can be: the
+	 * protocol's slot is bit 4 of its number (TCP 6: 0, UDP 17: 1); any
+	 * other protocol is turned away below. */
+	idx = (protocol >> 4 & 1) << 11 | port >> 5;
+	word = bpf_map_lookup_elem(&ports, &idx);
+	if (!word)
 		return SK_PASS;
+	w = *word;
+	if (!(w & (1ull << (port & 31) | 3ull << SKA_PORTS_WILD_BIT)))
+		return SK_PASS; /* one inlined array read */
 
 	/* Each pointer a helper returns is tested exactly once, and what it
 	 * points to is copied into scalars at once.  Verifiers without
 	 * CAP_PERFMON (6.12 among them) also walk the branch a second test of a
 	 * known-NULL pointer would not take, as a speculative path, and refuse
 	 * the dereference they find there ("invalid mem access 'scalar'"). */
-	idx = pslot << 11 | port >> 5;
-	word = bpf_map_lookup_elem(&ports, &idx);
-	if (!word)
+	if (protocol == IPPROTO_TCP)
+		pslot = SKA_PORT_SLOT_TCP;
+	else if (protocol == IPPROTO_UDP)
+		pslot = SKA_PORT_SLOT_UDP;
+	else
 		return SK_PASS;
-	w = *word;
-	if (!(w & (1ull << (port & 31) | 3ull << SKA_PORTS_WILD_BIT)))
-		return SK_PASS; /* the common miss: one inlined array read */
+	/* Written on every path to `hit`: 5.10 without CAP_PERFMON walks a
+	 * speculative one that skips the assignments ("invalid indirect read
+	 * from stack"). */
+	dest = 0;
 
 	family = ctx->family;
 	if (family == AF_INET) {
@@ -214,9 +224,30 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	if (!specific && !wild)
 		return SK_PASS;
 
+	/* Which lengths are in use, and which kinds of entry each has. */
+	idx = SKA_PORTS_LENGTHS + (fslot << 1 | pslot);
+	word = bpf_map_lookup_elem(&ports, &idx);
+	if (!word)
+		return SK_PASS;
+	lengths = *word;
+
+	filter = lengths >> SKA_LENGTHS_FILTER & 0xffff;
+	if (filter) {
+		__u32 n = lengths >> SKA_LENGTHS_NIBBLE & 31, nibble;
+
+		if (fslot == SKA_FAMILY_SLOT_V4)
+			nibble = bpf_ntohl((__u32)a1) >> (28 - 4 * (n & 7));
+		else if (n < 16)
+			nibble = __builtin_bswap64(a1) >> (60 - 4 * n);
+		else
+			nibble = __builtin_bswap64(a2) >> (124 - 4 * n);
+		if (filter >> (nibble & 15) & 1)
+			return SK_PASS; /* no entry has that nibble */
+	}
+
 	k.q[1] = a1;
 	k.q[2] = a2;
-	if (specific) {
+	if (specific && !(lengths >> (SKA_LENGTHS_NO_SPECIFIC + SKA_LENGTHS_FULL) & 1)) {
 		k.q[0] = key_head(full, protocol, port, family);
 		v = bpf_map_lookup_elem(&entries, &k);
 		if (v) {
@@ -224,7 +255,7 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 			found = 1;
 		}
 	}
-	if (!found && wild) {
+	if (!found && wild && !(lengths >> (SKA_LENGTHS_NO_WILD + SKA_LENGTHS_FULL) & 1)) {
 		k.q[0] = key_head(full, protocol, 0, family);
 		v = bpf_map_lookup_elem(&entries, &k);
 		if (v) {
@@ -234,12 +265,6 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	}
 	if (found)
 		goto hit;
-
-	idx = SKA_PORTS_LENGTHS + (fslot << 1 | pslot);
-	word = bpf_map_lookup_elem(&ports, &idx);
-	if (!word)
-		return SK_PASS;
-	lengths = *word;
 
 	if (lengths & SKA_LENGTHS_TRIE) {
 		/* Too many lengths: the trie of the shorter entries answers, the
@@ -281,7 +306,7 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 		prefix_mask(bits, fslot == SKA_FAMILY_SLOT_V4, &m1, &m2);
 		k.q[1] = a1 & m1;
 		k.q[2] = a2 & m2;
-		if (specific) {
+		if (specific && !(lengths >> (SKA_LENGTHS_NO_SPECIFIC + i) & 1)) {
 			k.q[0] = key_head(SKA_KEY_HEADER_BITS + bits, protocol, port, family);
 			v = bpf_map_lookup_elem(&entries, &k);
 			if (v) {
@@ -290,7 +315,7 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 				break;
 			}
 		}
-		if (wild) {
+		if (wild && !(lengths >> (SKA_LENGTHS_NO_WILD + i) & 1)) {
 			k.q[0] = key_head(SKA_KEY_HEADER_BITS + bits, protocol, 0, family);
 			v = bpf_map_lookup_elem(&entries, &k);
 			if (v) {

@@ -38,7 +38,16 @@
  * lengths, one per (family slot << 1 | protocol slot): byte i (i < 4) is 1 +
  * the address bits of the i-th longest shorter-than-full prefix length in use
  * (0 ends the list), and bit 63 says more lengths are in use than listed: use
- * the trie.  Written by user space, which counts the entries. */
+ * the trie.  Bits SKA_LENGTHS_NO_SPECIFIC + i and SKA_LENGTHS_NO_WILD + i say
+ * that the i-th listed length has no port-specific entries, and no `*`
+ * entries; i = SKA_LENGTHS_FULL (4) says it of the full length (/32, /128).
+ * An address filter for when few prefixes are in use: the 16 bits at
+ * SKA_LENGTHS_FILTER say which values no entry has in the address's nibble
+ * number (the 5 bits at SKA_LENGTHS_NIBBLE; nibble n is address bits 4n to
+ * 4n + 3, most significant first, within the shortest prefix in use).  All
+ * these bits are inverted so that a clear bit, as a word of an older writer
+ * has it, means "probe as ever".  Written by user space, which counts the
+ * entries. */
 #define SKA_PORT_SLOT_TCP 0
 #define SKA_PORT_SLOT_UDP 1
 #define SKA_FAMILY_SLOT_V4 0
@@ -48,6 +57,11 @@
 #define SKA_PORTS_LENGTHS SKA_PORTS_PORT_WORDS
 #define SKA_MAX_LENGTHS 4
 #define SKA_LENGTHS_TRIE (1ull << 63)
+#define SKA_LENGTHS_NO_SPECIFIC 32
+#define SKA_LENGTHS_NO_WILD 37
+#define SKA_LENGTHS_FULL SKA_MAX_LENGTHS
+#define SKA_LENGTHS_NIBBLE 42
+#define SKA_LENGTHS_FILTER 47
 #define SKA_PORTS_WORDS (SKA_PORTS_PORT_WORDS + 4)
 
 /* Bits of the trie key in front of the address: protocol (8), port (16) and

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use ipnet::IpNet;
 use skactivate::binding::{Binding, Destination, Family, Ports, Protocol};
-use skactivate::dispatcher::{Dispatcher, DispatcherError, Verdict};
+use skactivate::dispatcher::{Dispatcher, DispatcherError, Verdict, abi};
 
 fn open(fs: &Bpffs) -> Dispatcher {
     Dispatcher::open(thread_netns(), &fs.path).expect("open dispatcher")
@@ -1680,18 +1680,46 @@ fn many_prefix_lengths_and_the_trie_fallback() {
             assert_eq!(goes_to(d, "198.19.0.1", 81), None);
             assert_eq!(goes_to(d, "198.20.0.1", 80), None);
         };
-        let first = skactivate::dispatcher::abi::PORTS_LENGTHS as usize;
+        let first = abi::PORTS_LENGTHS as usize;
         let lengths = |d: &Dispatcher| ports_words(d)[first..].to_vec();
         expect(&d, false);
-        // IPv4 TCP lists /28, /24, /16, /15 (address bits + 1), longest first.
+        // IPv4 TCP lists /28, /24, /16, /15 (address bits + 1), longest first,
+        // and says which have `*` or port-specific entries (and the /32).
+        let wild = abi::LengthKinds {
+            specific: false,
+            wild: true,
+        };
+        let specific = abi::LengthKinds {
+            specific: true,
+            wild: false,
+        };
+        let listed = abi::lengths_word(
+            &[(28, wild), (24, specific), (16, wild), (15, specific)],
+            specific,
+            abi::AddrFilter::default(),
+        );
         assert_eq!(
-            lengths(&d)[0],
+            listed & 0xffff_ffff,
             u64::from_le_bytes([29, 25, 17, 16, 0, 0, 0, 0])
         );
+        let no = |bit: u32, i: u32| 1u64 << (bit + i);
+        let kinds = no(abi::LENGTHS_NO_SPECIFIC, 0)
+            | no(abi::LENGTHS_NO_WILD, 1)
+            | no(abi::LENGTHS_NO_SPECIFIC, 2)
+            | no(abi::LENGTHS_NO_WILD, 3)
+            | no(abi::LENGTHS_NO_WILD, abi::LENGTHS_FULL);
+        assert_eq!(listed >> 32, kinds >> 32);
+        assert_eq!(lengths(&d)[0] & !FILTER_BITS, listed);
+        // Six prefixes, the shortest a /15: the filter reads nibble 2 (bits
+        // 8-11: 1 in 198.18 and 198.19), which they all share.
+        assert_eq!(lengths(&d)[0] & FILTER_BITS, filter_bits(2, !(1 << 1)));
         // A fifth shorter length: the trie answers.
         let l20 = bind(Protocol::Tcp, "198.18.0.0/20", Ports::All);
         serve(&mut d, "l20.socket", &servers[5], &[l20]);
-        assert_eq!(lengths(&d)[0], 1 << 63);
+        assert_eq!(
+            lengths(&d)[0] & !FILTER_BITS,
+            1 << 63 | no(abi::LENGTHS_NO_WILD, abi::LENGTHS_FULL)
+        );
         expect(&d, true);
         // The program's answers are the connections' answers.
         local_route("198.18.0.0/15");
@@ -1699,10 +1727,7 @@ fn many_prefix_lengths_and_the_trie_fallback() {
         assert_eq!(tcp_ask(sa(v4("198.18.2.1"), 81)).unwrap(), "s5");
         assert_eq!(tcp_ask(sa(v4("198.19.0.1"), 80)).unwrap(), "s0");
         d.remove_bindings(&[l20]).unwrap();
-        assert_eq!(
-            lengths(&d)[0],
-            u64::from_le_bytes([29, 25, 17, 16, 0, 0, 0, 0])
-        );
+        assert_eq!(lengths(&d)[0] & !FILTER_BITS, listed);
         expect(&d, false);
         assert_eq!(tcp_ask(sa(v4("198.18.2.1"), 81)).unwrap(), "s1");
     });
@@ -1774,7 +1799,14 @@ fn removed_entries_clear_their_kinds_and_a_grown_hash_is_adopted() {
             serve(&mut d, "a.socket", &a, &some_bindings);
             assert!(ports_words(&d).iter().any(|&w| w != 0));
             d.remove_bindings(&some_bindings).unwrap();
-            assert!(ports_words(&d).iter().all(|&w| w == 0), "a bit left set");
+            let words = ports_words(&d);
+            let (port_words, lengths_words) = words.split_at(abi::PORTS_LENGTHS as usize);
+            assert!(port_words.iter().all(|&w| w == 0), "a bit left set");
+            let none = abi::lengths_word(&[], Default::default(), Default::default());
+            assert!(
+                lengths_words.iter().all(|&w| w == none),
+                "a kind left in use"
+            );
             assert_eq!(goes_to(&d, "198.18.0.7", 80), None);
 
             // 6000 entries: more than the first 4096.
@@ -1864,8 +1896,11 @@ fn the_trie_is_filled_only_past_the_listed_lengths() {
         );
         let short_v4_tcp = 1 + 1 + 11 + 1;
         let first = abi::PORTS_LENGTHS as usize;
+        // The listed lengths and the trie bit; the kinds and filter bits of
+        // the word are another test's business.
+        let listed = |d: &Dispatcher| ports_words(d)[first] & (abi::LENGTHS_TRIE | 0xffff_ffff);
         let list = u64::from_le_bytes([29, 25, 17, 16, 0, 0, 0, 0]);
-        assert_eq!(ports_words(&d)[first], list);
+        assert_eq!(listed(&d), list);
         assert_eq!(trie_keys(&d), 0, "four lengths: the trie stays empty");
 
         // A crash could have left an entry of this family and protocol in
@@ -1944,7 +1979,7 @@ fn the_trie_is_filled_only_past_the_listed_lengths() {
         check(&d, false);
         for round in 0..12 {
             d.add_bindings(&[(l20, d20.clone())]).unwrap();
-            assert_eq!(ports_words(&d)[first], abi::LENGTHS_TRIE, "round {round}");
+            assert_eq!(listed(&d), abi::LENGTHS_TRIE, "round {round}");
             assert_eq!(
                 trie_keys(&d),
                 short_v4_tcp + 1,
@@ -1959,7 +1994,7 @@ fn the_trie_is_filled_only_past_the_listed_lengths() {
                 check(&d, true);
             }
             d.remove_bindings(&[l20]).unwrap();
-            assert_eq!(ports_words(&d)[first], list, "round {round}");
+            assert_eq!(listed(&d), list, "round {round}");
             assert_eq!(trie_keys(&d), 0, "round {round}: emptied again");
             check(&d, false);
             if round % 3 == 2 {
@@ -1986,5 +2021,171 @@ fn the_trie_is_filled_only_past_the_listed_lengths() {
             "lookups of existing bindings answered otherwise during the switches (of {})",
             runs.load(Ordering::Relaxed)
         );
+    });
+}
+
+/// The address filter's bits of a lengths word.
+const FILTER_BITS: u64 = 0x1f << abi::LENGTHS_NIBBLE | 0xffff << abi::LENGTHS_FILTER;
+
+/// Filter bits: nibble number and absent values.
+fn filter_bits(nibble: u64, absent: u16) -> u64 {
+    nibble << abi::LENGTHS_NIBBLE | u64::from(absent) << abi::LENGTHS_FILTER
+}
+
+/// The lengths word of a family and protocol, as pinned.
+fn lengths_word(d: &Dispatcher, family: Family, protocol: Protocol) -> u64 {
+    ports_words(d)[abi::lengths_index(family, protocol) as usize]
+}
+
+/// The program skips the probes the lengths word says cannot match (no
+/// entry of that kind at that length): as `*` and port-specific entries of a
+/// /24 and a /32 come and go in every order, each lookup still finds what
+/// the precedence rule says, and the word says exactly which kinds exist.
+#[test]
+fn skipped_probes_keep_precedence_as_kinds_come_and_go() {
+    in_netns(
+        "skipped_probes_keep_precedence_as_kinds_come_and_go",
+        |fs| {
+            let units = ["net-any", "net-80", "host-any", "host-80"];
+            let servers: Vec<Server> = (0u16..)
+                .zip(units)
+                .map(|(i, u)| tcp_server(u, &format!("127.0.0.1:{}", 9400 + i), false))
+                .collect();
+            let mut d = open(fs);
+            let regs: Vec<Destination> = servers
+                .iter()
+                .zip(units)
+                .map(|(s, u)| {
+                    d.register_sockets(&format!("{u}.socket"), &[s.fd()])
+                        .expect("register")[0]
+                        .0
+                        .clone()
+                })
+                .collect();
+            let bindings = [
+                bind(Protocol::Tcp, "198.18.7.0/24", Ports::All),
+                bind(Protocol::Tcp, "198.18.7.0/24", Ports::single(80)),
+                bind(Protocol::Tcp, "198.18.7.4/32", Ports::All),
+                bind(Protocol::Tcp, "198.18.7.4/32", Ports::single(80)),
+            ];
+            // (address, port): the four kinds' precedence, a miss outside
+            // the /24 on a bound port, an IPv6 lookup on a port IPv4 binds.
+            let probes = [
+                ("198.18.7.4", 80),
+                ("198.18.7.4", 81),
+                ("198.18.7.5", 80),
+                ("198.18.7.5", 81),
+                ("198.18.8.4", 80),
+                ("198.18.23.4", 80),
+                ("2001:db8::4", 80),
+            ];
+            let expected = |on: &[bool; 4], addr: &str, port: u16| -> Option<String> {
+                let host = addr == "198.18.7.4";
+                let net = addr.starts_with("198.18.7.");
+                // Longest first, the specific port before `*`.
+                [
+                    (host && port == 80, 3),
+                    (host, 2),
+                    (net && port == 80, 1),
+                    (net, 0),
+                ]
+                .iter()
+                .find(|&&(covers, i)| covers && on[i])
+                .map(|&(_, i)| format!("{}.socket", units[i]))
+            };
+            let kinds_word = |on: &[bool; 4]| {
+                let kinds = |specific, wild| abi::LengthKinds { specific, wild };
+                let shorter: Vec<(u8, abi::LengthKinds)> = if on[0] || on[1] {
+                    vec![(24, kinds(on[1], on[0]))]
+                } else {
+                    vec![]
+                };
+                abi::lengths_word(&shorter, kinds(on[3], on[2]), Default::default())
+            };
+            // Every subset, reached from the previous one by one add or
+            // remove (a Gray code), then back to none.
+            let mut on = [false; 4];
+            for step in 1u32..=16 {
+                let i = if step == 16 {
+                    on.iter().position(|&b| b).unwrap_or(0)
+                } else {
+                    step.trailing_zeros() as usize
+                };
+                if step == 16 && !on.iter().any(|&b| b) {
+                    break;
+                }
+                on[i] = !on[i];
+                if on[i] {
+                    d.add_bindings(&[(bindings[i], regs[i].clone())]).unwrap();
+                } else {
+                    d.remove_bindings(&[bindings[i]]).unwrap();
+                }
+                let word = lengths_word(&d, Family::V4, Protocol::Tcp);
+                assert_eq!(word & !FILTER_BITS, kinds_word(&on), "kinds {on:?}");
+                // The filter: nibble 5 (bits 20-23) of a /24 is 7, nibble 7 of
+                // the /32 alone is 4; a miss in another /24 (198.18.8.4)
+                // stops there.
+                let filter = if on[0] || on[1] {
+                    filter_bits(5, !(1 << 7))
+                } else if on[2] || on[3] {
+                    filter_bits(7, !(1 << 4))
+                } else {
+                    0
+                };
+                assert_eq!(word & FILTER_BITS, filter, "filter, kinds {on:?}");
+                assert_eq!(
+                    lengths_word(&d, Family::V6, Protocol::Tcp),
+                    kinds_word(&[false; 4]),
+                    "IPv6, kinds {on:?}"
+                );
+                for (addr, port) in probes {
+                    assert_eq!(
+                        goes_to(&d, addr, port),
+                        expected(&on, addr, port),
+                        "{addr}:{port}, kinds {on:?}"
+                    );
+                }
+            }
+            assert_eq!(on, [false; 4]);
+        },
+    );
+}
+
+/// An older daemon, blind to the kinds bits, may have added entries under a
+/// word that says their kind is absent: adoption writes the lengths words
+/// afresh, so the program finds them again.
+#[test]
+fn adoption_rewrites_stale_lengths_words() {
+    in_netns("adoption_rewrites_stale_lengths_words", |fs| {
+        let a = tcp_server("a", "127.0.0.1:9410", false);
+        let mut d = open(fs);
+        serve(
+            &mut d,
+            "a.socket",
+            &a,
+            &[bind(Protocol::Tcp, "198.18.9.4/32", Ports::single(80))],
+        );
+        assert_eq!(goes_to(&d, "198.18.9.4", 80), some("a.socket"));
+        let idx = abi::lengths_index(Family::V4, Protocol::Tcp);
+        let data = aya::maps::MapData::from_pin(d.dir().join("ports")).unwrap();
+        let mut ports: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        let good = lengths_word(&d, Family::V4, Protocol::Tcp);
+        let stale = abi::lengths_word(&[], Default::default(), Default::default());
+        ports.set(idx, stale, 0).unwrap();
+        assert_eq!(
+            goes_to(&d, "198.18.9.4", 80),
+            None,
+            "the stale word is obeyed"
+        );
+        // A filter saying every value of the last nibble is absent.
+        ports
+            .set(idx, good & !FILTER_BITS | filter_bits(7, 0xffff), 0)
+            .unwrap();
+        assert_eq!(goes_to(&d, "198.18.9.4", 80), None, "the filter is obeyed");
+        drop(d);
+        let d = open(fs);
+        assert_eq!(goes_to(&d, "198.18.9.4", 80), some("a.socket"));
+        assert_eq!(lengths_word(&d, Family::V4, Protocol::Tcp), good);
     });
 }

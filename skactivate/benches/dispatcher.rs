@@ -1439,12 +1439,16 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
     let _ = writeln!(
         w,
         "\n{met} of {total} rows meet the target. The dispatcher reads one \
-         `ports` word (an unbound port stops there), then probes its `entries` \
-         hash: the full-length key, then each shorter prefix length in use, \
-         longest first (the bench workload, all /32: one hash lookup per hit \
-         and per miss on a bound port; the mixed workload, /32 and /24: up to \
-         four). The reference walks its LPM trie twice. Rows where skactivate \
-         costs more than the reference: {}.\n",
+         `ports` word (an unbound port stops there), then the lengths word of \
+         the family and protocol (the prefix lengths in use, which kinds of \
+         entry each has, and while few prefixes are in use an address filter, \
+         where a miss elsewhere stops), then probes its `entries` hash: the \
+         full-length key, then each shorter prefix length in use, longest \
+         first, only the kinds in use (the bench workload, all /32: one hash \
+         lookup per hit and per miss on a bound port; the mixed workload, /32 \
+         and /24: up to four, one with a single `*` /24). The reference walks \
+         its LPM trie twice. Rows where skactivate costs more than the \
+         reference: {}.\n",
         if dearer.is_empty() {
             "none".to_owned()
         } else {
@@ -1825,7 +1829,10 @@ fn run_only(plan: &'static Plan, only: &str) {
         "startup" => run_only_startup(plan),
         "traffic" => run_only_traffic(plan),
         "load" => run_loads(plan),
-        _ => panic!("SKACTIVATE_BENCH_ONLY: unknown part {only:?} (known: startup, load, traffic)"),
+        "lookup" => run_lookup(plan),
+        _ => panic!(
+            "SKACTIVATE_BENCH_ONLY: unknown part {only:?} (known: startup, load, lookup, traffic)"
+        ),
     }
 }
 
@@ -1845,6 +1852,47 @@ fn run_only_traffic(plan: &'static Plan) {
             median_rate(v, k, true),
             median_rate(v, k, false)
         );
+    }
+}
+
+/// `SKACTIVATE_BENCH_ONLY=lookup`: only the lookup rows, both workloads and
+/// families, at the sizes in `SKACTIVATE_BENCH_SIZES` (comma-separated;
+/// default: the plan's), printed to stdout; BENCHMARKS.md is left as it is.
+fn run_lookup(plan: &'static Plan) {
+    let sizes: &'static [u32] = match std::env::var("SKACTIVATE_BENCH_SIZES") {
+        Ok(v) => Vec::leak(
+            v.split(',')
+                .map(|n| {
+                    n.trim()
+                        .parse()
+                        .unwrap_or_else(|e| panic!("SKACTIVATE_BENCH_SIZES: {n:?}: {e}"))
+                })
+                .collect(),
+        ),
+        Err(_) => plan.sizes,
+    };
+    let start = Instant::now();
+    for (workload, family) in [
+        (Workload::Bench, Family::V4),
+        (Workload::Bench, Family::V6),
+        (Workload::Mixed, Family::V4),
+        (Workload::Mixed, Family::V6),
+    ] {
+        let phase = run_phase(plan, workload, family, sizes, &[], start);
+        for c in &phase.cases {
+            println!(
+                "{} {} {} {}: ours {} reference {} (net; empty {}) target {:.0}: {}",
+                workload.name(),
+                family_name(family),
+                count(c.bindings),
+                c.case,
+                c.ours_net(),
+                c.reference_net(),
+                Case::raw(&c.empty),
+                c.target(),
+                verdict(c.meets())
+            );
+        }
     }
 }
 

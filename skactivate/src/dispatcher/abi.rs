@@ -34,6 +34,19 @@ pub const PORTS_WILD_BIT: u32 = 32;
 pub const MAX_LENGTHS: usize = 4;
 /// `SKA_LENGTHS_TRIE`: more lengths in use than listed: the trie answers.
 pub const LENGTHS_TRIE: u64 = 1 << 63;
+/// `SKA_LENGTHS_NO_SPECIFIC`: bit + i of a lengths word says the i-th
+/// listed length (i = `LENGTHS_FULL`: the full length) has no port-specific
+/// entries. Inverted, so that a clear bit means "probe".
+pub const LENGTHS_NO_SPECIFIC: u32 = 32;
+/// `SKA_LENGTHS_NO_WILD`: the same for `*` entries.
+pub const LENGTHS_NO_WILD: u32 = 37;
+/// `SKA_LENGTHS_FULL`: the i of the full length in those bits.
+pub const LENGTHS_FULL: u32 = MAX_LENGTHS as u32;
+/// `SKA_LENGTHS_NIBBLE`: 5 bits, the address filter's nibble number.
+pub const LENGTHS_NIBBLE: u32 = 42;
+/// `SKA_LENGTHS_FILTER`: 16 bits, bit v set when no entry has the value v
+/// in that nibble. All clear: no filter.
+pub const LENGTHS_FILTER: u32 = 47;
 /// `SKA_KEY_HEADER_BITS`: protocol, port and family in front of the address.
 pub const KEY_HEADER_BITS: u32 = 32;
 
@@ -168,16 +181,54 @@ pub fn lengths_index(family: Family, protocol: Protocol) -> u32 {
     PORTS_LENGTHS + (family_slot(family) << 1 | protocol_slot(protocol))
 }
 
-/// A lengths word: `shorter` are the address bits of the shorter-than-full
-/// prefix lengths in use, longest first.
-pub fn lengths_word(shorter: &[u8]) -> u64 {
-    if shorter.len() > MAX_LENGTHS {
-        return LENGTHS_TRIE;
+/// Which kinds of entry a prefix length has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LengthKinds {
+    /// Port-specific entries.
+    pub specific: bool,
+    /// `*` entries.
+    pub wild: bool,
+}
+
+/// An address filter: the values no entry has in nibble `nibble` of the
+/// address (bits 4 × `nibble` to 4 × `nibble` + 3, most significant first).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AddrFilter {
+    pub nibble: u8,
+    pub absent: u16,
+}
+
+impl AddrFilter {
+    /// The value of `addr` in nibble `nibble`.
+    pub fn value(addr: IpAddr, nibble: u8) -> u16 {
+        let (bits, last) = match addr {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 28u32),
+            IpAddr::V6(a) => (u128::from(a), 124),
+        };
+        let v = last
+            .checked_sub(4 * u32::from(nibble))
+            .map_or(0, |shift| bits >> shift);
+        (v & 15) as u16
     }
-    shorter
-        .iter()
-        .enumerate()
-        .fold(0, |w, (i, &bits)| w | (u64::from(bits) + 1) << (8 * i))
+}
+
+/// A lengths word: `shorter` are the address bits of the shorter-than-full
+/// prefix lengths in use, longest first, and their kinds; `full` the kinds
+/// of the full-length entries; `filter` what no entry's address has.
+pub fn lengths_word(shorter: &[(u8, LengthKinds)], full: LengthKinds, filter: AddrFilter) -> u64 {
+    let absent = |i: u32, kinds: LengthKinds| {
+        u64::from(!kinds.specific) << (LENGTHS_NO_SPECIFIC + i)
+            | u64::from(!kinds.wild) << (LENGTHS_NO_WILD + i)
+    };
+    let head = absent(LENGTHS_FULL, full)
+        | u64::from(filter.nibble & 31) << LENGTHS_NIBBLE
+        | u64::from(filter.absent) << LENGTHS_FILTER;
+    if shorter.len() > MAX_LENGTHS {
+        return LENGTHS_TRIE | head;
+    }
+    (0u32..).zip(shorter).fold(head, |w, (i, &(bits, kinds))| {
+        w | (u64::from(bits) + 1) << (8 * i) | absent(i, kinds)
+    })
 }
 
 /// The address bits of a full-length prefix of `family`.

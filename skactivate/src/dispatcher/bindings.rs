@@ -103,8 +103,15 @@ pub(super) struct Kinds {
     specific: HashMap<u32, u32, index::Fast>,
     /// Wildcard entries per (family slot << 1 | protocol slot).
     wild: [u32; 4],
-    /// Entries per address length, per (family slot << 1 | protocol slot).
-    lengths: [BTreeMap<u8, u32>; 4],
+    /// Entries per address length, port-specific and `*`, per (family slot
+    /// << 1 | protocol slot).
+    lengths: [BTreeMap<u8, [u32; 2]>; 4],
+    /// Entries per prefix, per slot, while a slot has at most
+    /// `FILTER_PREFIXES` (the address filter); `None` past that until the
+    /// slot is empty again.
+    prefixes: [Option<HashMap<IpNet, u32>>; 4],
+    /// Entries per slot.
+    total: [u64; 4],
     /// The `ports` words as the entries want them.
     words: Vec<u64>,
     /// The `ports` words as written (a crash may have left more bits set in
@@ -115,11 +122,18 @@ pub(super) struct Kinds {
 
 impl Default for Kinds {
     fn default() -> Self {
+        let mut words = vec![0; abi::PORTS_WORDS as usize];
+        // No entries: every kind absent (a fresh map holds zeros, "probe",
+        // until the word is first written).
+        let none = abi::lengths_word(&[], Default::default(), Default::default());
+        words[abi::PORTS_LENGTHS as usize..].fill(none);
         Kinds {
             specific: HashMap::default(),
             wild: [0; 4],
             lengths: Default::default(),
-            words: vec![0; abi::PORTS_WORDS as usize],
+            prefixes: std::array::from_fn(|_| Some(HashMap::new())),
+            total: [0; 4],
+            words,
             written: vec![0; abi::PORTS_WORDS as usize],
         }
     }
@@ -130,6 +144,10 @@ fn bump(count: &mut u32, delta: i64) -> bool {
     *count = u32::try_from((i64::from(before) + delta).max(0)).unwrap_or(u32::MAX);
     (before == 0) != (*count == 0)
 }
+
+/// Past this many prefixes in a slot the address filter is off: 16 values
+/// of a nibble are mostly taken by then.
+const FILTER_PREFIXES: usize = 32;
 
 fn slots(family: Family, protocol: Protocol) -> usize {
     (abi::family_slot(family) << 1 | abi::protocol_slot(protocol)) as usize
@@ -155,6 +173,7 @@ impl Kinds {
                 let (word, bit) = abi::port_word_bit(e.protocol, e.port);
                 set_bit(&mut self.words[word as usize], bit, on);
                 dirty.insert(word);
+                self.unwritten_lengths(e.protocol, dirty);
             }
         } else if bump(&mut self.wild[slots(family, e.protocol)], delta) {
             let on = self.wild[slots(family, e.protocol)] != 0;
@@ -164,21 +183,78 @@ impl Kinds {
             }
         }
         let bits = e.prefix.prefix_len();
-        let lengths = &mut self.lengths[slots(family, e.protocol)];
-        let c = lengths.entry(bits).or_default();
-        if bump(c, delta) {
-            if *c == 0 {
-                lengths.remove(&bits);
+        let slot = slots(family, e.protocol);
+        let total = &mut self.total[slot];
+        *total = total.saturating_add_signed(delta);
+        let mut filter_changed = false;
+        match &mut self.prefixes[slot] {
+            Some(prefixes) => {
+                let c = prefixes.entry(e.prefix).or_default();
+                filter_changed = bump(c, delta);
+                if *c == 0 {
+                    prefixes.remove(&e.prefix);
+                }
+                if prefixes.len() > FILTER_PREFIXES {
+                    self.prefixes[slot] = None;
+                }
             }
-            if bits < abi::full_bits(family) {
-                let shorter: Vec<u8> = lengths
-                    .keys()
-                    .rev()
-                    .copied()
-                    .filter(|&b| b < abi::full_bits(family))
-                    .collect();
-                let idx = abi::lengths_index(family, e.protocol);
-                self.words[idx as usize] = abi::lengths_word(&shorter);
+            None if *total == 0 => self.prefixes[slot] = Some(HashMap::new()),
+            None => {}
+        }
+        let lengths = &mut self.lengths[slot];
+        let c = lengths.entry(bits).or_default();
+        let kinds_changed = bump(&mut c[usize::from(e.port == 0)], delta);
+        if *c == [0, 0] {
+            lengths.remove(&bits);
+        }
+        if kinds_changed || filter_changed {
+            let idx = abi::lengths_index(family, e.protocol);
+            self.words[idx as usize] = self.lengths_word(slot, family);
+            dirty.insert(idx);
+        }
+    }
+
+    /// The lengths word of a slot: the lengths in use and their kinds.
+    fn lengths_word(&self, slot: usize, family: Family) -> u64 {
+        let kinds = |c: &[u32; 2]| abi::LengthKinds {
+            specific: c[0] != 0,
+            wild: c[1] != 0,
+        };
+        let full = abi::full_bits(family);
+        let lengths = &self.lengths[slot];
+        let shorter: Vec<_> = lengths
+            .range(..full)
+            .rev()
+            .map(|(&bits, c)| (bits, kinds(c)))
+            .collect();
+        let filter = match (&self.prefixes[slot], lengths.keys().next()) {
+            // The last nibble within the shortest prefix in use.
+            (Some(prefixes), Some(&shortest)) if shortest >= 4 => {
+                let nibble = shortest / 4 - 1;
+                let present = prefixes.keys().fold(0u16, |m, p| {
+                    m | 1 << abi::AddrFilter::value(p.addr(), nibble)
+                });
+                abi::AddrFilter {
+                    nibble,
+                    absent: !present,
+                }
+            }
+            _ => abi::AddrFilter::default(),
+        };
+        abi::lengths_word(
+            &shorter,
+            lengths.get(&full).map(kinds).unwrap_or_default(),
+            filter,
+        )
+    }
+
+    /// A port bit of `protocol` changed: the program may now read the
+    /// protocol's lengths words, so each not yet written goes into `dirty`
+    /// (a fresh map holds zeros there, which is right but slow).
+    fn unwritten_lengths(&self, protocol: Protocol, dirty: &mut BTreeSet<u32>) {
+        for family in [Family::V4, Family::V6] {
+            let idx = abi::lengths_index(family, protocol);
+            if self.words[idx as usize] != self.written[idx as usize] {
                 dirty.insert(idx);
             }
         }
@@ -193,9 +269,15 @@ impl Kinds {
             .collect()
     }
 
-    /// Take the words as written (after adoption: derived, never read back).
+    /// Take the port words as written (after adoption: derived, never read
+    /// back). The lengths words are not: an older daemon may have changed
+    /// the entries under bits it did not know, so until `adopt_tries` has
+    /// read them back they count as differing from what the entries want.
     pub(super) fn assume_written(&mut self) {
         self.written.clone_from(&self.words);
+        for w in &mut self.written[abi::PORTS_LENGTHS as usize..] {
+            *w = !*w;
+        }
     }
 }
 
@@ -1038,5 +1120,190 @@ impl PartialOrd for IpNetOrd {
 impl Ord for IpNetOrd {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         (self.0.addr(), self.0.prefix_len()).cmp(&(other.0.addr(), other.0.prefix_len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(protocol: Protocol, prefix: &str, port: u16) -> Entry {
+        Entry {
+            protocol,
+            prefix: prefix.parse().unwrap(),
+            port,
+        }
+    }
+
+    const NO_SPECIFIC: u32 = abi::LENGTHS_NO_SPECIFIC;
+    const NO_WILD: u32 = abi::LENGTHS_NO_WILD;
+    const FULL: u32 = abi::LENGTHS_FULL;
+
+    /// Absent kinds: (listed length i or FULL, no specific, no wild).
+    fn absent(kinds: &[(u32, bool, bool)]) -> u64 {
+        kinds.iter().fold(0, |w, &(i, s, wild)| {
+            w | u64::from(s) << (NO_SPECIFIC + i) | u64::from(wild) << (NO_WILD + i)
+        })
+    }
+
+    const FILTER_BITS: u64 = 0x1f << abi::LENGTHS_NIBBLE | 0xffff << abi::LENGTHS_FILTER;
+
+    /// A lengths word but its address filter.
+    fn word(k: &Kinds, family: Family, protocol: Protocol) -> u64 {
+        k.words[abi::lengths_index(family, protocol) as usize] & !FILTER_BITS
+    }
+
+    /// The address filter of a lengths word: (nibble, absent values).
+    fn filter(k: &Kinds, family: Family, protocol: Protocol) -> (u64, u16) {
+        let w = k.words[abi::lengths_index(family, protocol) as usize];
+        (
+            w >> abi::LENGTHS_NIBBLE & 31,
+            (w >> abi::LENGTHS_FILTER) as u16,
+        )
+    }
+
+    #[test]
+    fn the_address_filter_follows_few_prefixes() {
+        let mut k = Kinds::default();
+        let mut dirty = BTreeSet::new();
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (0, 0));
+        // 192.0.2.0/24: nibble 5 (bits 20-23) is 0 (of 0x02).
+        let net = entry(Protocol::Tcp, "192.0.2.0/24", 0);
+        k.count(&net, 1, &mut dirty);
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (5, !(1 << 2)));
+        // A /32 elsewhere, on many ports: still read at the /24's nibble.
+        for port in 1..=100 {
+            k.count(
+                &entry(Protocol::Tcp, "198.51.100.7/32", port),
+                1,
+                &mut dirty,
+            );
+        }
+        assert_eq!(
+            filter(&k, Family::V4, Protocol::Tcp),
+            (5, !(1 << 2 | 1 << 4))
+        );
+        // The /24 gone: the last nibble of the /32 (7).
+        k.count(&net, -1, &mut dirty);
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (7, !(1 << 7)));
+        // IPv6: the /64's last nibble (bits 60-63).
+        k.count(
+            &entry(Protocol::Udp, "2001:db8:0:5::/64", 53),
+            1,
+            &mut dirty,
+        );
+        assert_eq!(filter(&k, Family::V6, Protocol::Udp), (15, !(1 << 5)));
+        // Past FILTER_PREFIXES prefixes: no filter, until the slot empties.
+        let many: Vec<Entry> = (0..=FILTER_PREFIXES)
+            .map(|i| entry(Protocol::Tcp, &format!("203.0.113.{i}/32"), 80))
+            .collect();
+        for e in &many {
+            k.count(e, 1, &mut dirty);
+        }
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (0, 0));
+        for e in &many {
+            k.count(e, -1, &mut dirty);
+        }
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (0, 0));
+        for port in 1..=100 {
+            k.count(
+                &entry(Protocol::Tcp, "198.51.100.7/32", port),
+                -1,
+                &mut dirty,
+            );
+        }
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (0, 0));
+        k.count(&net, 1, &mut dirty);
+        assert_eq!(filter(&k, Family::V4, Protocol::Tcp), (5, !(1 << 2)));
+    }
+
+    #[test]
+    fn lengths_words_say_which_kinds_each_length_has() {
+        let mut k = Kinds::default();
+        let none = absent(&[(FULL, true, true)]);
+        for family in [Family::V4, Family::V6] {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                assert_eq!(word(&k, family, protocol), none);
+            }
+        }
+        let mut dirty = BTreeSet::new();
+        let star24 = entry(Protocol::Tcp, "192.0.2.0/24", 0);
+        k.count(&star24, 1, &mut dirty);
+        let tcp4 = abi::lengths_index(Family::V4, Protocol::Tcp);
+        assert!(dirty.contains(&tcp4));
+        // One `*` /24: the /24 listed with no specific entry, nothing at /32.
+        assert_eq!(
+            word(&k, Family::V4, Protocol::Tcp),
+            25 | absent(&[(0, true, false), (FULL, true, true)])
+        );
+        // A /32 with a port: the full length has specific entries.
+        let host80 = entry(Protocol::Tcp, "192.0.2.4/32", 80);
+        k.count(&host80, 1, &mut dirty);
+        assert_eq!(
+            word(&k, Family::V4, Protocol::Tcp),
+            25 | absent(&[(0, true, false), (FULL, false, true)])
+        );
+        // A /25 with a port, listed before the /24; a second /32 changes nothing.
+        k.count(&entry(Protocol::Tcp, "192.0.2.0/25", 80), 1, &mut dirty);
+        k.count(&entry(Protocol::Tcp, "192.0.2.5/32", 81), 1, &mut dirty);
+        assert_eq!(
+            word(&k, Family::V4, Protocol::Tcp),
+            26 | 25 << 8 | absent(&[(0, false, true), (1, true, false), (FULL, false, true)])
+        );
+        // The other slots are untouched.
+        assert_eq!(word(&k, Family::V4, Protocol::Udp), none);
+        assert_eq!(word(&k, Family::V6, Protocol::Tcp), none);
+        // Gone again, kind by kind.
+        k.count(&entry(Protocol::Tcp, "192.0.2.0/25", 80), -1, &mut dirty);
+        k.count(&star24, -1, &mut dirty);
+        assert_eq!(
+            word(&k, Family::V4, Protocol::Tcp),
+            absent(&[(FULL, false, true)])
+        );
+        k.count(&host80, -1, &mut dirty);
+        k.count(&entry(Protocol::Tcp, "192.0.2.5/32", 81), -1, &mut dirty);
+        assert_eq!(word(&k, Family::V4, Protocol::Tcp), none);
+    }
+
+    #[test]
+    fn more_lengths_than_listed_keep_the_full_length_kinds() {
+        let mut k = Kinds::default();
+        let mut dirty = BTreeSet::new();
+        for bits in [8, 12, 16, 20, 24] {
+            k.count(
+                &entry(Protocol::Udp, &format!("2001:db8::/{}", 96 + bits), 53),
+                1,
+                &mut dirty,
+            );
+        }
+        k.count(&entry(Protocol::Udp, "2001:db8::1/128", 0), 1, &mut dirty);
+        assert_eq!(
+            word(&k, Family::V6, Protocol::Udp),
+            abi::LENGTHS_TRIE | absent(&[(FULL, true, false)])
+        );
+    }
+
+    #[test]
+    fn a_port_bit_brings_the_protocols_unwritten_lengths_words() {
+        let mut k = Kinds::default();
+        let mut dirty = BTreeSet::new();
+        k.count(&entry(Protocol::Tcp, "192.0.2.4/32", 80), 1, &mut dirty);
+        // The IPv6 word of TCP too: the port bit sends IPv6 lookups there.
+        for family in [Family::V4, Family::V6] {
+            assert!(dirty.contains(&abi::lengths_index(family, Protocol::Tcp)));
+            assert!(!dirty.contains(&abi::lengths_index(family, Protocol::Udp)));
+        }
+        // Once written, only what changes.
+        k.written.clone_from(&k.words);
+        let mut dirty = BTreeSet::new();
+        k.count(&entry(Protocol::Tcp, "192.0.2.5/32", 81), 1, &mut dirty);
+        assert!(!dirty.contains(&abi::lengths_index(Family::V6, Protocol::Tcp)));
+        // Adoption takes the port words as written, never the lengths words.
+        k.assume_written();
+        for i in abi::PORTS_LENGTHS..abi::PORTS_WORDS {
+            assert_ne!(k.written[i as usize], k.words[i as usize]);
+        }
+        let ports = abi::PORTS_LENGTHS as usize;
+        assert_eq!(k.written[..ports], k.words[..ports]);
     }
 }

@@ -181,7 +181,8 @@ impl Dispatcher {
     }
 
     /// Read the destinations and the entries hash into the in-memory index
-    /// and the counts; nothing is written.
+    /// and the counts; nothing is written but what `adopt_tries` finds stale
+    /// (the lengths words, and the tries they lead to).
     pub(super) fn load_index(&mut self) -> Result<()> {
         for item in self.destinations.iter() {
             let (k, v) = item.map_err(map_err("destinations"))?;
