@@ -335,6 +335,19 @@ struct ElemAttr {
     flags: u64,
 }
 
+/// The batch operations' part of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
 /// `BPF_MAP_UPDATE_ELEM` of a sock map: the value is the socket's fd as u64.
 pub fn sockmap_insert(map: BorrowedFd<'_>, key: u32, sock: BorrowedFd<'_>) -> io::Result<()> {
     let value = u64::from(raw(sock));
@@ -367,19 +380,8 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
     keys: &[K],
     values: &[V],
 ) -> (usize, io::Result<()>) {
-    #[repr(C)]
-    struct Attr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     assert_eq!(keys.len(), values.len());
-    let mut attr = Attr {
+    let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
         keys: ptr(keys.as_ptr()),
@@ -389,7 +391,7 @@ pub fn map_update_batch<K: aya::Pod, V: aya::Pod>(
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: Attr is the batch prefix; `count` Pod keys and values are live.
+    // SAFETY: BatchAttr is the batch prefix; `count` Pod keys and values are live.
     let r = unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }.map(drop);
     (attr.count as usize, r)
 }
@@ -426,17 +428,6 @@ pub fn map_lookup_batch_buckets<K: aya::Pod, V: aya::Pod>(
         size_of::<K>(),
         size_of::<V>(),
     )?;
-    #[repr(C)]
-    struct Attr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     // SAFETY: Pod types are valid for every bit pattern, zeros included.
     let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
     // SAFETY: as above.
@@ -446,7 +437,7 @@ pub fn map_lookup_batch_buckets<K: aya::Pod, V: aya::Pod>(
     let mut token_out = 0u32;
     let mut first = true;
     loop {
-        let mut attr = Attr {
+        let mut attr = BatchAttr {
             in_batch: if first && from == 0 {
                 0
             } else {
@@ -460,7 +451,7 @@ pub fn map_lookup_batch_buckets<K: aya::Pod, V: aya::Pod>(
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: Attr is the batch prefix; the kernel writes at most `count`
+        // SAFETY: BatchAttr is the batch prefix; the kernel writes at most `count`
         // Pod keys and values into the live buffers, and a u32 cursor.
         let r = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let n = (attr.count as usize).min(chunk);
@@ -517,18 +508,7 @@ pub fn map_delete_elem<K: aya::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<
 /// many went, and the error that stopped the rest (ENOENT for a key that is
 /// absent: `keys[n]`), as `map_update_batch` does.
 pub fn map_delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> (usize, io::Result<()>) {
-    #[repr(C)]
-    struct Attr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    let mut attr = Attr {
+    let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
         keys: ptr(keys.as_ptr()),
@@ -538,7 +518,7 @@ pub fn map_delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> (usize,
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: Attr is the batch prefix; `count` Pod keys are live (the
+    // SAFETY: BatchAttr is the batch prefix; `count` Pod keys are live (the
     // kernel reads keys only).
     let r = unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) }.map(drop);
     ((attr.count as usize).min(keys.len()), r)
@@ -706,6 +686,20 @@ pub fn create_hash_no_prealloc<K: aya::Pod, V: aya::Pod>(
     unsafe { bpf(BPF_MAP_CREATE, &mut attr) }.map(fd_from)
 }
 
+/// A hash map for a unit test, or `None` (and why, on stderr) where this
+/// process may not create BPF maps.
+#[cfg(test)]
+pub(crate) fn test_hash<K: aya::Pod, V: aya::Pod>(name: &str, max_entries: u32) -> Option<OwnedFd> {
+    match create_hash_no_prealloc::<K, V>(name, max_entries) {
+        Ok(m) => Some(m),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
+            eprintln!("skipped: this process cannot create BPF maps ({e})");
+            None
+        }
+        Err(e) => panic!("BPF_MAP_CREATE: {e}"),
+    }
+}
+
 /// Refuse (`EINVAL`) a map whose type is not in `types` or whose key or
 /// value size differs from the Rust types' the kernel is about to write.
 fn check_map(map: BorrowedFd<'_>, types: &[u32], key: usize, value: usize) -> io::Result<()> {
@@ -733,13 +727,8 @@ mod tests {
     /// the kernel could write past them; matching types round-trip.
     #[test]
     fn element_sizes_are_checked_before_the_kernel_writes() {
-        let map = match create_hash_no_prealloc::<u64, u64>("sys_test", 4) {
-            Ok(m) => m,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) => {
-                eprintln!("skipped: this process cannot create BPF maps ({e})");
-                return;
-            }
-            Err(e) => panic!("BPF_MAP_CREATE: {e}"),
+        let Some(map) = test_hash::<u64, u64>("sys_test", 4) else {
+            return;
         };
         let fd = map.as_fd();
         map_update_elem(fd, &7u64, &42u64, 0).unwrap();
