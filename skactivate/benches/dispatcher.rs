@@ -1003,6 +1003,11 @@ fn traffic_worker(side: Side) -> (mpsc::Sender<Cmd>, mpsc::Receiver<Done>) {
         let udp = UdpSocket::bind(bind_at).expect("udp bind");
         udp.set_read_timeout(Some(Duration::from_secs(1)))
             .expect("timeout");
+        // Every side answers as a UDP service behind the dispatcher must
+        // (skactivate.socket(5)): from the address it was reached at, told
+        // by IP_PKTINFO.
+        nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::Ipv4PacketInfo, &true)
+            .expect("IP_PKTINFO");
         let d = (side != Side::Plain).then(|| {
             let mut d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("dispatcher");
             let regs = d
@@ -1082,8 +1087,8 @@ fn traffic_worker(side: Side) -> (mpsc::Sender<Cmd>, mpsc::Receiver<Done>) {
                 Cmd::Udp(k) => {
                     for _ in 0..k {
                         client_udp.send_to(b"ping", target).expect("send");
-                        let (n, peer) = udp.recv_from(&mut buf).expect("server recv");
-                        udp.send_to(&buf[..n], peer).expect("reply");
+                        let n = answer_from_reached_address(&udp, &mut buf);
+                        assert_eq!(n, 4, "server got the request");
                         client_udp.recv_from(&mut buf).expect("client recv");
                     }
                 }
@@ -1103,6 +1108,45 @@ fn traffic_worker(side: Side) -> (mpsc::Sender<Cmd>, mpsc::Receiver<Done>) {
         drop(fs);
     });
     (tx, drx)
+}
+
+/// Receive one datagram on `udp` (IP_PKTINFO on) and send it back from the
+/// address it was sent to; returns its length.
+fn answer_from_reached_address(udp: &UdpSocket, buf: &mut [u8]) -> usize {
+    use nix::sys::socket::{
+        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, sendmsg,
+    };
+    let fd = udp.as_raw_fd();
+    let (n, peer, reached) = {
+        let mut iov = [std::io::IoSliceMut::new(buf)];
+        let mut space = nix::cmsg_space!(libc::in_pktinfo);
+        let msg = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut space), MsgFlags::empty())
+            .expect("server recv");
+        let reached = msg
+            .cmsgs()
+            .expect("control messages")
+            .find_map(|c| match c {
+                ControlMessageOwned::Ipv4PacketInfo(i) => Some(i.ipi_addr),
+                _ => None,
+            })
+            .expect("IP_PKTINFO");
+        (msg.bytes, msg.address.expect("sender"), reached)
+    };
+    let info = libc::in_pktinfo {
+        ipi_ifindex: 0,
+        ipi_spec_dst: reached,
+        ipi_addr: libc::in_addr { s_addr: 0 },
+    };
+    let iov = [std::io::IoSlice::new(&buf[..n])];
+    sendmsg(
+        fd,
+        &iov,
+        &[ControlMessage::Ipv4PacketInfo(&info)],
+        MsgFlags::empty(),
+        Some(&peer),
+    )
+    .expect("reply");
+    n
 }
 
 /// The CPU both traffic workers run on: the last one.
@@ -1926,7 +1970,8 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
          at a time. {} rounds, the order of the sides rotated each round; per \
          round and side {} TCP connections (connect, accept, close with RST) \
          and {} UDP request/response pairs from an unconnected client socket \
-         in the same namespace. Short rounds, so that a change in the \
+         in the same namespace, each answered from the address it was sent \
+         to (`IP_PKTINFO`, as skactivate.socket(5) asks of a UDP service). Short rounds, so that a change in the \
          machine's load falls on every side of a round alike. Ratio = median \
          over rounds of a side's rate / the no-program rate (its spread over \
          rounds in brackets: wide on a shared machine); \"extra\" = median \
