@@ -442,6 +442,9 @@ fn measure(
             check_answer(i, addr, port, expect, &r);
         }
     }
+    // Every timed call on one CPU: a call that lands on another CPU than
+    // the last finds the program and its maps cold there.
+    let _pinned = PinnedTo::cpu(traffic_cpu());
     let mut out: [Vec<u32>; 3] = Default::default();
     for r in 0..plan.runs {
         check_deadline(start, "timing lookups");
@@ -1166,9 +1169,40 @@ fn answer_from_reached_address(udp: &UdpSocket, buf: &mut [u8]) -> usize {
     n
 }
 
-/// The CPU both traffic workers run on: the last one.
+/// The CPU the traffic workers and the timed lookups run on: the last one.
 fn traffic_cpu() -> usize {
     std::thread::available_parallelism().map_or(0, |n| n.get() - 1)
+}
+
+/// The calling thread pinned to one CPU until this is dropped, when it gets
+/// back the CPUs it had.
+struct PinnedTo(libc::cpu_set_t);
+
+impl PinnedTo {
+    fn cpu(cpu: usize) -> PinnedTo {
+        // SAFETY: sched_getaffinity(0, …) writes the calling thread's mask
+        // into the cpu_set_t it is given, of the size it is told.
+        let old = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            let r = libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set);
+            assert_eq!(
+                r,
+                0,
+                "sched_getaffinity: {}",
+                std::io::Error::last_os_error()
+            );
+            set
+        };
+        pin_thread(cpu);
+        PinnedTo(old)
+    }
+}
+
+impl Drop for PinnedTo {
+    fn drop(&mut self) {
+        // SAFETY: sched_setaffinity(0, …) reads the mask saved above.
+        unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const self.0) };
+    }
 }
 
 /// Pins the calling thread to `cpu`.
@@ -1534,12 +1568,13 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
          {{prefixlen, protocol, port, IPv4-mapped address}} asked twice, exact \
          port then port 0 for `*`, then `bpf_sk_assign` from a SOCKMAP). Each \
          program runs {} calls of {} repeats per case (the kernel reports the \
-         mean per call); repetition r runs the three on probe r, in an order \
-         rotated with r. **Every figure is net of the empty program**: the \
+         mean per call), every call on CPU {}; repetition r runs the three on \
+         probe r, in an order rotated with r. **Every figure is net of the empty program**: the \
          median over r of (program_r − empty_r). The empty program's median \
          over the whole run: **{} ns**.\n",
         plan.runs,
         plan.repeat,
+        traffic_cpu(),
         r.empty_ns()
     );
     let _ = writeln!(
