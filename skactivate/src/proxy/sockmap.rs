@@ -94,9 +94,11 @@
 //! (so that one peek sees every passed byte): a quarter of a 1 GiB transfer
 //! stayed in the kernel, the bytes of a 64 MiB slow-then-fast transfer each
 //! way arrived whole and in order, but the bench's backend got six extra
-//! 64 KiB segments in one 1 GiB round, and two of four 1 GiB transfers with
-//! the proxy pinned to one CPU and the client and backend to the other
-//! stalled. Not kept either (branch `h-proxy-peek-attempt`). Why it is
+//! 64 KiB segments in one 1 GiB round, and with the proxy pinned to one CPU
+//! and the client and backend to the other, 7 of 22 transfers of 1 GiB
+//! with every offset checked went wrong: the backend received the last
+//! 130972 bytes (two 65486-byte segments) a second time, in both cases
+//! located. Not kept either (branch `h-proxy-peek-attempt`). Why it is
 //! hard: a read of passed bytes is what reopens the window, and nothing
 //! else user space can do sends the window update (`TCP_QUICKACK` only when
 //! an ACK is already due, `SO_RCVBUF`, `SO_RCVLOWAT` and
