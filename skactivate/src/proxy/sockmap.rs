@@ -91,8 +91,8 @@
 //! twice on 6.18. Tried again with every consumed byte compared to what
 //! the peek had shown (they always matched, so the peek itself is not what
 //! doubles bytes) and the copy buffer as large as the capped receive buffer
-//! (so that one peek sees every passed byte): a quarter of a 1 GiB transfer
-//! stayed in the kernel, the bytes of a 64 MiB slow-then-fast transfer each
+//! (so that one peek sees every passed byte): a quarter to two fifths of a
+//! 1 GiB transfer stayed in the kernel, the bytes of a 64 MiB slow-then-fast transfer each
 //! way arrived whole and in order, but the bench's backend got six extra
 //! 64 KiB segments in one 1 GiB round, and with the proxy pinned to one CPU
 //! and the client and backend to the other, 7 of 22 transfers of 1 GiB
