@@ -370,6 +370,150 @@ fn large_transfers_both_ways_arrive_whole() {
     }
 }
 
+/// The word at 8-byte index `i` of stream `seed`: every offset of a stream
+/// is checkable on its own, and a word found in the wrong place says where
+/// it came from (the map is invertible: an odd multiplier mod 2^64).
+fn word(seed: u64, i: u64) -> u64 {
+    i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed
+}
+
+/// Where a word found at a wrong place belongs (inverse of [`word`]).
+fn index_of(seed: u64, w: u64) -> u64 {
+    // The inverse of the multiplier mod 2^64 (Newton's iteration).
+    let m: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut inv: u64 = m;
+    for _ in 0..6 {
+        inv = inv.wrapping_mul(2u64.wrapping_sub(m.wrapping_mul(inv)));
+    }
+    (w ^ seed).wrapping_mul(inv)
+}
+
+/// `len` bytes of stream `seed` (a multiple of 8).
+fn positional(seed: u64, len: usize) -> Vec<u8> {
+    (0..len as u64 / 8)
+        .flat_map(|i| word(seed, i).to_le_bytes())
+        .collect()
+}
+
+/// The word read at byte offset `off` must be the stream's.
+fn check(seed: u64, off: u64, w: u64, bytes: &[u8]) -> Result<(), String> {
+    if w == word(seed, off / 8) {
+        return Ok(());
+    }
+    Err(format!(
+        "at offset {off}: the word of offset {} (bytes {bytes:02x?})",
+        index_of(seed, w).wrapping_mul(8)
+    ))
+}
+
+/// Read stream `seed` to EOF in phases: slow (small reads with pauses, so
+/// the proxy's peer falls behind, its redirect credit runs out and it
+/// passes) then fast (large reads as fast as possible, so it can catch up),
+/// again and again. Checks every byte at its offset as it arrives; returns
+/// the length read, or where and how the stream first went wrong.
+fn read_slow_then_fast(mut s: &TcpStream, seed: u64, fast_bytes: usize) -> Result<u64, String> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    // The bytes of a word split over two reads.
+    let mut partial: Vec<u8> = Vec::with_capacity(8);
+    let mut slow_until = Instant::now() + Duration::from_millis(100);
+    let mut fast_left = 0usize;
+    loop {
+        let slow = fast_left == 0;
+        let want = if slow { 16 * 1024 } else { buf.len() };
+        let n = s
+            .read(&mut buf[..want])
+            .map_err(|e| format!("read at {off}: {e}"))?;
+        if n == 0 {
+            if !partial.is_empty() {
+                return Err(format!("EOF inside the word at {off}"));
+            }
+            return Ok(off);
+        }
+        // Complete a word split over reads, then check whole words.
+        let mut rest = &buf[..n];
+        if !partial.is_empty() {
+            let take = (8 - partial.len()).min(rest.len());
+            partial.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if partial.len() == 8 {
+                let w = u64::from_le_bytes(partial[..].try_into().unwrap());
+                check(seed, off, w, &partial)?;
+                off += 8;
+                partial.clear();
+            }
+        }
+        let whole = rest.len() / 8 * 8;
+        for b in rest[..whole].chunks_exact(8) {
+            check(seed, off, u64::from_le_bytes(b.try_into().unwrap()), b)?;
+            off += 8;
+        }
+        partial.extend_from_slice(&rest[whole..]);
+        if slow {
+            if Instant::now() >= slow_until {
+                fast_left = fast_bytes;
+            } else {
+                thread::sleep(Duration::from_millis(2));
+            }
+        } else {
+            fast_left = fast_left.saturating_sub(n);
+            if fast_left == 0 {
+                slow_until = Instant::now() + Duration::from_millis(100);
+            }
+        }
+    }
+}
+
+/// Both ways at once, each through a reader that is slow, then fast, many
+/// times over: the proxy goes from redirecting to copying and back (in
+/// sockmap mode) again and again. A byte lost, duplicated or moved across
+/// any of those switches fails the test at its offset; so does a byte of
+/// the client's own stream coming back to it.
+#[test]
+fn bytes_keep_their_order_through_a_slow_then_fast_reader() {
+    const LEN: usize = 64 << 20;
+    for mode in MODES {
+        in_netns(&format!("order across switches ({mode})"), move |_| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let (mut p, a) = proxy(mode, l.local_addr().unwrap(), &[]);
+            let c = TcpStream::connect(a).unwrap();
+            let (server, _) = l.accept().unwrap();
+            for s in [&c, &server] {
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+            }
+            let up = Arc::new(positional(0x5eed_0001, LEN));
+            let down = Arc::new(positional(0x5eed_0002, LEN));
+            let writer = |s: &TcpStream, data: &Arc<Vec<u8>>| {
+                let mut w = s.try_clone().unwrap();
+                let d = data.clone();
+                thread::spawn(move || {
+                    for chunk in d.chunks(256 * 1024) {
+                        w.write_all(chunk).unwrap();
+                    }
+                    w.shutdown(Shutdown::Write).unwrap();
+                })
+            };
+            let wu = writer(&c, &up);
+            let wd = writer(&server, &down);
+            let sr = server.try_clone().unwrap();
+            let backend_reads =
+                thread::spawn(move || read_slow_then_fast(&sr, 0x5eed_0001, 8 << 20));
+            let client_got = read_slow_then_fast(&c, 0x5eed_0002, 8 << 20);
+            let backend_got = backend_reads.join().unwrap();
+            wu.join().unwrap();
+            wd.join().unwrap();
+            assert_eq!(backend_got, Ok(LEN as u64), "{mode}: client to backend");
+            assert_eq!(client_got, Ok(LEN as u64), "{mode}: backend to client");
+            if mode == "sockmap" {
+                let st = p.wait_status(|s| redirected(s) > 0);
+                eprintln!("{mode}: {st}");
+                assert!(redirected(&st) > 0, "{st}");
+            }
+        });
+    }
+}
+
 #[test]
 fn half_close_either_way_keeps_the_other_direction() {
     for mode in MODES {

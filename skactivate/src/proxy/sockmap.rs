@@ -88,9 +88,24 @@
 //! `drained`, and only then consuming them (the read's window update must
 //! come after the program redirects again: on loopback the sender's next
 //! segment arrives inside that `recv`). The backend got whole segments
-//! twice on 6.18. `TCP_WINDOW_CLAMP` does not fit either: raising it again
-//! leaves `rcv_ssthresh` at the tiny window, and the sender waits for its
-//! persist timer.
+//! twice on 6.18. Tried again with every consumed byte compared to what
+//! the peek had shown (they always matched, so the peek itself is not what
+//! doubles bytes) and the copy buffer as large as the capped receive buffer
+//! (so that one peek sees every passed byte): a quarter to two fifths of a
+//! 1 GiB transfer stayed in the kernel, the bytes of a 64 MiB slow-then-fast transfer each
+//! way arrived whole and in order, but the bench's backend got six extra
+//! 64 KiB segments in one 1 GiB round, and with the proxy pinned to one CPU
+//! and the client and backend to the other, 7 of 22 transfers of 1 GiB
+//! with every offset checked went wrong: the backend received the last
+//! 130972 bytes (two 65486-byte segments) a second time, in both cases
+//! located. Not kept either (branch `h-proxy-peek-attempt`). Why it is
+//! hard: a read of passed bytes is what reopens the window, and nothing
+//! else user space can do sends the window update (`TCP_QUICKACK` only when
+//! an ACK is already due, `SO_RCVBUF`, `SO_RCVLOWAT` and
+//! `TCP_WINDOW_CLAMP` send none), so "consume only after the program may
+//! redirect again" needs `MSG_PEEK`. `TCP_WINDOW_CLAMP` does not fit either:
+//! raising it again leaves `rcv_ssthresh` at the tiny window, and the
+//! sender waits for its persist timer.
 
 use std::cell::RefCell;
 use std::collections::HashMap as Waiters;
