@@ -690,9 +690,9 @@ fn a_full_trie_refuses_by_name() {
             Verdict::Pass,
             "nothing of the refused change"
         );
-        // A refused change of several steps: the first step's write fails
-        // while the next is indexed (written on other threads), and is
-        // still named; nothing of any step stays.
+        // A refused change of several steps (`apply` writes 2^16 entries
+        // at a time): the entry that did not fit is named, and nothing of
+        // the change stays.
         let before = d.bindings().unwrap().len();
         let many: Vec<_> = (0..3)
             .map(|i| {

@@ -480,71 +480,38 @@ impl Dispatcher {
     /// One step of `apply`: `batch`, new entries already in the index, into
     /// the maps: counted, the hash grown if need be, the `ports` words
     /// raised, then the hash and (where the program reads it) the trie.
-    ///
-    /// With `overlap`, the hash write runs on other threads and is left in
-    /// `pending` while the caller indexes the next step (the kernel's
-    /// inserts and the index each take about half of loading); the write
-    /// of the step before is waited for first. A failure of that write is
-    /// this call's error. Without, whatever is pending is waited for and
-    /// the write done here.
-    fn write_batch(
-        &mut self,
-        batch: Vec<(Entry, u32)>,
-        pending: &mut Option<HashWrite>,
-        overlap: bool,
-    ) -> Result<()> {
+    fn write_batch(&mut self, batch: &[(Entry, u32)]) -> Result<()> {
         let mut dirty = BTreeSet::new();
-        for (e, _) in &batch {
+        for (e, _) in batch {
             self.kinds.count(e, 1, &mut dirty);
         }
         let needed = self.entries.len();
         if needed > self.hash_capacity as usize && self.hash_capacity < abi::MAX_BINDINGS {
-            // Growing replaces the hash: nothing may still be writing to it.
-            if let Some(w) = pending.take() {
-                w.finish()?;
-            }
             self.grow(needed)?;
         }
         let filled = self.raise_ports(&dirty)?;
         // A batch cannot say BPF_NOEXIST; it need not, as the index has
         // already left out every entry present and this process is the
         // maps' only writer.
-        let (keys, values) = keys_values(&batch);
+        let (keys, values) = keys_values(batch);
+        let (n, r) = self.write_entries(false, &keys, &values);
+        if let Err(err) = r {
+            return Err(write_err(err, batch.get(n).map(|a| a.0), "entries"));
+        }
         let mut short: Vec<usize> = (0..batch.len())
             .filter(|&i| {
                 let e = &batch[i].0;
                 !e.is_full() && self.trie_filled[e.slot()] && !filled[e.slot()]
             })
             .collect();
-        short.sort_by_cached_key(|&i| batch[i].0.trie_order());
-        let trie_keys: Vec<_> = short.iter().map(|&i| keys[i]).collect();
-        let trie_values: Vec<_> = short.iter().map(|&i| values[i]).collect();
-        let trie_at: Vec<Entry> = short.iter().map(|&i| batch[i].0).collect();
-        drop(short);
-        if let Some(w) = pending.take() {
-            w.finish()?;
-        }
-        if overlap && self.hash_batch && keys.len() >= PARALLEL_WRITE && two_cpus() {
-            let fd = self
-                .hash
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(sys_err("dup"))?;
-            let thread = std::thread::spawn(move || write_hash(fd.as_fd(), true, &keys, &values));
-            *pending = Some(HashWrite { thread, batch });
-        } else {
-            let (n, r) = self.write_entries(false, &keys, &values);
-            if let Err(err) = r {
-                return Err(write_err(err, batch.get(n).map(|a| a.0), "entries"));
-            }
-        }
-        if trie_keys.is_empty() {
+        if short.is_empty() {
             return Ok(());
         }
-        // The trie (one lock for all) on this thread, beside the hash's.
-        let (n, r) = self.write_entries(true, &trie_keys, &trie_values);
-        r.map_err(|err| write_err(err, trie_at.get(n).copied(), "bindings"))
+        short.sort_by_cached_key(|&i| batch[i].0.trie_order());
+        let k: Vec<_> = short.iter().map(|&i| keys[i]).collect();
+        let v: Vec<_> = short.iter().map(|&i| values[i]).collect();
+        let (n, r) = self.write_entries(true, &k, &v);
+        r.map_err(|err| write_err(err, short.get(n).map(|&i| batch[i].0), "bindings"))
     }
 
     /// Undo the first `upto` entries of an `apply` that failed: those
@@ -618,8 +585,6 @@ impl Dispatcher {
         let mut per_id: BTreeMap<u32, u32> = BTreeMap::new();
         let (mut pos, mut counted) = (0, 0);
         let mut failure = None;
-        // The hash write of the last full step, while the next is indexed.
-        let mut pending = None;
         'all: for (b, i) in add {
             let id = ids[*i as usize];
             for e in Entry::of(b) {
@@ -641,28 +606,21 @@ impl Dispatcher {
                 pos += 1;
                 if batch.len() == APPLY_BATCH {
                     counted = pos;
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(APPLY_BATCH));
-                    if let Err(e) = self.write_batch(full, &mut pending, true) {
+                    if let Err(e) = self.write_batch(&batch) {
                         failure = Some(e);
                         break 'all;
                     }
+                    batch.clear();
                 }
             }
         }
         if failure.is_none() && !batch.is_empty() {
             counted = pos;
-            if let Err(e) = self.write_batch(batch, &mut pending, false) {
+            if let Err(e) = self.write_batch(&batch) {
                 failure = Some(e);
             }
-        } else {
-            drop(batch);
         }
-        // Every write has ended before anything is counted done or undone.
-        if let Some(w) = pending.take()
-            && let Err(e) = w.finish()
-        {
-            failure.get_or_insert(e);
-        }
+        drop(batch);
         if let Some(e) = failure {
             self.roll_back(add, &added, pos, counted);
             return Err(e);
@@ -1025,11 +983,8 @@ fn write_chunks<K: aya::Pod, V: aya::Pod>(
 }
 
 /// `write_chunks` into a hash. Its buckets have a lock each: two threads
-/// insert side by side (the kernel's insert is most of loading), each
-/// taking the next `UPDATE_BATCH` chunk as it is free, so that a thread
-/// sharing its CPU (with the indexing of `apply`'s next step) does less.
-/// (The trie has one lock for all.) On an error the count is of the
-/// entries before the first that failed; chunks past it may be in.
+/// insert side by side (the kernel's insert is most of loading). (The
+/// trie has one lock for all.)
 fn write_hash<K: aya::Pod + Sync, V: aya::Pod + Sync>(
     fd: BorrowedFd<'_>,
     batch: bool,
@@ -1039,52 +994,16 @@ fn write_hash<K: aya::Pod + Sync, V: aya::Pod + Sync>(
     if !batch || keys.len() < PARALLEL_WRITE || !two_cpus() {
         return write_chunks(fd, batch, keys, values);
     }
-    assert_eq!(keys.len(), values.len());
-    let chunks = keys.len().div_ceil(UPDATE_BATCH);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let work = || -> Option<(usize, io::Error)> {
-        loop {
-            let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if c >= chunks {
-                return None;
-            }
-            let at = c * UPDATE_BATCH;
-            let end = keys.len().min(at + UPDATE_BATCH);
-            let (n, r) = sys::map_update_batch(fd, &keys[at..end], &values[at..end]);
-            if let Err(e) = r {
-                // The other thread stops at its next chunk.
-                next.fetch_max(chunks, std::sync::atomic::Ordering::Relaxed);
-                return Some((at + n, e));
-            }
-        }
-    };
-    let (mine, other) = std::thread::scope(|s| {
-        let other = s.spawn(work);
-        let mine = work();
-        (mine, other.join().expect("the writer does not panic"))
+    let half = keys.len() / 2;
+    let ((n_low, r_low), (n_high, r_high)) = std::thread::scope(|s| {
+        let high = s.spawn(|| write_chunks(fd, batch, &keys[half..], &values[half..]));
+        let low = write_chunks(fd, batch, &keys[..half], &values[..half]);
+        (low, high.join().expect("the writer does not panic"))
     });
-    match (mine, other) {
-        (None, None) => (keys.len(), Ok(())),
-        (Some((n, e)), None) | (None, Some((n, e))) => (n, Err(e)),
-        (Some(a), Some(b)) => {
-            let (n, e) = if a.0 <= b.0 { a } else { b };
-            (n, Err(e))
-        }
-    }
-}
-
-/// A step's write into the `entries` hash under way on other threads, and
-/// the step's entries (for the error: which one did not go in).
-pub(super) struct HashWrite {
-    thread: std::thread::JoinHandle<(usize, io::Result<()>)>,
-    batch: Vec<(Entry, u32)>,
-}
-
-impl HashWrite {
-    /// Wait for the write; its error names the entry that did not go in.
-    fn finish(self) -> Result<()> {
-        let (n, r) = self.thread.join().expect("the writer does not panic");
-        r.map_err(|err| write_err(err, self.batch.get(n).map(|a| a.0), "entries"))
+    match (r_low, r_high) {
+        (Err(e), _) => (n_low, Err(e)),
+        (Ok(()), Err(e)) => (half + n_high, Err(e)),
+        (Ok(()), Ok(())) => (keys.len(), Ok(())),
     }
 }
 
