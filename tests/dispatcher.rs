@@ -690,6 +690,38 @@ fn a_full_trie_refuses_by_name() {
             Verdict::Pass,
             "nothing of the refused change"
         );
+        // A refused change of several steps (`apply` writes 2^16 entries
+        // at a time): the entry that did not fit is named, and nothing of
+        // the change stays.
+        let before = d.bindings().unwrap().len();
+        let many: Vec<_> = (0..3)
+            .map(|i| {
+                let b = bind(
+                    Protocol::Tcp,
+                    &format!("198.18.3.{i}/32"),
+                    Ports::Range(1, 65535),
+                );
+                (b, da.clone())
+            })
+            .collect();
+        match d.add_bindings(&many) {
+            Err(DispatcherError::BindingsFull { binding }) => {
+                assert_eq!(binding.to_string(), "tcp:198.18.3.0/32:1")
+            }
+            other => panic!("expected BindingsFull, got {other:?}"),
+        }
+        assert_eq!(d.destinations().unwrap()[0].refcount, 1 << 20);
+        for (addr, port) in [
+            ("198.18.3.0", 1),
+            ("198.18.3.1", 9000),
+            ("198.18.3.2", 65535),
+        ] {
+            let probe = d
+                .lookup(Protocol::Tcp, addr.parse().unwrap(), port)
+                .unwrap();
+            assert_eq!(probe.verdict, Verdict::Pass, "{addr}:{port} stayed");
+        }
+        assert_eq!(d.bindings().unwrap().len(), before);
     });
 }
 

@@ -329,6 +329,10 @@ impl Dispatcher {
 /// the entries, how many elements were read, and the error that stopped.
 fn read_entries(fd: BorrowedFd<'_>, buckets: u32) -> (Vec<(Entry, u32)>, usize, io::Result<()>) {
     type K = aya::maps::lpm_trie::Key<BindingKey>;
+    // No bigger than the map: the buffers are zeroed memory to fault in,
+    // half a MiB at full size: a few per cent of starting a fresh
+    // dispatcher, whose hash has 4096 buckets.
+    let chunk = LOOKUP_BATCH.min(buckets.max(1) as usize);
     let read_half = |from: u32, until: u32| {
         let mut items: Vec<(Entry, u32)> = Vec::new();
         let mut read = 0usize;
@@ -336,7 +340,7 @@ fn read_entries(fd: BorrowedFd<'_>, buckets: u32) -> (Vec<(Entry, u32)>, usize, 
         let mut past = None;
         let r = sys::map_lookup_batch_buckets::<K, BindingValue>(
             fd,
-            LOOKUP_BATCH,
+            chunk,
             from,
             until,
             |k, v, beyond| {
