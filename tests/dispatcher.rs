@@ -1662,6 +1662,24 @@ fn precedence_full_length_against_wildcard_and_shorter() {
     );
 }
 
+/// Five nested IPv4 TCP layers, one unit each, served by `servers[0..5]`:
+/// `l15` 198.18.0.0/15 port 80, `l16` 198.18.0.0/16 `*`, `l24` 198.18.1.0/24
+/// on `l24_ports`, `l28` 198.18.1.16/28 `*`, `l32` 198.18.1.20/32 port 80:
+/// four shorter lengths, alternating kinds, and the full length.
+fn serve_layers(d: &mut Dispatcher, servers: &[Server], l24_ports: Ports) {
+    let layers = [
+        ("l15", "198.18.0.0/15", Ports::single(80)),
+        ("l16", "198.18.0.0/16", Ports::All),
+        ("l24", "198.18.1.0/24", l24_ports),
+        ("l28", "198.18.1.16/28", Ports::All),
+        ("l32", "198.18.1.20/32", Ports::single(80)),
+    ];
+    for (server, (name, prefix, ports)) in servers.iter().zip(layers) {
+        let b = bind(Protocol::Tcp, prefix, ports);
+        serve(d, &format!("{name}.socket"), server, &[b]);
+    }
+}
+
 /// Five prefix lengths (and full length) in one family and protocol, some
 /// `*`: the program probes the four it lists longest first, and with a fifth
 /// in use falls back to the trie; both answer by the precedence rule, and
@@ -1673,31 +1691,7 @@ fn many_prefix_lengths_and_the_trie_fallback() {
             .map(|i| tcp_server(&format!("s{i}"), &format!("127.0.0.1:{}", 9100 + i), false))
             .collect();
         let mut d = open(fs);
-        let layers = [
-            (
-                "l15.socket",
-                bind(Protocol::Tcp, "198.18.0.0/15", Ports::single(80)),
-            ),
-            (
-                "l16.socket",
-                bind(Protocol::Tcp, "198.18.0.0/16", Ports::All),
-            ),
-            (
-                "l24.socket",
-                bind(Protocol::Tcp, "198.18.1.0/24", Ports::single(80)),
-            ),
-            (
-                "l28.socket",
-                bind(Protocol::Tcp, "198.18.1.16/28", Ports::All),
-            ),
-            (
-                "l32.socket",
-                bind(Protocol::Tcp, "198.18.1.20/32", Ports::single(80)),
-            ),
-        ];
-        for (i, (unit, b)) in layers.iter().enumerate() {
-            serve(&mut d, unit, &servers[i], &[*b]);
-        }
+        serve_layers(&mut d, &servers, Ports::single(80));
         let expect = |d: &Dispatcher, l20: bool| {
             assert_eq!(goes_to(d, "198.18.1.20", 80), some("l32.socket"));
             assert_eq!(goes_to(d, "198.18.1.20", 81), some("l28.socket"));
@@ -1895,31 +1889,7 @@ fn the_trie_is_filled_only_past_the_listed_lengths() {
         let mut d = open(fs);
         // IPv4 TCP: four shorter lengths (/15, /16, /24 on 11 ports, /28)
         // and full length; IPv6 TCP and IPv4 UDP have a shorter length each.
-        let layers = [
-            (
-                "l15.socket",
-                bind(Protocol::Tcp, "198.18.0.0/15", Ports::single(80)),
-            ),
-            (
-                "l16.socket",
-                bind(Protocol::Tcp, "198.18.0.0/16", Ports::All),
-            ),
-            (
-                "l24.socket",
-                bind(Protocol::Tcp, "198.18.1.0/24", Ports::Range(80, 90)),
-            ),
-            (
-                "l28.socket",
-                bind(Protocol::Tcp, "198.18.1.16/28", Ports::All),
-            ),
-            (
-                "l32.socket",
-                bind(Protocol::Tcp, "198.18.1.20/32", Ports::single(80)),
-            ),
-        ];
-        for (i, (unit, b)) in layers.iter().enumerate() {
-            serve(&mut d, unit, &servers[i], &[*b]);
-        }
+        serve_layers(&mut d, &servers, Ports::Range(80, 90));
         serve(
             &mut d,
             "v6.socket",
