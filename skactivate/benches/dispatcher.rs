@@ -2157,6 +2157,78 @@ fn run_lookup(plan: &'static Plan) {
     }
 }
 
+/// A dispatcher of the startup and load parts: one listener registered,
+/// grown with a workload's bindings in calls of `Plan::chunk`, as the
+/// phases grow theirs, but without lookups or a reference.
+struct Loaded {
+    _listener: TcpListener,
+    d: Option<Dispatcher>,
+    dest: Destination,
+    have: u32,
+}
+
+impl Loaded {
+    fn open(fs: &netns::Bpffs) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:7999").expect("listen");
+        let mut d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("open dispatcher");
+        let regs = d
+            .register_sockets("bench.socket", &[listener.as_fd()])
+            .expect("register the listener");
+        let dest = regs[0].0.clone();
+        Loaded {
+            _listener: listener,
+            d: Some(d),
+            dest,
+            have: 0,
+        }
+    }
+
+    /// Add the workload's bindings up to `n`; returns the time
+    /// `add_bindings` took.
+    fn grow_to(
+        &mut self,
+        plan: &Plan,
+        (workload, family): (Workload, Family),
+        n: u32,
+        start: Instant,
+    ) -> Duration {
+        let mut took = Duration::ZERO;
+        while self.have < n {
+            check_deadline(start, "loading bindings");
+            let upto = n.min(self.have + plan.chunk);
+            let items: Vec<(Binding, Destination)> = (self.have..upto)
+                .map(|i| (workload.spec(family, i).binding(), self.dest.clone()))
+                .collect();
+            let d = self.d.as_mut().expect("a dispatcher");
+            let t = Instant::now();
+            let changes = d.add_bindings(&items).expect("add bindings");
+            took += t.elapsed();
+            assert_eq!(changes.added, items.len(), "every binding is new");
+            self.have = upto;
+        }
+        took
+    }
+
+    /// Drop the handle (one writer per namespace) and adopt the pinned
+    /// state; returns the time `Dispatcher::open` took.
+    fn adopt(&mut self, fs: &netns::Bpffs) -> Duration {
+        drop(self.d.take());
+        let t = Instant::now();
+        let d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("adopt");
+        let took = t.elapsed();
+        self.d = Some(d);
+        took
+    }
+
+    fn destroy(mut self) {
+        self.d
+            .take()
+            .expect("a dispatcher")
+            .destroy()
+            .expect("destroy");
+    }
+}
+
 /// `startup`: only the fresh-dispatcher, load and adopt rows (the bench
 /// workload's IPv4 dispatcher, no lookups and no reference).
 fn run_only_startup(plan: &'static Plan) {
@@ -2184,36 +2256,17 @@ fn run_only_startup(plan: &'static Plan) {
                 first
             );
         }
-        let listener = TcpListener::bind("127.0.0.1:7999").expect("listen");
-        let mut d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("open dispatcher");
-        let regs = d
-            .register_sockets("bench.socket", &[listener.as_fd()])
-            .expect("register the listener");
-        let dest = regs[0].0.clone();
-        let mut have = 0u32;
+        let mut loaded = Loaded::open(fs);
         let mut took = Duration::ZERO;
         for &n in plan.sizes {
-            while have < n {
-                check_deadline(start, "loading bindings");
-                let upto = n.min(have + plan.chunk);
-                let items: Vec<(Binding, Destination)> = (have..upto)
-                    .map(|i| (Workload::Bench.spec(Family::V4, i).binding(), dest.clone()))
-                    .collect();
-                let t = Instant::now();
-                let changes = d.add_bindings(&items).expect("add bindings");
-                took += t.elapsed();
-                assert_eq!(changes.added, items.len(), "every binding is new");
-                have = upto;
-            }
+            took += loaded.grow_to(plan, (Workload::Bench, Family::V4), n, start);
             println!("load 0 → {n} bindings: {:.3} s", took.as_secs_f64());
             if adopt_at.contains(&n) {
-                drop(d);
-                let t = Instant::now();
-                d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("adopt");
-                println!("adopt {n} bindings: {:.3} s", t.elapsed().as_secs_f64());
+                let t = loaded.adopt(fs);
+                println!("adopt {n} bindings: {:.3} s", t.as_secs_f64());
             }
         }
-        d.destroy().expect("destroy");
+        loaded.destroy();
     });
 }
 
@@ -2229,28 +2282,10 @@ fn run_loads(plan: &'static Plan) {
         (Workload::Mixed, Family::V6),
     ] {
         netns::in_netns(move |fs| {
-            let listener = TcpListener::bind("127.0.0.1:7999").expect("listen");
-            let mut d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("open");
-            let regs = d
-                .register_sockets("bench.socket", &[listener.as_fd()])
-                .expect("register the listener");
-            let dest = regs[0].0.clone();
-            let mut have = 0u32;
+            let mut loaded = Loaded::open(fs);
             for &n in plan.sizes {
-                let from = have;
-                let mut took = Duration::ZERO;
-                while have < n {
-                    check_deadline(start, "loading bindings");
-                    let upto = n.min(have + plan.chunk);
-                    let items: Vec<(Binding, Destination)> = (have..upto)
-                        .map(|i| (workload.spec(family, i).binding(), dest.clone()))
-                        .collect();
-                    let t = Instant::now();
-                    let changes = d.add_bindings(&items).expect("add bindings");
-                    took += t.elapsed();
-                    assert_eq!(changes.added, items.len(), "every binding is new");
-                    have = upto;
-                }
+                let from = loaded.have;
+                let took = loaded.grow_to(plan, (workload, family), n, start);
                 println!(
                     "{} {} load {} → {}: {:.3} s",
                     workload.name(),
@@ -2260,17 +2295,15 @@ fn run_loads(plan: &'static Plan) {
                     took.as_secs_f64()
                 );
             }
-            drop(d);
-            let t = Instant::now();
-            let d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("adopt");
+            let t = loaded.adopt(fs);
             println!(
                 "{} {} adopt {}: {:.3} s",
                 workload.name(),
                 family_name(family),
-                count(have),
-                t.elapsed().as_secs_f64()
+                count(loaded.have),
+                t.as_secs_f64()
             );
-            d.destroy().expect("destroy");
+            loaded.destroy();
         });
     }
 }
