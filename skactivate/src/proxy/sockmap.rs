@@ -98,11 +98,11 @@
 //! and the client and backend to the other, 7 of 22 transfers of 1 GiB
 //! with every offset checked went wrong: the backend received the last
 //! 130972 bytes (two 65486-byte segments) a second time, in both cases
-//! located. Not kept either (branch `h-proxy-peek-attempt`). Why it is
-//! hard: a read of passed bytes is what reopens the window, and nothing
-//! else user space can do sends the window update (`TCP_QUICKACK` only when
-//! an ACK is already due, `SO_RCVBUF`, `SO_RCVLOWAT` and
-//! `TCP_WINDOW_CLAMP` send none), so "consume only after the program may
+//! located. Not kept either (the tree has no copy of it: the sequence above
+//! is all it did). Why it is hard: a read of passed bytes is what reopens
+//! the window, and nothing else user space can do sends the window update
+//! (`TCP_QUICKACK` only when an ACK is already due, `SO_RCVBUF`,
+//! `SO_RCVLOWAT` and `TCP_WINDOW_CLAMP` send none), so "consume only after the program may
 //! redirect again" needs `MSG_PEEK`. `TCP_WINDOW_CLAMP` does not fit either:
 //! raising it again leaves `rcv_ssthresh` at the tiny window, and the
 //! sender waits for its persist timer.
