@@ -542,6 +542,101 @@ fn a_service_with_x_sklookup_is_registered_at_every_start_and_gone_at_stop() {
     assert!(!bindings.contains("selfbound.service"), "{bindings}");
 }
 
+/// The example selfbound.service in a network namespace of its own
+/// (`NetworkNamespacePath=`): the generated ExecStartPost=+ runs there too,
+/// takes the socket there, and the daemon, which runs in its own namespace,
+/// serves the prefix inside the service's with that namespace's dispatcher,
+/// and nowhere else; stopping the service takes the dispatcher down.
+#[test]
+fn a_service_in_a_network_namespace_of_its_own_is_served_there() {
+    let Some(sd) = boot() else { return };
+    sd.ok(&["ip", "netns", "add", "inner"]);
+    sd.ok(&["ip", "-n", "inner", "link", "set", "lo", "up"]);
+    sd.ok(&[
+        "ip",
+        "-n",
+        "inner",
+        "route",
+        "add",
+        "local",
+        "203.0.113.0/24",
+        "dev",
+        "lo",
+    ]);
+    sd.write_file(
+        &format!("{ADMIN_UNITS}/selfbound.service.d/80-netns.conf"),
+        b"[Service]\nNetworkNamespacePath=/run/netns/inner\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    let out = sd.systemctl(&["start", "selfbound.service"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        text(&out),
+        sd.journal("selfbound.service"),
+        sd.journal("skactivate.service")
+    );
+    let inode = |path: &str| -> u64 {
+        sd.ok(&["stat", "-L", "-c", "%i", path])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (inner, own) = (inode("/run/netns/inner"), inode("/proc/self/ns/net"));
+    assert_ne!(inner, own);
+    let pid = main_pid(&sd, "selfbound.service");
+    assert_eq!(inode(&format!("/proc/{pid}/ns/net")), inner);
+    let journal = sd.journal("selfbound.service");
+    assert!(
+        journal.contains(&format!(
+            "selfbound.service: registered 1 socket(s) of process {pid} in network namespace \
+             net:[{inner}] (the daemon's own is net:[{own}]) with 1 binding(s)"
+        )),
+        "{journal}"
+    );
+
+    // Inside the service's namespace the prefix reaches it.
+    let ask = "import urllib.request as u; \
+               print(u.urlopen('http://203.0.113.9/', timeout=3).read().decode())";
+    let out = sd.exec(&["ip", "netns", "exec", "inner", "python3", "-c", ask]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out),
+        sd.journal("skactivate.service")
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("selfbound 203.0.113.9:80"), "{said}");
+    // The daemon's own namespace routes the prefix locally too (boot()),
+    // but has no binding for it.
+    assert!(sd.in_netns(|| tcp_refused(addr("203.0.113.9:80"))));
+    let s: serde_json::Value =
+        serde_json::from_str(&skactivate(&sd, &["status", "--json"])).unwrap();
+    assert_eq!(s["namespaces"], serde_json::json!([own, inner]), "{s}");
+    assert_eq!(
+        (&s["units"][0]["unit"], &s["units"][0]["netns"]),
+        (&"selfbound.service".into(), &inner.into()),
+        "{s}"
+    );
+    let prop = sd.unit_property("selfbound.service", "NetworkNamespace");
+    assert_eq!(prop.trim(), format!("t {inner}"));
+
+    sd.ok(&["systemctl", "stop", "selfbound.service"]);
+    assert!(
+        poll_until(SETTLE, || !sd
+            .ok(&["ls", "/sys/fs/bpf/skactivate"])
+            .lines()
+            .any(|l| l == inner.to_string())),
+        "the dispatcher of {inner} stays:\n{}",
+        sd.journal("skactivate.service")
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&skactivate(&sd, &["status", "--json"])).unwrap();
+    assert_eq!(s["units"], serde_json::json!([]), "{s}");
+    assert_eq!(s["namespaces"], serde_json::json!([own]), "{s}");
+}
+
 /// A service template with `X-SkLookup=` in the template itself, using `%i`
 /// for the port its instances bind: the generator's template drop-in
 /// registers each instance started (names it never saw), each with its own

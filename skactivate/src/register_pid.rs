@@ -5,9 +5,10 @@
 //! (Linux ≥ 5.6), which needs ptrace access to it (`CAP_SYS_PTRACE`, or the
 //! same uid and Yama's consent). Every fd of `/proc/PID/fd` that is a socket is
 //! looked at, however sparse the table; kept are listening TCP and bound,
-//! unconnected UDP sockets in the dispatcher's network namespace, one per
-//! reuseport group, and of those the ones `--socket` selects. Every other copy
-//! is closed at once. The copies share the process's open file description:
+//! unconnected UDP sockets in our own network namespace (the daemon serves
+//! each namespace with a dispatcher of its own), one per reuseport group,
+//! and of those the ones `--socket` selects. Every other copy is closed at
+//! once. The copies share the process's open file description:
 //! nothing here changes its file status flags (no `F_SETFL`), so the daemon
 //! sees its socket exactly as it left it.
 //!
@@ -836,36 +837,37 @@ pub fn register_pid(req: &Request, bus: &Bus) -> Result<()> {
         .iter()
         .map(|t| zbus::zvariant::Fd::from(t.fd.as_fd()))
         .collect();
-    let (sockets, bindings) = rt
+    let (registered, daemon_ns) = rt
         .block_on(async {
             let conn = bus
                 .connect()
                 .await
                 .with_context(|| format!("connecting to the {bus:?} bus"))?;
             let p = SkactivateProxy::new(&conn).await?;
-            // The daemon dispatches in one namespace: refuse sockets of
-            // another here, with the process named, rather than there.
-            if let Ok(daemon_ns) = p.net_ns().await
-                && daemon_ns != netns.1
-            {
-                return Err(anyhow!(
-                    "the daemon dispatches in network namespace net:[{daemon_ns}], not in ours \
-                     (net:[{}]) where process {} has its sockets",
-                    netns.1,
-                    process.pid
-                ));
-            }
             if process.exited() {
                 return Err(RegisterPidError::Exited { pid: process.pid }.into());
             }
-            p.register_sockets_with_directives(&unit, &fds, &wire_values)
+            // The daemon serves the namespace the sockets live in, ours
+            // (a service's PrivateNetwork= or NetworkNamespacePath= applies
+            // to its ExecStartPost=+ too), whichever its own is.
+            let registered = p
+                .register_sockets_with_directives(&unit, &fds, &wire_values)
                 .await
-                .map_err(|e| anyhow!(crate::client::describe(&e)))
+                .map_err(|e| anyhow!(crate::client::describe(&e)))?;
+            Ok::<_, anyhow::Error>((registered, p.net_ns().await.ok()))
         })
         .with_context(|| format!("registering {unit} (sockets of process {})", process.pid))?;
     drop(fds);
+    let (sockets, bindings) = registered;
+    let elsewhere = match daemon_ns {
+        Some(d) if d != netns.1 => format!(
+            " in network namespace net:[{}] (the daemon's own is net:[{d}])",
+            netns.1
+        ),
+        _ => String::new(),
+    };
     println!(
-        "{unit}: registered {sockets} socket(s) of process {} with {bindings} binding(s)",
+        "{unit}: registered {sockets} socket(s) of process {}{elsewhere} with {bindings} binding(s)",
         process.pid
     );
     for t in &scan.kept {
