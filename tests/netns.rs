@@ -823,19 +823,7 @@ fn a_socket_unit_in_another_namespace_under_systemd() {
     use common::systemd::{ADMIN_UNITS, SETTLE, Systemd, describe, poll_until, repo};
     let Some(sd) = Systemd::boot() else { return };
     sd.install_skactivate();
-    sd.ok(&["ip", "netns", "add", "inner"]);
-    sd.ok(&["ip", "-n", "inner", "link", "set", "lo", "up"]);
-    sd.ok(&[
-        "ip",
-        "-n",
-        "inner",
-        "route",
-        "add",
-        "local",
-        "203.0.113.0/24",
-        "dev",
-        "lo",
-    ]);
+    let inner = sd.named_netns("inner", "203.0.113.0/24");
     // The daemon's own namespace routes the prefix too: only the binding is missing there.
     sd.local_route("203.0.113.0/24");
     sd.write_file(
@@ -863,16 +851,7 @@ fn a_socket_unit_in_another_namespace_under_systemd() {
         sd.status("skactivate@inner-web.service"),
         sd.journal("skactivate.service")
     );
-    let inner: u64 = sd
-        .ok(&["stat", "-L", "-c", "%i", "/run/netns/inner"])
-        .trim()
-        .parse()
-        .unwrap();
-    let own: u64 = sd
-        .ok(&["stat", "-L", "-c", "%i", "/proc/self/ns/net"])
-        .trim()
-        .parse()
-        .unwrap();
+    let own = sd.inode("/proc/self/ns/net");
     assert_ne!(inner, own);
 
     // Inside the namespace the prefix reaches the socket unit's service.
@@ -933,14 +912,7 @@ fn a_socket_unit_in_another_namespace_under_systemd() {
 
     // Stopping the socket unit takes the namespace's dispatcher along.
     sd.ok(&["systemctl", "stop", "inner-web.socket"]);
-    assert!(
-        poll_until(SETTLE, || !sd
-            .ok(&["ls", "/sys/fs/bpf/skactivate"])
-            .lines()
-            .any(|l| l == inner.to_string())),
-        "the dispatcher of {inner} stays:\n{}",
-        sd.journal("skactivate.service")
-    );
+    sd.wait_dispatcher_gone(inner);
     let s: serde_json::Value =
         serde_json::from_str(&sd.ok(&["skactivate", "status", "--json"])).unwrap();
     assert_eq!(s["namespaces"], serde_json::json!([own]), "{s}");

@@ -550,19 +550,7 @@ fn a_service_with_x_sklookup_is_registered_at_every_start_and_gone_at_stop() {
 #[test]
 fn a_service_in_a_network_namespace_of_its_own_is_served_there() {
     let Some(sd) = boot() else { return };
-    sd.ok(&["ip", "netns", "add", "inner"]);
-    sd.ok(&["ip", "-n", "inner", "link", "set", "lo", "up"]);
-    sd.ok(&[
-        "ip",
-        "-n",
-        "inner",
-        "route",
-        "add",
-        "local",
-        "203.0.113.0/24",
-        "dev",
-        "lo",
-    ]);
+    let inner = sd.named_netns("inner", "203.0.113.0/24");
     sd.write_file(
         &format!("{ADMIN_UNITS}/selfbound.service.d/80-netns.conf"),
         b"[Service]\nNetworkNamespacePath=/run/netns/inner\n",
@@ -577,16 +565,10 @@ fn a_service_in_a_network_namespace_of_its_own_is_served_there() {
         sd.journal("selfbound.service"),
         sd.journal("skactivate.service")
     );
-    let inode = |path: &str| -> u64 {
-        sd.ok(&["stat", "-L", "-c", "%i", path])
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    let (inner, own) = (inode("/run/netns/inner"), inode("/proc/self/ns/net"));
+    let own = sd.inode("/proc/self/ns/net");
     assert_ne!(inner, own);
     let pid = main_pid(&sd, "selfbound.service");
-    assert_eq!(inode(&format!("/proc/{pid}/ns/net")), inner);
+    assert_eq!(sd.inode(&format!("/proc/{pid}/ns/net")), inner);
     let journal = sd.journal("selfbound.service");
     assert!(
         journal.contains(&format!(
@@ -623,14 +605,7 @@ fn a_service_in_a_network_namespace_of_its_own_is_served_there() {
     assert_eq!(prop.trim(), format!("t {inner}"));
 
     sd.ok(&["systemctl", "stop", "selfbound.service"]);
-    assert!(
-        poll_until(SETTLE, || !sd
-            .ok(&["ls", "/sys/fs/bpf/skactivate"])
-            .lines()
-            .any(|l| l == inner.to_string())),
-        "the dispatcher of {inner} stays:\n{}",
-        sd.journal("skactivate.service")
-    );
+    sd.wait_dispatcher_gone(inner);
     let s: serde_json::Value =
         serde_json::from_str(&skactivate(&sd, &["status", "--json"])).unwrap();
     assert_eq!(s["units"], serde_json::json!([]), "{s}");

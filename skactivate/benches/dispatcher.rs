@@ -657,16 +657,21 @@ impl Setup {
         took
     }
 
-    /// Drop the handle, as a stopping daemon would, and time adopting the
-    /// pinned state again.
     fn adopt(&mut self, fs: &netns::Bpffs) -> Duration {
-        drop(self.d.take());
-        let t = Instant::now();
-        let d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("adopt");
-        let took = t.elapsed();
-        self.d = Some(d);
-        took
+        adopt_again(&mut self.d, fs)
     }
+}
+
+/// Drop the handle, as a stopping daemon would (one writer per namespace),
+/// and adopt the pinned state again; returns the time `Dispatcher::open`
+/// took.
+fn adopt_again(d: &mut Option<Dispatcher>, fs: &netns::Bpffs) -> Duration {
+    drop(d.take());
+    let t = Instant::now();
+    let adopted = Dispatcher::open(netns::thread_netns(), &fs.path).expect("adopt");
+    let took = t.elapsed();
+    *d = Some(adopted);
+    took
 }
 
 /// What one phase measured.
@@ -2209,15 +2214,8 @@ impl Loaded {
         took
     }
 
-    /// Drop the handle (one writer per namespace) and adopt the pinned
-    /// state; returns the time `Dispatcher::open` took.
     fn adopt(&mut self, fs: &netns::Bpffs) -> Duration {
-        drop(self.d.take());
-        let t = Instant::now();
-        let d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("adopt");
-        let took = t.elapsed();
-        self.d = Some(d);
-        took
+        adopt_again(&mut self.d, fs)
     }
 
     fn destroy(mut self) {

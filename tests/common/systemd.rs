@@ -422,6 +422,39 @@ impl Systemd {
         self.ok(&["ip", family, "route", "add", "local", prefix, "dev", "lo"]);
     }
 
+    /// A named network namespace inside, `/run/netns/NAME`, with `lo` up and
+    /// `prefix` delivered locally there; returns its inode.
+    pub fn named_netns(&self, name: &str, prefix: &str) -> u64 {
+        self.ok(&["ip", "netns", "add", name]);
+        self.ok(&["ip", "-n", name, "link", "set", "lo", "up"]);
+        self.ok(&[
+            "ip", "-n", name, "route", "add", "local", prefix, "dev", "lo",
+        ]);
+        self.inode(&format!("/run/netns/{name}"))
+    }
+
+    /// The inode of a file inside (`stat -L`): a namespace's identity.
+    pub fn inode(&self, path: &str) -> u64 {
+        let out = self.ok(&["stat", "-L", "-c", "%i", path]);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("stat {path}: {out:?}: {e}"))
+    }
+
+    /// Wait until the daemon has taken down the dispatcher of namespace
+    /// `ino` (its pinned state under /sys/fs/bpf/skactivate); panics if it
+    /// stays.
+    pub fn wait_dispatcher_gone(&self, ino: u64) {
+        assert!(
+            poll_until(SETTLE, || !self
+                .ok(&["ls", "/sys/fs/bpf/skactivate"])
+                .lines()
+                .any(|l| l == ino.to_string())),
+            "the dispatcher of {ino} stays:\n{}",
+            self.journal("skactivate.service")
+        );
+    }
+
     /// Install skactivate as a package would: the freshly built binary as
     /// /usr/bin/skactivate with its generator symlink, `units/` in the vendor
     /// unit directory and the D-Bus files in /usr/share/dbus-1; then the
