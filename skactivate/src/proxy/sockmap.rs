@@ -106,6 +106,23 @@
 //! redirect again" needs `MSG_PEEK`. `TCP_WINDOW_CLAMP` does not fit either:
 //! raising it again leaves `rcv_ssthresh` at the tiny window, and the
 //! sender waits for its persist timer.
+//!
+//! Also tried and not kept: pausing a direction instead of passing. Every
+//! socket went into a second SOCKHASH without a program as well (the
+//! redirect targets), and a side with little credit left was taken out of
+//! the program's map (its psock, and the queue of bytes redirected towards
+//! it, stay: the other map holds them), so that arriving bytes waited in its
+//! receive queue with TCP holding the sender back; once the peer caught up
+//! it went back in and was kicked, and the program read the queue from where
+//! it stopped. Bulk transfers stayed in the kernel, but 3 of 5 transfers of
+//! 1 GiB (every byte's offset checked, the proxy on one CPU, client and
+//! backend on the other, Linux 6.18) lost a 65483-byte segment or delivered
+//! two segments a second time. The likely cause: a map delete does not take the socket's lock (an
+//! update does), so it clears the psock's verdict program while a softirq on
+//! the other CPU may be inside `tcp_read_skb` for that socket, and
+//! `sk_psock_verdict_recv` applies its default verdict, drop, to an skb read
+//! with no program. A pause that is safe needs the sender stopped first,
+//! which only the pass path does.
 
 use std::cell::RefCell;
 use std::collections::HashMap as Waiters;
