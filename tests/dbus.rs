@@ -513,10 +513,11 @@ fn bad_arguments_get_named_errors_and_change_nothing() {
             let before = p.list_bindings().await.unwrap();
             let fds = [Fd::from(b.fd())];
 
-            // RegisterSockets: only a socket unit's name, checked before systemd is asked.
+            // RegisterSockets: only a socket or service unit's name, checked
+            // before systemd is asked.
             for (unit, says) in [
                 ("", "is empty"),
-                ("webserver.service", "not a socket unit"),
+                ("webserver.mount", "neither a socket nor a service unit"),
                 ("no-suffix", "no type suffix"),
                 ("bad/name.socket", "may appear in a unit name"),
             ] {

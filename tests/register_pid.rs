@@ -542,6 +542,57 @@ fn a_service_with_x_sklookup_is_registered_at_every_start_and_gone_at_stop() {
     assert!(!bindings.contains("selfbound.service"), "{bindings}");
 }
 
+/// A service's own `X-SkLookup=` lines are read by the daemon itself
+/// (`Source` is "files"): an edited drop-in applies on `systemctl reload
+/// skactivate`, without restarting the service and across a restart of the
+/// daemon; a bad edit is refused by file, line and value, and the bindings
+/// in force stay.
+#[test]
+fn a_services_own_lines_are_read_again_on_reload() {
+    let Some(sd) = boot() else { return };
+    let dropin = format!("{ADMIN_UNITS}/selfbound.service.d/sklookup.conf");
+    sd.ok(&["systemctl", "start", "selfbound.service"]);
+    let pid = main_pid(&sd, "selfbound.service");
+    let ask = |a: &str| sd.in_netns(|| http_ask(addr(a)));
+    assert_eq!(ask("203.0.113.9:80").unwrap(), "selfbound");
+    let source = sd.unit_property("selfbound.service", "Source");
+    assert_eq!(source.trim(), "s \"files\"");
+
+    sd.write_file(
+        &dropin,
+        b"[Service]\nX-SkLookup=tcp:198.51.100.0/24:80\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    // The daemon restarted in between adopts the unit with its origin.
+    sd.ok(&["systemctl", "restart", "skactivate.service"]);
+    sd.ok(&["systemctl", "reload", "skactivate.service"]);
+    assert_eq!(
+        ask("198.51.100.9:80").unwrap(),
+        "selfbound",
+        "{}",
+        sd.journal("skactivate.service")
+    );
+    assert!(sd.in_netns(|| tcp_refused(addr("203.0.113.9:80"))));
+    assert_eq!(main_pid(&sd, "selfbound.service"), pid, "not restarted");
+
+    sd.write_file(
+        &dropin,
+        b"[Service]\n# a typo\nX-SkLookup=tcp:198.51.100.0/24:8o\n",
+        0o644,
+    );
+    sd.daemon_reload();
+    let out = sd.systemctl(&["reload", "skactivate.service"]);
+    assert!(!out.status.success(), "a bad reload is reported as failed");
+    let journal = sd.journal("skactivate.service");
+    assert!(
+        journal.contains(&format!("{dropin}:3")) && journal.contains("198.51.100.0/24:8o"),
+        "{journal}"
+    );
+    assert_eq!(ask("198.51.100.9:80").unwrap(), "selfbound");
+    assert_eq!(sd.active_state("skactivate.service"), "active");
+}
+
 /// The example selfbound.service in a network namespace of its own
 /// (`NetworkNamespacePath=`): the generated ExecStartPost=+ runs there too,
 /// takes the socket there, and the daemon, which runs in its own namespace,

@@ -13,11 +13,13 @@
 //! sees its socket exactly as it left it.
 //!
 //! The values come from `--sklookup` or from the unit's own `X-SkLookup=`
-//! lines (`[Service]` of a service unit, read from the files systemd reports),
-//! are matched to the taken sockets here with the rules a socket unit's
-//! `Listen…=` sockets get (so a problem names its file and line), and go to
-//! the daemon with the fds in `RegisterSocketsWithDirectives`, which matches
-//! them again, the same way, before it changes anything.
+//! lines (`[Service]` of a service unit, read from the files systemd reports)
+//! and are matched to the taken sockets here with the rules a socket unit's
+//! `Listen…=` sockets get (so a problem names its file and line). Then the
+//! fds go to the daemon, which matches them again, the same way, before it
+//! changes anything: with `RegisterSockets` when the values are a service's
+//! own (the daemon reads the same files itself, and again on `Reload`),
+//! else with `RegisterSocketsWithDirectives` and the values.
 
 use std::fmt;
 use std::fs;
@@ -832,6 +834,7 @@ pub fn register_pid(req: &Request, bus: &Bus) -> Result<()> {
     }
 
     let wire_values: Vec<&str> = values.sklookup.iter().map(|l| l.value.as_str()).collect();
+    let from_files = req.sklookup.is_empty() && unit.ends_with(".service");
     let fds: Vec<zbus::zvariant::Fd<'_>> = scan
         .kept
         .iter()
@@ -850,10 +853,15 @@ pub fn register_pid(req: &Request, bus: &Bus) -> Result<()> {
             // The daemon serves the namespace the sockets live in, ours
             // (a service's PrivateNetwork= or NetworkNamespacePath= applies
             // to its ExecStartPost=+ too), whichever its own is.
-            let registered = p
-                .register_sockets_with_directives(&unit, &fds, &wire_values)
-                .await
-                .map_err(|e| anyhow!(crate::client::describe(&e)))?;
+            // Values from a service's own files: the daemon reads them
+            // itself (RegisterSockets), so that a reload reads them again.
+            let registered = if from_files {
+                p.register_sockets(&unit, &fds).await
+            } else {
+                p.register_sockets_with_directives(&unit, &fds, &wire_values)
+                    .await
+            }
+            .map_err(|e| anyhow!(crate::client::describe(&e)))?;
             Ok::<_, anyhow::Error>((registered, p.net_ns().await.ok()))
         })
         .with_context(|| format!("registering {unit} (sockets of process {})", process.pid))?;

@@ -239,8 +239,10 @@ pub enum ServiceError {
     #[error("unit name {unit:?} is not valid: {reason}")]
     InvalidUnitName { unit: String, reason: &'static str },
     #[error(
-        "{unit}: not a socket unit: RegisterSockets reads X-SkLookup= from a socket unit's files \
-         (RegisterSocketsWithDirectives takes the values for other sockets)"
+        "{unit}: neither a socket nor a service unit: RegisterSockets reads X-SkLookup= from the \
+         unit's files, a socket unit's [Socket] section or the [Service] section of a service \
+         whose process bound the sockets (RegisterSocketsWithDirectives takes the values for \
+         other sockets)"
     )]
     NotSocketUnit { unit: String },
     #[error("{unit}: no X-SkLookup= values were given")]
@@ -319,15 +321,23 @@ pub fn check_unit_name(unit: &str) -> Result<(), ServiceError> {
     }
 }
 
-/// What `RegisterSockets` accepts: a socket unit's name.
-pub fn check_socket_unit_name(unit: &str) -> Result<(), ServiceError> {
+/// What `RegisterSockets` accepts: the name of a socket unit, whose
+/// `Listen` sockets the fds are, or of a service unit, whose process bound
+/// them (`register-pid`); either has `X-SkLookup=` in its files.
+pub fn check_files_unit_name(unit: &str) -> Result<(), ServiceError> {
     check_unit_name(unit)?;
-    if !unit.ends_with(".socket") {
+    if !unit.ends_with(".socket") && !is_service(unit) {
         return Err(ServiceError::NotSocketUnit {
             unit: unit.to_owned(),
         });
     }
     Ok(())
+}
+
+/// A service unit's name: its sockets are its process's, not a socket
+/// unit's `Listen` sockets, and only its own registrations replace them.
+fn is_service(unit: &str) -> bool {
+    unit.ends_with(".service")
 }
 
 /// What `RegisterSocketsWithDirectives` accepts: a unit name and at least
@@ -1014,7 +1024,8 @@ impl Service {
 
     /// Register `fds` as the sockets of `unit` and apply its directives, all
     /// at once or not at all. With `Directives::Files`, every fd must be one
-    /// of the unit's `Listen` sockets. The caller closes its fds afterwards:
+    /// of a socket unit's `Listen` sockets; a service unit's are whatever its
+    /// process bound. The caller closes its fds afterwards:
     /// the map entry then lives exactly as long as systemd's socket.
     pub fn register(
         &mut self,
@@ -1024,7 +1035,7 @@ impl Service {
     ) -> Result<Outcome, ServiceError> {
         let requested = match directives {
             Directives::Files(_) => {
-                check_socket_unit_name(unit)?;
+                check_files_unit_name(unit)?;
                 Origin::Files
             }
             Directives::Inline(values) => {
@@ -1033,10 +1044,14 @@ impl Service {
             }
         };
         if let Some(state) = self.units.get(unit) {
-            let clash = matches!(
-                (&state.origin, &requested),
-                (Origin::Files, Origin::Inline(_)) | (Origin::Inline(_), Origin::Files)
-            );
+            // A service registers its process's sockets each time it
+            // starts (register-pid), whichever way they were registered
+            // before: the new process's sockets replace the old ones.
+            let clash = !is_service(unit)
+                && matches!(
+                    (&state.origin, &requested),
+                    (Origin::Files, Origin::Inline(_)) | (Origin::Inline(_), Origin::Files)
+                );
             if clash {
                 return Err(ServiceError::OriginConflict {
                     unit: unit.to_owned(),
@@ -1059,7 +1074,9 @@ impl Service {
                     source,
                 }),
             })?;
-            if let Directives::Files(files) = directives {
+            if let Directives::Files(files) = directives
+                && !is_service(unit)
+            {
                 let listed = files.sockets();
                 let ok = listed.iter().any(|s| {
                     s.protocol == info.protocol && same_listen_address(&s.address, &info.local)

@@ -43,8 +43,9 @@ pub struct Manager {
 
 #[interface(name = "org.skactivate1.Manager")]
 impl Manager {
-    /// Register a socket unit's listening sockets, reading its `X-SkLookup=`
-    /// lines from the files systemd reports.
+    /// Register a socket unit's listening sockets, or the sockets a service
+    /// unit's process bound itself (`register-pid`), reading the unit's
+    /// `X-SkLookup=` lines from the files systemd reports.
     #[zbus(out_args("sockets", "bindings"))]
     async fn register_sockets(
         &self,
@@ -56,7 +57,7 @@ impl Manager {
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(u32, u32), Error> {
         require_root(&header, conn, "RegisterSockets").await?;
-        crate::service::check_socket_unit_name(&unit)?;
+        crate::service::check_files_unit_name(&unit)?;
         let files = self.shared.unit_files(&unit).await?;
         self.register(unit, fds, Directives::Files(files), &emitter, server)
             .await

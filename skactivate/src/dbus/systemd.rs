@@ -94,7 +94,8 @@ async fn loaded_unit(conn: &Connection, unit: &str) -> zbus::Result<Option<Owned
     }
 }
 
-/// `FragmentPath`, `DropInPaths`, `Listen` and `BindIPv6Only` of a socket unit.
+/// `FragmentPath`, `DropInPaths`, `Listen` and `BindIPv6Only` of a socket
+/// unit; of any other unit (a service), its files alone.
 pub async fn unit_files(conn: &Connection, unit: &str) -> Result<UnitFiles, Error> {
     let Some(path) = loaded_unit(conn, unit).await? else {
         return Err(Error::NoSuchUnit(format!(
@@ -106,18 +107,13 @@ pub async fn unit_files(conn: &Connection, unit: &str) -> Result<UnitFiles, Erro
         .cache_properties(CacheProperties::No)
         .build()
         .await?;
-    let s = SystemdSocketProxy::builder(conn)
-        .path(path)?
-        .cache_properties(CacheProperties::No)
-        .build()
-        .await?;
     let fragment = u.fragment_path().await?;
     if fragment.is_empty() {
         return Err(Error::NoSuchUnit(format!(
             "{unit}: systemd knows no unit file for it"
         )));
     }
-    Ok(UnitFiles {
+    let mut files = UnitFiles {
         fragment: fragment.into(),
         dropins: u
             .drop_in_paths()
@@ -125,9 +121,18 @@ pub async fn unit_files(conn: &Connection, unit: &str) -> Result<UnitFiles, Erro
             .into_iter()
             .map(Into::into)
             .collect(),
-        listen: s.listen().await?,
-        bind_ipv6_only: s.bind_ipv6_only().await?,
-    })
+        ..UnitFiles::default()
+    };
+    if unit.ends_with(".socket") {
+        let s = SystemdSocketProxy::builder(conn)
+            .path(path)?
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await?;
+        files.listen = s.listen().await?;
+        files.bind_ipv6_only = s.bind_ipv6_only().await?;
+    }
+    Ok(files)
 }
 
 /// A unit's `ActiveState`, or `None` if systemd has not loaded it (an
