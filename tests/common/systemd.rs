@@ -402,6 +402,23 @@ impl Systemd {
         self.ok(&["systemctl", "daemon-reload"]);
     }
 
+    /// Write `dropin` with one bad `X-SkLookup=` value on its line 3 (in
+    /// `[section]`), `daemon-reload`, and check that reloading skactivate
+    /// fails and its journal names the file, the line and the value. What
+    /// stays in force is the caller's to check.
+    pub fn refused_reload(&self, dropin: &str, section: &str, value: &str) {
+        let text = format!("[{section}]\n# a typo\nX-SkLookup={value}\n");
+        self.write_file(dropin, text.as_bytes(), 0o644);
+        self.daemon_reload();
+        let out = self.systemctl(&["reload", "skactivate.service"]);
+        assert!(!out.status.success(), "a bad reload is reported as failed");
+        let journal = self.journal("skactivate.service");
+        assert!(
+            journal.contains(&format!("{dropin}:3")) && journal.contains(value),
+            "{journal}"
+        );
+    }
+
     /// Make the bus re-read its policy files and activation files.
     pub fn reload_dbus(&self) {
         self.ok(&[
