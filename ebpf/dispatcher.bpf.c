@@ -350,4 +350,27 @@ hit:
 	return SK_PASS;
 }
 
+/*
+ * Never attached: user space runs it (BPF_PROG_TEST_RUN) to write one
+ * `ports` word with a single 8-byte store, so that the dispatcher, reading
+ * the word on another CPU, sees the old value or the new one and nothing in
+ * between. A write through the bpf() syscall copies the value with memcpy,
+ * which may go byte by byte (`rep movsb`): a lengths word read half written
+ * could list no length and not say "trie" either, and hide every shorter
+ * entry for that moment. The word's index comes in local_port, its value in
+ * local_ip6[0] (low half) and local_ip6[1] (high half).
+ */
+SEC("sk_lookup")
+int skactivate_store_word(struct bpf_sk_lookup *ctx)
+{
+	__u64 idx = ctx->local_port; /* a 4-byte key, read through its low half */
+	__u64 value = (__u64)ctx->local_ip6[1] << 32 | ctx->local_ip6[0];
+	__u64 *word = bpf_map_lookup_elem(&ports, &idx);
+
+	if (!word)
+		return SK_DROP;
+	*word = value;
+	return SK_PASS;
+}
+
 char _license[] SEC("license") = "Dual MIT/GPL";

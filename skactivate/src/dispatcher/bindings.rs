@@ -290,7 +290,16 @@ fn set_bit(word: &mut u64, bit: u32, on: bool) {
 }
 
 impl Dispatcher {
-    /// Write the `ports` words in `dirty` that differ from what was written.
+    /// Write the `ports` words in `dirty` that differ from what was written:
+    /// the port words first, then the lengths words.
+    ///
+    /// A port word only gains bits before entries appear and loses them
+    /// after they vanish, so a word the program reads half written (the
+    /// kernel copies a syscall's value with memcpy, which may go byte by
+    /// byte) has every bit an entry needs. A lengths word holds values, the
+    /// listed lengths and the address filter's nibble, and half of one could
+    /// hide entries: each is written with one 8-byte store, by a program run
+    /// with `BPF_PROG_TEST_RUN` (`skactivate_store_word`).
     pub(super) fn sync_ports(&mut self, dirty: &BTreeSet<u32>) -> Result<()> {
         let (keys, values): (Vec<u32>, Vec<u64>) = dirty
             .iter()
@@ -300,20 +309,53 @@ impl Dispatcher {
         if keys.is_empty() {
             return Ok(());
         }
-        let fd = self.ports.fd().as_fd();
-        let (mut n, mut r) = if keys.len() > 1 && self.hash_batch {
-            sys::map_update_batch(fd, &keys, &values)
-        } else {
-            (0, Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)))
-        };
-        if r.is_err() && n == 0 {
-            // Arrays without batch operations: one word per syscall.
-            (n, r) = update_each(fd, &keys, &values);
+        // `dirty` is ordered: the lengths words come last.
+        let split = keys.partition_point(|&k| k < abi::PORTS_LENGTHS);
+        let (port_keys, port_values) = (&keys[..split], &values[..split]);
+        if !port_keys.is_empty() {
+            let fd = self.ports.fd().as_fd();
+            let (mut n, mut r) = if port_keys.len() > 1 && self.hash_batch {
+                sys::map_update_batch(fd, port_keys, port_values)
+            } else {
+                (0, Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)))
+            };
+            if r.is_err() && n == 0 {
+                // Arrays without batch operations: one word per syscall.
+                (n, r) = update_each(fd, port_keys, port_values);
+            }
+            for (&k, &v) in port_keys[..n].iter().zip(port_values) {
+                self.kinds.written[k as usize] = v;
+            }
+            r.map_err(sys_err("BPF_MAP_UPDATE_ELEM (ports)"))?;
         }
-        for (&k, &v) in keys[..n].iter().zip(&values) {
+        for (&k, &v) in keys[split..].iter().zip(&values[split..]) {
+            self.store_word(k, v)?;
             self.kinds.written[k as usize] = v;
         }
-        r.map_err(sys_err("BPF_MAP_UPDATE_ELEM (ports)"))
+        Ok(())
+    }
+
+    /// Write one `ports` word with one 8-byte store (see [`Self::sync_ports`]).
+    fn store_word(&mut self, idx: u32, value: u64) -> Result<()> {
+        if self.store.is_none() {
+            self.store = Some(pinned::load_store_program(&self.dir, self.hash_capacity)?);
+        }
+        let prog = self.store.as_ref().expect("loaded just above").as_fd();
+        let ctx = abi::SkLookupCtx {
+            family: libc::AF_INET6 as u32,
+            protocol: libc::IPPROTO_TCP as u32,
+            local_port: idx,
+            // The low half first: the program reads two native words.
+            local_ip6: [value as u32, (value >> 32) as u32, 0, 0],
+            ..Default::default()
+        };
+        let what = "BPF_PROG_TEST_RUN (storing a ports word)";
+        let run = sys::prog_test_run(prog, &ctx, 1).map_err(sys_err(what))?;
+        if run.retval != 1 {
+            // SK_DROP: the program found no such word.
+            return Err(sys_err(what)(io::Error::from_raw_os_error(libc::ENOENT)));
+        }
+        Ok(())
     }
 
     /// Write `keys` and `values` into the hash (`trie` false) or the trie, in

@@ -51,6 +51,8 @@ pub(crate) static DISPATCHER_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dispatcher.bpf.o"));
 
 const PROGRAM: &str = "skactivate_dispatch";
+/// The program that writes one `ports` word with one store (never attached).
+const STORE_PROGRAM: &str = "skactivate_store_word";
 #[allow(clippy::unnecessary_cast)] // `c_long` is narrower on 32-bit targets
 const BPF_FS_MAGIC: i64 = libc::BPF_FS_MAGIC as i64;
 /// Entries per `BPF_MAP_UPDATE_BATCH`.
@@ -520,6 +522,9 @@ pub struct Dispatcher {
     lock: Option<lock::StateLock>,
     /// The units' records, kept with the pinned state (see [`records`]).
     records: records::Records,
+    /// `skactivate_store_word`, loaded the first time a lengths word is
+    /// written (see `sync_ports`).
+    store: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for Dispatcher {

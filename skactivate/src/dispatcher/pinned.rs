@@ -173,6 +173,7 @@ impl Dispatcher {
             trie_filled: [false; 4],
             lock: None,
             records: records::Records::open(dir)?,
+            store: None,
         };
         d.batch = d.probe_batch();
         d.hash_batch = probe_batch(d.hash.fd().as_fd());
@@ -463,6 +464,26 @@ pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
 pub(super) fn load_program(dir: &Path) -> Result<OwnedFd> {
     let mut ebpf = load_object(dir, &dir.join(ENTRIES), abi::ENTRIES_MIN)?;
     let prog: &mut SkLookup = program_of(&mut ebpf)?;
+    prog.load().map_err(program_err)?;
+    prog.fd()
+        .map_err(DispatcherError::Program)?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(sys_err("dup"))
+}
+
+/// Load this build's `skactivate_store_word` against the maps pinned in
+/// `dir` (the `entries` hash has `entries_max` entries). Never attached:
+/// run to write one `ports` word with one store.
+pub(super) fn load_store_program(dir: &Path, entries_max: u32) -> Result<OwnedFd> {
+    let mut ebpf = load_object(dir, &dir.join(ENTRIES), entries_max)?;
+    let prog: &mut SkLookup = ebpf
+        .program_mut(STORE_PROGRAM)
+        .ok_or(DispatcherError::MissingProgram {
+            name: STORE_PROGRAM,
+        })?
+        .try_into()
+        .map_err(DispatcherError::Program)?;
     prog.load().map_err(program_err)?;
     prog.fd()
         .map_err(DispatcherError::Program)?
