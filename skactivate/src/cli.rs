@@ -166,8 +166,9 @@ pub enum Command {
         /// backend before any byte of the client's.
         #[arg(long, value_name = "v1|v2")]
         proxy_protocol: Option<crate::proxy::header::Version>,
-        /// How bytes move: sockmap (in the kernel), splice (pipes, as
-        /// socket-proxyd), auto (sockmap if a probe at start shows it works).
+        /// How bytes move: sockmap (in the kernel, after a probe; see the man
+        /// page's known defect), splice (pipes, as socket-proxyd), auto
+        /// (splice, until sockmap's defect is gone).
         #[arg(long, value_enum, default_value = "auto")]
         mode: crate::proxy::Mode,
         /// HOST:PORT, /path (AF_UNIX) or @abstract.

@@ -4,8 +4,10 @@
 //! * [`sockmap`] — `--mode sockmap`: a SOCKHASH and an sk_skb verdict program
 //!   redirect each side's data to the other's egress.
 //! * [`splice`] — `--mode splice`: pipes and splice(2), as socket-proxyd.
-//! * [`probe`] — `--mode auto`: try the sockmap path on a loopback pair at
-//!   start and use it only if it behaves.
+//! * [`probe`] — `--mode sockmap`: try the sockmap path on a loopback pair
+//!   at start and use it only if it behaves. `--mode auto` splices: the
+//!   probe cannot see the pass path's rare duplicated segments (see
+//!   skactivate-proxy(8)).
 //! * [`datagram`] — `ListenDatagram=` sockets: one connected backend socket
 //!   per client address.
 //! * [`header`] — the PROXY protocol header.
@@ -520,26 +522,36 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
             None,
             "mode splice (the target is an AF_UNIX socket; sockmap proxies TCP only)".to_owned(),
         ),
-        Mode::Sockmap => match sockmap::Kernel::load() {
-            Ok(k) => (Some(k), "mode sockmap (as asked)".to_owned()),
-            Err(e) => {
-                tracing::error!("--mode sockmap: {e}");
+        Mode::Sockmap => match probe::probe().await {
+            Ok(k) => {
+                tracing::warn!("--mode sockmap: {SOCKMAP_DUPLICATES}");
+                (
+                    Some(k),
+                    "mode sockmap (as asked; probe passed: redirect, half-close, early data, \
+                     bounded queue)"
+                        .to_owned(),
+                )
+            }
+            Err(why) => {
+                tracing::error!("--mode sockmap: {why}");
                 (
                     None,
-                    format!("mode splice (sockmap asked for but unavailable: {e})"),
+                    format!("mode splice (sockmap asked for, but its probe failed: {why})"),
                 )
             }
         },
-        Mode::Auto => match probe::probe().await {
-            Ok(k) => (
-                Some(k),
-                "mode sockmap (probe passed: redirect, half-close, early data, bounded queue)"
-                    .to_owned(),
-            ),
-            Err(why) => (None, format!("mode splice (sockmap probe failed: {why})")),
-        },
+        Mode::Auto => (
+            None,
+            "mode splice (auto: sockmap is used only when asked for, see skactivate-proxy(8))"
+                .to_owned(),
+        ),
     }
 }
+
+/// Why `auto` does not choose sockmap, said when it is asked for.
+const SOCKMAP_DUPLICATES: &str = "bytes the program passes to the proxy (the bound on queued \
+     memory, reached in any bulk transfer) have been seen delivered twice on Linux 6.18 (whole \
+     segments, a few per GiB); use it only where that was checked not to happen";
 
 pub fn run(opts: Options) -> Result<()> {
     crate::daemon::init_logging();

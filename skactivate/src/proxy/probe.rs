@@ -1,4 +1,4 @@
-//! `--mode auto`: does the sockmap path work on this kernel? Asked of its
+//! `--mode sockmap`: does the sockmap path work on this kernel? Asked of its
 //! behaviour, not its version: the same code that serves clients
 //! ([`super::relay_pair`]) proxies one connection over a loopback pair, and
 //! the bytes must arrive whole and in order:
@@ -16,6 +16,11 @@
 //!
 //! `SKACTIVATE_PROXY_PROBE=fail` in the environment makes the probe fail,
 //! to test the fallback.
+//!
+//! What it cannot see: bytes the program passes to the proxy (the bound
+//! above) delivered twice, a few whole segments per GiB in some bulk
+//! transfers on Linux 6.18; too rare for a probe at start, which is why
+//! `--mode auto` splices (skactivate-proxy(8), MODES).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
