@@ -463,13 +463,7 @@ pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
 /// Load this build's program against the maps pinned in `dir`.
 pub(super) fn load_program(dir: &Path) -> Result<OwnedFd> {
     let mut ebpf = load_object(dir, &dir.join(ENTRIES), abi::ENTRIES_MIN)?;
-    let prog: &mut SkLookup = program_of(&mut ebpf)?;
-    prog.load().map_err(program_err)?;
-    prog.fd()
-        .map_err(DispatcherError::Program)?
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(sys_err("dup"))
+    load_fd(program_of(&mut ebpf)?)
 }
 
 /// Load this build's `skactivate_store_word` against the maps pinned in
@@ -484,6 +478,11 @@ pub(super) fn load_store_program(dir: &Path, entries_max: u32) -> Result<OwnedFd
         })?
         .try_into()
         .map_err(DispatcherError::Program)?;
+    load_fd(prog)
+}
+
+/// Load `prog` into the kernel; its fd, ours to keep.
+fn load_fd(prog: &mut SkLookup) -> Result<OwnedFd> {
     prog.load().map_err(program_err)?;
     prog.fd()
         .map_err(DispatcherError::Program)?
