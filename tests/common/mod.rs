@@ -346,6 +346,21 @@ pub fn udp_server(name: &str, addr: &str) -> Server {
 /// Connect to `to`, send a message, return the reply (`NAME:message`).
 pub fn tcp_ask(to: SocketAddr) -> std::io::Result<String> {
     let mut c = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+    // To a local address, the kernel may pick the destination's own port as
+    // the ephemeral port: the socket then connects to itself (TCP
+    // simultaneous open; no listener, no sk_lookup involved) and would wait
+    // for a reply forever. Another ephemeral port cannot do that.
+    for _ in 0..3 {
+        if c.local_addr()? != to {
+            break;
+        }
+        c = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
+    }
+    if c.local_addr()? == to {
+        return Err(std::io::Error::other(format!(
+            "{to}: connected to itself, thrice"
+        )));
+    }
     c.set_read_timeout(Some(IO_TIMEOUT))?;
     c.set_write_timeout(Some(IO_TIMEOUT))?;
     let msg = format!("hello {to}");
