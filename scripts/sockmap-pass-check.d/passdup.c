@@ -1,0 +1,414 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+/*
+ * passdup: does the kernel deliver every byte once, in order, through an
+ * sk_skb verdict program that passes everything (SK_PASS)?
+ *
+ * Stand-alone, no skactivate code and no libbpf: the programs are written
+ * as raw instructions and loaded with bpf(2). Three threads on loopback:
+ *
+ *   client --TCP--> copier --TCP--> backend
+ *
+ * The copier accepts the client's connection, puts that socket into a
+ * SOCKHASH whose stream verdict program returns SK_PASS for every skb with
+ * data (SK_DROP for a bare FIN, as skactivate's proxy does), then reads it
+ * with recv(2) and writes what it reads to the backend: everything it reads
+ * went through the psock's pass path (sk_psock_verdict_recv ->
+ * sk_psock_skb_ingress_self -> ingress_msg -> tcp_bpf_recvmsg_parser).
+ * The client writes a pattern whose every byte depends on its offset; the
+ * backend checks every byte and, at the first wrong one, says which offset
+ * the bytes it got instead belong to.
+ *
+ * The copier runs on CPU 0, the client and the backend on CPU 1 (on
+ * loopback the receive softirq runs on the sender's CPU), unless told
+ * otherwise. A transfer that does not finish within --stall seconds is
+ * reported as stalled.
+ *
+ * Exit status: 0 every transfer right, 1 a transfer wrong or stalled,
+ * 2 could not run (no BPF, no second CPU, ...).
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <getopt.h>
+#include <linux/bpf.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+enum mode { VERDICT, PARSER, NO_PROGRAM };
+
+static struct {
+	size_t bytes;
+	int runs;
+	size_t buf;
+	int nonblocking;
+	enum mode mode;
+	int copier_cpu, client_cpu, backend_cpu;
+	unsigned stall;
+} opt = {
+	.bytes = (size_t)1024 << 20,
+	.runs = 8,
+	.buf = 256 * 1024,
+	.mode = VERDICT,
+	.copier_cpu = 0,
+	.client_cpu = 1,
+	.backend_cpu = 1,
+	.stall = 60,
+};
+
+static uint8_t *pattern;
+static int backend_listener, copier_listener;
+static const uint16_t BACKEND_PORT = 9000, COPIER_PORT = 8000;
+
+static uint8_t byte_at(uint64_t off)
+{
+	uint64_t word = off / 8;
+	return (uint8_t)(word >> (8 * (off % 8))) ^ (uint8_t)(word * 131);
+}
+
+static void die(const char *what)
+{
+	perror(what);
+	exit(2);
+}
+
+static void pin(int cpu)
+{
+	cpu_set_t set;
+
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	if (sched_setaffinity(0, sizeof(set), &set))
+		die("sched_setaffinity");
+}
+
+static long sys_bpf(int cmd, union bpf_attr *attr)
+{
+	return syscall(__NR_bpf, cmd, attr, sizeof(*attr));
+}
+
+static int load(const struct bpf_insn *insns, unsigned count, const char *what)
+{
+	static char log[8192];
+	union bpf_attr attr;
+	int fd;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.prog_type = BPF_PROG_TYPE_SK_SKB;
+	attr.insns = (uintptr_t)insns;
+	attr.insn_cnt = count;
+	attr.license = (uintptr_t)"Dual MIT/GPL";
+	attr.log_buf = (uintptr_t)log;
+	attr.log_size = sizeof(log);
+	attr.log_level = 1;
+	fd = sys_bpf(BPF_PROG_LOAD, &attr);
+	if (fd < 0) {
+		fprintf(stderr, "loading the %s program: %s\n%s", what, strerror(errno), log);
+		exit(2);
+	}
+	return fd;
+}
+
+static void attach(int map, int prog, enum bpf_attach_type type, const char *what)
+{
+	union bpf_attr attr;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.target_fd = map;
+	attr.attach_bpf_fd = prog;
+	attr.attach_type = type;
+	if (sys_bpf(BPF_PROG_ATTACH, &attr)) {
+		fprintf(stderr, "attaching the %s program: %s\n", what, strerror(errno));
+		exit(2);
+	}
+}
+
+/* A SOCKHASH with the programs of opt.mode attached. */
+static int sockhash(void)
+{
+	/* r0 = skb->len; return r0 ? SK_PASS : SK_DROP */
+	static const struct bpf_insn verdict[] = {
+		{ .code = BPF_LDX | BPF_MEM | BPF_W, .dst_reg = BPF_REG_0, .src_reg = BPF_REG_1,
+		  .off = offsetof(struct __sk_buff, len) },
+		{ .code = BPF_JMP | BPF_JEQ | BPF_K, .dst_reg = BPF_REG_0, .off = 2, .imm = 0 },
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = BPF_REG_0, .imm = SK_PASS },
+		{ .code = BPF_JMP | BPF_EXIT },
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = BPF_REG_0, .imm = SK_DROP },
+		{ .code = BPF_JMP | BPF_EXIT },
+	};
+	/* A message is whatever has arrived: return skb->len. */
+	static const struct bpf_insn parser[] = {
+		{ .code = BPF_LDX | BPF_MEM | BPF_W, .dst_reg = BPF_REG_0, .src_reg = BPF_REG_1,
+		  .off = offsetof(struct __sk_buff, len) },
+		{ .code = BPF_JMP | BPF_EXIT },
+	};
+	union bpf_attr attr;
+	int map;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_type = BPF_MAP_TYPE_SOCKHASH;
+	attr.key_size = sizeof(uint64_t);
+	attr.value_size = sizeof(uint32_t);
+	attr.max_entries = 4;
+	map = sys_bpf(BPF_MAP_CREATE, &attr);
+	if (map < 0)
+		die("creating the SOCKHASH");
+	if (opt.mode == NO_PROGRAM)
+		return map;
+	if (opt.mode == PARSER)
+		attach(map, load(parser, 2, "parser"), BPF_SK_SKB_STREAM_PARSER, "parser");
+	attach(map, load(verdict, 6, "verdict"), BPF_SK_SKB_STREAM_VERDICT, "verdict");
+	return map;
+}
+
+static struct sockaddr_in loopback(uint16_t port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
+
+	a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	return a;
+}
+
+static int listener(uint16_t port)
+{
+	struct sockaddr_in a = loopback(port);
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+
+	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
+	    bind(fd, (struct sockaddr *)&a, sizeof(a)) || listen(fd, 4))
+		die("listening on loopback");
+	return fd;
+}
+
+static int connected(uint16_t port)
+{
+	struct sockaddr_in a = loopback(port);
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof(a)))
+		die("connecting on loopback");
+	return fd;
+}
+
+static void write_all(int fd, const uint8_t *p, size_t n, const char *who)
+{
+	while (n) {
+		ssize_t w = write(fd, p, n);
+
+		if (w <= 0)
+			die(who);
+		p += w;
+		n -= (size_t)w;
+	}
+}
+
+/* Reads to EOF; returns 0 when every byte came once and in order. */
+static void *backend(void *unused)
+{
+	static uint8_t buf[1 << 20];
+	uint64_t off = 0;
+	long wrong = -1;
+	int fd;
+
+	(void)unused;
+	pin(opt.backend_cpu);
+	fd = accept4(backend_listener, NULL, NULL, SOCK_CLOEXEC);
+	if (fd < 0)
+		die("backend accept");
+	for (;;) {
+		ssize_t n = read(fd, buf, sizeof(buf)), i = 0;
+
+		if (n < 0)
+			die("backend read");
+		if (n == 0)
+			break;
+		if (wrong < 0 && off + (size_t)n > opt.bytes) {
+			wrong = (long)opt.bytes;
+		} else if (wrong < 0 && memcmp(buf, pattern + off, (size_t)n)) {
+			while (buf[i] == pattern[off + i])
+				i++;
+			wrong = (long)(off + i);
+			if (n - i >= 64) {
+				uint64_t from = off + i > (16u << 20) ? off + i - (16u << 20) : 0;
+				uint8_t *seen = memmem(pattern + from, off + i - from + 64, buf + i, 64);
+
+				if (seen)
+					printf("  at offset %ld: the bytes of offset %ld again (%ld back)\n",
+					       wrong, (long)(seen - pattern), wrong - (long)(seen - pattern));
+				else
+					printf("  at offset %ld: bytes not from the 16 MiB before\n", wrong);
+			}
+		}
+		off += (uint64_t)n;
+	}
+	close(fd);
+	if (off != opt.bytes || wrong >= 0) {
+		printf("  wrong: received %lu bytes of %zu, first wrong byte at offset %ld\n",
+		       (unsigned long)off, opt.bytes, wrong);
+		return (void *)1;
+	}
+	return NULL;
+}
+
+static void *client(void *unused)
+{
+	int fd;
+	char c;
+
+	(void)unused;
+	pin(opt.client_cpu);
+	fd = connected(COPIER_PORT);
+	write_all(fd, pattern, opt.bytes, "client write");
+	if (shutdown(fd, SHUT_WR))
+		die("client shutdown");
+	if (read(fd, &c, 1) < 0)
+		die("client read");
+	close(fd);
+	return NULL;
+}
+
+static void stalled(int sig)
+{
+	static const char msg[] = "  stalled: a transfer did not finish in time\n";
+
+	(void)sig;
+	if (write(STDOUT_FILENO, msg, sizeof(msg) - 1) < 0)
+		_exit(1);
+	_exit(1);
+}
+
+/* One transfer; returns 1 if it went wrong. */
+static int transfer(int map, uint64_t key, uint8_t *buf)
+{
+	pthread_t b, c;
+	union bpf_attr attr;
+	uint32_t value;
+	void *result;
+	int from, to;
+
+	if (pthread_create(&b, NULL, backend, NULL) || pthread_create(&c, NULL, client, NULL))
+		die("pthread_create");
+	from = accept4(copier_listener, NULL, NULL, SOCK_CLOEXEC);
+	if (from < 0)
+		die("copier accept");
+	to = connected(BACKEND_PORT);
+	value = (uint32_t)from;
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = (uint32_t)map;
+	attr.key = (uintptr_t)&key;
+	attr.value = (uintptr_t)&value;
+	attr.flags = BPF_ANY;
+	if (sys_bpf(BPF_MAP_UPDATE_ELEM, &attr))
+		die("adding the socket to the SOCKHASH");
+	for (;;) {
+		ssize_t n = recv(from, buf, opt.buf, opt.nonblocking ? MSG_DONTWAIT : 0);
+
+		if (n < 0 && errno == EAGAIN) {
+			struct pollfd p = { .fd = from, .events = POLLIN };
+
+			if (poll(&p, 1, 100) < 0)
+				die("poll");
+			continue;
+		}
+		if (n < 0)
+			die("copier recv");
+		if (n == 0)
+			break;
+		write_all(to, buf, (size_t)n, "copier write");
+	}
+	if (shutdown(to, SHUT_WR))
+		die("copier shutdown");
+	if (pthread_join(b, &result))
+		die("pthread_join");
+	close(to);
+	close(from);
+	if (pthread_join(c, NULL))
+		die("pthread_join");
+	return result != NULL;
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f, "usage: passdup [--mib N] [--runs N] [--buf BYTES] [--nonblocking]\n"
+		   "               [--parser | --no-program] [--copier-cpu N] [--client-cpu N]\n"
+		   "               [--backend-cpu N] [--stall SECONDS]\n");
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option options[] = {
+		{ "mib", required_argument, NULL, 'm' },
+		{ "runs", required_argument, NULL, 'r' },
+		{ "buf", required_argument, NULL, 'b' },
+		{ "nonblocking", no_argument, NULL, 'n' },
+		{ "parser", no_argument, NULL, 'p' },
+		{ "no-program", no_argument, NULL, 'N' },
+		{ "copier-cpu", required_argument, NULL, 'C' },
+		{ "client-cpu", required_argument, NULL, 'c' },
+		{ "backend-cpu", required_argument, NULL, 'B' },
+		{ "stall", required_argument, NULL, 's' },
+		{ "help", no_argument, NULL, 'h' },
+		{ 0 },
+	};
+	static const char *const mode_names[] = { "verdict only", "parser and verdict", "no program" };
+	int o, map, wrong = 0;
+	uint8_t *buf;
+
+	while ((o = getopt_long(argc, argv, "", options, NULL)) != -1) {
+		switch (o) {
+		case 'm': opt.bytes = (size_t)strtoul(optarg, NULL, 10) << 20; break;
+		case 'r': opt.runs = atoi(optarg); break;
+		case 'b': opt.buf = (size_t)strtoul(optarg, NULL, 10); break;
+		case 'n': opt.nonblocking = 1; break;
+		case 'p': opt.mode = PARSER; break;
+		case 'N': opt.mode = NO_PROGRAM; break;
+		case 'C': opt.copier_cpu = atoi(optarg); break;
+		case 'c': opt.client_cpu = atoi(optarg); break;
+		case 'B': opt.backend_cpu = atoi(optarg); break;
+		case 's': opt.stall = (unsigned)atoi(optarg); break;
+		case 'h': usage(stdout); return 0;
+		default: usage(stderr); return 2;
+		}
+	}
+	if (optind != argc || !opt.bytes || opt.runs < 1 || !opt.buf) {
+		usage(stderr);
+		return 2;
+	}
+	if (sysconf(_SC_NPROCESSORS_ONLN) < 2 &&
+	    (opt.copier_cpu != 0 || opt.client_cpu != 0 || opt.backend_cpu != 0)) {
+		fprintf(stderr, "passdup: one CPU online; the race needs two (or pass --*-cpu 0)\n");
+		return 2;
+	}
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	pattern = malloc(opt.bytes);
+	buf = malloc(opt.buf);
+	if (!pattern || !buf)
+		die("malloc");
+	for (size_t i = 0; i < opt.bytes; i++)
+		pattern[i] = byte_at(i);
+	backend_listener = listener(BACKEND_PORT);
+	copier_listener = listener(COPIER_PORT);
+	map = sockhash();
+	signal(SIGALRM, stalled);
+	pin(opt.copier_cpu);
+	for (int r = 0; r < opt.runs; r++) {
+		alarm(opt.stall);
+		wrong += transfer(map, (uint64_t)r, buf);
+		alarm(0);
+	}
+	printf("%d of %d transfers of %zu MiB wrong (%s, copier on CPU %d, client on %d, backend on %d, "
+	       "recv of %zu bytes%s)\n",
+	       wrong, opt.runs, opt.bytes >> 20, mode_names[opt.mode], opt.copier_cpu, opt.client_cpu,
+	       opt.backend_cpu, opt.buf, opt.nonblocking ? ", non-blocking" : "");
+	return wrong ? 1 : 0;
+}
