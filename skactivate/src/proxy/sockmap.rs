@@ -78,9 +78,20 @@
 //! On Linux 6.18 a transfer of 1 GiB with every byte's offset checked got
 //! one to four whole 65483-byte segments a second time in 3 of 8 runs; with
 //! the credit unlimited (nothing passed) 0 of 8 went wrong, with everything
-//! passed 6 of 8. Where in the kernel (the psock's pass path into
-//! `ingress_msg`, its backlog retries, or `tcp_bpf_recvmsg_parser`) is not
-//! found. The duplicates blamed on the two attempts below were probably
+//! passed 6 of 8. It is the kernel's, and it needs no skactivate code:
+//! `scripts/sockmap-pass-check` (a C copier reading a socket whose verdict
+//! program returns `SK_PASS` for everything, raw bpf(2), no credit, no
+//! `sides`) gets it too, 2 to 6 transfers of 1 GiB in 8 to 16. What it
+//! showed: the wrong bytes are always one whole skb delivered again right
+//! after itself; it happens only when the reader runs on another CPU than
+//! the socket's receive softirq (the copier on the sender's CPU: 0 of 16;
+//! no program attached: 0 of 8); blocking or non-blocking reads, 64 KiB or
+//! 256 KiB buffers, all the same. Which kernel function runs twice for one
+//! skb (`tcp_read_skb` racing with itself, or the psock's `ingress_skb`
+//! backlog next to the direct enqueue) is not found: this host's kernel has
+//! no kprobes and its ftrace is locked down. With a stream parser as well
+//! the transfer stalls instead (4 of 5 runs of 64 MiB), so that is no way
+//! around it. The duplicates blamed on the two attempts below were probably
 //! this. Hence `--mode auto` splices (skactivate-proxy(8), MODES).
 //!
 //! Known limit: once the credit has run out, a direction at a high rate
