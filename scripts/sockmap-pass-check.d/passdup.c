@@ -23,6 +23,15 @@
  * otherwise. A transfer that does not finish within --stall seconds is
  * reported as stalled.
  *
+ * Besides the bytes, it reports what tells where they went wrong: the
+ * verdict program counts the bytes it is handed, marks each skb it has
+ * given a verdict on (skb->priority, writable from sk_skb) and counts the
+ * bytes of skbs it finds marked, and watches for two verdicts running at
+ * once on the socket (a flag taken with BPF_CMPXCHG, Linux 5.12; without
+ * it, it only counts); the client reports how many segments its TCP
+ * retransmitted. What it found on Linux 6.18 is in skactivate's
+ * skactivate/src/proxy/sockmap.rs ("Known defect").
+ *
  * Exit status: 0 every transfer right, 1 a transfer wrong or stalled,
  * 2 could not run (no BPF, no second CPU, ...).
  */
@@ -32,6 +41,7 @@
 #include <getopt.h>
 #include <linux/bpf.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
@@ -55,6 +65,7 @@ static struct {
 	enum mode mode;
 	int copier_cpu, client_cpu, backend_cpu;
 	unsigned stall;
+
 } opt = {
 	.bytes = (size_t)1024 << 20,
 	.runs = 8,
@@ -67,7 +78,9 @@ static struct {
 };
 
 static uint8_t *pattern;
-static int backend_listener, copier_listener;
+static int backend_listener, copier_listener, seen_again, overlapped;
+static struct tcp_info client_info;
+static unsigned long retransmitted, retransmitted_wrong;
 static const uint16_t BACKEND_PORT = 9000, COPIER_PORT = 8000;
 
 static uint8_t byte_at(uint64_t off)
@@ -97,7 +110,8 @@ static long sys_bpf(int cmd, union bpf_attr *attr)
 	return syscall(__NR_bpf, cmd, attr, sizeof(*attr));
 }
 
-static int load(const struct bpf_insn *insns, unsigned count, const char *what)
+/* Loads a program; exits unless `may_fail`, then returns -1. */
+static int load(const struct bpf_insn *insns, unsigned count, const char *what, int may_fail)
 {
 	static char log[8192];
 	union bpf_attr attr;
@@ -112,6 +126,8 @@ static int load(const struct bpf_insn *insns, unsigned count, const char *what)
 	attr.log_size = sizeof(log);
 	attr.log_level = 1;
 	fd = sys_bpf(BPF_PROG_LOAD, &attr);
+	if (fd < 0 && may_fail)
+		return -1;
 	if (fd < 0) {
 		fprintf(stderr, "loading the %s program: %s\n%s", what, strerror(errno), log);
 		exit(2);
@@ -133,27 +149,117 @@ static void attach(int map, int prog, enum bpf_attach_type type, const char *wha
 	}
 }
 
+/*
+ * u64 counters: [0] bytes the verdict program passed on its first verdict on
+ * an skb, [1] bytes of skbs it had given a verdict before (marked, below),
+ * [2] a flag held while a verdict runs, [3] verdicts that began while
+ * another was running on the same socket (the socket's lock should make
+ * that impossible).
+ */
+static int counters_map = -1, no_overlap_check;
+enum { FIRST, AGAIN, RUNNING, OVERLAPS, COUNTERS };
+
+/* What the program writes into skb->priority (writable from sk_skb) on its
+ * first verdict on an skb, so that another verdict on the same skb knows. */
+#define SEEN_MARK 0x5ca7ac7d
+
+#define INSN(c, d, s, o, i) { .code = (c), .dst_reg = (d), .src_reg = (s), .off = (o), .imm = (i) }
+#define MAP_FD(d, fd) INSN(BPF_LD | BPF_DW | BPF_IMM, d, BPF_PSEUDO_MAP_FD, 0, fd), INSN(0, 0, 0, 0, 0)
+
 /* A SOCKHASH with the programs of opt.mode attached. */
 static int sockhash(void)
 {
-	/* r0 = skb->len; return r0 ? SK_PASS : SK_DROP */
-	static const struct bpf_insn verdict[] = {
-		{ .code = BPF_LDX | BPF_MEM | BPF_W, .dst_reg = BPF_REG_0, .src_reg = BPF_REG_1,
-		  .off = offsetof(struct __sk_buff, len) },
-		{ .code = BPF_JMP | BPF_JEQ | BPF_K, .dst_reg = BPF_REG_0, .off = 2, .imm = 0 },
-		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = BPF_REG_0, .imm = SK_PASS },
-		{ .code = BPF_JMP | BPF_EXIT },
-		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = BPF_REG_0, .imm = SK_DROP },
-		{ .code = BPF_JMP | BPF_EXIT },
+	union bpf_attr attr;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_type = BPF_MAP_TYPE_ARRAY;
+	attr.key_size = sizeof(uint32_t);
+	attr.value_size = sizeof(uint64_t);
+	attr.max_entries = COUNTERS;
+	counters_map = sys_bpf(BPF_MAP_CREATE, &attr);
+	if (counters_map < 0)
+		die("creating the counters");
+	/*
+	 * if (!skb->len) return SK_DROP;            (a bare FIN, as skactivate does)
+	 * if (cmpxchg(&counters[RUNNING], 0, 1)) counters[OVERLAPS]++;
+	 * again = skb->priority == SEEN_MARK; skb->priority = SEEN_MARK;
+	 * counters[again ? AGAIN : FIRST] += skb->len;
+	 * release RUNNING if taken;
+	 * return SK_PASS;
+	 * (BPF_CMPXCHG: Linux 5.12 and later.)
+	 */
+	const struct bpf_insn verdict[] = {
+		/* 0 */ INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_6, BPF_REG_1, 0, 0),
+		/* 1 */ INSN(BPF_LDX | BPF_MEM | BPF_W, BPF_REG_7, BPF_REG_6, offsetof(struct __sk_buff, len), 0),
+		/* 2 */ INSN(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_7, 0, 43, 0), /* -> 46 */
+		/* 3 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, RUNNING),
+		/* 4 */ MAP_FD(BPF_REG_1, counters_map),
+		/* 6 */ INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_2, BPF_REG_10, 0, 0),
+		/* 7 */ INSN(BPF_ALU64 | BPF_ADD | BPF_K, BPF_REG_2, 0, 0, -4),
+		/* 8 */ INSN(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_map_lookup_elem),
+		/* 9 */ INSN(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_0, 0, 36, 0), /* -> 46 */
+		/* 10 */ INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_8, BPF_REG_0, 0, 0),
+		/* 11 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, 0),
+		/* 12 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_1, 0, 0, 1),
+		/* 13 */ INSN(BPF_STX | BPF_ATOMIC | BPF_DW, BPF_REG_8, BPF_REG_1, 0, BPF_CMPXCHG),
+		/* 14 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_10, BPF_REG_0, -16, 0),
+		/* 15 */ INSN(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_0, 0, 9, 0), /* -> 25 */
+		/* 16 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, OVERLAPS),
+		/* 17 */ MAP_FD(BPF_REG_1, counters_map),
+		/* 19 */ INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_2, BPF_REG_10, 0, 0),
+		/* 20 */ INSN(BPF_ALU64 | BPF_ADD | BPF_K, BPF_REG_2, 0, 0, -4),
+		/* 21 */ INSN(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_map_lookup_elem),
+		/* 22 */ INSN(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_0, 0, 2, 0), /* -> 25 */
+		/* 23 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_1, 0, 0, 1),
+		/* 24 */ INSN(BPF_STX | BPF_ATOMIC | BPF_DW, BPF_REG_0, BPF_REG_1, 0, BPF_ADD),
+		/* 25 */ INSN(BPF_LDX | BPF_MEM | BPF_W, BPF_REG_2, BPF_REG_6, offsetof(struct __sk_buff, priority), 0),
+		/* 26 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_9, 0, 0, FIRST),
+		/* 27 */ INSN(BPF_JMP | BPF_JNE | BPF_K, BPF_REG_2, 0, 2, SEEN_MARK), /* -> 30 */
+		/* 28 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_9, 0, 0, AGAIN),
+		/* 29 */ INSN(BPF_JMP | BPF_JA, 0, 0, 2, 0), /* -> 32 */
+		/* 30 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_1, 0, 0, SEEN_MARK),
+		/* 31 */ INSN(BPF_STX | BPF_MEM | BPF_W, BPF_REG_6, BPF_REG_1, offsetof(struct __sk_buff, priority), 0),
+		/* 32 */ INSN(BPF_STX | BPF_MEM | BPF_W, BPF_REG_10, BPF_REG_9, -4, 0),
+		/* 33 */ MAP_FD(BPF_REG_1, counters_map),
+		/* 35 */ INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_2, BPF_REG_10, 0, 0),
+		/* 36 */ INSN(BPF_ALU64 | BPF_ADD | BPF_K, BPF_REG_2, 0, 0, -4),
+		/* 37 */ INSN(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_map_lookup_elem),
+		/* 38 */ INSN(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_0, 0, 1, 0), /* -> 40 */
+		/* 39 */ INSN(BPF_STX | BPF_ATOMIC | BPF_DW, BPF_REG_0, BPF_REG_7, 0, BPF_ADD),
+		/* 40 */ INSN(BPF_LDX | BPF_MEM | BPF_DW, BPF_REG_1, BPF_REG_10, -16, 0),
+		/* 41 */ INSN(BPF_JMP | BPF_JNE | BPF_K, BPF_REG_1, 0, 2, 0), /* -> 44 */
+		/* 42 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_1, 0, 0, 0),
+		/* 43 */ INSN(BPF_STX | BPF_MEM | BPF_DW, BPF_REG_8, BPF_REG_1, 0, 0),
+		/* 44 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, SK_PASS),
+		/* 45 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+		/* 46 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, SK_DROP),
+		/* 47 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
 	};
+	/* The same without the overlap check and the mark: counters[FIRST] += skb->len. */
+	const struct bpf_insn plain_verdict[] = {
+		/* 0 */ INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_6, BPF_REG_1, 0, 0),
+		/* 1 */ INSN(BPF_LDX | BPF_MEM | BPF_W, BPF_REG_7, BPF_REG_6, offsetof(struct __sk_buff, len), 0),
+		/* 2 */ INSN(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_7, 0, 10, 0), /* -> 13 */
+		/* 3 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -4, FIRST),
+		/* 4 */ MAP_FD(BPF_REG_1, counters_map),
+		/* 6 */ INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_2, BPF_REG_10, 0, 0),
+		/* 7 */ INSN(BPF_ALU64 | BPF_ADD | BPF_K, BPF_REG_2, 0, 0, -4),
+		/* 8 */ INSN(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_map_lookup_elem),
+		/* 9 */ INSN(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_0, 0, 1, 0), /* -> 11 */
+		/* 10 */ INSN(BPF_STX | BPF_XADD | BPF_DW, BPF_REG_0, BPF_REG_7, 0, 0),
+		/* 11 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, SK_PASS),
+		/* 12 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+		/* 13 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, SK_DROP),
+		/* 14 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+	};
+	int map, prog;
+
 	/* A message is whatever has arrived: return skb->len. */
 	static const struct bpf_insn parser[] = {
 		{ .code = BPF_LDX | BPF_MEM | BPF_W, .dst_reg = BPF_REG_0, .src_reg = BPF_REG_1,
 		  .off = offsetof(struct __sk_buff, len) },
 		{ .code = BPF_JMP | BPF_EXIT },
 	};
-	union bpf_attr attr;
-	int map;
 
 	memset(&attr, 0, sizeof(attr));
 	attr.map_type = BPF_MAP_TYPE_SOCKHASH;
@@ -166,8 +272,14 @@ static int sockhash(void)
 	if (opt.mode == NO_PROGRAM)
 		return map;
 	if (opt.mode == PARSER)
-		attach(map, load(parser, 2, "parser"), BPF_SK_SKB_STREAM_PARSER, "parser");
-	attach(map, load(verdict, 6, "verdict"), BPF_SK_SKB_STREAM_VERDICT, "verdict");
+		attach(map, load(parser, 2, "parser", 0), BPF_SK_SKB_STREAM_PARSER, "parser");
+	prog = load(verdict, sizeof(verdict) / sizeof(verdict[0]), "verdict", 1);
+	if (prog < 0) {
+		/* BPF_CMPXCHG came in Linux 5.12: count without watching for overlaps. */
+		no_overlap_check = 1;
+		prog = load(plain_verdict, sizeof(plain_verdict) / sizeof(plain_verdict[0]), "verdict", 0);
+	}
+	attach(map, prog, BPF_SK_SKB_STREAM_VERDICT, "verdict");
 	return map;
 }
 
@@ -273,6 +385,9 @@ static void *client(void *unused)
 		die("client shutdown");
 	if (read(fd, &c, 1) < 0)
 		die("client read");
+	socklen_t len = sizeof(client_info);
+	if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &client_info, &len))
+		die("TCP_INFO");
 	close(fd);
 	return NULL;
 }
@@ -285,6 +400,20 @@ static void stalled(int sig)
 	if (write(STDOUT_FILENO, msg, sizeof(msg) - 1) < 0)
 		_exit(1);
 	_exit(1);
+}
+
+static uint64_t counter(uint32_t key, const uint64_t *set)
+{
+	union bpf_attr attr;
+	uint64_t value = set ? *set : 0;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = (uint32_t)counters_map;
+	attr.key = (uintptr_t)&key;
+	attr.value = (uintptr_t)&value;
+	if (sys_bpf(set ? BPF_MAP_UPDATE_ELEM : BPF_MAP_LOOKUP_ELEM, &attr))
+		die("the counters");
+	return value;
 }
 
 /* One transfer; returns 1 if it went wrong. */
@@ -302,6 +431,12 @@ static int transfer(int map, uint64_t key, uint8_t *buf)
 	if (from < 0)
 		die("copier accept");
 	to = connected(BACKEND_PORT);
+	if (opt.mode != NO_PROGRAM) {
+		const uint64_t zero = 0;
+
+		for (uint32_t k = 0; k < COUNTERS; k++)
+			counter(k, &zero);
+	}
 	value = (uint32_t)from;
 	memset(&attr, 0, sizeof(attr));
 	attr.map_fd = (uint32_t)map;
@@ -330,10 +465,26 @@ static int transfer(int map, uint64_t key, uint8_t *buf)
 		die("copier shutdown");
 	if (pthread_join(b, &result))
 		die("pthread_join");
+	if (opt.mode != NO_PROGRAM) {
+		uint64_t first = counter(FIRST, NULL), again = counter(AGAIN, NULL);
+		uint64_t overlaps = counter(OVERLAPS, NULL);
+
+		if (again || overlaps || first != opt.bytes)
+			printf("  the verdict program: %lu bytes in skbs it saw for the first time, %lu in "
+			       "skbs it had seen before; %lu verdicts began while another ran\n",
+			       (unsigned long)first, (unsigned long)again, (unsigned long)overlaps);
+		seen_again += again != 0;
+		overlapped += overlaps != 0;
+	}
 	close(to);
 	close(from);
 	if (pthread_join(c, NULL))
 		die("pthread_join");
+	retransmitted += client_info.tcpi_total_retrans;
+	if (result) {
+		retransmitted_wrong += client_info.tcpi_total_retrans;
+		printf("  the client's TCP retransmitted %u segments\n", client_info.tcpi_total_retrans);
+	}
 	return result != NULL;
 }
 
@@ -357,6 +508,7 @@ int main(int argc, char **argv)
 		{ "client-cpu", required_argument, NULL, 'c' },
 		{ "backend-cpu", required_argument, NULL, 'B' },
 		{ "stall", required_argument, NULL, 's' },
+
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
 	};
@@ -376,6 +528,7 @@ int main(int argc, char **argv)
 		case 'c': opt.client_cpu = atoi(optarg); break;
 		case 'B': opt.backend_cpu = atoi(optarg); break;
 		case 's': opt.stall = (unsigned)atoi(optarg); break;
+
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -398,6 +551,7 @@ int main(int argc, char **argv)
 		pattern[i] = byte_at(i);
 	backend_listener = listener(BACKEND_PORT);
 	copier_listener = listener(COPIER_PORT);
+
 	map = sockhash();
 	signal(SIGALRM, stalled);
 	pin(opt.copier_cpu);
@@ -410,5 +564,13 @@ int main(int argc, char **argv)
 	       "recv of %zu bytes%s)\n",
 	       wrong, opt.runs, opt.bytes >> 20, mode_names[opt.mode], opt.copier_cpu, opt.client_cpu,
 	       opt.backend_cpu, opt.buf, opt.nonblocking ? ", non-blocking" : "");
+	printf("the client's TCP retransmitted %lu segments in all, %lu in the wrong transfers\n",
+	       retransmitted, retransmitted_wrong);
+	if (opt.mode != NO_PROGRAM && no_overlap_check)
+		printf("the verdict program counted bytes only (BPF_CMPXCHG needs Linux 5.12)\n");
+	else if (opt.mode != NO_PROGRAM)
+		printf("the verdict program saw an skb a second time in %d transfers; two verdicts "
+		       "overlapped on the socket in %d\n",
+		       seen_again, overlapped);
 	return wrong ? 1 : 0;
 }
