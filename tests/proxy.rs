@@ -784,6 +784,98 @@ fn resets_and_refusal_propagate() {
     }
 }
 
+/// The `counts` map of the proxy with process id `pid` (the verdict
+/// program's per-socket counters, `struct ska_proxy_count`), found through
+/// its file descriptors: other tests' proxies have maps of that name too.
+fn counts_map_of(pid: u32) -> aya::maps::HashMap<aya::maps::MapData, u64, [u64; 3]> {
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let fd = fd.unwrap();
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        if target.to_str() != Some("anon_inode:bpf-map") {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_str().unwrap()
+        ))
+        .unwrap();
+        let id: u32 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let map = aya::maps::MapData::from_id(id).unwrap();
+        if map.info().unwrap().name_as_str() == Some("counts") {
+            return aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
+        }
+    }
+    panic!("proxy {pid} has no counts map");
+}
+
+/// The last line of defence against the kernel's repeated segments
+/// (skactivate-proxy(8), MODES): once the verdict program has been handed
+/// more bytes than TCP received on a socket, the stream the peer got is not
+/// the one sent, and the connection ends in a reset on both sides, never in
+/// a clean EOF that would pass it for whole. The kernel's repeat cannot be
+/// had on demand, so the test makes the program's count say it happened
+/// (1000 bytes added to what it redirected); the client's FIN then reaches
+/// neither side as an EOF. A connection left alone ends in EOF both ways.
+#[test]
+fn bytes_counted_beyond_what_tcp_received_reset_the_connection() {
+    in_netns("repeated bytes reset the connection", |_| {
+        static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        fn record(mut c: TcpStream) {
+            let mut buf = [0u8; 1024];
+            let r = loop {
+                match c.read(&mut buf) {
+                    Ok(0) => break "eof".to_owned(),
+                    Ok(_) => continue,
+                    Err(e) => break format!("{:?}", e.kind()),
+                }
+            };
+            SEEN.lock().unwrap().push(r);
+        }
+        SEEN.lock().unwrap().clear();
+        let b = backend(record);
+        let (p, a) = proxy("sockmap", b.addr, &[]);
+        for (n, inflate) in [(1, false), (2, true)] {
+            let mut c = TcpStream::connect(a).unwrap();
+            timeouts(&c);
+            c.write_all(b"hello").unwrap();
+            assert!(poll_until(T, || b.accepted.load(Ordering::SeqCst) == n));
+            // The proxy has armed the connection once its counters exist.
+            let mut counts = counts_map_of(p.child.id());
+            assert!(poll_until(T, || counts.keys().count() == 2));
+            if inflate {
+                let keys: Vec<u64> = counts.keys().map(Result::unwrap).collect();
+                for k in keys {
+                    let mut v = counts.get(&k, 0).unwrap();
+                    v[0] += 1000;
+                    counts.insert(k, v, 0).unwrap();
+                }
+            }
+            c.shutdown(Shutdown::Write).unwrap();
+            assert!(poll_until(T, || SEEN.lock().unwrap().len() == n));
+            let mut buf = Vec::new();
+            let r = c.read_to_end(&mut buf).map(drop).map_err(|e| e.kind());
+            let backend_saw = SEEN.lock().unwrap()[n - 1].clone();
+            if inflate {
+                assert_eq!(backend_saw, "ConnectionReset", "the backend");
+                assert_eq!(r, Err(ErrorKind::ConnectionReset), "the client");
+            } else {
+                assert_eq!(backend_saw, "eof", "the backend, left alone");
+                assert_eq!(r, Ok(()), "the client, left alone");
+            }
+            drop(c);
+            assert!(poll_until(T, || counts.keys().count() == 0));
+        }
+    });
+}
+
 /// SO_LINGER {1, 0}: the next close sends a RST.
 fn socket2_linger0(s: &TcpStream) {
     let l = libc::linger {

@@ -6,7 +6,7 @@
 //! * [`splice`] — `--mode splice`: pipes and splice(2), as socket-proxyd.
 //! * [`probe`] — `--mode sockmap`: try the sockmap path on a loopback pair
 //!   at start and use it only if it behaves. `--mode auto` splices: the
-//!   probe cannot see the pass path's rare duplicated segments (see
+//!   probe cannot provoke the kernel's duplicated segments (see
 //!   skactivate-proxy(8)).
 //! * [`datagram`] — `ListenDatagram=` sockets: one connected backend socket
 //!   per client address.
@@ -155,11 +155,28 @@ pub enum Fault {
     On(&'static str, #[source] Box<Fault>),
     #[error("idle for {0:?}")]
     Idle(Duration),
+    /// The kernel handed the verdict program more bytes than TCP received
+    /// on a socket: it repeated some (sockmap.rs, "Known defect").
+    #[error(
+        "the kernel handed the verdict program {0} bytes more than TCP received (tcp_read_skb \
+         repeats a segment that overlaps bytes already received; skactivate-proxy(8), MODES): \
+         resetting the connection rather than letting the repeated bytes pass for data"
+    )]
+    Repeated(u64),
 }
 
 impl Fault {
     fn on(self, what: &'static str) -> Fault {
         Fault::On(what, Box::new(self))
+    }
+
+    /// The kernel's fault, not the peers': worth more than an info line.
+    fn is_repeated(&self) -> bool {
+        match self {
+            Fault::Repeated(_) => true,
+            Fault::On(_, inner) => inner.is_repeated(),
+            _ => false,
+        }
     }
 }
 
@@ -313,7 +330,10 @@ pub async fn relay_pair(
     let (cs, bs) = sockmap::stats(kernel, &armed);
     stats.redirected = [cs.redirected, bs.redirected];
     stats.passed = [cs.passed, bs.passed];
-    if matches!(r, Err(Fault::Read(_) | Fault::Write(_) | Fault::On(..))) {
+    if matches!(
+        r,
+        Err(Fault::Read(_) | Fault::Write(_) | Fault::On(..) | Fault::Repeated(_))
+    ) {
         reset(&c.fd, &b.fd);
     }
     (r, stats)
@@ -427,6 +447,7 @@ async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
             match r {
                 Ok(()) => {}
                 Err(Fault::Idle(t)) => tracing::info!("{peer}: closed after {t:?} without traffic"),
+                Err(e) if e.is_repeated() => tracing::error!("{peer}: {e}"),
                 Err(e) => tracing::info!("{peer}: {e}; reset both sides"),
             }
         }
@@ -549,9 +570,11 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
 }
 
 /// Why `auto` does not choose sockmap, said when it is asked for.
-const SOCKMAP_DUPLICATES: &str = "bytes the program passes to the proxy (the bound on queued \
-     memory, reached in any bulk transfer) have been seen delivered twice on Linux 6.18 (whole \
-     segments, a few per GiB); use it only where that was checked not to happen";
+const SOCKMAP_DUPLICATES: &str = "the kernel's tcp_read_skb() hands the verdict program \
+     whole segments, also a retransmitted or reordered one that overlaps bytes already \
+     received, and bytes passed to the proxy (the bound on queued memory, reached in any bulk \
+     transfer) have been seen delivered twice on Linux 6.18; use it only on a kernel \
+     checked not to (skactivate-proxy(8), MODES)";
 
 pub fn run(opts: Options) -> Result<()> {
     crate::daemon::init_logging();

@@ -74,25 +74,57 @@
 //! renewing the credit each time. The same timer retries the read, so a
 //! wake-up lost anywhere cannot leave passed bytes unread.
 //!
-//! Known defect: bytes the program passes are sometimes delivered twice.
-//! On Linux 6.18 a transfer of 1 GiB with every byte's offset checked got
-//! one to four whole 65483-byte segments a second time in 3 of 8 runs; with
-//! the credit unlimited (nothing passed) 0 of 8 went wrong, with everything
-//! passed 6 of 8. It is the kernel's, and it needs no skactivate code:
-//! `scripts/sockmap-pass-check` (a C copier reading a socket whose verdict
-//! program returns `SK_PASS` for everything, raw bpf(2), no credit, no
-//! `sides`) gets it too, 2 to 6 transfers of 1 GiB in 8 to 16. What it
-//! showed: the wrong bytes are always one whole skb delivered again right
-//! after itself; it happens only when the reader runs on another CPU than
-//! the socket's receive softirq (the copier on the sender's CPU: 0 of 16;
-//! no program attached: 0 of 8); blocking or non-blocking reads, 64 KiB or
-//! 256 KiB buffers, all the same. Which kernel function runs twice for one
-//! skb (`tcp_read_skb` racing with itself, or the psock's `ingress_skb`
-//! backlog next to the direct enqueue) is not found: this host's kernel has
-//! no kprobes and its ftrace is locked down. With a stream parser as well
-//! the transfer stalls instead (4 of 5 runs of 64 MiB), so that is no way
-//! around it. The duplicates blamed on the two attempts below were probably
-//! this. Hence `--mode auto` splices (skactivate-proxy(8), MODES).
+//! Known defect, the kernel's: bytes the program passes are sometimes
+//! delivered twice. On Linux 6.18 a transfer of 1 GiB with every byte's
+//! offset checked got one to four whole 65483-byte segments a second time
+//! in 3 of 8 runs; with the credit unlimited (nothing passed) 0 of 8 went
+//! wrong, with everything passed 6 of 8. `scripts/sockmap-pass-check`
+//! reproduces it with nothing of skactivate (a C copier reading a socket
+//! whose verdict program passes everything, raw bpf(2)): 2 to 9 transfers
+//! of 1 GiB in 8 to 16 go wrong on this machine, each by one or two whole
+//! segments coming again right after themselves. Its counters say where:
+//! * the verdict program is handed the repeated bytes in an skb it has not
+//!   seen before (it marks every skb it judges; it never meets a marked
+//!   one), and never runs twice at once on the socket: the socket's
+//!   receive queue held those bytes twice;
+//! * only transfers whose sender retransmitted go wrong. With the copier on
+//!   another CPU than the sender, loopback reorders segments (`nstat`:
+//!   TCPOFOQueue, TCPDSACKOldSent, some 30 retransmissions per GiB); with
+//!   the copier on the sender's CPU there are hardly any and no transfer
+//!   went wrong (0 of 16); without a program, the same retransmissions and
+//!   no transfer wrong (0 of 8).
+//!
+//! That is `tcp_read_skb()`, through which the verdict path reads the
+//! receive queue. TCP queues a segment that overlaps data already received
+//! (the partial-packet case of `tcp_data_queue()`, and `tcp_ofo_queue()`)
+//! whole, and leaves it to the reader to skip the old head by its sequence
+//! number, as `tcp_recvmsg()` and `tcp_read_sock()` do; `tcp_read_skb()`
+//! hands over whole skbs and never looks at their sequence numbers (since
+//! "bpf: tcp_read_skb needs to pop skb regardless of seq", 2023, also in
+//! stable kernels; before, it looked them up but still handed over whole
+//! skbs). A verdict program cannot make up for it: it does not see the
+//! skb's sequence number. The redirect path reads through the same
+//! function, so it should repeat such bytes too; it was not seen to (0 of 8
+//! with unlimited credit, with a ninth of the retransmissions). With a
+//! stream parser as well the transfer stalls instead (4 of 5 runs of 64 MiB
+//! here; also under qemu on Debian's 6.12 and newest kernels), so that is no
+//! way around it. Under qemu, Debian's 6.1, 6.12 and newest kernels got no
+//! transfer wrong, but their segments were hardly ever retransmitted there
+//! either, so that says nothing. The duplicates blamed on the two attempts
+//! below were this. Hence `--mode auto` splices (skactivate-proxy(8),
+//! MODES).
+//!
+//! What the proxy does about it: the program is handed only bytes TCP has
+//! received, so its counts for a socket can exceed `tcpi_bytes_received`
+//! (each byte counted once however often it was sent) only when the kernel
+//! handed some over twice. [`relay`] compares them whenever it wakes,
+//! before it writes what it read or forwards EOF, and then resets both
+//! sides ([`Fault::Repeated`], an error in the journal): the peer sees the
+//! stream fail instead of taking repeated bytes for data. With the
+//! reproducer's client and backend in front of the proxy on this machine,
+//! 4 and 5 transfers of 1 GiB in 8 were reset and none delivered a wrong
+//! byte. Bytes the program redirected before the check have reached the
+//! peer by then; only the reset tells it.
 //!
 //! Known limit: once the credit has run out, a direction at a high rate
 //! stays on the pass path (a new chunk is passed while we copy the previous
@@ -576,6 +608,11 @@ pub async fn relay(
             continue;
         }
         let count = kernel.count(src.cookie);
+        if armed.full {
+            // Before a passed byte is written or EOF forwarded: a peer must
+            // not take a stream with repeated bytes for the one sent.
+            check_not_repeated(src, &count)?;
+        }
         if let Some(n) = got {
             if n == 0 && count.passed > drained {
                 // EOF ahead of passed bytes still in the socket's work queue:
@@ -643,6 +680,25 @@ pub async fn relay(
         };
         last_room = room;
     }
+}
+
+/// The program is handed only bytes TCP has received, so it cannot have
+/// seen more of them than TCP counts (`tcpi_bytes_received`, each byte once)
+/// unless the kernel handed some over twice (see "Known defect" above): then
+/// the stream the peer gets is not the one sent, and the connection must end
+/// in a reset. Checked whenever the relay wakes and at EOF, where everything
+/// received has been through the program.
+fn check_not_repeated(src: &End, count: &Count) -> Result<(), Fault> {
+    let received = sys::bytes_received(src.fd.get_ref().as_fd()).map_err(Fault::Read)?;
+    match repeated(count, received) {
+        0 => Ok(()),
+        extra => Err(Fault::Repeated(extra)),
+    }
+}
+
+/// Bytes the program was handed beyond what TCP received.
+fn repeated(count: &Count, received: u64) -> u64 {
+    (count.redirected + count.passed).saturating_sub(received)
 }
 
 /// Wait until `total` bytes have entered `dst`'s send queue (the redirect

@@ -571,7 +571,7 @@ pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(u64::try_from(v).unwrap_or(0))
 }
 
-/// `struct tcp_info` up to `tcpi_bytes_acked` (Linux ≥ 4.1).
+/// `struct tcp_info` up to `tcpi_bytes_received` (Linux ≥ 4.1).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct TcpInfo {
@@ -580,6 +580,7 @@ struct TcpInfo {
     pacing_rate: u64,
     max_pacing_rate: u64,
     bytes_acked: u64,
+    bytes_received: u64,
 }
 
 /// Every byte that has entered the socket's send queue since it was made:
@@ -599,6 +600,13 @@ pub fn tcp_state_acked(fd: BorrowedFd<'_>) -> io::Result<(u8, u64)> {
 pub fn bytes_acked(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let info: TcpInfo = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     Ok(info.bytes_acked)
+}
+
+/// `tcpi_bytes_received`: bytes TCP has received in order (each once,
+/// however often it was sent).
+pub fn bytes_received(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let info: TcpInfo = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    Ok(info.bytes_received)
 }
 
 /// `SO_RCVLOWAT`: setting it makes TCP re-check its receive queue and call
