@@ -17,10 +17,12 @@
 //! `SKACTIVATE_PROXY_PROBE=fail` in the environment makes the probe fail,
 //! to test the fallback.
 //!
-//! What it cannot see: bytes the program passes to the proxy (the bound
-//! above) delivered twice, a few whole segments per GiB in some bulk
-//! transfers on Linux 6.18; too rare for a probe at start, which is why
-//! `--mode auto` splices (skactivate-proxy(8), MODES).
+//! What it cannot see: whole segments delivered twice because the kernel's
+//! `tcp_read_skb()` hands the program a retransmitted or reordered segment
+//! whole, with the bytes already received at its head (see
+//! [`super::sockmap`], "Known defect"). A loopback pair of its own neither
+//! loses nor reorders segments on demand, which is why `--mode auto`
+//! splices (skactivate-proxy(8), MODES).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
