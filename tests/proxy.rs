@@ -715,26 +715,38 @@ fn idle_timeout_closes_idle_connections_only() {
     }
 }
 
+/// Reads `c` until EOF ("eof") or an error (its kind, "ConnectionReset"),
+/// showing each read to `data`, which may end it first with a word of its
+/// own.
+fn how_reading_ends(mut c: &TcpStream, mut data: impl FnMut(&[u8]) -> Option<String>) -> String {
+    let mut buf = [0u8; 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return "eof".to_owned(),
+            Ok(n) => {
+                if let Some(word) = data(&buf[..n]) {
+                    return word;
+                }
+            }
+            Err(e) => return format!("{:?}", e.kind()),
+        }
+    }
+}
+
 #[test]
 fn resets_and_refusal_propagate() {
     for mode in MODES {
         in_netns(&format!("resets ({mode})"), move |_| {
             static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
-            fn record(mut c: TcpStream) {
-                let mut buf = [0u8; 1024];
-                let r = loop {
-                    match c.read(&mut buf) {
-                        Ok(0) => break "eof".to_owned(),
-                        Ok(n) if &buf[..n] == b"reset me" => {
-                            // The backend resets the client.
-                            socket2_linger0(&c);
-                            drop(c);
-                            break "reset sent".to_owned();
-                        }
-                        Ok(_) => continue,
-                        Err(e) => break format!("{:?}", e.kind()),
-                    }
-                };
+            fn record(c: TcpStream) {
+                let r = how_reading_ends(&c, |data| {
+                    (data == b"reset me").then(|| {
+                        // The backend resets the client.
+                        socket2_linger0(&c);
+                        "reset sent".to_owned()
+                    })
+                });
+                drop(c);
                 SEEN.lock().unwrap().push(r);
             }
             SEEN.lock().unwrap().clear();
@@ -828,15 +840,9 @@ fn counts_map_of(pid: u32) -> aya::maps::HashMap<aya::maps::MapData, u64, [u64; 
 fn bytes_counted_beyond_what_tcp_received_reset_the_connection() {
     in_netns("repeated bytes reset the connection", |_| {
         static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
-        fn record(mut c: TcpStream) {
-            let mut buf = [0u8; 1024];
-            let r = loop {
-                match c.read(&mut buf) {
-                    Ok(0) => break "eof".to_owned(),
-                    Ok(_) => continue,
-                    Err(e) => break format!("{:?}", e.kind()),
-                }
-            };
+        fn record(c: TcpStream) {
+            let r = how_reading_ends(&c, |_| None);
+            drop(c);
             SEEN.lock().unwrap().push(r);
         }
         SEEN.lock().unwrap().clear();
