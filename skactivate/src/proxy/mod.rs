@@ -158,8 +158,8 @@ pub enum Fault {
     /// The kernel handed the verdict program more bytes than TCP received
     /// on a socket: it repeated some (sockmap.rs, "Known defect").
     #[error(
-        "the kernel handed the verdict program {0} bytes more than TCP received (tcp_read_skb \
-         repeats a segment that overlaps bytes already received; skactivate-proxy(8), MODES): \
+        "the kernel handed the verdict program {0} bytes more than TCP received (a kernel \
+         defect with retransmitted segments; skactivate-proxy(8), MODES): \
          resetting the connection rather than letting the repeated bytes pass for data"
     )]
     Repeated(u64),
@@ -570,11 +570,11 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
 }
 
 /// Why `auto` does not choose sockmap, said when it is asked for.
-const SOCKMAP_DUPLICATES: &str = "the kernel's tcp_read_skb() hands the verdict program \
-     whole segments, also a retransmitted or reordered one that overlaps bytes already \
-     received, and bytes passed to the proxy (the bound on queued memory, reached in any bulk \
-     transfer) have been seen delivered twice on Linux 6.18; use it only on a kernel \
-     checked not to (skactivate-proxy(8), MODES)";
+const SOCKMAP_DUPLICATES: &str = "with retransmitted segments the kernel can hand the \
+     verdict program bytes a second time (seen on Linux 6.18: whole segments, in a good part of \
+     bulk transfers; most likely tcp_read_skb() and a segment that overlaps bytes already \
+     received); such a connection is reset, not passed on; use sockmap only on a kernel checked \
+     not to (skactivate-proxy(8), MODES)";
 
 pub fn run(opts: Options) -> Result<()> {
     crate::daemon::init_logging();

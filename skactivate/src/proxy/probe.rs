@@ -17,11 +17,9 @@
 //! `SKACTIVATE_PROXY_PROBE=fail` in the environment makes the probe fail,
 //! to test the fallback.
 //!
-//! What it cannot see: whole segments delivered twice because the kernel's
-//! `tcp_read_skb()` hands the program a retransmitted or reordered segment
-//! whole, with the bytes already received at its head (see
-//! [`super::sockmap`], "Known defect"). A loopback pair of its own neither
-//! loses nor reorders segments on demand, which is why `--mode auto`
+//! What it cannot see: whole segments the kernel hands the program a second
+//! time, which takes retransmitted segments (see [`super::sockmap`], "Known
+//! defect"). A loopback pair of its own does not retransmit on demand, which is why `--mode auto`
 //! splices (skactivate-proxy(8), MODES).
 
 use std::io::{Read, Write};
