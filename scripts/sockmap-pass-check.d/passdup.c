@@ -23,6 +23,10 @@
  * otherwise. A transfer that does not finish within --stall seconds is
  * reported as stalled.
  *
+ * With --redirect the program instead redirects every skb to the egress of
+ * the copier's socket towards the backend (bpf_sk_redirect_hash, no
+ * BPF_F_INGRESS) and user space copies nothing: the redirect path.
+ *
  * Besides the bytes, it reports what tells where they went wrong: the
  * verdict program counts the bytes it is handed, marks each skb it has
  * given a verdict on (skb->priority, writable from sk_skb) and counts the
@@ -55,7 +59,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-enum mode { VERDICT, PARSER, NO_PROGRAM };
+enum mode { VERDICT, PARSER, NO_PROGRAM, REDIRECT };
 
 static struct {
 	size_t bytes;
@@ -271,6 +275,39 @@ static int sockhash(void)
 		die("creating the SOCKHASH");
 	if (opt.mode == NO_PROGRAM)
 		return map;
+	if (opt.mode == REDIRECT) {
+		/*
+		 * counters[FIRST] += skb->len; return bpf_sk_redirect_hash(skb, map, &1, 0):
+		 * to the egress of the socket under key 1, the copier's to the backend.
+		 */
+		const struct bpf_insn redirect[] = {
+			/* 0 */ INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_6, BPF_REG_1, 0, 0),
+			/* 1 */ INSN(BPF_LDX | BPF_MEM | BPF_W, BPF_REG_7, BPF_REG_6, offsetof(struct __sk_buff, len), 0),
+			/* 2 */ INSN(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_7, 0, 17, 0), /* -> 20 */
+			/* 3 */ INSN(BPF_ST | BPF_MEM | BPF_DW, BPF_REG_10, 0, -8, 1),
+			/* 4 */ INSN(BPF_ST | BPF_MEM | BPF_W, BPF_REG_10, 0, -12, FIRST),
+			/* 5 */ MAP_FD(BPF_REG_1, counters_map),
+			/* 7 */ INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_2, BPF_REG_10, 0, 0),
+			/* 8 */ INSN(BPF_ALU64 | BPF_ADD | BPF_K, BPF_REG_2, 0, 0, -12),
+			/* 9 */ INSN(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_map_lookup_elem),
+			/* 10 */ INSN(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_0, 0, 1, 0), /* -> 12 */
+			/* 11 */ INSN(BPF_STX | BPF_XADD | BPF_DW, BPF_REG_0, BPF_REG_7, 0, 0),
+			/* 12 */ INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_1, BPF_REG_6, 0, 0),
+			/* 13 */ MAP_FD(BPF_REG_2, map),
+			/* 15 */ INSN(BPF_ALU64 | BPF_MOV | BPF_X, BPF_REG_3, BPF_REG_10, 0, 0),
+			/* 16 */ INSN(BPF_ALU64 | BPF_ADD | BPF_K, BPF_REG_3, 0, 0, -8),
+			/* 17 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_4, 0, 0, 0),
+			/* 18 */ INSN(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_sk_redirect_hash),
+			/* 19 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+			/* 20 */ INSN(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, SK_DROP),
+			/* 21 */ INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+		};
+
+		no_overlap_check = 1;
+		attach(map, load(redirect, sizeof(redirect) / sizeof(redirect[0]), "redirect", 0),
+		       BPF_SK_SKB_STREAM_VERDICT, "redirect");
+		return map;
+	}
 	if (opt.mode == PARSER)
 		attach(map, load(parser, 2, "parser", 0), BPF_SK_SKB_STREAM_PARSER, "parser");
 	prog = load(verdict, sizeof(verdict) / sizeof(verdict[0]), "verdict", 1);
@@ -417,11 +454,39 @@ static uint64_t counter(uint32_t key, const uint64_t *set)
 }
 
 /* One transfer; returns 1 if it went wrong. */
+static void insert(int map, uint64_t key, int fd)
+{
+	union bpf_attr attr;
+	uint32_t value = (uint32_t)fd;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = (uint32_t)map;
+	attr.key = (uintptr_t)&key;
+	attr.value = (uintptr_t)&value;
+	attr.flags = BPF_ANY;
+	if (sys_bpf(BPF_MAP_UPDATE_ELEM, &attr))
+		die("adding a socket to the SOCKHASH");
+}
+
+/* Bytes the peer of `fd` has acknowledged: tcpi_bytes_acked (Linux 4.1),
+ * which glibc's struct tcp_info does not have; the kernel's layout up to it. */
+static uint64_t acked(int fd)
+{
+	struct {
+		uint8_t head[8];
+		uint32_t u32s[24];
+		uint64_t pacing_rate, max_pacing_rate, bytes_acked;
+	} info;
+	socklen_t len = sizeof(info);
+
+	if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len))
+		die("TCP_INFO");
+	return info.bytes_acked;
+}
+
 static int transfer(int map, uint64_t key, uint8_t *buf)
 {
 	pthread_t b, c;
-	union bpf_attr attr;
-	uint32_t value;
 	void *result;
 	int from, to;
 
@@ -437,14 +502,12 @@ static int transfer(int map, uint64_t key, uint8_t *buf)
 		for (uint32_t k = 0; k < COUNTERS; k++)
 			counter(k, &zero);
 	}
-	value = (uint32_t)from;
-	memset(&attr, 0, sizeof(attr));
-	attr.map_fd = (uint32_t)map;
-	attr.key = (uintptr_t)&key;
-	attr.value = (uintptr_t)&value;
-	attr.flags = BPF_ANY;
-	if (sys_bpf(BPF_MAP_UPDATE_ELEM, &attr))
-		die("adding the socket to the SOCKHASH");
+	if (opt.mode == REDIRECT) {
+		/* The target first, under key 1; the copier's socket under 0. */
+		insert(map, 1, to);
+		key = 0;
+	}
+	insert(map, key, from);
 	for (;;) {
 		ssize_t n = recv(from, buf, opt.buf, opt.nonblocking ? MSG_DONTWAIT : 0);
 
@@ -461,6 +524,10 @@ static int transfer(int map, uint64_t key, uint8_t *buf)
 			break;
 		write_all(to, buf, (size_t)n, "copier write");
 	}
+	/* Redirected bytes go through a kernel worker: EOF only after them (or
+	 * the stall alarm, if some never come). */
+	while (opt.mode == REDIRECT && acked(to) < opt.bytes)
+		usleep(1000);
 	if (shutdown(to, SHUT_WR))
 		die("copier shutdown");
 	if (pthread_join(b, &result))
@@ -491,7 +558,7 @@ static int transfer(int map, uint64_t key, uint8_t *buf)
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: passdup [--mib N] [--runs N] [--buf BYTES] [--nonblocking]\n"
-		   "               [--parser | --no-program] [--copier-cpu N] [--client-cpu N]\n"
+		   "               [--parser | --no-program | --redirect] [--copier-cpu N] [--client-cpu N]\n"
 		   "               [--backend-cpu N] [--stall SECONDS]\n");
 }
 
@@ -504,6 +571,7 @@ int main(int argc, char **argv)
 		{ "nonblocking", no_argument, NULL, 'n' },
 		{ "parser", no_argument, NULL, 'p' },
 		{ "no-program", no_argument, NULL, 'N' },
+		{ "redirect", no_argument, NULL, 'r' + 256 },
 		{ "copier-cpu", required_argument, NULL, 'C' },
 		{ "client-cpu", required_argument, NULL, 'c' },
 		{ "backend-cpu", required_argument, NULL, 'B' },
@@ -512,7 +580,8 @@ int main(int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
 	};
-	static const char *const mode_names[] = { "verdict only", "parser and verdict", "no program" };
+	static const char *const mode_names[] = { "verdict only", "parser and verdict", "no program",
+						  "redirect to the backend" };
 	int o, map, wrong = 0;
 	uint8_t *buf;
 
@@ -524,6 +593,7 @@ int main(int argc, char **argv)
 		case 'n': opt.nonblocking = 1; break;
 		case 'p': opt.mode = PARSER; break;
 		case 'N': opt.mode = NO_PROGRAM; break;
+		case 'r' + 256: opt.mode = REDIRECT; break;
 		case 'C': opt.copier_cpu = atoi(optarg); break;
 		case 'c': opt.client_cpu = atoi(optarg); break;
 		case 'B': opt.backend_cpu = atoi(optarg); break;
@@ -566,7 +636,9 @@ int main(int argc, char **argv)
 	       opt.backend_cpu, opt.buf, opt.nonblocking ? ", non-blocking" : "");
 	printf("the client's TCP retransmitted %lu segments in all, %lu in the wrong transfers\n",
 	       retransmitted, retransmitted_wrong);
-	if (opt.mode != NO_PROGRAM && no_overlap_check)
+	if (opt.mode == REDIRECT)
+		printf("the redirect program counted bytes only\n");
+	else if (opt.mode != NO_PROGRAM && no_overlap_check)
 		printf("the verdict program counted bytes only (BPF_CMPXCHG needs Linux 5.12)\n");
 	else if (opt.mode != NO_PROGRAM)
 		printf("the verdict program saw an skb a second time in %d transfers; two verdicts "

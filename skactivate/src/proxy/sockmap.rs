@@ -108,8 +108,11 @@
 //! stable kernels; before, it looked them up but still handed over whole
 //! skbs). A verdict program cannot make up for it: it does not see the
 //! skb's sequence number. The redirect path reads through the same
-//! function, so it should repeat such bytes too; it was not seen to (0 of 8
-//! with unlimited credit, with a ninth of the retransmissions). With a
+//! function and repeats bytes too: with `--redirect` (the program sends
+//! everything to the backend's egress, user space reads nothing) 1 transfer
+//! of 1 GiB in 16 got 130966 bytes a second time, in a run with 14
+//! retransmissions in all (8 of them in that transfer). The proxy with
+//! unlimited credit had got 0 of 8 earlier. With a
 //! stream parser as well the transfer stalls instead (4 of 5 runs of 64 MiB
 //! here; also under qemu on Debian's 6.12 and newest kernels), so that is no
 //! way around it. Under qemu, Debian's 6.1, 6.12 and newest kernels got no
