@@ -23,6 +23,11 @@
  * otherwise. A transfer that does not finish within --stall seconds is
  * reported as stalled.
  *
+ * With --overlap it asks the question directly, in a few milliseconds: a
+ * TCP peer of its own on a TUN device sends bytes [0, 1000), then one
+ * segment with bytes [500, 2000), which overlaps what was received; the
+ * reader must get 2000 bytes. (Needs /dev/net/tun; uses 192.0.2.0/24.)
+ *
  * With --redirect the program instead redirects every skb to the egress of
  * the copier's socket towards the backend (bpf_sk_redirect_hash, no
  * BPF_F_INGRESS) and user space copies nothing: the redirect path.
@@ -42,7 +47,11 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
+#include <linux/if_tun.h>
+#include <net/if.h>
+#include <netinet/ip.h>
 #include <linux/bpf.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -55,6 +64,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -69,6 +79,7 @@ static struct {
 	enum mode mode;
 	int copier_cpu, client_cpu, backend_cpu;
 	unsigned stall;
+	int overlap;
 
 } opt = {
 	.bytes = (size_t)1024 << 20,
@@ -555,11 +566,181 @@ static int transfer(int map, uint64_t key, uint8_t *buf)
 	return result != NULL;
 }
 
+/*
+ * --overlap: the question asked directly. A TCP peer of our own on a TUN
+ * device (192.0.2.2, the socket under test listens on 192.0.2.1) opens a
+ * connection without options, sends bytes [0, 1000), waits for their ACK,
+ * then sends one segment with bytes [500, 2000): it overlaps what was
+ * received. TCP queues it whole and a reader must skip its first 500
+ * bytes. The copier reads the socket (in the SOCKHASH, or not with
+ * --no-program) to EOF and checks what it got.
+ */
+#define OVERLAP_FROM 500
+#define OVERLAP_END 2000
+#define FIRST_END 1000
+static const uint32_t PEER_ISN = 1000;
+
+static uint16_t checksum(const void *data, size_t len, uint32_t sum)
+{
+	const uint8_t *p = data;
+
+	for (size_t i = 0; i + 1 < len; i += 2)
+		sum += (uint32_t)(p[i] << 8 | p[i + 1]);
+	if (len & 1)
+		sum += (uint32_t)(p[len - 1] << 8);
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)~sum;
+}
+
+struct segment {
+	struct iphdr ip;
+	struct tcphdr tcp;
+	uint8_t data[2048];
+} __attribute__((packed));
+
+static void peer_send(int tun, uint32_t seq, uint32_t ack, uint8_t flags, const uint8_t *data, size_t len)
+{
+	struct segment s;
+	size_t tcp_len = sizeof(s.tcp) + len;
+	uint32_t pseudo = 0;
+
+	memset(&s, 0, sizeof(s));
+	s.ip.version = 4;
+	s.ip.ihl = 5;
+	s.ip.tot_len = htons((uint16_t)(sizeof(s.ip) + tcp_len));
+	s.ip.ttl = 64;
+	s.ip.protocol = IPPROTO_TCP;
+	s.ip.saddr = htonl(0xc0000202); /* 192.0.2.2 */
+	s.ip.daddr = htonl(0xc0000201); /* 192.0.2.1 */
+	s.ip.check = htons(checksum(&s.ip, sizeof(s.ip), 0));
+	s.tcp.source = htons(40000);
+	s.tcp.dest = htons(COPIER_PORT);
+	s.tcp.seq = htonl(seq);
+	s.tcp.ack_seq = htonl(ack);
+	s.tcp.doff = 5;
+	s.tcp.window = htons(65535);
+	((uint8_t *)&s.tcp)[13] = flags;
+	memcpy(s.data, data, len);
+	/* The pseudo-header: addresses, protocol, TCP length. */
+	pseudo += 0xc000 + 0x0202 + 0xc000 + 0x0201 + IPPROTO_TCP + (uint32_t)tcp_len;
+	s.tcp.check = htons(checksum(&s.tcp, tcp_len, pseudo));
+	if (write(tun, &s, sizeof(s.ip) + tcp_len) < 0)
+		die("writing to the TUN device");
+}
+
+/* Reads the TUN device until a TCP segment to our peer's port with `flags`
+ * set and, if `ack` is nonzero, acknowledging at least `ack`; returns it. */
+static struct segment peer_wait(int tun, uint8_t flags, uint32_t ack)
+{
+	struct segment s;
+
+	for (;;) {
+		struct pollfd p = { .fd = tun, .events = POLLIN };
+		ssize_t n;
+
+		if (poll(&p, 1, 5000) != 1) {
+			fprintf(stderr, "passdup: the socket under test did not answer the peer "
+					"(waited for flags %#x, ack %u)\n", flags, ack);
+			exit(1);
+		}
+		n = read(tun, &s, sizeof(s));
+		if (n < (ssize_t)(sizeof(s.ip) + sizeof(s.tcp)) || s.ip.protocol != IPPROTO_TCP ||
+		    s.tcp.dest != htons(40000))
+			continue;
+		if ((((uint8_t *)&s.tcp)[13] & flags) == flags &&
+		    (!ack || (int32_t)(ntohl(s.tcp.ack_seq) - ack) >= 0))
+			return s;
+	}
+}
+
+static int tun_device(void)
+{
+	struct ifreq ifr;
+	int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+
+	if (fd < 0)
+		die("/dev/net/tun");
+	memset(&ifr, 0, sizeof(ifr));
+	ifr.ifr_flags = IFF_TUN | IFF_NO_PI;
+	strcpy(ifr.ifr_name, "passdup0");
+	if (ioctl(fd, TUNSETIFF, &ifr))
+		die("TUNSETIFF");
+	if (system("ip addr add 192.0.2.1/24 dev passdup0 && ip link set passdup0 up"))
+		die("configuring passdup0");
+	return fd;
+}
+
+static int overlap_transfer(int map, int tun, int listener_fd, uint32_t port)
+{
+	uint8_t got[4096];
+	size_t have = 0;
+	struct segment synack;
+	uint32_t server_isn, s0 = PEER_ISN + 1;
+	int from;
+
+	peer_send(tun, PEER_ISN, 0, TH_SYN, NULL, 0);
+	synack = peer_wait(tun, TH_SYN | TH_ACK, PEER_ISN + 1);
+	server_isn = ntohl(synack.tcp.seq);
+	peer_send(tun, s0, server_isn + 1, TH_ACK, NULL, 0);
+	from = accept4(listener_fd, NULL, NULL, SOCK_CLOEXEC);
+	if (from < 0)
+		die("accept");
+	if (opt.mode != NO_PROGRAM)
+		insert(map, port, from);
+	peer_send(tun, s0, server_isn + 1, TH_ACK | TH_PUSH, pattern, FIRST_END);
+	peer_wait(tun, TH_ACK, s0 + FIRST_END);
+	peer_send(tun, s0 + OVERLAP_FROM, server_isn + 1, TH_ACK | TH_PUSH, pattern + OVERLAP_FROM,
+		  OVERLAP_END - OVERLAP_FROM);
+	peer_wait(tun, TH_ACK, s0 + OVERLAP_END);
+	peer_send(tun, s0 + OVERLAP_END, server_isn + 1, TH_ACK | TH_FIN, NULL, 0);
+	for (;;) {
+		ssize_t n = recv(from, got + have, sizeof(got) - have, 0);
+
+		if (n < 0)
+			die("recv");
+		if (n == 0)
+			break;
+		have += (size_t)n;
+	}
+	close(from);
+	if (have == OVERLAP_END && !memcmp(got, pattern, OVERLAP_END)) {
+		printf("  right: %d bytes, once and in order\n", OVERLAP_END);
+		return 0;
+	}
+	printf("  wrong: the reader got %zu bytes for %d", have, OVERLAP_END);
+	if (have == OVERLAP_END + (FIRST_END - OVERLAP_FROM) && !memcmp(got, pattern, FIRST_END) &&
+	    !memcmp(got + FIRST_END, pattern + OVERLAP_FROM, OVERLAP_END - OVERLAP_FROM))
+		printf(": the overlapping segment whole, bytes [%d, %d) a second time", OVERLAP_FROM,
+		       FIRST_END);
+	printf("\n");
+	return 1;
+}
+
+static int overlap(int map)
+{
+	int tun = tun_device(), l, one = 1, wrong = 0;
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(COPIER_PORT) };
+
+	a.sin_addr.s_addr = htonl(0xc0000201);
+	l = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (l < 0 || setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
+	    bind(l, (struct sockaddr *)&a, sizeof(a)) || listen(l, 4))
+		die("listening on 192.0.2.1");
+	/* One connection: the peer's port and ISN are fixed. */
+	wrong = overlap_transfer(map, tun, l, 0);
+	printf("%s: a segment overlapping bytes already received (%s)\n", wrong ? "WRONG" : "right",
+	       opt.mode == NO_PROGRAM ? "no program"
+	       : opt.mode == PARSER  ? "parser and verdict, SK_PASS"
+				     : "verdict only, SK_PASS");
+	return wrong;
+}
+
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: passdup [--mib N] [--runs N] [--buf BYTES] [--nonblocking]\n"
 		   "               [--parser | --no-program | --redirect] [--copier-cpu N] [--client-cpu N]\n"
-		   "               [--backend-cpu N] [--stall SECONDS]\n");
+		   "               [--backend-cpu N] [--stall SECONDS] [--overlap]\n");
 }
 
 int main(int argc, char **argv)
@@ -572,6 +753,7 @@ int main(int argc, char **argv)
 		{ "parser", no_argument, NULL, 'p' },
 		{ "no-program", no_argument, NULL, 'N' },
 		{ "redirect", no_argument, NULL, 'r' + 256 },
+		{ "overlap", no_argument, NULL, 'o' + 256 },
 		{ "copier-cpu", required_argument, NULL, 'C' },
 		{ "client-cpu", required_argument, NULL, 'c' },
 		{ "backend-cpu", required_argument, NULL, 'B' },
@@ -594,6 +776,7 @@ int main(int argc, char **argv)
 		case 'p': opt.mode = PARSER; break;
 		case 'N': opt.mode = NO_PROGRAM; break;
 		case 'r' + 256: opt.mode = REDIRECT; break;
+		case 'o' + 256: opt.overlap = 1; break;
 		case 'C': opt.copier_cpu = atoi(optarg); break;
 		case 'c': opt.client_cpu = atoi(optarg); break;
 		case 'B': opt.backend_cpu = atoi(optarg); break;
@@ -603,6 +786,8 @@ int main(int argc, char **argv)
 		default: usage(stderr); return 2;
 		}
 	}
+	if (opt.overlap)
+		opt.bytes = 1 << 20; /* the pattern the peer sends from */
 	if (optind != argc || !opt.bytes || opt.runs < 1 || !opt.buf) {
 		usage(stderr);
 		return 2;
@@ -624,6 +809,14 @@ int main(int argc, char **argv)
 
 	map = sockhash();
 	signal(SIGALRM, stalled);
+	if (opt.overlap) {
+		if (opt.mode == REDIRECT) {
+			fprintf(stderr, "passdup: --overlap does not go with --redirect\n");
+			return 2;
+		}
+		alarm(opt.stall);
+		return overlap(map);
+	}
 	pin(opt.copier_cpu);
 	for (int r = 0; r < opt.runs; r++) {
 		alarm(opt.stall);

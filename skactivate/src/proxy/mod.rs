@@ -570,11 +570,11 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
 }
 
 /// Why `auto` does not choose sockmap, said when it is asked for.
-const SOCKMAP_DUPLICATES: &str = "with retransmitted segments the kernel can hand the \
-     verdict program bytes a second time (seen on Linux 6.18: whole segments, in a good part of \
-     bulk transfers; most likely tcp_read_skb() and a segment that overlaps bytes already \
-     received); such a connection is reset, not passed on; use sockmap only on a kernel checked \
-     not to (skactivate-proxy(8), MODES)";
+const SOCKMAP_DUPLICATES: &str = "the kernel hands the verdict program a segment that \
+     overlaps bytes already received (a retransmission can) whole, and its old bytes go through \
+     a second time (every kernel tried, 5.10 to 7.2; seen on Linux 6.18 in a good part of bulk \
+     transfers); such a connection is reset, not passed on; use sockmap only on a kernel \
+     checked not to (skactivate-proxy(8), MODES)";
 
 pub fn run(opts: Options) -> Result<()> {
     crate::daemon::init_logging();

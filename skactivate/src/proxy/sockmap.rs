@@ -96,30 +96,30 @@
 //!   with the loopback's MTU at 1500, 15000 retransmissions in 8 GiB and 0
 //!   or 1 transfer of 8 wrong.
 //!
-//! The explanation that fits, not traced (this host's kernel has no kprobe
-//! events, its ftrace filters refuse root, fentry programs get EPERM): it is
-//! `tcp_read_skb()`, through which the verdict path reads the
-//! receive queue. TCP queues a segment that overlaps data already received
-//! (the partial-packet case of `tcp_data_queue()`, and `tcp_ofo_queue()`)
-//! whole, and leaves it to the reader to skip the old head by its sequence
-//! number, as `tcp_recvmsg()` and `tcp_read_sock()` do; `tcp_read_skb()`
-//! hands over whole skbs and never looks at their sequence numbers (since
-//! "bpf: tcp_read_skb needs to pop skb regardless of seq", 2023, also in
-//! stable kernels; before, it looked them up but still handed over whole
-//! skbs). A verdict program cannot make up for it: it does not see the
-//! skb's sequence number. The redirect path reads through the same
-//! function and repeats bytes too: with `--redirect` (the program sends
-//! everything to the backend's egress, user space reads nothing) 1 transfer
-//! of 1 GiB in 16 got 130966 bytes a second time, in a run with 14
-//! retransmissions in all (8 of them in that transfer). The proxy with
-//! unlimited credit had got 0 of 8 earlier. With a
-//! stream parser as well the transfer stalls instead (4 of 5 runs of 64 MiB
-//! here; also under qemu on Debian's 6.12 and newest kernels), so that is no
-//! way around it. Under qemu, Debian's 6.1, 6.12 and newest kernels got no
-//! transfer wrong, but their segments were hardly ever retransmitted there
-//! either, so that says nothing. The duplicates blamed on the two attempts
-//! below were this. Hence `--mode auto` splices (skactivate-proxy(8),
-//! MODES).
+//! The cause, confirmed: `scripts/sockmap-pass-check --overlap` has a TCP
+//! peer of its own on a TUN device send bytes [0, 1000), then one segment
+//! with bytes [500, 2000), as a retransmission can. The reader of a socket
+//! whose verdict program passes everything gets 2500 bytes, [500, 1000)
+//! twice, every time, on Debian's 5.10, 6.1, 6.12 and 7.2 (in qemu) and
+//! this host's 6.18; with a stream parser as well it gets 1000 bytes and
+//! EOF; with no program, the right 2000. TCP queues a segment that overlaps
+//! bytes already received whole (the partial-packet case of
+//! `tcp_data_queue()`, and `tcp_ofo_queue()`) and leaves it to the reader
+//! to skip the old head by sequence number, as `tcp_recvmsg()` and
+//! `tcp_read_sock()` do. The verdict path reads the queue with
+//! `tcp_read_skb()`, which hands over whole skbs and never looks at their
+//! sequence numbers (since "bpf: tcp_read_skb needs to pop skb regardless
+//! of seq", 2023, also in stable kernels; before, it looked them up but
+//! still handed over whole skbs). A verdict program cannot make up for it:
+//! it does not see the skb's sequence number. The redirect path goes
+//! through the same function: with `--redirect` (the program sends
+//! everything to the backend's egress, user space reads nothing) 1 bulk
+//! transfer of 1 GiB in 16 got 130966 bytes a second time here. In bulk
+//! transfers under qemu nothing went wrong, but there segments are hardly
+//! ever retransmitted. With a stream parser, bulk transfers stall as well
+//! (4 of 5 runs of 64 MiB here, every run under qemu), so that is no way
+//! around it either. The duplicates blamed on the two attempts below were
+//! this. Hence `--mode auto` splices (skactivate-proxy(8), MODES).
 //!
 //! What the proxy does about it: the program is handed only bytes TCP has
 //! received, so its counts for a socket can exceed `tcpi_bytes_received`
