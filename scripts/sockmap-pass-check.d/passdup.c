@@ -27,6 +27,9 @@
  * TCP peer of its own on a TUN device sends bytes [0, 1000), then one
  * segment with bytes [500, 2000), which overlaps what was received; the
  * reader must get 2000 bytes. (Needs /dev/net/tun; uses 192.0.2.0/24.)
+ * --repair asks the same on loopback, without TUN: two sockets made
+ * established towards each other with TCP_REPAIR, the receiver told it
+ * already has the first 500 bytes of the sender's first segment.
  *
  * With --redirect the program instead redirects every skb to the egress of
  * the copier's socket towards the backend (bpf_sk_redirect_hash, no
@@ -736,11 +739,118 @@ static int overlap(int map)
 	return wrong;
 }
 
+/*
+ * --repair: the same question without a TUN device or an address of its
+ * own, on loopback, with TCP_REPAIR (CAP_NET_ADMIN). Two sockets are made
+ * established towards each other without a handshake: the sender's next
+ * byte is 0 while the receiver's says it already has [0, 500). The sender
+ * then writes bytes [0, 1000): one segment overlapping what the receiver
+ * "received". A reader must get bytes [500, 1000).
+ */
+#define REPAIR_FROM 500
+#define REPAIR_END 1000
+
+static void repair(int fd, int on)
+{
+	if (setsockopt(fd, IPPROTO_TCP, TCP_REPAIR, &on, sizeof(on)))
+		die("TCP_REPAIR (needs CAP_NET_ADMIN)");
+}
+
+static void queue_seq(int fd, int queue, uint32_t seq)
+{
+	if (setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_QUEUE, &queue, sizeof(queue)) ||
+	    setsockopt(fd, IPPROTO_TCP, TCP_QUEUE_SEQ, &seq, sizeof(seq)))
+		die("TCP_QUEUE_SEQ");
+}
+
+/* A socket in repair mode, bound to a loopback port of its own, whose next
+ * byte to send is `snd` and next byte to receive `rcv`. */
+static int repaired(uint32_t snd, uint32_t rcv, struct sockaddr_in *at)
+{
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	socklen_t len = sizeof(*at);
+
+	if (fd < 0)
+		die("socket");
+	repair(fd, 1);
+	queue_seq(fd, TCP_SEND_QUEUE, snd);
+	queue_seq(fd, TCP_RECV_QUEUE, rcv);
+	*at = loopback(0);
+	if (bind(fd, (struct sockaddr *)at, sizeof(*at)) || getsockname(fd, (struct sockaddr *)at, &len))
+		die("binding a repaired socket");
+	return fd;
+}
+
+/* Connects (in repair mode: no handshake) and gives it an MSS and an open
+ * window as its peer would have announced them. It stays in repair mode
+ * (silent) until its peer is established too: a segment to a port with no
+ * connected socket would be answered with a reset. */
+static void establish(int fd, const struct sockaddr_in *peer, uint32_t rcv)
+{
+	struct tcp_repair_opt mss = { .opt_code = TCPOPT_MAXSEG, .opt_val = 16384 };
+	struct tcp_repair_window w = {
+		.snd_wl1 = rcv, .snd_wnd = 65535, .max_window = 65535, .rcv_wnd = 65535, .rcv_wup = rcv,
+	};
+
+	if (connect(fd, (const struct sockaddr *)peer, sizeof(*peer)))
+		die("connecting a repaired socket");
+	if (setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_OPTIONS, &mss, sizeof(mss)))
+		die("TCP_REPAIR_OPTIONS");
+	if (setsockopt(fd, IPPROTO_TCP, TCP_REPAIR_WINDOW, &w, sizeof(w)))
+		die("TCP_REPAIR_WINDOW");
+}
+
+static int repaired_overlap(int map)
+{
+	const uint32_t a_seq = 1000000, b_seq = 2000000;
+	struct sockaddr_in at_a, at_b;
+	int a = repaired(a_seq, b_seq, &at_a);
+	int b = repaired(b_seq, a_seq + REPAIR_FROM, &at_b);
+	uint8_t got[4096];
+	size_t have = 0;
+	int wrong;
+
+	establish(a, &at_b, b_seq);
+	establish(b, &at_a, a_seq + REPAIR_FROM);
+	repair(b, 0);
+	repair(a, 0);
+	if (opt.mode != NO_PROGRAM)
+		insert(map, 0, b);
+	write_all(a, pattern, REPAIR_END, "sending the overlapping segment");
+	if (shutdown(a, SHUT_WR))
+		die("shutdown");
+	for (;;) {
+		ssize_t n = recv(b, got + have, sizeof(got) - have, 0);
+
+		if (n < 0)
+			die("recv");
+		if (n == 0)
+			break;
+		have += (size_t)n;
+	}
+	wrong = !(have == REPAIR_END - REPAIR_FROM && !memcmp(got, pattern + REPAIR_FROM, have));
+	if (!wrong)
+		printf("  right: bytes [%d, %d), once\n", REPAIR_FROM, REPAIR_END);
+	else if (have == REPAIR_END && !memcmp(got, pattern, have))
+		printf("  wrong: the segment whole, bytes [0, %d) though [0, %d) were received before\n",
+		       REPAIR_END, REPAIR_FROM);
+	else
+		printf("  wrong: the reader got %zu bytes for %d\n", have, REPAIR_END - REPAIR_FROM);
+	printf("%s: a segment overlapping bytes already received, made with TCP_REPAIR (%s)\n",
+	       wrong ? "WRONG" : "right",
+	       opt.mode == NO_PROGRAM ? "no program"
+	       : opt.mode == PARSER  ? "parser and verdict, SK_PASS"
+				     : "verdict only, SK_PASS");
+	close(a);
+	close(b);
+	return wrong;
+}
+
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: passdup [--mib N] [--runs N] [--buf BYTES] [--nonblocking]\n"
 		   "               [--parser | --no-program | --redirect] [--copier-cpu N] [--client-cpu N]\n"
-		   "               [--backend-cpu N] [--stall SECONDS] [--overlap]\n");
+		   "               [--backend-cpu N] [--stall SECONDS] [--overlap | --repair]\n");
 }
 
 int main(int argc, char **argv)
@@ -754,6 +864,7 @@ int main(int argc, char **argv)
 		{ "no-program", no_argument, NULL, 'N' },
 		{ "redirect", no_argument, NULL, 'r' + 256 },
 		{ "overlap", no_argument, NULL, 'o' + 256 },
+		{ "repair", no_argument, NULL, 'R' + 256 },
 		{ "copier-cpu", required_argument, NULL, 'C' },
 		{ "client-cpu", required_argument, NULL, 'c' },
 		{ "backend-cpu", required_argument, NULL, 'B' },
@@ -777,6 +888,7 @@ int main(int argc, char **argv)
 		case 'N': opt.mode = NO_PROGRAM; break;
 		case 'r' + 256: opt.mode = REDIRECT; break;
 		case 'o' + 256: opt.overlap = 1; break;
+		case 'R' + 256: opt.overlap = 2; break;
 		case 'C': opt.copier_cpu = atoi(optarg); break;
 		case 'c': opt.client_cpu = atoi(optarg); break;
 		case 'B': opt.backend_cpu = atoi(optarg); break;
@@ -815,7 +927,7 @@ int main(int argc, char **argv)
 			return 2;
 		}
 		alarm(opt.stall);
-		return overlap(map);
+		return opt.overlap == 2 ? repaired_overlap(map) : overlap(map);
 	}
 	pin(opt.copier_cpu);
 	for (int r = 0; r < opt.runs; r++) {
