@@ -4,10 +4,10 @@
 //! * [`sockmap`] — `--mode sockmap`: a SOCKHASH and an sk_skb verdict program
 //!   redirect each side's data to the other's egress.
 //! * [`splice`] — `--mode splice`: pipes and splice(2), as socket-proxyd.
-//! * [`probe`] — `--mode sockmap`: try the sockmap path on a loopback pair
-//!   at start and use it only if it behaves. `--mode auto` splices: the
-//!   probe cannot provoke the kernel's duplicated segments (see
-//!   skactivate-proxy(8)).
+//! * [`probe`] — `--mode sockmap` and `auto`: try the sockmap path on a
+//!   loopback pair at start and use it only if it behaves; ask how the
+//!   kernel reads a segment overlapping bytes already received (the known
+//!   defect, see skactivate-proxy(8)), which decides `auto`.
 //! * [`datagram`] — `ListenDatagram=` sockets: one connected backend socket
 //!   per client address.
 //! * [`header`] — the PROXY protocol header.
@@ -543,14 +543,18 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
             None,
             "mode splice (the target is an AF_UNIX socket; sockmap proxies TCP only)".to_owned(),
         ),
-        Mode::Sockmap => match probe::probe().await {
-            Ok(k) => {
-                tracing::warn!("--mode sockmap: {SOCKMAP_DUPLICATES}");
+        Mode::Sockmap => match proven(false).await {
+            Ok((k, Ok(()))) => (
+                Some(k),
+                format!("mode sockmap (as asked; {PROBED}, {READ_ONCE})"),
+            ),
+            Ok((k, Err(why))) => {
+                tracing::warn!("--mode sockmap: {why}; {SOCKMAP_DUPLICATES}");
                 (
                     Some(k),
-                    "mode sockmap (as asked; probe passed: redirect, half-close, early data, \
-                     bounded queue)"
-                        .to_owned(),
+                    format!(
+                        "mode sockmap (as asked; {PROBED}; but {why}: such connections are reset)"
+                    ),
                 )
             }
             Err(why) => {
@@ -561,20 +565,61 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
                 )
             }
         },
-        Mode::Auto => (
-            None,
-            "mode splice (auto: sockmap is used only when asked for, see skactivate-proxy(8))"
-                .to_owned(),
-        ),
+        Mode::Auto => match proven(true).await {
+            Ok((k, Ok(()))) => (
+                Some(k),
+                format!("mode sockmap (auto; {PROBED}, {READ_ONCE})"),
+            ),
+            Ok((_, Err(why))) => (
+                None,
+                format!("mode splice (auto: {why}; see skactivate-proxy(8), MODES)"),
+            ),
+            Err(why) => (
+                None,
+                format!("mode splice (auto: the sockmap probe failed: {why})"),
+            ),
+        },
     }
 }
 
-/// Why `auto` does not choose sockmap, said when it is asked for.
-const SOCKMAP_DUPLICATES: &str = "the kernel hands the verdict program a segment that \
-     overlaps bytes already received (a retransmission can) whole, and its old bytes go through \
-     a second time (every kernel tried, 5.10 to 7.2; seen on Linux 6.18 in a good part of bulk \
-     transfers); such a connection is reset, not passed on; use sockmap only on a kernel \
-     checked not to (skactivate-proxy(8), MODES)";
+/// What the probe checked, for `STATUS=`.
+const PROBED: &str = "probe passed: redirect, half-close, early data, bounded queue";
+const READ_ONCE: &str = "a segment overlapping bytes already received read once";
+
+/// Load the program, check how it reads an overlapping segment, and probe
+/// it. A failed overlap check is the known defect, returned inside: `auto`
+/// (`decisive`) then stops there, as the longer probe could not change its
+/// choice; `--mode sockmap` runs the probe all the same.
+async fn proven(decisive: bool) -> Result<(sockmap::Kernel, Result<(), probe::Overlap>), String> {
+    // Asked first: a process without them is most likely one whose unit
+    // also filters out bpf(2), and seccomp would kill it for trying.
+    if let Some(missing) = crate::dispatcher::missing_capabilities() {
+        return Err(format!("sockmap needs {missing}, which this process lacks"));
+    }
+    let kernel = probe::load()?;
+    let mut overlap = probe::overlap(&kernel).await;
+    if let Err(why) = &overlap {
+        tracing::info!("sockmap probe: {why}");
+        if std::env::var(probe::FORCE_FAIL_ENV).as_deref() == Ok("ignore-overlap") {
+            tracing::warn!(
+                "{}=ignore-overlap: counted as passed",
+                probe::FORCE_FAIL_ENV
+            );
+            overlap = Ok(());
+        }
+    }
+    if overlap.is_ok() || !decisive {
+        probe::probe(&kernel).await?;
+    }
+    Ok((kernel, overlap))
+}
+
+/// What the known defect means for `--mode sockmap`, said when the overlap
+/// check fails.
+const SOCKMAP_DUPLICATES: &str = "a retransmission can send such a segment, and any network \
+     has them (on Linux 6.18 loopback, a good part of bulk transfers); a connection whose bytes \
+     the kernel repeats is reset, not passed on; use sockmap only on a kernel that passes this \
+     check (skactivate-proxy(8), MODES)";
 
 pub fn run(opts: Options) -> Result<()> {
     crate::daemon::init_logging();

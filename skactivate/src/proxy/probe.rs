@@ -14,24 +14,36 @@
 //!   the backend's reply after it still reaches the client, then its EOF;
 //! * every step wakes up in time (stuck backlogs, lost wake-ups: a timeout).
 //!
-//! `SKACTIVATE_PROXY_PROBE=fail` in the environment makes the probe fail,
-//! to test the fallback.
+//! [`overlap`] then asks what the probe above cannot provoke on demand: a
+//! segment that overlaps bytes already received, as a retransmission can.
+//! The kernels tried so far hand it to the verdict program whole, and its
+//! old bytes go through a second time (see [`super::sockmap`], "Known
+//! defect"). Two loopback sockets are made established towards each other
+//! with `TCP_REPAIR` (CAP_NET_ADMIN, which the sockmap mode needs anyway),
+//! no handshake: the sender's next byte is byte 0, while the receiver is
+//! told it already has bytes [0, 500). The sender's first segment, bytes
+//! [0, 1000), then overlaps them. The receiver is proxied as a client is,
+//! and the backend must get bytes [500, 1000) once. `--mode auto` chooses
+//! sockmap only where both pass; `--mode sockmap` warns when this one fails.
 //!
-//! What it cannot see: whole segments the kernel hands the program a second
-//! time, which takes retransmitted segments (see [`super::sockmap`], "Known
-//! defect"). A loopback pair of its own does not retransmit on demand, which is why `--mode auto`
-//! splices (skactivate-proxy(8), MODES).
+//! `SKACTIVATE_PROXY_PROBE=fail` in the environment makes the probe fail, to
+//! test the fallback; `SKACTIVATE_PROXY_PROBE=ignore-overlap` counts the
+//! overlap check as passed (it still runs and is logged), to test what
+//! `auto` does on a kernel without the defect, where none is known yet.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 
 use super::sockmap::Kernel;
+use super::sys::{self, Addr};
+use super::{Fault, Stats};
 
-/// The environment variable that forces the probe to fail.
+/// The environment variable that forces the probe to fail (`fail`) or the
+/// overlap check to count as passed (`ignore-overlap`).
 pub const FORCE_FAIL_ENV: &str = "SKACTIVATE_PROXY_PROBE";
 
 const EARLY: &[u8] = b"early bytes, sent before the connection was armed\n";
@@ -53,13 +65,41 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// The kernel, loaded and proven; or why not.
-pub async fn probe() -> Result<Kernel, String> {
+/// The program, loaded; or why not.
+pub fn load() -> Result<Kernel, String> {
     if std::env::var(FORCE_FAIL_ENV).as_deref() == Ok("fail") {
         return Err(format!("forced by {FORCE_FAIL_ENV}=fail"));
     }
-    let kernel = Kernel::load().map_err(|e| e.to_string())?;
-    let io = |what: &str, e: std::io::Error| format!("loopback pair: {what}: {e}");
+    Kernel::load().map_err(|e| e.to_string())
+}
+
+/// Proxy one connection to completion as when serving, with the credit
+/// signals served too; or why it did not finish in time.
+async fn proxied(
+    kernel: &Kernel,
+    client: AsyncFd<OwnedFd>,
+    backend: AsyncFd<OwnedFd>,
+) -> Result<(Result<(), Fault>, Stats), String> {
+    let relay = super::relay_pair(Some(kernel), PROBE_LIMIT, client, backend, b"", None);
+    let relay = async {
+        tokio::select! {
+            r = relay => r,
+            () = async {
+                kernel.credit_events().await;
+                std::future::pending::<()>().await;
+            } => unreachable!(),
+        }
+    };
+    tokio::time::timeout(STEP_TIMEOUT * 4, relay)
+        .await
+        .map_err(|_| {
+            "the proxied connection did not finish (lost wake-up or stuck queue)".to_owned()
+        })
+}
+
+/// Does the sockmap path behave (the list at the top)?
+pub async fn probe(kernel: &Kernel) -> Result<(), String> {
+    let io = |what: &str, e: io::Error| format!("loopback pair: {what}: {e}");
     let front = TcpListener::bind("127.0.0.1:0").map_err(|e| io("bind", e))?;
     let back = TcpListener::bind("127.0.0.1:0").map_err(|e| io("bind", e))?;
     let mut client = TcpStream::connect(front.local_addr().map_err(|e| io("address", e))?)
@@ -76,22 +116,7 @@ pub async fn probe() -> Result<Kernel, String> {
     let (accepted, backend) = (fd(accepted)?, fd(backend)?);
 
     let driver = tokio::task::spawn_blocking(move || drive(client, server));
-    let relay = super::relay_pair(Some(&kernel), PROBE_LIMIT, accepted, backend, b"", None);
-    // The credit signals too, as when serving.
-    let relay = async {
-        tokio::select! {
-            r = relay => r,
-            () = async {
-                kernel.credit_events().await;
-                std::future::pending::<()>().await;
-            } => unreachable!(),
-        }
-    };
-    let (r, stats) = tokio::time::timeout(STEP_TIMEOUT * 4, relay)
-        .await
-        .map_err(|_| {
-            "the proxied connection did not finish (lost wake-up or stuck queue)".to_owned()
-        })?;
+    let (r, stats) = proxied(kernel, accepted, backend).await?;
     let d = tokio::time::timeout(STEP_TIMEOUT * 4, driver)
         .await
         .map_err(|_| "the test client did not finish".to_owned())?
@@ -112,12 +137,12 @@ pub async fn probe() -> Result<Kernel, String> {
         );
     }
     tracing::debug!("sockmap probe: {stats:?}");
-    Ok(kernel)
+    Ok(())
 }
 
 /// The client and the backend of the probe, on blocking sockets.
 fn drive(mut client: TcpStream, mut server: TcpStream) -> Result<(), String> {
-    let e = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    let e = |what: &str, e: io::Error| format!("{what}: {e}");
     for s in [&client, &server] {
         s.set_read_timeout(Some(STEP_TIMEOUT))
             .map_err(|x| e("timeout", x))?;
@@ -128,7 +153,7 @@ fn drive(mut client: TcpStream, mut server: TcpStream) -> Result<(), String> {
     let down = pattern(2, BULK);
     let mut writer = client.try_clone().map_err(|x| e("dup", x))?;
     let up2 = up.clone();
-    let w = std::thread::spawn(move || -> std::io::Result<()> {
+    let w = std::thread::spawn(move || -> io::Result<()> {
         writer.write_all(&up2)?;
         // A FIN of its own, not on the last data segment: a bare FIN must
         // not break the connection.
@@ -178,4 +203,163 @@ fn drive(mut client: TcpStream, mut server: TcpStream) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// What [`overlap`] found wrong.
+#[derive(Debug)]
+pub enum Overlap {
+    /// The known defect: the segment's old bytes went through again.
+    Repeated,
+    /// The check could not be made, or went wrong otherwise.
+    Failed(String),
+}
+
+impl std::fmt::Display for Overlap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Overlap::Repeated => write!(
+                f,
+                "the kernel handed the verdict program a segment overlapping {OLD} bytes already \
+                 received whole, and those bytes went through a second time"
+            ),
+            Overlap::Failed(why) => write!(f, "the overlapping-segment check failed: {why}"),
+        }
+    }
+}
+
+/// Where the repaired pair's sequence numbers start (any will do).
+const SENDER_SEQ: u32 = 0x5ca7_0000;
+const RECEIVER_SEQ: u32 = 0x0ac7_0000;
+/// The receiver is told it has the first `OLD` bytes of the sender's first
+/// segment, `SEGMENT` bytes long.
+const OLD: usize = 500;
+const SEGMENT: usize = 1000;
+
+/// Is a segment that overlaps bytes already received read once through
+/// the sockmap path (the top of this file)?
+pub async fn overlap(kernel: &Kernel) -> Result<(), Overlap> {
+    let failed = |what: &str, e: io::Error| Overlap::Failed(format!("{what}: {e}"));
+    let (sender, receiver) =
+        repaired_pair().map_err(|e| failed("TCP_REPAIR on a loopback pair", e))?;
+    let back = TcpListener::bind("127.0.0.1:0").map_err(|e| failed("bind", e))?;
+    let proxy_side = TcpStream::connect(back.local_addr().map_err(|e| failed("address", e))?)
+        .map_err(|e| failed("connect", e))?;
+    let (backend, _) = back.accept().map_err(|e| failed("accept", e))?;
+    proxy_side
+        .set_nonblocking(true)
+        .map_err(|e| failed("O_NONBLOCK", e))?;
+    let receiver = super::watch(receiver).map_err(|e| failed("epoll", e))?;
+    let proxy_side = super::watch(proxy_side.into()).map_err(|e| failed("epoll", e))?;
+
+    // The backend reads to EOF (or a reset), then ends its side.
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut got = Vec::new();
+        let r = backend
+            .set_read_timeout(Some(STEP_TIMEOUT))
+            .and_then(|()| (&backend).read_to_end(&mut got));
+        let _ = backend.shutdown(Shutdown::Write);
+        (got, r)
+    });
+    let segment = pattern(3, SEGMENT);
+    // The segment goes only once the relay has armed the connection, which
+    // its first poll does: bytes queued before are read by the proxy with
+    // recv(2), which skips the old ones, and would prove nothing.
+    let send = async {
+        tokio::task::yield_now().await;
+        match sys::send(sender.as_fd(), &segment) {
+            Ok(n) if n == SEGMENT => sys::shutdown_write(sender.as_fd()),
+            Ok(n) => Err(io::Error::other(format!("sent {n} bytes of {SEGMENT}"))),
+            Err(e) => Err(e),
+        }
+    };
+    let (relayed, sent) = tokio::join!(proxied(kernel, receiver, proxy_side), send);
+    sent.map_err(|e| failed("sending the overlapping segment", e))?;
+    let (r, stats) = relayed.map_err(Overlap::Failed)?;
+    let (got, read) = tokio::time::timeout(STEP_TIMEOUT * 2, reader)
+        .await
+        .map_err(|_| Overlap::Failed("the backend did not finish reading".into()))?
+        .map_err(|e| Overlap::Failed(format!("the backend's reader: {e}")))?;
+    tracing::debug!(
+        "overlap check: {stats:?}, {} bytes to the backend, {r:?}",
+        got.len()
+    );
+    if r.as_ref().is_err_and(Fault::is_repeated) || got == segment {
+        return Err(Overlap::Repeated);
+    }
+    if let Err(f) = r {
+        return Err(Overlap::Failed(format!(
+            "the proxied connection failed: {f}"
+        )));
+    }
+    read.map_err(|e| failed("the backend reading", e))?;
+    if got != segment[OLD..] {
+        return Err(Overlap::Failed(format!(
+            "{} bytes reached the backend, not bytes [{OLD}, {SEGMENT}) of the segment",
+            got.len()
+        )));
+    }
+    // Bytes the program never saw (not armed in time) prove nothing.
+    if stats.redirected[0] == 0 {
+        return Err(Overlap::Failed(
+            "the segment did not go through the verdict program".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Two TCP sockets on loopback established towards each other without a
+/// handshake (`TCP_REPAIR`): the sender's next byte is the receiver's
+/// `OLD`th (the receiver "has" `OLD` bytes the sender never sent).
+fn repaired_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let loopback = Addr::Ip(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    let made = |send: u32, recv: u32| -> io::Result<(OwnedFd, Addr)> {
+        let fd = sys::socket(libc::AF_INET, libc::SOCK_STREAM)?;
+        sys::set_repair(fd.as_fd(), true)?;
+        sys::set_repair_seqs(fd.as_fd(), send, recv)?;
+        sys::bind(fd.as_fd(), &loopback)?;
+        let at = sys::local_addr(fd.as_fd())?;
+        Ok((fd, at))
+    };
+    let receiver_next = SENDER_SEQ.wrapping_add(OLD as u32);
+    let (sender, at_sender) = made(SENDER_SEQ, RECEIVER_SEQ)?;
+    let (receiver, at_receiver) = made(RECEIVER_SEQ, receiver_next)?;
+    // Both stay in repair mode (silent) until both are established: a
+    // segment to a port with no connected socket would be answered with a
+    // reset.
+    for (fd, peer, rcv) in [
+        (&sender, &at_receiver, RECEIVER_SEQ),
+        (&receiver, &at_sender, receiver_next),
+    ] {
+        if !sys::connect(fd.as_fd(), peer)? {
+            return Err(io::Error::other("connect in repair mode did not complete"));
+        }
+        sys::set_repair_peer(fd.as_fd(), 16384, 65535, rcv)?;
+    }
+    sys::set_repair(receiver.as_fd(), false)?;
+    sys::set_repair(sender.as_fd(), false)?;
+    Ok((sender, receiver))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The repaired pair's segment is one TCP takes, and a plain reader
+    /// (recv, no program) gets only its new bytes, once: without that the
+    /// overlap check could not tell a right kernel from a wrong one.
+    /// Needs CAP_NET_ADMIN (run as root, as CI does).
+    #[test]
+    fn a_plain_reader_gets_an_overlapping_segments_new_bytes_once() {
+        let (sender, receiver) = repaired_pair().expect("TCP_REPAIR (needs CAP_NET_ADMIN)");
+        let segment = pattern(3, SEGMENT);
+        assert_eq!(sys::send(sender.as_fd(), &segment).unwrap(), SEGMENT);
+        sys::shutdown_write(sender.as_fd()).unwrap();
+        let mut receiver = TcpStream::from(receiver);
+        receiver.set_nonblocking(false).unwrap();
+        receiver.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+        let mut got = Vec::new();
+        receiver.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), SEGMENT - OLD);
+        assert!(got == segment[OLD..], "the new bytes, in order");
+    }
 }

@@ -119,7 +119,13 @@
 //! ever retransmitted. With a stream parser, bulk transfers stall as well
 //! (4 of 5 runs of 64 MiB here, every run under qemu), so that is no way
 //! around it either. The duplicates blamed on the two attempts below were
-//! this. Hence `--mode auto` splices (skactivate-proxy(8), MODES).
+//! this. `scripts/sockmap-pass-check --repair` asks the same without TUN:
+//! two loopback sockets made established towards each other with
+//! `TCP_REPAIR`, the receiver told it already has bytes [0, 500) the sender
+//! never sent; the sender's first segment, [0, 1000), comes through whole
+//! on the same kernels. [`super::probe::overlap`] asks that with our own
+//! program, and `--mode auto` takes sockmap only where the answer is right
+//! (skactivate-proxy(8), MODES).
 //!
 //! What the proxy does about it: the program is handed only bytes TCP has
 //! received, so its counts for a socket can exceed `tcpi_bytes_received`

@@ -620,3 +620,67 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
     let info: TcpInfo = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     Ok(info.head[0])
 }
+
+/// `TCP_REPAIR_QUEUE` values (linux/tcp.h).
+const TCP_RECV_QUEUE: libc::c_int = 1;
+const TCP_SEND_QUEUE: libc::c_int = 2;
+/// `TCPOPT_MAXSEG`, the option code `TCP_REPAIR_OPTIONS` takes for the MSS.
+const TCPOPT_MAXSEG: u32 = 2;
+
+/// `struct tcp_repair_opt` (linux/tcp.h).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpRepairOpt {
+    opt_code: u32,
+    opt_val: u32,
+}
+
+/// `struct tcp_repair_window` (linux/tcp.h, Linux 4.8).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpRepairWindow {
+    snd_wl1: u32,
+    snd_wnd: u32,
+    max_window: u32,
+    rcv_wnd: u32,
+    rcv_wup: u32,
+}
+
+/// `TCP_REPAIR` on or off (needs CAP_NET_ADMIN). In repair mode a socket
+/// sends nothing and `connect` makes it established without a handshake.
+pub fn set_repair(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+        libc::c_int::from(on),
+    )
+}
+
+/// In repair mode, before `connect`: the sequence numbers of the next byte
+/// to send and of the next byte to receive.
+pub fn set_repair_seqs(fd: BorrowedFd<'_>, send: u32, recv: u32) -> io::Result<()> {
+    for (queue, seq) in [(TCP_SEND_QUEUE, send), (TCP_RECV_QUEUE, recv)] {
+        setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, queue)?;
+        setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, seq)?;
+    }
+    Ok(())
+}
+
+/// In repair mode, once established: what the peer would have announced,
+/// an MSS and an open window (`rcv` is the next byte to receive).
+pub fn set_repair_peer(fd: BorrowedFd<'_>, mss: u32, window: u32, rcv: u32) -> io::Result<()> {
+    let opt = TcpRepairOpt {
+        opt_code: TCPOPT_MAXSEG,
+        opt_val: mss,
+    };
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_OPTIONS, opt)?;
+    let w = TcpRepairWindow {
+        snd_wl1: rcv,
+        snd_wnd: window,
+        max_window: window,
+        rcv_wnd: window,
+        rcv_wup: rcv,
+    };
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, w)
+}
