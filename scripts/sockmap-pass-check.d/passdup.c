@@ -674,10 +674,26 @@ static int tun_device(void)
 	return fd;
 }
 
+/* Reads `fd` to EOF into `buf`; returns how many bytes came. */
+static size_t read_to_eof(int fd, uint8_t *buf, size_t size)
+{
+	size_t have = 0;
+
+	for (;;) {
+		ssize_t n = recv(fd, buf + have, size - have, 0);
+
+		if (n < 0)
+			die("recv");
+		if (n == 0)
+			return have;
+		have += (size_t)n;
+	}
+}
+
 static int overlap_transfer(int map, int tun, int listener_fd, uint32_t port)
 {
 	uint8_t got[4096];
-	size_t have = 0;
+	size_t have;
 	struct segment synack;
 	uint32_t server_isn, s0 = PEER_ISN + 1;
 	int from;
@@ -697,15 +713,7 @@ static int overlap_transfer(int map, int tun, int listener_fd, uint32_t port)
 		  OVERLAP_END - OVERLAP_FROM);
 	peer_wait(tun, TH_ACK, s0 + OVERLAP_END);
 	peer_send(tun, s0 + OVERLAP_END, server_isn + 1, TH_ACK | TH_FIN, NULL, 0);
-	for (;;) {
-		ssize_t n = recv(from, got + have, sizeof(got) - have, 0);
-
-		if (n < 0)
-			die("recv");
-		if (n == 0)
-			break;
-		have += (size_t)n;
-	}
+	have = read_to_eof(from, got, sizeof(got));
 	close(from);
 	if (have == OVERLAP_END && !memcmp(got, pattern, OVERLAP_END)) {
 		printf("  right: %d bytes, once and in order\n", OVERLAP_END);
@@ -807,7 +815,7 @@ static int repaired_overlap(int map)
 	int a = repaired(a_seq, b_seq, &at_a);
 	int b = repaired(b_seq, a_seq + REPAIR_FROM, &at_b);
 	uint8_t got[4096];
-	size_t have = 0;
+	size_t have;
 	int wrong;
 
 	establish(a, &at_b, b_seq);
@@ -819,15 +827,7 @@ static int repaired_overlap(int map)
 	write_all(a, pattern, REPAIR_END, "sending the overlapping segment");
 	if (shutdown(a, SHUT_WR))
 		die("shutdown");
-	for (;;) {
-		ssize_t n = recv(b, got + have, sizeof(got) - have, 0);
-
-		if (n < 0)
-			die("recv");
-		if (n == 0)
-			break;
-		have += (size_t)n;
-	}
+	have = read_to_eof(b, got, sizeof(got));
 	wrong = !(have == REPAIR_END - REPAIR_FROM && !memcmp(got, pattern + REPAIR_FROM, have));
 	if (!wrong)
 		printf("  right: bytes [%d, %d), once\n", REPAIR_FROM, REPAIR_END);
