@@ -308,8 +308,8 @@ pub async fn overlap(kernel: &Kernel) -> Result<(), Overlap> {
 }
 
 /// Two TCP sockets on loopback established towards each other without a
-/// handshake (`TCP_REPAIR`): the sender's next byte is the receiver's
-/// `OLD`th (the receiver "has" `OLD` bytes the sender never sent).
+/// handshake (`TCP_REPAIR`): the sender's next byte is its byte 0, while the
+/// receiver expects byte `OLD` next (it "has" `OLD` bytes never sent).
 fn repaired_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let loopback = Addr::Ip(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
     let made = |send: u32, recv: u32| -> io::Result<(OwnedFd, Addr)> {
