@@ -65,12 +65,58 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// The program, loaded; or why not.
+/// The program, loaded; or why not. What the process may not do is asked
+/// before bpf(2) is called: a unit whose `SystemCallFilter=` leaves bpf(2)
+/// out has seccomp kill the process that calls it.
 pub fn load() -> Result<Kernel, String> {
     if std::env::var(FORCE_FAIL_ENV).as_deref() == Ok("fail") {
         return Err(format!("forced by {FORCE_FAIL_ENV}=fail"));
     }
+    // Without them the load fails anyway: say which.
+    if let Some(missing) = crate::dispatcher::missing_capabilities() {
+        return Err(format!("sockmap needs {missing}, which this process lacks"));
+    }
+    bpf_syscall_allowed()?;
     Kernel::load().map_err(|e| e.to_string())
+}
+
+/// Does seccomp let this process call bpf(2)? A child calls it (with no
+/// attributes: the kernel answers EINVAL or EFAULT) and is what gets killed
+/// if not.
+fn bpf_syscall_allowed() -> Result<(), String> {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    // SAFETY: the child makes one raw syscall and _exits: nothing that a
+    // fork of a threaded process may not do.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: a raw syscall with a null pointer and size 0, then _exit.
+        unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, std::ptr::null::<u8>(), 0);
+            libc::_exit(0)
+        }
+    }
+    if pid < 0 {
+        return Err(format!(
+            "fork, to test whether bpf(2) is allowed: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child, status is a valid c_int.
+    while unsafe { libc::waitpid(pid, &raw mut status, 0) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(format!("waitpid: {e}"));
+        }
+    }
+    if libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS {
+        return Err(
+            "bpf(2) is not allowed: the unit's SystemCallFilter= leaves it out (a \
+                    child that called it was killed by SIGSYS); add \"bpf\" to it"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// Proxy one connection to completion as when serving, with the credit
