@@ -42,6 +42,8 @@ struct Plan {
     bulk: usize,
     conn_time: Duration,
     slow_time: Duration,
+    /// Socket-activated starts timed per proxy.
+    starts: usize,
     /// Fail at once on a bulk round that delivered the wrong number of
     /// bytes (the smoke run, a test); the bench reports them instead.
     strict: bool,
@@ -82,33 +84,7 @@ fn start(
 ) -> Proxy {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    let fd = l.as_raw_fd();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
-        .args(argv)
-        .arg(target.to_string())
-        .env("LISTEN_FDS", "1")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::fcntl(3, libc::F_SETFD, 0);
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
-            Ok(())
-        });
-    }
-    if let Some(n) = notify {
-        cmd.env("NOTIFY_SOCKET", n);
-    }
-    let child = cmd.spawn().unwrap();
+    let child = spawn(argv, target, &l, notify, false);
     drop(l);
     // Ready when it passes a connection on (the listening socket accepts
     // in the kernel before the proxy runs).
@@ -135,6 +111,90 @@ fn start(
         std::thread::sleep(Duration::from_millis(50));
     }
     Proxy { name, child, addr }
+}
+
+/// Socket activation as its first client sees it: from the proxy's spawn
+/// to the echo of a byte sent at once through its listening socket (which
+/// queues the connection until the proxy accepts it), in ms.
+fn first_reply(name: &str, argv: &[&str], echo: SocketAddr, hide_btf: bool) -> f64 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t0 = Instant::now();
+    let child = spawn(argv, echo, &l, None, hide_btf);
+    let p = Proxy {
+        name: "starting",
+        child,
+        addr,
+    };
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b)
+        .unwrap_or_else(|e| panic!("{name}: no first reply: {e}"));
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    drop(p);
+    ms
+}
+
+/// Spawn a proxy to `target` on CPU 0 with `l` as its socket from systemd;
+/// with `hide_btf`, in a mount namespace where the kernel's BTF cannot be
+/// read, as the example unit's `InaccessiblePaths=` has it.
+fn spawn(
+    argv: &[&str],
+    target: SocketAddr,
+    l: &TcpListener,
+    notify: Option<&str>,
+    hide_btf: bool,
+) -> Child {
+    let fd = l.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
+        .args(argv)
+        .arg(target.to_string())
+        .env("LISTEN_FDS", "1")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::fcntl(3, libc::F_SETFD, 0);
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+            if hide_btf {
+                let null = std::ptr::null::<libc::c_char>();
+                if libc::unshare(libc::CLONE_NEWNS) < 0
+                    || libc::mount(
+                        null,
+                        c"/".as_ptr(),
+                        null,
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) < 0
+                    || libc::mount(
+                        c"/dev/null".as_ptr(),
+                        c"/sys/kernel/btf/vmlinux".as_ptr(),
+                        null,
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    if let Some(n) = notify {
+        cmd.env("NOTIFY_SOCKET", n);
+    }
+    cmd.spawn().unwrap()
 }
 
 /// CPU seconds of a process (all its threads).
@@ -370,6 +430,36 @@ fn run(plan: &Plan) -> String {
         ),
         ("skactivate splice", vec![bin, "proxy", "--mode", "splice"]),
     ];
+    // Starts first, while nothing else of the bench runs. auto (the
+    // default) is timed too: with the bench's capabilities it loads the
+    // program and asks the kernel before it chooses.
+    let starting: [(&str, Vec<&str>, bool); 5] = [
+        ("systemd-socket-proxyd", vec![SOCKET_PROXYD], false),
+        (
+            "skactivate splice",
+            vec![bin, "proxy", "--mode", "splice"],
+            false,
+        ),
+        ("skactivate auto", vec![bin, "proxy"], false),
+        (
+            "skactivate auto, kernel BTF hidden (as the example unit)",
+            vec![bin, "proxy"],
+            true,
+        ),
+        (
+            "skactivate sockmap",
+            vec![bin, "proxy", "--mode", "sockmap"],
+            false,
+        ),
+    ];
+    let mut starts: Vec<Vec<f64>> = vec![Vec::new(); starting.len()];
+    for r in 0..plan.starts {
+        for k in 0..starting.len() {
+            let i = (k + r) % starting.len();
+            let (name, argv, hide_btf) = &starting[i];
+            starts[i].push(first_reply(name, argv, echo, *hide_btf));
+        }
+    }
     let proxies: Vec<Proxy> = kinds
         .iter()
         .map(|(n, argv)| start(n, argv, echo, None, None))
@@ -492,6 +582,28 @@ fn run(plan: &Plan) -> String {
             );
         }
     }
+    out += "\nSocket-activated start: from the proxy's spawn to the echo of a byte its first client \
+            sent at once, ms (what `auto` adds is loading the program and asking the kernel, and \
+            aya's parse of the kernel's BTF where it can read it; `sockmap` also runs the full \
+            probe):\n\n| proxy | median ms | max ms | median ratio |\n| --- | ---: | ---: | ---: |\n";
+    let mut base = 0.0;
+    for (i, (name, ..)) in starting.iter().enumerate() {
+        let mut t = starts[i].clone();
+        t.sort_by(f64::total_cmp);
+        let med = percentile(&t, 0.5);
+        if i == 0 {
+            base = med;
+        }
+        out += &format!(
+            "| {name} | {med:.1} | {:.1} | {:.2} |\n",
+            t[t.len() - 1],
+            med / base
+        );
+    }
+    out += &format!(
+        "\n{} starts each, the order rotated each time.\n",
+        plan.starts
+    );
     for (i, st) in bulk_status.iter().enumerate() {
         let Some(st) = st else { continue };
         let (Some(r), Some(c)) = (
@@ -520,6 +632,7 @@ fn main() {
             bulk: 1 << 30,
             conn_time: Duration::from_secs(2),
             slow_time: Duration::from_secs(3),
+            starts: 20,
             strict: false,
         }
     } else {
@@ -529,6 +642,7 @@ fn main() {
             bulk: 8 << 20,
             conn_time: Duration::from_millis(200),
             slow_time: Duration::from_millis(300),
+            starts: 1,
             strict: true,
         }
     };
