@@ -126,6 +126,8 @@ EOF
   #   --capability=CAP_BPF      units restricted to CAP_BPF need it in the
   #                             container's bounding set (the kernel accepts
   #                             CAP_SYS_ADMIN for BPF, which nspawn keeps)
+  #   --capability=CAP_PERFMON  likewise, for the proxy's program that reads
+  #                             a segment's sequence number
   #   --private-network         own netns with lo; CAP_NET_ADMIN inside
   #   --bind=$D/units:/etc/systemd/system  an empty admin unit directory
   (
@@ -136,7 +138,7 @@ EOF
        mount --bind "$1" "$0" && shift && exec "$@"' \
       "$D/root" "$root" systemd-nspawn --register=no --keep-unit --quiet -M "$N" -D "$D/root" \
       --volatile=overlay --system-call-filter=bpf --system-call-filter=pidfd_getfd \
-      --capability=CAP_BPF --bind=/run/bpffs:/sys/fs/bpf "${units[@]}" \
+      --capability=CAP_BPF --capability=CAP_PERFMON --bind=/run/bpffs:/sys/fs/bpf "${units[@]}" \
       --bind-ro="$D/boot.target:$target" \
       "${net[@]}" -b -- systemd.unit=skactivate-test-boot.target
   ) > "$D/console.log" 2>&1 < /dev/null &
