@@ -25,9 +25,20 @@
  * puts the side's cookie on the `credit` ring buffer, once per `notify`
  * value, and user space hands out more as far as the peer's peer has
  * acknowledged, waking once per quarter credit, not per chunk.
+ *
+ * A segment can overlap bytes the socket has already received (a
+ * retransmission whose first part arrived before). TCP queues it whole and
+ * leaves skipping the old head to the reader; the verdict path hands the
+ * program the whole segment, old bytes included (sockmap.rs, "Known
+ * defect"). ska_proxy_verdict_trim skips them itself: it reads the
+ * segment's sequence number, remembers where the last one ended, and cuts
+ * the bytes before that off the front. Reading the sequence number needs
+ * bpf_probe_read_kernel, so CAP_PERFMON; ska_proxy_verdict is the same
+ * program without it.
  * See skactivate/src/proxy/sockmap.rs for the user-space half.
  */
 #include <linux/bpf.h>
+#include <stdbool.h>
 #include <bpf/bpf_helpers.h>
 
 #define SKA_PROXY_MAX_SOCKETS 65536
@@ -40,11 +51,17 @@ struct ska_proxy_side {
 	__u64 notify;  /* signal on `credit` once redirected >= notify; 0: never */
 };
 
-/* Mirrored by proxy::sockmap::Count. Written by this program only. */
+/* Mirrored by proxy::sockmap::Count. Written by this program only
+ * (user space creates it zeroed). */
 struct ska_proxy_count {
 	__u64 redirected;
 	__u64 passed;
 	__u64 signalled; /* the `notify` value last signalled */
+	__u64 trimmed;   /* old bytes cut off the front of segments */
+	__u32 next;      /* the sequence number after the last byte seen */
+	__u32 started;   /* `next` is set */
+	__s32 error;     /* the last error cutting old bytes off, or 0 */
+	__u32 failures;  /* segments whose old bytes could not all be cut */
 };
 
 struct {
@@ -74,22 +91,80 @@ struct {
 	__uint(max_entries, 64 * 1024);
 } credit SEC(".maps");
 
-SEC("sk_skb/stream_verdict")
-int ska_proxy_verdict(struct __sk_buff *skb)
+/* offsetof(struct sk_buff, cb), where TCP keeps the segment's sequence
+ * number (TCP_SKB_CB(skb)->seq, the first word). The same on x86-64 from
+ * 5.10 to 7.2 (their BTF); a kernel where it differs fails the overlap
+ * check at start, and the proxy splices there. */
+#define SKA_SKB_CB 40
+/* bpf_skb_adjust_room removes at most this much per call. */
+#define SKA_TRIM_STEP 4095
+/* Enough steps for a 64 KiB segment. */
+#define SKA_TRIM_STEPS 17
+
+/* Cut off the bytes of this segment that the socket has seen before.
+ * The first segment after user space put the socket in the map starts at
+ * the first byte not yet read: the proxy reads nothing before, so nothing
+ * older can be in the queue. */
+static __always_inline void ska_trim(struct __sk_buff *skb, struct ska_proxy_count *c)
+{
+	__u32 seq, end, len = skb->len;
+	__s32 old;
+
+	long err = bpf_probe_read_kernel(&seq, sizeof(seq), (void *)skb + SKA_SKB_CB);
+
+	if (err) {
+		/* Left whole: user space compares counts with TCP's. */
+		c->error = err;
+		c->failures++;
+		return;
+	}
+	end = seq + len;
+	old = (__s32)(c->next - seq);
+	if (!c->started || old <= 0) {
+		c->started = 1;
+		c->next = end;
+		return;
+	}
+	/* TCP queues no segment without a new byte; should one come, it is
+	 * cut to nothing but its last byte, and counted. */
+	if ((__u32)old >= len)
+		old = len - 1;
+	for (int i = 0; i < SKA_TRIM_STEPS && old > 0; i++) {
+		__s32 n = old > SKA_TRIM_STEP ? SKA_TRIM_STEP : old;
+
+		err = bpf_skb_adjust_room(skb, -n, 0, 0);
+		if (err) {
+			c->error = err;
+			break;
+		}
+		old -= n;
+		c->trimmed += n;
+	}
+	if (old > 0)
+		c->failures++;
+	/* Whatever could not be cut stays, and makes the counts exceed what
+	 * TCP received: user space resets the connection. */
+	c->next = end;
+}
+
+static __always_inline int ska_verdict(struct __sk_buff *skb, bool trim)
 {
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	struct ska_proxy_count *c = bpf_map_lookup_elem(&counts, &cookie);
 	struct ska_proxy_side *s = bpf_map_lookup_elem(&sides, &cookie);
-	__u64 len = skb->len;
+	__u64 len;
 
 	/* A bare FIN arrives as an skb without data. Redirected, the target's
 	 * send path would count zero bytes sent as a broken pipe and fail the
 	 * socket; passed, it would read as an early end. It carries no byte,
 	 * and the socket's own state says EOF: drop it. */
-	if (len == 0)
+	if (skb->len == 0)
 		return SK_DROP;
 	if (!c)
 		return SK_PASS;
+	if (trim)
+		ska_trim(skb, c);
+	len = skb->len;
 	/* One verdict at a time per socket (the socket's lock), so the
 	 * counters need no atomics; user space only reads them. */
 	if (!s || c->passed != s->drained || c->redirected + len > s->allowed)
@@ -105,6 +180,18 @@ int ska_proxy_verdict(struct __sk_buff *skb)
 pass:
 	c->passed += len;
 	return SK_PASS;
+}
+
+SEC("sk_skb/stream_verdict")
+int ska_proxy_verdict(struct __sk_buff *skb)
+{
+	return ska_verdict(skb, false);
+}
+
+SEC("sk_skb/stream_verdict")
+int ska_proxy_verdict_trim(struct __sk_buff *skb)
+{
+	return ska_verdict(skb, true);
 }
 
 char _license[] SEC("license") = "Dual MIT/GPL";

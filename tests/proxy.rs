@@ -72,6 +72,17 @@ impl Proxy {
     /// Start the proxy on `sockets` (they become fds 3, 4, …) with `args`,
     /// and wait for READY=1.
     fn start(args: &[&str], sockets: &[&dyn AsRawFd], env: &[(&str, &str)]) -> Proxy {
+        Proxy::start_under(&[], args, sockets, env)
+    }
+
+    /// [`Proxy::start`], run by the command `under` (e.g. `setpriv` with
+    /// its arguments), which must exec it in the same process.
+    fn start_under(
+        under: &[&str],
+        args: &[&str],
+        sockets: &[&dyn AsRawFd],
+        env: &[(&str, &str)],
+    ) -> Proxy {
         let notify_path = std::env::temp_dir().join(format!(
             "skactivate-proxy-test-{}-{}.notify",
             std::process::id(),
@@ -85,7 +96,9 @@ impl Proxy {
         let fds: Vec<i32> = sockets.iter().map(|s| s.as_raw_fd()).collect();
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
-            .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
+            .arg(r#"LISTEN_PID=$$ exec "$@""#)
+            .arg("sh")
+            .args(under)
             .arg(env!("CARGO_BIN_EXE_skactivate"))
             .arg("proxy")
             .args(args)
@@ -799,7 +812,8 @@ fn resets_and_refusal_propagate() {
 /// The `counts` map of the proxy with process id `pid` (the verdict
 /// program's per-socket counters, `struct ska_proxy_count`), found through
 /// its file descriptors: other tests' proxies have maps of that name too.
-fn counts_map_of(pid: u32) -> aya::maps::HashMap<aya::maps::MapData, u64, [u64; 3]> {
+/// (`struct ska_proxy_count` is six 8-byte words.)
+fn counts_map_of(pid: u32) -> aya::maps::HashMap<aya::maps::MapData, u64, [u64; 6]> {
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
         let fd = fd.unwrap();
         let Ok(target) = std::fs::read_link(fd.path()) else {
@@ -1244,13 +1258,17 @@ fn reproducer(args: &[&str]) -> (Option<i32>, String) {
     (out.status.code(), text)
 }
 
-/// auto uses sockmap only where the kernel reads a segment overlapping
-/// bytes already received once, as the reproducer's `--repair` check,
-/// independent of this code, finds it; on the kernels known it does not,
-/// and auto splices and says why. With that check counted as passed
-/// (`SKACTIVATE_PROXY_PROBE=ignore-overlap`) auto takes sockmap. sockmap,
-/// asked for, is probed first, says what the overlap check found, and falls
-/// back to splice when the probe fails.
+/// auto uses sockmap only where a segment overlapping bytes already
+/// received is read once. The reproducer's `--repair` check, independent of
+/// this code, says whether the kernel hands such a segment to a verdict
+/// program whole (every kernel known does). With CAP_PERFMON the proxy's
+/// program cuts the old bytes off, and auto takes sockmap; without it
+/// (`setpriv` drops it, and CAP_SYS_ADMIN, which implies it) auto takes
+/// sockmap only where the reproducer found the kernel right, and otherwise
+/// splices and says why. With the check counted as passed
+/// (`SKACTIVATE_PROXY_PROBE=ignore-overlap`) auto takes sockmap all the
+/// same. sockmap, asked for, is probed first, says what the overlap check
+/// found, and falls back to splice when the probe fails.
 #[test]
 fn auto_uses_sockmap_only_where_an_overlapping_segment_is_read_once() {
     let (code, text) = reproducer(&["--repair", "--stall", "30"]);
@@ -1260,13 +1278,36 @@ fn auto_uses_sockmap_only_where_an_overlapping_segment_is_read_once() {
         _ => panic!("the reproducer could not run: {text}"),
     };
     eprintln!("the reproducer: {text}");
+    const NO_PERFMON: &[&str] = &["setpriv", "--bounding-set=-perfmon,-sys_admin", "--"];
     in_netns("auto mode", move |_| {
         let b = backend(echo);
         let t = b.addr.to_string();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = l.local_addr().unwrap();
         let data = Arc::new(pattern(11, 1 << 20));
+
+        // With CAP_PERFMON: the program cuts the old bytes off (if the
+        // kernel hands them over).
         let mut p = Proxy::start(&[&t], &[&l], &[]);
+        let st = p.status();
+        let found = if read_once {
+            "read once)"
+        } else {
+            "read once (the program cut its 500 old bytes off))"
+        };
+        assert!(
+            st.starts_with(&format!(
+                "mode sockmap (auto; probe passed: redirect, half-close, early data, bounded \
+                 queue, a segment overlapping bytes already received {found}"
+            )),
+            "{st}"
+        );
+        assert_eq!(echo_through(a, &data), *data);
+        assert_kernel_moved(&mut p, "sockmap");
+        drop(p);
+
+        // Without: right only where the kernel is.
+        let mut p = Proxy::start_under(NO_PERFMON, &[&t], &[&l], &[]);
         let st = p.status();
         if read_once {
             assert!(st.starts_with("mode sockmap (auto; probe passed"), "{st}");
@@ -1274,7 +1315,9 @@ fn auto_uses_sockmap_only_where_an_overlapping_segment_is_read_once() {
             assert!(
                 st.starts_with(
                     "mode splice (auto: the kernel handed the verdict program a segment \
-                     overlapping 500 bytes already received whole"
+                     overlapping 500 bytes already received whole, and those bytes went through \
+                     a second time (the program that cuts them off is not used: it needs \
+                     CAP_PERFMON, which this process lacks)"
                 ),
                 "{st}"
             );
@@ -1282,7 +1325,8 @@ fn auto_uses_sockmap_only_where_an_overlapping_segment_is_read_once() {
         assert_eq!(echo_through(a, &data), *data);
         drop(p);
 
-        let mut p = Proxy::start(
+        let mut p = Proxy::start_under(
+            NO_PERFMON,
             &[&t],
             &[&l],
             &[("SKACTIVATE_PROXY_PROBE", "ignore-overlap")],
@@ -1299,20 +1343,22 @@ fn auto_uses_sockmap_only_where_an_overlapping_segment_is_read_once() {
         assert_kernel_moved(&mut p, "sockmap");
         drop(p);
 
-        let mut p = Proxy::start(&["--mode", "sockmap", &t], &[&l], &[]);
-        let st = p.status();
-        assert!(
-            st.starts_with("mode sockmap (as asked; probe passed"),
-            "{st}"
-        );
-        assert_eq!(
-            st.contains("; but the kernel handed the verdict program a segment overlapping"),
-            !read_once,
-            "{st}"
-        );
-        assert_eq!(echo_through(a, &data), *data);
-        assert_kernel_moved(&mut p, "sockmap");
-        drop(p);
+        for under in [&[][..], NO_PERFMON] {
+            let mut p = Proxy::start_under(under, &["--mode", "sockmap", &t], &[&l], &[]);
+            let st = p.status();
+            assert!(
+                st.starts_with("mode sockmap (as asked; probe passed"),
+                "{st}"
+            );
+            assert_eq!(
+                st.contains("; but the kernel handed the verdict program a segment overlapping"),
+                !read_once && !under.is_empty(),
+                "{under:?}: {st}"
+            );
+            assert_eq!(echo_through(a, &data), *data);
+            assert_kernel_moved(&mut p, "sockmap");
+            drop(p);
+        }
 
         for (mode, expect) in [
             (
@@ -1474,8 +1520,8 @@ fn socket_activated_under_systemd_with_type_notify() {
         &dropin,
         b"[Service]\nExecStart=\n\
           ExecStart=/usr/bin/skactivate proxy --mode sockmap --exit-idle-time 3s 127.0.0.1:80\n\
-          AmbientCapabilities=CAP_BPF CAP_NET_ADMIN\n\
-          CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN\n\
+          AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON\n\
+          CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON\n\
           SystemCallFilter=bpf\n",
         0o644,
     );
@@ -1496,9 +1542,11 @@ fn socket_activated_under_systemd_with_type_notify() {
         "{status}"
     );
     // The overlap check ran under the unit's limits (TCP_REPAIR needs the
-    // CAP_NET_ADMIN sockmap needs anyway), whatever it found.
+    // CAP_NET_ADMIN sockmap needs anyway), and with CAP_PERFMON the
+    // program read the segment once, cutting the old bytes off where the
+    // kernel handed them over (every kernel known does).
     assert!(
-        !status.contains("the overlapping-segment check failed"),
+        status.contains("a segment overlapping bytes already received read once"),
         "{status}"
     );
     assert_eq!(sd.property("webserver-proxy.service", "Type"), "notify");

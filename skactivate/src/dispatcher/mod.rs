@@ -422,15 +422,21 @@ pub fn is_supported() -> bool {
     yes
 }
 
+/// This thread's effective capabilities (a bit per capability number), if
+/// `/proc` says.
+pub fn effective_capabilities() -> Option<u64> {
+    let status = fs::read_to_string("/proc/thread-self/status").ok()?;
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(eff.trim(), 16).ok()
+}
+
 /// The capabilities loading and attaching the dispatcher needs that the
 /// calling thread's effective set lacks (`None`: it has them all).
 pub fn missing_capabilities() -> Option<String> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_BPF: u32 = 39;
-    let status = fs::read_to_string("/proc/thread-self/status").ok()?;
-    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-    let eff = u64::from_str_radix(eff.trim(), 16).ok()?;
+    let eff = effective_capabilities()?;
     let has = |c: u32| eff & (1 << c) != 0;
     let mut missing = Vec::new();
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {

@@ -157,12 +157,14 @@ pub enum Fault {
     Idle(Duration),
     /// The kernel handed the verdict program more bytes than TCP received
     /// on a socket: it repeated some (sockmap.rs, "Known defect").
+    /// The second field says what the program could not cut off, if that
+    /// is known.
     #[error(
-        "the kernel handed the verdict program {0} bytes more than TCP received (a kernel \
+        "the kernel handed the verdict program {0} bytes more than TCP received{1} (a kernel \
          defect with retransmitted segments; skactivate-proxy(8), MODES): \
          resetting the connection rather than letting the repeated bytes pass for data"
     )]
-    Repeated(u64),
+    Repeated(u64, String),
 }
 
 impl Fault {
@@ -173,7 +175,7 @@ impl Fault {
     /// The kernel's fault, not the peers': worth more than an info line.
     fn is_repeated(&self) -> bool {
         match self {
-            Fault::Repeated(_) => true,
+            Fault::Repeated(..) => true,
             Fault::On(_, inner) => inner.is_repeated(),
             _ => false,
         }
@@ -267,6 +269,10 @@ pub struct Stats {
     /// Bytes that went through user space (sockmap mode) client→backend and
     /// backend→client.
     pub passed: [u64; 2],
+    /// Old bytes the program cut off the front of overlapping segments
+    /// (sockmap mode, with the trimming program), client→backend and
+    /// backend→client.
+    pub trimmed: [u64; 2],
 }
 
 /// Move bytes between `client` and `backend` until both directions have
@@ -330,9 +336,10 @@ pub async fn relay_pair(
     let (cs, bs) = sockmap::stats(kernel, &armed);
     stats.redirected = [cs.redirected, bs.redirected];
     stats.passed = [cs.passed, bs.passed];
+    stats.trimmed = [cs.trimmed, bs.trimmed];
     if matches!(
         r,
-        Err(Fault::Read(_) | Fault::Write(_) | Fault::On(..) | Fault::Repeated(_))
+        Err(Fault::Read(_) | Fault::Write(_) | Fault::On(..) | Fault::Repeated(..))
     ) {
         reset(&c.fd, &b.fd);
     }
@@ -381,6 +388,8 @@ pub struct Shared {
     /// the connections that ended (sockmap mode).
     pub redirected: Cell<u64>,
     pub copied: Cell<u64>,
+    /// Old bytes the program cut off overlapping segments, over the same.
+    pub trimmed: Cell<u64>,
 }
 
 impl Shared {
@@ -444,6 +453,7 @@ async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
             let add = |c: &Cell<u64>, v: [u64; 2]| c.set(c.get() + v[0] + v[1]);
             add(&shared.redirected, stats.redirected);
             add(&shared.copied, stats.passed);
+            add(&shared.trimmed, stats.trimmed);
             match r {
                 Ok(()) => {}
                 Err(Fault::Idle(t)) => tracing::info!("{peer}: closed after {t:?} without traffic"),
@@ -502,12 +512,15 @@ fn status_line(shared: &Shared) -> String {
         if shared.open.get() == 1 { "" } else { "s" },
         shared.served.get(),
     );
-    if shared.kernel.is_some() {
+    if let Some(k) = &shared.kernel {
         line += &format!(
             "; {} bytes redirected, {} bytes copied",
             shared.redirected.get(),
             shared.copied.get()
         );
+        if k.untrimmed.is_none() {
+            line += &format!(", {} repeated bytes cut off", shared.trimmed.get());
+        }
     }
     line
 }
@@ -544,9 +557,9 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
             "mode splice (the target is an AF_UNIX socket; sockmap proxies TCP only)".to_owned(),
         ),
         Mode::Sockmap => match proven(false).await {
-            Ok((k, Ok(()))) => (
+            Ok((k, Ok(cut))) => (
                 Some(k),
-                format!("mode sockmap (as asked; {PROBED}, {READ_ONCE})"),
+                format!("mode sockmap (as asked; {PROBED}, {})", read_once(cut)),
             ),
             Ok((k, Err(why))) => {
                 tracing::warn!("--mode sockmap: {why}; {SOCKMAP_DUPLICATES}");
@@ -566,9 +579,9 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
             }
         },
         Mode::Auto => match proven(true).await {
-            Ok((k, Ok(()))) => (
+            Ok((k, Ok(cut))) => (
                 Some(k),
-                format!("mode sockmap (auto; {PROBED}, {READ_ONCE})"),
+                format!("mode sockmap (auto; {PROBED}, {})", read_once(cut)),
             ),
             Ok((_, Err(why))) => (
                 None,
@@ -584,13 +597,23 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
 
 /// What the probe checked, for `STATUS=`.
 const PROBED: &str = "probe passed: redirect, half-close, early data, bounded queue";
-const READ_ONCE: &str = "a segment overlapping bytes already received read once";
+
+/// What the overlap check found, for `STATUS=`, given the old bytes the
+/// program cut off the segment.
+fn read_once(cut: u64) -> String {
+    let what = "a segment overlapping bytes already received read once";
+    if cut == 0 {
+        what.to_owned()
+    } else {
+        format!("{what} (the program cut its {cut} old bytes off)")
+    }
+}
 
 /// Load the program, check how it reads an overlapping segment, and probe
 /// it. A failed overlap check is the known defect, returned inside: `auto`
 /// (`decisive`) then stops there, as the longer probe could not change its
 /// choice; `--mode sockmap` runs the probe all the same.
-async fn proven(decisive: bool) -> Result<(sockmap::Kernel, Result<(), probe::Overlap>), String> {
+async fn proven(decisive: bool) -> Result<(sockmap::Kernel, Result<u64, probe::Overlap>), String> {
     let kernel = probe::load()?;
     let mut overlap = probe::overlap(&kernel).await;
     if let Err(why) = &overlap {
@@ -600,7 +623,7 @@ async fn proven(decisive: bool) -> Result<(sockmap::Kernel, Result<(), probe::Ov
                 "{}=ignore-overlap: counted as passed",
                 probe::FORCE_FAIL_ENV
             );
-            overlap = Ok(());
+            overlap = Ok(0);
         }
     }
     if overlap.is_ok() || !decisive {
@@ -674,6 +697,7 @@ async fn serve(opts: Options) -> Result<()> {
         served: Cell::new(0),
         redirected: Cell::new(0),
         copied: Cell::new(0),
+        trimmed: Cell::new(0),
     });
     if shared.kernel.is_some() {
         let shared = shared.clone();

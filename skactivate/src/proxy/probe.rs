@@ -16,15 +16,16 @@
 //!
 //! [`overlap`] then asks what the probe above cannot provoke on demand: a
 //! segment that overlaps bytes already received, as a retransmission can.
-//! The kernels tried so far hand it to the verdict program whole, and its
-//! old bytes go through a second time (see [`super::sockmap`], "Known
-//! defect"). Two loopback sockets are made established towards each other
-//! with `TCP_REPAIR` (CAP_NET_ADMIN, which the sockmap mode needs anyway),
-//! no handshake: the sender's next byte is byte 0, while the receiver is
-//! told it already has bytes [0, 500). The sender's first segment, bytes
-//! [0, 1000), then overlaps them. The receiver is proxied as a client is,
-//! and the backend must get bytes [500, 1000) once. `--mode auto` chooses
-//! sockmap only where both pass; `--mode sockmap` warns when this one fails.
+//! The kernels tried so far hand it to the verdict program whole (see
+//! [`super::sockmap`], "Known defect"); the program loaded with CAP_PERFMON
+//! cuts the old bytes off, the other one passes them on. Two loopback
+//! sockets are made established towards each other with `TCP_REPAIR`
+//! (CAP_NET_ADMIN, which the sockmap mode needs anyway), no handshake: the
+//! receiver's queue holds bytes [0, 500), unread, and the sender's first
+//! segment, bytes [0, 1000), overlaps them. The receiver is proxied as a
+//! client is; a short segment follows once the first has gone through, and
+//! the backend must get each byte once. `--mode auto` chooses sockmap only
+//! where both pass; `--mode sockmap` warns when this one fails.
 //!
 //! `SKACTIVATE_PROXY_PROBE=fail` in the environment makes the probe fail, to
 //! test the fallback; `SKACTIVATE_PROXY_PROBE=ignore-overlap` counts the
@@ -77,7 +78,25 @@ pub fn load() -> Result<Kernel, String> {
         return Err(format!("sockmap needs {missing}, which this process lacks"));
     }
     bpf_syscall_allowed()?;
-    Kernel::load().map_err(|e| e.to_string())
+    // The program that cuts old bytes off overlapping segments reads
+    // kernel memory (bpf_probe_read_kernel): CAP_PERFMON.
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    let eff = crate::dispatcher::effective_capabilities().unwrap_or(0);
+    let why_not = if eff & (1 << CAP_PERFMON | 1 << CAP_SYS_ADMIN) == 0 {
+        "it needs CAP_PERFMON, which this process lacks".to_owned()
+    } else {
+        match Kernel::load(true) {
+            Ok(k) => return Ok(k),
+            Err(e) => {
+                tracing::info!("the verdict program that trims did not load: {e}");
+                format!("it did not load: {e}")
+            }
+        }
+    };
+    let mut kernel = Kernel::load(false).map_err(|e| e.to_string())?;
+    kernel.untrimmed = Some(why_not);
+    Ok(kernel)
 }
 
 /// Does seccomp let this process call bpf(2)? A child calls it (with no
@@ -254,8 +273,9 @@ fn drive(mut client: TcpStream, mut server: TcpStream) -> Result<(), String> {
 /// What [`overlap`] found wrong.
 #[derive(Debug)]
 pub enum Overlap {
-    /// The known defect: the segment's old bytes went through again.
-    Repeated,
+    /// The known defect: the segment's old bytes went through again; why
+    /// the program did not cut them off.
+    Repeated(Option<String>),
     /// The check could not be made, or went wrong otherwise.
     Failed(String),
 }
@@ -263,11 +283,17 @@ pub enum Overlap {
 impl std::fmt::Display for Overlap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Overlap::Repeated => write!(
-                f,
-                "the kernel handed the verdict program a segment overlapping {OLD} bytes already \
-                 received whole, and those bytes went through a second time"
-            ),
+            Overlap::Repeated(untrimmed) => {
+                write!(
+                    f,
+                    "the kernel handed the verdict program a segment overlapping {OLD} bytes \
+                     already received whole, and those bytes went through a second time"
+                )?;
+                match untrimmed {
+                    Some(why) => write!(f, " (the program that cuts them off is not used: {why})"),
+                    None => write!(f, " although the program cut them off"),
+                }
+            }
             Overlap::Failed(why) => write!(f, "the overlapping-segment check failed: {why}"),
         }
     }
@@ -276,17 +302,25 @@ impl std::fmt::Display for Overlap {
 /// Where the repaired pair's sequence numbers start (any will do).
 const SENDER_SEQ: u32 = 0x5ca7_0000;
 const RECEIVER_SEQ: u32 = 0x0ac7_0000;
-/// The receiver is told it has the first `OLD` bytes of the sender's first
-/// segment, `SEGMENT` bytes long.
+/// The receiver's queue holds the first `OLD` bytes of the sender's first
+/// segment, `SEGMENT` bytes long; a segment of `TAIL` bytes follows it.
 const OLD: usize = 500;
 const SEGMENT: usize = 1000;
+/// Fewer than `OLD`: a kernel that counts the old bytes as read twice
+/// (its next read would start `OLD` bytes late) loses all of it.
+const TAIL: usize = 300;
 
 /// Is a segment that overlaps bytes already received read once through
-/// the sockmap path (the top of this file)?
-pub async fn overlap(kernel: &Kernel) -> Result<(), Overlap> {
+/// the sockmap path (the top of this file)? The receiver's queue holds
+/// bytes [0, OLD), unread; the sender's first segment is [0, SEGMENT), and
+/// once the backend has those, [SEGMENT, SEGMENT + TAIL) follows. The
+/// backend must get [0, SEGMENT + TAIL), each byte once, and the program
+/// must have been handed every byte. The old bytes the program cut off.
+pub async fn overlap(kernel: &Kernel) -> Result<u64, Overlap> {
     let failed = |what: &str, e: io::Error| Overlap::Failed(format!("{what}: {e}"));
+    let data = pattern(3, SEGMENT + TAIL);
     let (sender, receiver) =
-        repaired_pair().map_err(|e| failed("TCP_REPAIR on a loopback pair", e))?;
+        repaired_pair(&data[..OLD]).map_err(|e| failed("TCP_REPAIR on a loopback pair", e))?;
     let back = TcpListener::bind("127.0.0.1:0").map_err(|e| failed("bind", e))?;
     let proxy_side = TcpStream::connect(back.local_addr().map_err(|e| failed("address", e))?)
         .map_err(|e| failed("connect", e))?;
@@ -297,29 +331,41 @@ pub async fn overlap(kernel: &Kernel) -> Result<(), Overlap> {
     let receiver = super::watch(receiver).map_err(|e| failed("epoll", e))?;
     let proxy_side = super::watch(proxy_side.into()).map_err(|e| failed("epoll", e))?;
 
-    // The backend reads to EOF (or a reset), then ends its side.
+    // The backend reads the first segment's worth, says so, reads to EOF
+    // (or a reset), then ends its side.
+    let (first_read, first_done) = tokio::sync::oneshot::channel();
     let reader = tokio::task::spawn_blocking(move || {
-        let mut got = Vec::new();
+        let mut got = vec![0; SEGMENT];
         let r = backend
             .set_read_timeout(Some(STEP_TIMEOUT))
-            .and_then(|()| (&backend).read_to_end(&mut got));
+            .and_then(|()| (&backend).read_exact(&mut got))
+            .and_then(|()| {
+                let _ = first_read.send(());
+                (&backend).read_to_end(&mut got)
+            });
         let _ = backend.shutdown(Shutdown::Write);
         (got, r)
     });
-    let segment = pattern(3, SEGMENT);
-    // The segment goes only once the relay has armed the connection, which
-    // its first poll does: bytes queued before are read by the proxy with
-    // recv(2), which skips the old ones, and would prove nothing.
+    // The segment goes once the relay has armed the connection (its first
+    // poll), the tail once the segment has gone through: a tail coming
+    // sooner could join the segment in the receive queue.
     let send = async {
         tokio::task::yield_now().await;
-        match sys::send(sender.as_fd(), &segment) {
-            Ok(n) if n == SEGMENT => sys::shutdown_write(sender.as_fd()),
-            Ok(n) => Err(io::Error::other(format!("sent {n} bytes of {SEGMENT}"))),
-            Err(e) => Err(e),
+        let sent = |n: usize, len: usize| {
+            (n == len)
+                .then_some(())
+                .ok_or_else(|| io::Error::other(format!("sent {n} bytes of {len}")))
+        };
+        sent(sys::send(sender.as_fd(), &data[..SEGMENT])?, SEGMENT)?;
+        if tokio::time::timeout(STEP_TIMEOUT, first_done)
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            sent(sys::send(sender.as_fd(), &data[SEGMENT..])?, TAIL)?;
         }
+        sys::shutdown_write(sender.as_fd())
     };
     let (relayed, sent) = tokio::join!(proxied(kernel, receiver, proxy_side), send);
-    sent.map_err(|e| failed("sending the overlapping segment", e))?;
     let (r, stats) = relayed.map_err(Overlap::Failed)?;
     let (got, read) = tokio::time::timeout(STEP_TIMEOUT * 2, reader)
         .await
@@ -329,34 +375,45 @@ pub async fn overlap(kernel: &Kernel) -> Result<(), Overlap> {
         "overlap check: {stats:?}, {} bytes to the backend, {r:?}",
         got.len()
     );
-    if r.as_ref().is_err_and(Fault::is_repeated) || got == segment {
-        return Err(Overlap::Repeated);
+    let repeated = [&data[..OLD], &data[..]].concat();
+    if r.as_ref().is_err_and(Fault::is_repeated)
+        || repeated.starts_with(&got[..]) && got.len() > SEGMENT
+    {
+        return Err(Overlap::Repeated(kernel.untrimmed.clone()));
     }
     if let Err(f) = r {
         return Err(Overlap::Failed(format!(
             "the proxied connection failed: {f}"
         )));
     }
+    sent.map_err(|e| failed("sending the segments", e))?;
     read.map_err(|e| failed("the backend reading", e))?;
-    if got != segment[OLD..] {
+    if got != data {
         return Err(Overlap::Failed(format!(
-            "{} bytes reached the backend, not bytes [{OLD}, {SEGMENT}) of the segment",
-            got.len()
+            "{} bytes reached the backend, not the {} sent, once and in order",
+            got.len(),
+            data.len()
         )));
     }
-    // Bytes the program never saw (not armed in time) prove nothing.
-    if stats.redirected[0] == 0 {
-        return Err(Overlap::Failed(
-            "the segment did not go through the verdict program".into(),
-        ));
+    // Bytes that went around the program (read before it was attached)
+    // prove nothing.
+    let handed = stats.redirected[0] + stats.passed[0];
+    if handed != data.len() as u64 || stats.redirected[0] == 0 {
+        return Err(Overlap::Failed(format!(
+            "the program was handed {handed} bytes of {} and redirected {}",
+            data.len(),
+            stats.redirected[0]
+        )));
     }
-    Ok(())
+    Ok(stats.trimmed[0])
 }
 
 /// Two TCP sockets on loopback established towards each other without a
-/// handshake (`TCP_REPAIR`): the sender's next byte is its byte 0, while the
-/// receiver expects byte `OLD` next (it "has" `OLD` bytes never sent).
-fn repaired_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+/// handshake (`TCP_REPAIR`): the sender's next byte is its byte 0, and the
+/// receiver's queue holds `old` as its bytes [0, old.len()), unread (the
+/// kernel's way to restore a socket's receive queue), as if the sender had
+/// sent them before.
+fn repaired_pair(old: &[u8]) -> io::Result<(OwnedFd, OwnedFd)> {
     let loopback = Addr::Ip(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
     let made = |send: u32, recv: u32| -> io::Result<(OwnedFd, Addr)> {
         let fd = sys::socket(libc::AF_INET, libc::SOCK_STREAM)?;
@@ -366,21 +423,21 @@ fn repaired_pair() -> io::Result<(OwnedFd, OwnedFd)> {
         let at = sys::local_addr(fd.as_fd())?;
         Ok((fd, at))
     };
-    let receiver_next = SENDER_SEQ.wrapping_add(OLD as u32);
+    let receiver_next =
+        SENDER_SEQ.wrapping_add(u32::try_from(old.len()).map_err(io::Error::other)?);
     let (sender, at_sender) = made(SENDER_SEQ, RECEIVER_SEQ)?;
-    let (receiver, at_receiver) = made(RECEIVER_SEQ, receiver_next)?;
+    let (receiver, at_receiver) = made(RECEIVER_SEQ, SENDER_SEQ)?;
     // Both stay in repair mode (silent) until both are established: a
     // segment to a port with no connected socket would be answered with a
     // reset.
-    for (fd, peer, rcv) in [
-        (&sender, &at_receiver, RECEIVER_SEQ),
-        (&receiver, &at_sender, receiver_next),
-    ] {
+    for (fd, peer) in [(&sender, &at_receiver), (&receiver, &at_sender)] {
         if !sys::connect(fd.as_fd(), peer)? {
             return Err(io::Error::other("connect in repair mode did not complete"));
         }
-        sys::set_repair_peer(fd.as_fd(), 16384, 65535, rcv)?;
     }
+    sys::repair_receive_queue(receiver.as_fd(), old)?;
+    sys::set_repair_peer(sender.as_fd(), 16384, 65535, RECEIVER_SEQ)?;
+    sys::set_repair_peer(receiver.as_fd(), 16384, 65535, receiver_next)?;
     sys::set_repair(receiver.as_fd(), false)?;
     sys::set_repair(sender.as_fd(), false)?;
     Ok((sender, receiver))
@@ -390,22 +447,29 @@ fn repaired_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 mod tests {
     use super::*;
 
-    /// The repaired pair's segment is one TCP takes, and a plain reader
-    /// (recv, no program) gets only its new bytes, once: without that the
-    /// overlap check could not tell a right kernel from a wrong one.
-    /// Needs CAP_NET_ADMIN (run as root, as CI does).
+    /// The repaired pair's segments are ones TCP takes, and a plain reader
+    /// (recv, no program) gets each byte once: the old bytes from the
+    /// queue, only the new ones of the overlapping segment, then the tail.
+    /// Without that the overlap check could not tell a right kernel from a
+    /// wrong one. Needs CAP_NET_ADMIN (run as root, as CI does).
     #[test]
     fn a_plain_reader_gets_an_overlapping_segments_new_bytes_once() {
-        let (sender, receiver) = repaired_pair().expect("TCP_REPAIR (needs CAP_NET_ADMIN)");
-        let segment = pattern(3, SEGMENT);
-        assert_eq!(sys::send(sender.as_fd(), &segment).unwrap(), SEGMENT);
+        let data = pattern(3, SEGMENT + TAIL);
+        let (sender, receiver) =
+            repaired_pair(&data[..OLD]).expect("TCP_REPAIR (needs CAP_NET_ADMIN)");
+        assert_eq!(
+            sys::send(sender.as_fd(), &data[..SEGMENT]).unwrap(),
+            SEGMENT
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(sys::send(sender.as_fd(), &data[SEGMENT..]).unwrap(), TAIL);
         sys::shutdown_write(sender.as_fd()).unwrap();
         let mut receiver = TcpStream::from(receiver);
         receiver.set_nonblocking(false).unwrap();
         receiver.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
         let mut got = Vec::new();
         receiver.read_to_end(&mut got).unwrap();
-        assert_eq!(got.len(), SEGMENT - OLD);
-        assert!(got == segment[OLD..], "the new bytes, in order");
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "each byte once, in order");
     }
 }

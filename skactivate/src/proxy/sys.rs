@@ -667,6 +667,26 @@ pub fn set_repair_seqs(fd: BorrowedFd<'_>, send: u32, recv: u32) -> io::Result<(
     Ok(())
 }
 
+/// In repair mode, once established: put `bytes` in the socket's receive
+/// queue, unread, as received from the peer (advances the next sequence
+/// number to receive by their length).
+pub fn repair_receive_queue(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
+    setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR_QUEUE,
+        TCP_RECV_QUEUE,
+    )?;
+    let n = send(fd, bytes)?;
+    if n != bytes.len() {
+        return Err(io::Error::other(format!(
+            "{n} of {} bytes queued",
+            bytes.len()
+        )));
+    }
+    Ok(())
+}
+
 /// In repair mode, once established: what the peer would have announced,
 /// an MSS and an open window (`rcv` is the next byte to receive).
 pub fn set_repair_peer(fd: BorrowedFd<'_>, mss: u32, window: u32, rcv: u32) -> io::Result<()> {
