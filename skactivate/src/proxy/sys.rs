@@ -626,6 +626,10 @@ const TCP_RECV_QUEUE: libc::c_int = 1;
 const TCP_SEND_QUEUE: libc::c_int = 2;
 /// `TCPOPT_MAXSEG`, the option code `TCP_REPAIR_OPTIONS` takes for the MSS.
 const TCPOPT_MAXSEG: u32 = 2;
+/// `TCPOPT_WINDOW`: the window scales, ours and the peer's.
+const TCPOPT_WINDOW: u32 = 3;
+/// The window scale both ends of a repaired pair use.
+const REPAIR_WSCALE: u32 = 7;
 
 /// `struct tcp_repair_opt` (linux/tcp.h).
 #[repr(C)]
@@ -688,11 +692,19 @@ pub fn repair_receive_queue(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> 
 }
 
 /// In repair mode, once established: what the peer would have announced,
-/// an MSS and an open window (`rcv` is the next byte to receive).
+/// an MSS, a window scale and an open window (`rcv` is the next byte to receive).
 pub fn set_repair_peer(fd: BorrowedFd<'_>, mss: u32, window: u32, rcv: u32) -> io::Result<()> {
     let opt = TcpRepairOpt {
         opt_code: TCPOPT_MAXSEG,
         opt_val: mss,
+    };
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_OPTIONS, opt)?;
+    // connect() chose a window scale for what this socket announces, which
+    // the peer would otherwise not apply: it would take a window of 8 KiB
+    // for 68 bytes. The same scale both ways, told to both ends.
+    let opt = TcpRepairOpt {
+        opt_code: TCPOPT_WINDOW,
+        opt_val: REPAIR_WSCALE | REPAIR_WSCALE << 16,
     };
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_OPTIONS, opt)?;
     let w = TcpRepairWindow {
