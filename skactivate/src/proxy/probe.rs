@@ -7,8 +7,9 @@
 //!   without a stream parser, SOCKHASH lookups from the program);
 //! * bytes the client sent before the connection was armed arrive first;
 //! * 2 MiB each way, with the kernel redirecting (its counters say so);
-//! * a backend that stops reading for a while makes the program stop
-//!   redirecting (the bound on queued memory) and the proxy go on in order;
+//! * a backend that stops reading until the client can write no more makes
+//!   the program stop redirecting (the bound on queued memory) and the
+//!   proxy go on in order;
 //! * the client's `shutdown(SHUT_WR)`, a FIN in a segment of its own,
 //!   reaches the backend as EOF (the FIN handling fixed in Linux 6.4), and
 //!   the backend's reply after it still reaches the client, then its EOF;
@@ -218,15 +219,37 @@ fn drive(mut client: TcpStream, mut server: TcpStream) -> Result<(), String> {
     let down = pattern(2, BULK);
     let mut writer = client.try_clone().map_err(|x| e("dup", x))?;
     let up2 = up.clone();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = written.clone();
     let w = std::thread::spawn(move || -> io::Result<()> {
-        writer.write_all(&up2)?;
+        for chunk in up2.chunks(64 << 10) {
+            writer.write_all(chunk)?;
+            progress.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
         // A FIN of its own, not on the last data segment: a bare FIN must
         // not break the connection.
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
         writer.shutdown(Shutdown::Write)
     });
-    // The backend stalls first: the program must stop redirecting.
-    std::thread::sleep(Duration::from_millis(200));
+    // The backend stalls first: the program must stop redirecting. It
+    // stalls until the client can write no more (every queue on the way is
+    // full, so the redirect has stopped) or has written everything, at
+    // least 20 ms and at most 500; [`probe`] checks that bytes were passed.
+    let start = std::time::Instant::now();
+    let (mut seen, mut since) = (0, start);
+    loop {
+        std::thread::sleep(Duration::from_millis(2));
+        let n = written.load(std::sync::atomic::Ordering::Relaxed);
+        if n != seen {
+            (seen, since) = (n, std::time::Instant::now());
+        }
+        let blocked = since.elapsed() >= Duration::from_millis(10);
+        if start.elapsed() >= Duration::from_millis(500)
+            || start.elapsed() >= Duration::from_millis(20) && (n == BULK || blocked)
+        {
+            break;
+        }
+    }
     let mut got = Vec::with_capacity(EARLY.len() + BULK);
     server
         .read_to_end(&mut got)
@@ -253,7 +276,7 @@ fn drive(mut client: TcpStream, mut server: TcpStream) -> Result<(), String> {
     server
         .write_all(&down)
         .map_err(|x| e("backend replying after EOF", x))?;
-    std::thread::sleep(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(10));
     server
         .shutdown(Shutdown::Write)
         .map_err(|x| e("backend shutdown", x))?;
