@@ -98,14 +98,18 @@ struct {
 #define SKA_SKB_CB 40
 /* bpf_skb_adjust_room removes at most this much per call. */
 #define SKA_TRIM_STEP 4095
-/* Enough steps for a 64 KiB segment. */
+/* Enough steps for 68 KiB of old bytes in front of new ones. A longer old
+ * head (the receive queue coalesces segments, so an skb can be longer than
+ * one) stays, and is caught. More steps make the verifier give up (64 did,
+ * with E2BIG: the paths multiply). */
 #define SKA_TRIM_STEPS 17
 
-/* Cut off the bytes of this segment that the socket has seen before.
- * The first segment after user space put the socket in the map starts at
- * the first byte not yet read: the proxy reads nothing before, so nothing
- * older can be in the queue. */
-static __always_inline void ska_trim(struct __sk_buff *skb, struct ska_proxy_count *c)
+/* Cut off the bytes of this segment that the socket has seen before;
+ * true if all of them were (then it is dropped). The first segment after
+ * user space put the socket in the map starts at the first byte not yet
+ * read: the proxy reads nothing before, so nothing older can be in the
+ * queue. */
+static __always_inline bool ska_trim(struct __sk_buff *skb, struct ska_proxy_count *c)
 {
 	__u32 seq, end, len = skb->len;
 	__s32 old;
@@ -116,19 +120,21 @@ static __always_inline void ska_trim(struct __sk_buff *skb, struct ska_proxy_cou
 		/* Left whole: user space compares counts with TCP's. */
 		c->error = err;
 		c->failures++;
-		return;
+		return false;
 	}
 	end = seq + len;
 	old = (__s32)(c->next - seq);
 	if (!c->started || old <= 0) {
 		c->started = 1;
 		c->next = end;
-		return;
+		return false;
 	}
-	/* TCP queues no segment without a new byte; should one come, it is
-	 * cut to nothing but its last byte, and counted. */
-	if ((__u32)old >= len)
-		old = len - 1;
+	/* Every byte seen before: the kernel hands over whole segments a
+	 * second time, right after themselves. */
+	if ((__u32)old >= len) {
+		c->trimmed += len;
+		return true;
+	}
 	for (int i = 0; i < SKA_TRIM_STEPS && old > 0; i++) {
 		__s32 n = old > SKA_TRIM_STEP ? SKA_TRIM_STEP : old;
 
@@ -145,6 +151,7 @@ static __always_inline void ska_trim(struct __sk_buff *skb, struct ska_proxy_cou
 	/* Whatever could not be cut stays, and makes the counts exceed what
 	 * TCP received: user space resets the connection. */
 	c->next = end;
+	return false;
 }
 
 static __always_inline int ska_verdict(struct __sk_buff *skb, bool trim)
@@ -162,8 +169,8 @@ static __always_inline int ska_verdict(struct __sk_buff *skb, bool trim)
 		return SK_DROP;
 	if (!c)
 		return SK_PASS;
-	if (trim)
-		ska_trim(skb, c);
+	if (trim && ska_trim(skb, c))
+		return SK_DROP;
 	len = skb->len;
 	/* One verdict at a time per socket (the socket's lock), so the
 	 * counters need no atomics; user space only reads them. */
