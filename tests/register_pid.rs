@@ -400,26 +400,34 @@ fn other_netns_other_uid_and_gone_processes_are_refused() {
     let said = refused(&sd, &["4000000", "--sklookup", "203.0.113.0/24"]);
     assert!(said.contains("no process 4000000"), "{said}");
 
-    // A zombie: exited, not yet reaped by its parent (sleep never reaps).
+    // A zombie: exited, not yet reaped by its parent. The parent learns
+    // that the child has exited without reaping it (waitid with WNOWAIT)
+    // and only then publishes its pid, so what is tested is never a race
+    // with the child's exit (a shell's `true &` was: once in CI the pid it
+    // wrote never showed state Z within the time allowed).
     sd.ok(&[
         "systemd-run",
         "--unit=zombie.service",
-        "sh",
+        "python3",
         "-c",
-        "true & echo $! > /run/zombie.pid; exec sleep 600",
+        "import os, time; p = os.fork() or os._exit(0); \
+         os.waitid(os.P_PID, p, os.WEXITED | os.WNOWAIT); \
+         open('/run/zombie.tmp', 'w').write(str(p)); \
+         os.rename('/run/zombie.tmp', '/run/zombie.pid'); time.sleep(600)",
     ]);
-    // Its pid is written before `true` has exited: wait until the kernel
-    // says it is a zombie, or what is tested is a race with its exit.
     let zombie = common::systemd::poll_for(SETTLE, || {
         let out = sd.exec(&["cat", "/run/zombie.pid"]);
         let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let status = sd.exec(&["cat", &format!("/proc/{pid}/status")]);
-        let zombie = String::from_utf8_lossy(&status.stdout)
-            .lines()
-            .any(|l| l.starts_with("State:") && l.contains("Z (zombie)"));
-        (out.status.success() && !pid.is_empty() && zombie).then_some(pid)
+        (out.status.success() && !pid.is_empty()).then_some(pid)
     })
-    .expect("the zombie's pid, in state Z");
+    .unwrap_or_else(|| panic!("no /run/zombie.pid: {}", sd.journal("zombie.service")));
+    let status = sd.ok(&["cat", &format!("/proc/{zombie}/status")]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains("Z (zombie)")),
+        "process {zombie} should be a zombie: {status}"
+    );
     let said = refused(&sd, &[&zombie, "--sklookup", "203.0.113.0/24"]);
     assert!(said.contains(&format!("process {zombie} exited")), "{said}");
 
