@@ -187,8 +187,10 @@ pub async fn probe(kernel: &Kernel) -> Result<(), String> {
         .await
         .map_err(|_| "the test client did not finish".to_owned())?
         .map_err(|e| format!("test client: {e}"))?;
-    d?;
+    // The proxy's own failure first: it explains the test client's (a
+    // reset, most often).
     r.map_err(|e| format!("the proxied connection failed: {e}"))?;
+    d?;
     if stats.redirected[0] == 0 || stats.redirected[1] == 0 {
         return Err(format!(
             "the kernel redirected nothing ({} and {} bytes): every byte went through user space",

@@ -48,7 +48,8 @@
 //! `drained`/`written`; the program resumes redirecting once it has seen
 //! `passed == drained`, i.e. when nothing passed waits unread. EOF is
 //! forwarded (`shutdown(SHUT_WR)`) the same way: after every earlier byte has
-//! entered the other side's send queue.
+//! entered the other side's send queue. Passed bytes are read in a way of
+//! their own, below ("The way back to redirecting").
 //!
 //! # Bounded memory, and credit renewed before it runs out
 //!
@@ -68,11 +69,51 @@
 //! acknowledged (`tcpi_bytes_acked`), and a new `notify` a quarter into
 //! that. One wake-up per megabyte or so, no copy, no stall. When the
 //! peer falls behind and little room is left, the relay re-checks on a
-//! timer (1 ms, backing off to 64 ms while nothing moves) instead of asking
-//! for a signal per small step; when the credit is gone the program passes,
-//! and we write passed bytes at the speed the peer's send queue takes them,
-//! renewing the credit each time. The same timer retries the read, so a
-//! wake-up lost anywhere cannot leave passed bytes unread.
+//! timer (1 ms, backing off to 64 ms while the peer takes nothing) instead
+//! of asking for a signal per small step. The same timer retries the read,
+//! so a wake-up lost anywhere cannot leave passed bytes unread.
+//!
+//! # The way back to redirecting
+//!
+//! When the credit is gone the program passes. A bulk transfer whose
+//! reader is the slower end always gets there: no credit size avoids it,
+//! the pass path *is* the backpressure. What matters is getting back.
+//! Copying passed bytes with a plain read does not: the read frees room in
+//! the receive buffer and sends the window update, so the sender's next
+//! segment arrives (and is passed, `passed > drained`) while we write the
+//! previous one, and the direction stays on the copying path for good
+//! (99 % of the bench's bulk bytes were copied that way). So an armed side
+//! never consumes a passed byte before the program may redirect after it:
+//!
+//! 1. **Hold.** While the peer's room is below half the credit, passed bytes
+//!    stay unread. They are charged to the socket, its window closes, the
+//!    sender waits: TCP's own backpressure. The receive buffer is fixed at
+//!    [`RCVBUF_CAP`] when this first happens, which bounds what is held.
+//! 2. **Look** at every passed byte queued (`MSG_PEEK`), once the peer has
+//!    room for half a credit.
+//! 3. **Write** them to the peer, after every byte the program redirected
+//!    before them (while bytes wait, it redirects nothing).
+//! 4. **Publish** `drained` (and new credit). Bytes passed meanwhile (the
+//!    sender still had some window) keep `passed > drained`: look again,
+//!    and write and publish only those beyond what was written. Nothing is
+//!    consumed between rounds, so the window stays as it was and the rounds
+//!    end once the sender's window is used up.
+//! 5. **Consume** them all, once the program has seen `passed == drained`.
+//!    Only now does the window open, and what the sender sends next is
+//!    redirected. The bytes read are compared with those looked at: a
+//!    kernel that returned others would fail the connection (a reset), not
+//!    corrupt it silently.
+//!
+//! Each turn of this costs one copy of what was held (bounded by the
+//! receive buffer) for every credit's worth the kernel moves. With
+//! `scripts/proxy-integrity` on Linux 6.18, about four fifths of the bytes
+//! stay in the kernel; with a plain read, 2 %. The receive buffer's size
+//! trades that share against stalls: with a small buffer the window closes
+//! entirely while bytes are held, and after we consume the sender
+//! sometimes stays in its zero-window probe timer (200 ms and more) although
+//! it was told of the open window (`ss` showed one persisting with a
+//! window of 400 KiB). With the buffer at 256 KiB there were 31 probes in
+//! 128 MiB and transfers took 20 times as long; at 1 MiB none were seen.
 //!
 //! Known defect, the kernel's: bytes the program passes are sometimes
 //! delivered twice. On Linux 6.18 a transfer of 1 GiB with every byte's
@@ -156,39 +197,14 @@
 //! byte. Bytes the program redirected before the check have reached the
 //! peer by then; only the reset tells it.
 //!
-//! Known limit: once the credit has run out, a direction at a high rate
-//! stays on the pass path (a new chunk is passed while we copy the previous
-//! one, so `drained` never catches up with `passed`), and we copy the rest
-//! of the transfer. Getting out needs the sender held back while we catch
-//! up; redirected data is charged to no socket, so TCP does not do it. And
-//! the credit does run out in any bulk transfer whose reader is the slower
-//! end: no credit size avoids that (counting only the redirect queue, not
-//! the send queue, still ran out after 25 MiB of 1 GiB), so the pass path is
-//! the backpressure and the way back from it is what is missing. Tried and
-//! not kept (BENCHMARKS.md, "The proxy"): holding the sender by leaving the
-//! passed bytes unread, peeking at them (`MSG_PEEK`), writing them, publishing
-//! `drained`, and only then consuming them (the read's window update must
-//! come after the program redirects again: on loopback the sender's next
-//! segment arrives inside that `recv`). The backend got whole segments
-//! twice on 6.18 (probably the defect above). Tried again with every
-//! consumed byte compared to what
-//! the peek had shown (they always matched, so the peek itself is not what
-//! doubles bytes) and the copy buffer as large as the capped receive buffer
-//! (so that one peek sees every passed byte): a quarter to two fifths of a
-//! 1 GiB transfer stayed in the kernel, the bytes of a 64 MiB slow-then-fast transfer each
-//! way arrived whole and in order, but the bench's backend got six extra
-//! 64 KiB segments in one 1 GiB round, and with the proxy pinned to one CPU
-//! and the client and backend to the other, 7 of 22 transfers of 1 GiB
-//! with every offset checked went wrong: the backend received the last
-//! 130972 bytes (two 65486-byte segments) a second time, in both cases
-//! located. Not kept either (the tree has no copy of it: the sequence above
-//! is all it did). Why it is hard: a read of passed bytes is what reopens
-//! the window, and nothing else user space can do sends the window update
-//! (`TCP_QUICKACK` only when an ACK is already due, `SO_RCVBUF`,
-//! `SO_RCVLOWAT` and `TCP_WINDOW_CLAMP` send none), so "consume only after the program may
-//! redirect again" needs `MSG_PEEK`. `TCP_WINDOW_CLAMP` does not fit either:
-//! raising it again leaves `rcv_ssthresh` at the tiny window, and the
-//! sender waits for its persist timer.
+//! History of the way back: the same sequence with `MSG_PEEK` was tried
+//! before the program cut repeated bytes off (see above), consuming after
+//! each round and with the receive buffer at 4 MiB. The backend got whole
+//! segments twice (the overlap defect, which the cut now handles), and a
+//! held amount as large as the credit kept three fifths of the bytes on
+//! the copying path. `TCP_WINDOW_CLAMP` does not bound what is held:
+//! autotuning raises the clamp again unless the receive buffer is locked,
+//! and with it locked the buffer is the bound anyway.
 //!
 //! Also tried and not kept: pausing a direction instead of passing. Every
 //! socket went into a second SOCKHASH without a program as well (the
@@ -232,8 +248,12 @@ static PROXY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// under a slow reader.)
 pub const LIMIT: u64 = 4 << 20;
 
-/// The receive buffer a side whose peer falls behind is fixed at.
-const RCVBUF_CAP: u64 = 4 << 20;
+/// The receive buffer a side whose peer falls behind is fixed at: what
+/// it holds while the program passes, and what is copied each time the way
+/// back to redirecting is taken (the module's documentation). 4 MiB kept
+/// three fifths of a bulk transfer on the copying path; 256 KiB made
+/// senders wait for zero-window probes.
+const RCVBUF_CAP: u64 = 1 << 20;
 
 /// Mirrors `struct ska_proxy_side` (ebpf/proxy.bpf.c).
 #[repr(C)]
@@ -576,9 +596,15 @@ fn notify_at(redirected: u64, room: u64, limit: u64) -> u64 {
 }
 
 /// The copy buffer of a direction that has passed bytes to copy: first
-/// small (below malloc's mmap threshold), then, once a read fills it, large.
+/// small (below malloc's mmap threshold), then, once a read fills it,
+/// larger. An armed side looks at every passed byte waiting in one go (see
+/// "The way back to redirecting"); they are at most what the capped
+/// receive buffer holds.
 const BUF_FIRST: usize = 16 * 1024;
-const BUF_MAX: usize = 256 * 1024;
+const BUF_MAX: usize = RCVBUF_CAP as usize;
+
+/// What a consuming read takes at once, to compare with what was peeked.
+const SCRATCH: usize = 64 * 1024;
 
 /// The shortest and longest pause of the low-credit re-check.
 const RECHECK_MIN: Duration = Duration::from_millis(1);
@@ -592,118 +618,181 @@ async fn maybe_sleep(pause: Option<Duration>) {
     }
 }
 
+/// Why a relay woke up.
+enum Why<G> {
+    Readable(G),
+    Credit,
+    Timer,
+}
+
 /// One direction, `src` to `dst`, until EOF was forwarded. `written` is
 /// what user space already wrote to `dst` (the PROXY header).
 pub async fn relay(
     armed: &Armed<'_>,
     src: &End,
     dst: &End,
-    mut written: u64,
+    written: u64,
     limit: u64,
+    activity: &Activity,
+) -> Result<(), Fault> {
+    if armed.full {
+        relay_armed(armed, src, dst, written, limit, activity).await
+    } else {
+        relay_copied(armed, src, dst, written, activity).await
+    }
+}
+
+/// A connection whose sides could not both be armed: every byte is passed
+/// and copied here, in order after whatever the program redirected before.
+async fn relay_copied(
+    armed: &Armed<'_>,
+    src: &End,
+    dst: &End,
+    mut written: u64,
     activity: &Activity,
 ) -> Result<(), Fault> {
     let kernel = armed.kernel;
     let mut drained = 0u64;
-    // Allocated on the first pass, small: most connections see only the
-    // early bytes and EOF. A 256 KiB buffer per direction cost each
-    // connection two mmap/munmap pairs, 128 page faults and 512 KiB of
-    // zeroing; it grows to that only when a read fills the small one.
-    let mut buf = Vec::new();
-    let wake = Rc::new(Notify::new());
-    if armed.full {
-        kernel.waiters.borrow_mut().insert(src.cookie, wake.clone());
+    let mut buf = vec![0u8; BUF_FIRST];
+    loop {
+        let mut guard = src.fd.readable().await.map_err(Fault::Read)?;
+        let n = match guard.try_io(|fd| sys::recv(fd.get_ref().as_fd(), &mut buf)) {
+            Err(_would_block) => continue,
+            Ok(r) => r.map_err(Fault::Read)?,
+        };
+        let count = kernel.count(src.cookie);
+        if n == 0 && count.passed > drained {
+            // EOF ahead of passed bytes still in the socket's work queue:
+            // they become readable shortly; EOF is only real after them.
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            continue;
+        }
+        wait_sent(dst, written + count.redirected).await?;
+        if n == 0 {
+            sys::shutdown_write(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
+            return Ok(());
+        }
+        activity.touch();
+        super::write_all(&dst.fd, &buf[..n]).await?;
+        written += n as u64;
+        // Bytes of a socket outside the SOCKHASH are not counted.
+        drained = (drained + n as u64).min(count.passed);
+        if n == buf.len() && buf.len() < 256 * 1024 {
+            buf = vec![0u8; 256 * 1024];
+        }
     }
-    // Some(pause) while little credit is left or passed bytes wait: re-check
-    // (and retry the read) after the pause.
+}
+
+/// Both sides armed: the program redirects while the credit lasts, and
+/// bytes it passed are held, looked at, written, published and only then
+/// consumed (the module's "The way back to redirecting").
+async fn relay_armed(
+    armed: &Armed<'_>,
+    src: &End,
+    dst: &End,
+    written: u64,
+    limit: u64,
+    activity: &Activity,
+) -> Result<(), Fault> {
+    let kernel = armed.kernel;
+    let mut flow = Flow {
+        written,
+        drained: 0,
+        // Allocated on the first pass, small: most connections see only
+        // the early bytes and EOF. A large buffer per direction cost each
+        // connection mmap/munmap pairs, page faults and zeroing; it grows
+        // only when passed bytes need more.
+        buf: Vec::new(),
+        scratch: Vec::new(),
+    };
+    let wake = Rc::new(Notify::new());
+    kernel.waiters.borrow_mut().insert(src.cookie, wake.clone());
+    // Some(pause) while little credit is left or passed bytes are held:
+    // re-check after the pause.
     let mut recheck: Option<Duration> = None;
     let mut last_room = limit;
     let mut rcvbuf_capped = false;
     loop {
-        enum Why<G> {
-            Readable(G),
-            Credit,
-            Timer,
-        }
         let why = tokio::select! {
             biased;
             r = src.fd.readable() => Why::Readable(r.map_err(Fault::Read)?),
             () = wake.notified() => Why::Credit,
             () = maybe_sleep(recheck) => Why::Timer,
         };
-        if buf.is_empty() && !matches!(why, Why::Credit) {
-            buf = vec![0u8; BUF_FIRST];
-        }
-        let readiness = matches!(why, Why::Readable(_));
-        let got = match why {
-            Why::Readable(mut guard) => {
-                match guard.try_io(|fd| sys::recv(fd.get_ref().as_fd(), &mut buf)) {
-                    Err(_would_block) => None,
-                    Ok(Err(e)) => return Err(Fault::Read(e)),
-                    Ok(Ok(n)) => Some(n),
+        let timer = matches!(why, Why::Timer);
+        let count = kernel.count(src.cookie);
+        // Before a passed byte is written or EOF forwarded: a peer must
+        // not take a stream with repeated bytes for the one sent.
+        check_not_repeated(src, &count)?;
+        let waiting = count.passed.saturating_sub(flow.drained);
+        let mut room = flow.room(dst, &count, limit)?;
+        if waiting > 0 && room < limit / 2 {
+            // Hold: the passed bytes stay unread and charged to src, whose
+            // window closes, and the sender waits until the peer has taken
+            // half a credit's worth. A reset of either end must still end
+            // the connection.
+            sys::take_error(src.fd.get_ref().as_fd()).map_err(Fault::Read)?;
+            sys::take_error(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
+            if let Why::Readable(mut guard) = why {
+                guard.clear_ready();
+            }
+            publish(kernel, src, dst, &count, flow.drained, room, limit)?;
+        } else if waiting > 0 || matches!(why, Why::Readable(_)) {
+            let peeked = match why {
+                Why::Readable(mut guard) => {
+                    match guard.try_io(|fd| flow.peek(fd.get_ref(), waiting, 0)) {
+                        Err(_would_block) => None,
+                        Ok(r) => Some(r.map_err(Fault::Read)?),
+                    }
+                }
+                _ => match flow.peek(src.fd.get_ref(), waiting, 0) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                    r => Some(r.map_err(Fault::Read)?),
+                },
+            };
+            match peeked {
+                // Nothing readable yet: passed bytes still on their way
+                // through the socket's work queue, or a stale readiness.
+                None => publish(kernel, src, dst, &count, flow.drained, room, limit)?,
+                Some(0) => {
+                    // EOF. Only real once every byte before it went
+                    // through the program and was forwarded.
+                    let count = kernel.count(src.cookie);
+                    if count.passed > flow.drained {
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                        continue;
+                    }
+                    check_not_repeated(src, &count)?;
+                    wait_sent(dst, flow.written + count.redirected).await?;
+                    sys::shutdown_write(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
+                    return Ok(());
+                }
+                Some(_) if waiting == 0 => {
+                    // Readable bytes the program has not counted: the
+                    // program counts before it queues, so only a byte it
+                    // never saw. Sending it would break the order.
+                    if kernel.count(src.cookie).passed == flow.drained {
+                        return Err(Fault::Read(io::Error::other(
+                            "bytes readable that the verdict program never saw",
+                        )));
+                    }
+                    continue;
+                }
+                Some(n) => {
+                    activity.touch();
+                    room = flow.take(kernel, src, dst, count, n, limit).await?;
                 }
             }
-            Why::Timer => match sys::recv(src.fd.get_ref().as_fd(), &mut buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-                Err(e) => return Err(Fault::Read(e)),
-                Ok(n) => Some(n),
-            },
-            Why::Credit => None,
-        };
-        if readiness && got.is_none() {
-            // A stale readiness: nothing to read, nothing changed.
-            continue;
+        } else {
+            publish(kernel, src, dst, &count, flow.drained, room, limit)?;
         }
-        let count = kernel.count(src.cookie);
-        if armed.full {
-            // Before a passed byte is written or EOF forwarded: a peer must
-            // not take a stream with repeated bytes for the one sent.
-            check_not_repeated(src, &count)?;
-        }
-        if let Some(n) = got {
-            if n == 0 && count.passed > drained {
-                // EOF ahead of passed bytes still in the socket's work queue:
-                // they become readable shortly; EOF is only real after them.
-                tokio::time::sleep(Duration::from_micros(200)).await;
-                continue;
-            }
-            // Everything the program redirected before this pass goes first.
-            wait_sent(dst, written + count.redirected).await?;
-            if n == 0 {
-                sys::shutdown_write(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
-                return Ok(());
-            }
-            activity.touch();
-            super::write_all(&dst.fd, &buf[..n]).await?;
-            written += n as u64;
-            drained += n as u64;
-            if n == buf.len() && buf.len() < BUF_MAX {
-                buf = vec![0u8; BUF_MAX];
-            }
-        }
-        if !armed.full {
-            continue;
-        }
-        // New credit: what keeps unacknowledged bytes towards dst <= limit.
-        let acked = dst.acked_since().map_err(Fault::Write)?;
-        let outstanding = (written + count.redirected).saturating_sub(acked);
-        let room = limit.saturating_sub(outstanding);
-        kernel
-            .set_side(
-                src.cookie,
-                &Side {
-                    peer: dst.cookie,
-                    drained,
-                    allowed: count.redirected + room,
-                    notify: notify_at(count.redirected, room, limit),
-                },
-            )
-            .map_err(Fault::Write)?;
         if room < limit / 2 && !rcvbuf_capped {
-            // The peer falls behind: what we pass next waits in src's
+            // The peer falls behind: what is passed next is held in src's
             // receive buffer, which autotuning may have grown to
-            // tcp_rmem's maximum (tens of MiB on some systems). Fix it
-            // at RCVBUF_CAP; only for such connections, a fast one never
-            // pays the call.
+            // tcp_rmem's maximum (tens of MiB on some systems). Fix it at
+            // RCVBUF_CAP; only for such connections, a fast one never
+            // pays the call. Held bytes are looked at in one go, so this
+            // also bounds the copy buffer.
             rcvbuf_capped = true;
             // The kernel doubles the value it is given.
             let half = i32::try_from(RCVBUF_CAP / 2).unwrap_or(i32::MAX);
@@ -716,9 +805,15 @@ pub async fn relay(
                 tracing::debug!("SO_RCVBUF: {e}");
             }
         }
-        recheck = if room < limit / 2 || count.passed > drained {
+        // While little room is left, the peer's progress is only seen by
+        // asking: every millisecond while it moves, backing off to
+        // RECHECK_MAX while it does not (counted on the timer only: the
+        // passed bytes' wake-ups are no measure of the peer).
+        let waiting = kernel.count(src.cookie).passed > flow.drained;
+        recheck = if room < limit / 2 || waiting {
             Some(match recheck {
-                Some(p) if room <= last_room && got.is_none() => (p * 2).min(RECHECK_MAX),
+                Some(p) if timer && room <= last_room => (p * 2).min(RECHECK_MAX),
+                Some(p) if !timer && room <= last_room => p,
                 _ => RECHECK_MIN,
             })
         } else {
@@ -726,6 +821,163 @@ pub async fn relay(
         };
         last_room = room;
     }
+}
+
+/// The user-space state of one armed direction.
+struct Flow {
+    /// Bytes user space wrote to dst (the PROXY header, and passed bytes).
+    written: u64,
+    /// Passed bytes written to dst and published.
+    drained: u64,
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl Flow {
+    /// Credit left towards dst: what keeps the bytes it has not
+    /// acknowledged within `limit`.
+    fn room(&self, dst: &End, count: &Count, limit: u64) -> Result<u64, Fault> {
+        let acked = dst.acked_since().map_err(Fault::Write)?;
+        Ok(limit.saturating_sub((self.written + count.redirected).saturating_sub(acked)))
+    }
+
+    /// Look at the first `seen + waiting` queued bytes (MSG_PEEK): the
+    /// `seen` already written and the `waiting` passed after them, as far
+    /// as the buffer goes.
+    fn peek(&mut self, fd: &OwnedFd, waiting: u64, seen: usize) -> io::Result<usize> {
+        let need = seen.saturating_add(usize::try_from(waiting).unwrap_or(usize::MAX));
+        if self.buf.len() < need.clamp(BUF_FIRST, BUF_MAX) {
+            self.buf = vec![0u8; need.next_power_of_two().clamp(BUF_FIRST, BUF_MAX)];
+        }
+        let want = need.clamp(1, self.buf.len());
+        sys::recv_peek(fd.as_fd(), &mut self.buf[..want])
+    }
+
+    /// The way back to redirecting: the first `n` queued bytes were looked
+    /// at. Write them, publish, and look again for bytes passed meanwhile
+    /// (the sender still had some window), writing and publishing those,
+    /// until the program has seen `passed == drained`: only then consume,
+    /// which opens the window, and what the sender sends next is
+    /// redirected. Returns the room left.
+    async fn take(
+        &mut self,
+        kernel: &Kernel,
+        src: &End,
+        dst: &End,
+        mut count: Count,
+        n: usize,
+        limit: u64,
+    ) -> Result<u64, Fault> {
+        // Bytes looked at and written, not yet consumed.
+        let mut seen = 0usize;
+        let mut visible = n;
+        let mut room = self.room(dst, &count, limit)?;
+        for _ in 0..TAKE_ROUNDS {
+            let new = visible.saturating_sub(seen);
+            if new > 0 {
+                // Everything the program redirected before these bytes goes
+                // first (while bytes wait, it redirects nothing).
+                wait_sent(dst, self.written + count.redirected).await?;
+                super::write_all(&dst.fd, &self.buf[seen..visible]).await?;
+                self.written += new as u64;
+                self.drained += new as u64;
+                room = room.saturating_sub(new as u64);
+                publish(kernel, src, dst, &count, self.drained, room, limit)?;
+                seen = visible;
+            }
+            count = kernel.count(src.cookie);
+            let waiting = count.passed.saturating_sub(self.drained);
+            if waiting == 0 || seen >= self.buf.len() {
+                break;
+            }
+            visible = match self.peek(src.fd.get_ref(), waiting, seen) {
+                Ok(v) if v > seen => v,
+                // Passed bytes not readable yet (the socket's work queue):
+                // the next wake-up takes them.
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(Fault::Read(e)),
+            };
+        }
+        consume(src, &self.buf[..seen], &mut self.scratch).await?;
+        Ok(room)
+    }
+}
+
+/// Rounds of [`Flow::take`] at most: each one writes what the sender's
+/// remaining window let in during the one before, which shrinks to nothing
+/// as the held bytes fill the receive buffer.
+const TAKE_ROUNDS: usize = 32;
+
+/// Hand out credit: what keeps the bytes towards `dst` that it has not
+/// acknowledged within the limit, and the `drained` count.
+fn publish(
+    kernel: &Kernel,
+    src: &End,
+    dst: &End,
+    count: &Count,
+    drained: u64,
+    room: u64,
+    limit: u64,
+) -> Result<(), Fault> {
+    kernel
+        .set_side(
+            src.cookie,
+            &Side {
+                peer: dst.cookie,
+                drained,
+                allowed: count.redirected + room,
+                notify: notify_at(count.redirected, room, limit),
+            },
+        )
+        .map_err(Fault::Write)
+}
+
+/// Consume the bytes just looked at, written and published: they are at
+/// the head of the socket's queue (only we consume; the program only
+/// appends), so the reads return exactly them. Compared, because they were
+/// sent on already: a kernel that showed other bytes than it now returns
+/// fails the connection rather than corrupt it silently.
+async fn consume(src: &End, peeked: &[u8], scratch: &mut Vec<u8>) -> Result<(), Fault> {
+    if scratch.is_empty() {
+        *scratch = vec![0u8; SCRATCH];
+    }
+    let mut done = 0;
+    let mut waits = 0u32;
+    while done < peeked.len() {
+        let want = (peeked.len() - done).min(scratch.len());
+        match sys::recv(src.fd.get_ref().as_fd(), &mut scratch[..want]) {
+            Ok(0) => {
+                return Err(Fault::Read(io::Error::other(
+                    "end of stream inside bytes already looked at",
+                )));
+            }
+            Ok(k) if scratch[..k] != peeked[done..done + k] => {
+                let at = (0..k)
+                    .find(|&i| scratch[i] != peeked[done + i])
+                    .unwrap_or(0);
+                return Err(Fault::Read(io::Error::other(format!(
+                    "the kernel returned other bytes than MSG_PEEK showed (at {} of {}, read {k}: {:?} vs {:?})",
+                    done + at,
+                    peeked.len(),
+                    &scratch[at..(at + 16).min(k)],
+                    &peeked[done + at..(done + at + 16).min(peeked.len())]
+                ))));
+            }
+            Ok(k) => done += k,
+            // The bytes are there; the socket's lock was contended.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && waits < 1000 => {
+                waits += 1;
+                if waits < 16 {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            Err(e) => return Err(Fault::Read(e)),
+        }
+    }
+    Ok(())
 }
 
 /// The program is handed only bytes TCP has received, so it cannot have
