@@ -59,7 +59,8 @@ struct ska_proxy_count {
 	__u64 signalled; /* the `notify` value last signalled */
 	__u64 trimmed;   /* old bytes cut off the front of segments */
 	__u32 next;      /* the sequence number after the last byte seen */
-	__u32 started;   /* `next` is set */
+	__u32 started;   /* 0: `next` not set yet; else 1 + the bytes cut off
+			  * the segment being cut so far (see ska_trim) */
 	__s32 error;     /* the last error cutting old bytes off, or 0 */
 	__u32 failures;  /* segments whose old bytes could not all be cut */
 };
@@ -85,6 +86,16 @@ struct {
 	__uint(max_entries, SKA_PROXY_MAX_SOCKETS);
 } counts SEC(".maps");
 
+/* ska_proxy_verdict_trim itself, at index 0 (user space puts it there):
+ * a segment with more old bytes than one run can cut goes on being cut in
+ * a tail call. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} again SEC(".maps");
+
 /* Cookies of sides whose credit is a quarter used (a __u64 each). */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -98,10 +109,11 @@ struct {
 #define SKA_SKB_CB 40
 /* bpf_skb_adjust_room removes at most this much per call. */
 #define SKA_TRIM_STEP 4095
-/* Enough steps for 68 KiB of old bytes in front of new ones. A longer old
- * head (the receive queue coalesces segments, so an skb can be longer than
- * one) stays, and is caught. More steps make the verifier give up (64 did,
- * with E2BIG: the paths multiply). */
+/* Steps per run: 68 KiB of old bytes. More steps make the verifier give
+ * up (64 did, with E2BIG: the paths multiply). A longer old head (the
+ * receive queue coalesces segments, so an skb can hold two or more that
+ * came again) is cut on in tail calls of the program by itself, up to the
+ * kernel's limit of 33 runs: 2.2 MiB. Longer still stays, and is caught. */
 #define SKA_TRIM_STEPS 17
 
 /* Cut off the bytes of this segment that the socket has seen before;
@@ -111,7 +123,7 @@ struct {
  * queue. */
 static __always_inline bool ska_trim(struct __sk_buff *skb, struct ska_proxy_count *c)
 {
-	__u32 seq, end, len = skb->len;
+	__u32 seq, end, cut, len = skb->len;
 	__s32 old;
 
 	long err = bpf_probe_read_kernel(&seq, sizeof(seq), (void *)skb + SKA_SKB_CB);
@@ -120,10 +132,16 @@ static __always_inline bool ska_trim(struct __sk_buff *skb, struct ska_proxy_cou
 		/* Left whole: user space compares counts with TCP's. */
 		c->error = err;
 		c->failures++;
+		if (c->started)
+			c->started = 1;
 		return false;
 	}
-	end = seq + len;
-	old = (__s32)(c->next - seq);
+	/* The segment's sequence number stays as it arrived while its head
+	 * is cut off: a run in a tail call learns from `started` how much
+	 * the runs before it cut. */
+	cut = c->started ? c->started - 1 : 0;
+	end = seq + len + cut;
+	old = (__s32)(c->next - seq) - (__s32)cut;
 	if (!c->started || old <= 0) {
 		c->started = 1;
 		c->next = end;
@@ -133,6 +151,7 @@ static __always_inline bool ska_trim(struct __sk_buff *skb, struct ska_proxy_cou
 	 * second time, right after themselves. */
 	if ((__u32)old >= len) {
 		c->trimmed += len;
+		c->started = 1;
 		return true;
 	}
 	for (int i = 0; i < SKA_TRIM_STEPS && old > 0; i++) {
@@ -144,8 +163,15 @@ static __always_inline bool ska_trim(struct __sk_buff *skb, struct ska_proxy_cou
 			break;
 		}
 		old -= n;
+		cut += n;
 		c->trimmed += n;
 	}
+	if (old > 0 && !err) {
+		c->started = 1 + cut;
+		bpf_tail_call(skb, &again, 0);
+		/* Not taken: the kernel's limit of tail calls, or no program. */
+	}
+	c->started = 1;
 	if (old > 0)
 		c->failures++;
 	/* Whatever could not be cut stays, and makes the counts exceed what

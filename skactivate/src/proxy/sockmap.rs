@@ -230,7 +230,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, RingBuf, SockHash};
+use aya::maps::{HashMap, MapData, ProgramArray, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use tokio::io::unix::AsyncFd;
@@ -304,6 +304,9 @@ pub struct Kernel {
     socks: RefCell<SockHash<MapData, u64>>,
     sides: RefCell<HashMap<MapData, u64, Side>>,
     counts: RefCell<HashMap<MapData, u64, Count>>,
+    /// The trimming program's tail-call array. Kept open: the kernel
+    /// empties a program array once no file descriptor refers to it.
+    _again: Option<ProgramArray<MapData>>,
     /// Why the program does not cut old bytes off overlapping segments;
     /// `None` when it does (`ska_proxy_verdict_trim`).
     pub untrimmed: Option<String>,
@@ -370,6 +373,31 @@ impl Kernel {
             .try_into()
             .map_err(LoadError::Program)?;
         prog.load().map_err(LoadError::Program)?;
+        let again = if trim {
+            // The program cuts on in a tail call of itself (ska_trim).
+            let mut again: ProgramArray<MapData> = ebpf
+                .take_map("again")
+                .ok_or(LoadError::Missing("again"))?
+                .try_into()
+                .map_err(|e| LoadError::Map("again", e))?;
+            let prog: &SkSkb = ebpf
+                .program(name)
+                .ok_or(LoadError::Missing(name))?
+                .try_into()
+                .map_err(LoadError::Program)?;
+            let fd = prog.fd().map_err(LoadError::Program)?;
+            again
+                .set(0, fd, 0)
+                .map_err(|e| LoadError::Map("again", e))?;
+            Some(again)
+        } else {
+            None
+        };
+        let prog: &mut SkSkb = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Missing(name))?
+            .try_into()
+            .map_err(LoadError::Program)?;
         prog.attach(socks.fd()).map_err(LoadError::Attach)?;
         Ok(Kernel {
             ring_ready,
@@ -379,6 +407,7 @@ impl Kernel {
             socks: RefCell::new(socks),
             sides: RefCell::new(sides),
             counts: RefCell::new(counts),
+            _again: again,
             untrimmed: (!trim).then(|| "it was not asked to".to_owned()),
         })
     }
@@ -704,6 +733,8 @@ async fn relay_armed(
         // only when passed bytes need more.
         buf: Vec::new(),
         scratch: Vec::new(),
+        held: false,
+        rcvbuf_capped: false,
     };
     let wake = Rc::new(Notify::new());
     kernel.waiters.borrow_mut().insert(src.cookie, wake.clone());
@@ -711,11 +742,23 @@ async fn relay_armed(
     // re-check after the pause.
     let mut recheck: Option<Duration> = None;
     let mut last_room = limit;
-    let mut rcvbuf_capped = false;
+    // Passed bytes are held until the peer has room.
+    let mut holding = false;
+    // A peer takes a small credit's worth sooner: the probe's (a 64th of
+    // LIMIT) is re-checked every millisecond, so that its stalled backend
+    // is seen to read again at once, not after a backed-off pause.
+    let recheck_max = RECHECK_MAX
+        .mul_f64(limit as f64 / LIMIT as f64)
+        .clamp(RECHECK_MIN, RECHECK_MAX);
     loop {
         let why = tokio::select! {
             biased;
-            r = src.fd.readable() => Why::Readable(r.map_err(Fault::Read)?),
+            // Not while holding: the socket stays readable (and its
+            // wake-ups keep coming, one per segment or acknowledgement)
+            // while nothing we wait for changes, and a loop on them starved
+            // the connection's other direction, whose own timer then never
+            // ran (both run in one task): the timer alone wakes a hold.
+            r = src.fd.readable(), if !holding => Why::Readable(r.map_err(Fault::Read)?),
             () = wake.notified() => Why::Credit,
             () = maybe_sleep(recheck) => Why::Timer,
         };
@@ -726,7 +769,8 @@ async fn relay_armed(
         check_not_repeated(src, &count)?;
         let waiting = count.passed.saturating_sub(flow.drained);
         let mut room = flow.room(dst, &count, limit)?;
-        if waiting > 0 && room < limit / 2 {
+        holding = waiting > 0 && room < limit / 2;
+        if holding {
             // Hold: the passed bytes stay unread and charged to src, whose
             // window closes, and the sender waits until the peer has taken
             // half a credit's worth. A reset of either end must still end
@@ -736,6 +780,7 @@ async fn relay_armed(
             if let Why::Readable(mut guard) = why {
                 guard.clear_ready();
             }
+            flow.held = true;
             publish(kernel, src, dst, &count, flow.drained, room, limit)?;
         } else if waiting > 0 || matches!(why, Why::Readable(_)) {
             let peeked = match why {
@@ -786,33 +831,14 @@ async fn relay_armed(
         } else {
             publish(kernel, src, dst, &count, flow.drained, room, limit)?;
         }
-        if room < limit / 2 && !rcvbuf_capped {
-            // The peer falls behind: what is passed next is held in src's
-            // receive buffer, which autotuning may have grown to
-            // tcp_rmem's maximum (tens of MiB on some systems). Fix it at
-            // RCVBUF_CAP; only for such connections, a fast one never
-            // pays the call. Held bytes are looked at in one go, so this
-            // also bounds the copy buffer.
-            rcvbuf_capped = true;
-            // The kernel doubles the value it is given.
-            let half = i32::try_from(RCVBUF_CAP / 2).unwrap_or(i32::MAX);
-            if let Err(e) = sys::setsockopt(
-                src.fd.get_ref().as_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                half,
-            ) {
-                tracing::debug!("SO_RCVBUF: {e}");
-            }
-        }
         // While little room is left, the peer's progress is only seen by
         // asking: every millisecond while it moves, backing off to
-        // RECHECK_MAX while it does not (counted on the timer only: the
+        // `recheck_max` while it does not (counted on the timer only: the
         // passed bytes' wake-ups are no measure of the peer).
         let waiting = kernel.count(src.cookie).passed > flow.drained;
         recheck = if room < limit / 2 || waiting {
             Some(match recheck {
-                Some(p) if timer && room <= last_room => (p * 2).min(RECHECK_MAX),
+                Some(p) if timer && room <= last_room => (p * 2).min(recheck_max),
                 Some(p) if !timer && room <= last_room => p,
                 _ => RECHECK_MIN,
             })
@@ -831,6 +857,10 @@ struct Flow {
     drained: u64,
     buf: Vec<u8>,
     scratch: Vec<u8>,
+    /// Passed bytes were held since the last take (the peer fell behind).
+    held: bool,
+    /// src's receive buffer is fixed at RCVBUF_CAP.
+    rcvbuf_capped: bool,
 }
 
 impl Flow {
@@ -839,6 +869,30 @@ impl Flow {
     fn room(&self, dst: &End, count: &Count, limit: u64) -> Result<u64, Fault> {
         let acked = dst.acked_since().map_err(Fault::Write)?;
         Ok(limit.saturating_sub((self.written + count.redirected).saturating_sub(acked)))
+    }
+
+    /// The peer fell behind: what is passed next is held in src's receive
+    /// buffer, which autotuning may have grown to tcp_rmem's maximum (tens
+    /// of MiB on some systems) and which is what each way back copies. Fix
+    /// it at RCVBUF_CAP; only for such connections, a fast one never pays
+    /// the call. Done just before held bytes are consumed: the sender has
+    /// used its window up, so nothing is on its way that the smaller buffer
+    /// would drop. (Capped at the first hold instead, segments in flight
+    /// within the larger window were dropped and sent again, and the
+    /// retransmissions overlapped by more than the program can cut: 4 of
+    /// 20 transfers of 1 GiB reset.)
+    fn cap_rcvbuf(&mut self, src: &End) {
+        self.rcvbuf_capped = true;
+        // The kernel doubles the value it is given.
+        let half = i32::try_from(RCVBUF_CAP / 2).unwrap_or(i32::MAX);
+        if let Err(e) = sys::setsockopt(
+            src.fd.get_ref().as_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            half,
+        ) {
+            tracing::debug!("SO_RCVBUF: {e}");
+        }
     }
 
     /// Look at the first `seen + waiting` queued bytes (MSG_PEEK): the
@@ -899,6 +953,10 @@ impl Flow {
                 Err(e) => return Err(Fault::Read(e)),
             };
         }
+        if self.held && !self.rcvbuf_capped {
+            self.cap_rcvbuf(src);
+        }
+        self.held = false;
         consume(src, &self.buf[..seen], &mut self.scratch).await?;
         Ok(room)
     }
