@@ -91,7 +91,7 @@
 //!    [`RCVBUF_CAP`] just before the first held bytes are consumed (the
 //!    sender's window is used up then, so nothing in flight is dropped),
 //!    which bounds what is held from then on. A hold waits on its timer
-//!    only, not on the socket's readiness (see `relay_armed`).
+//!    only, not on the socket's readiness (see `relay`).
 //! 2. **Look** at every passed byte queued (`MSG_PEEK`), once the peer has
 //!    room for half a credit.
 //! 3. **Write** them to the peer, after every byte the program redirected
@@ -661,23 +661,6 @@ enum Why<G> {
     Timer,
 }
 
-/// One direction, `src` to `dst`, until EOF was forwarded. `written` is
-/// what user space already wrote to `dst` (the PROXY header).
-pub async fn relay(
-    armed: &Armed<'_>,
-    src: &End,
-    dst: &End,
-    written: u64,
-    limit: u64,
-    activity: &Activity,
-) -> Result<(), Fault> {
-    if armed.full {
-        relay_armed(armed, src, dst, written, limit, activity).await
-    } else {
-        relay_copied(armed, src, dst, written, activity).await
-    }
-}
-
 /// A connection whose sides could not both be armed: every byte is passed
 /// and copied here, in order after whatever the program redirected before.
 async fn relay_copied(
@@ -719,10 +702,13 @@ async fn relay_copied(
     }
 }
 
+/// One direction, `src` to `dst`, until EOF was forwarded. `written` is
+/// what user space already wrote to `dst` (the PROXY header).
+///
 /// Both sides armed: the program redirects while the credit lasts, and
 /// bytes it passed are held, looked at, written, published and only then
 /// consumed (the module's "The way back to redirecting").
-async fn relay_armed(
+pub async fn relay(
     armed: &Armed<'_>,
     src: &End,
     dst: &End,
@@ -730,6 +716,9 @@ async fn relay_armed(
     limit: u64,
     activity: &Activity,
 ) -> Result<(), Fault> {
+    if !armed.full {
+        return relay_copied(armed, src, dst, written, activity).await;
+    }
     let kernel = armed.kernel;
     let mut flow = Flow {
         written,

@@ -305,28 +305,17 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is writable for its length.
-    cvt_size(unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    })
+    recv_flags(fd, buf, libc::MSG_DONTWAIT)
 }
 
 /// Like [`recv`], but the bytes stay queued (`MSG_PEEK`).
 pub fn recv_peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(fd, buf, libc::MSG_DONTWAIT | libc::MSG_PEEK)
+}
+
+fn recv_flags(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: buf is writable for its length.
-    cvt_size(unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_PEEK,
-        )
-    })
+    cvt_size(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) })
 }
 
 pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
