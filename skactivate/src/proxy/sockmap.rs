@@ -87,11 +87,10 @@
 //!
 //! 1. **Hold.** While the peer's room is below half the credit, passed bytes
 //!    stay unread. They are charged to the socket, its window closes, the
-//!    sender waits: TCP's own backpressure. The receive buffer is fixed at
-//!    [`RCVBUF_CAP`] just before the first held bytes are consumed (the
-//!    sender's window is used up then, so nothing in flight is dropped),
-//!    which bounds what is held from then on. A hold waits on its timer
-//!    only, not on the socket's readiness (see `relay`).
+//!    sender waits: TCP's own backpressure. What is held is bounded by
+//!    the receive buffer, fixed at [`RCVBUF_CAP`] when the sockets are
+//!    armed (see [`fix_rcvbuf`]). A hold waits on its timer only, not on
+//!    the socket's readiness (see `relay`).
 //! 2. **Look** at every passed byte queued (`MSG_PEEK`), once the peer has
 //!    room for half a credit.
 //! 3. **Write** them to the peer, after every byte the program redirected
@@ -186,7 +185,7 @@
 //! segments come a second time too) is dropped. With the proxy on one CPU
 //! and the client and backend on the other (`scripts/proxy-integrity`),
 //! 60 of 60 transfers of 1 GiB with every byte checked arrived whole on
-//! 6.18 (about 0.5 to 1 MB cut off per 20 GiB); without the tail calls,
+//! 6.18 (0.3 to 1 MB cut off per 20 GiB); without the tail calls,
 //! once passed bytes were held (below), 4 of 20 were reset; the plain
 //! program reset 12 of 40. The kernel then advances `copied_seq` by the cut
 //! length, not the original one, so `SIOCINQ` and `ss`'s Recv-Q over-count
@@ -255,11 +254,11 @@ static PROXY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// under a slow reader.)
 pub const LIMIT: u64 = 4 << 20;
 
-/// The receive buffer a side whose peer falls behind is fixed at: what
-/// it holds while the program passes, and what is copied each time the way
-/// back to redirecting is taken (the module's documentation). 4 MiB kept
-/// three fifths of a bulk transfer on the copying path; 256 KiB made
-/// senders wait for zero-window probes.
+/// The receive buffer of every armed socket: what a side holds while the
+/// program passes, and what is copied each time the way back to
+/// redirecting is taken (the module's documentation). 4 MiB kept three
+/// fifths of a bulk transfer on the copying path; 256 KiB made senders
+/// wait for zero-window probes.
 const RCVBUF_CAP: u64 = 1 << 20;
 
 /// Mirrors `struct ska_proxy_side` (ebpf/proxy.bpf.c).
@@ -574,6 +573,9 @@ pub fn arm<'a>(
         kernel_kick(backend);
         return Ok(armed);
     }
+    for end in [client, backend] {
+        fix_rcvbuf(end);
+    }
     // Step 4 before step 5: bytes already queued are passed, not
     // redirected from our context (see the module's documentation).
     kernel_kick(client);
@@ -610,6 +612,32 @@ pub fn arm<'a>(
     }
     armed.full = true;
     Ok(armed)
+}
+
+/// Fix `end`'s receive buffer at [`RCVBUF_CAP`], which bounds what it
+/// holds while the program passes. Autotuning would otherwise grow it to
+/// tcp_rmem's maximum (32 MiB on this machine's Linux 6.18, 6 MiB by
+/// default on older ones) even while nothing reads it: with a backend that
+/// read nothing, the proxy held 27 MB of a client's bytes. Done when the
+/// socket is armed, before its window ever went past the initial one.
+/// Made smaller later, while the sender had a larger window in flight, the
+/// buffer dropped segments, whose retransmissions overlap bytes received:
+/// the program must cut them off, and where it cannot the connection is
+/// reset. (Fixed when the first held bytes were consumed, the buffer did
+/// not bound the first hold, which autotuning had grown; fixed from the
+/// start, `scripts/proxy-integrity`'s 1 GiB transfers took some 5 % longer,
+/// with the same share redirected and the same CPU time per GiB.)
+fn fix_rcvbuf(end: &End) {
+    // The kernel doubles the value it is given.
+    let half = i32::try_from(RCVBUF_CAP / 2).unwrap_or(i32::MAX);
+    if let Err(e) = sys::setsockopt(
+        end.fd.get_ref().as_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        half,
+    ) {
+        tracing::debug!("SO_RCVBUF: {e}");
+    }
 }
 
 /// Step 4: bytes that arrived before the insert go through the program now.
@@ -729,8 +757,6 @@ pub async fn relay(
         // only when passed bytes need more.
         buf: Vec::new(),
         scratch: Vec::new(),
-        held: false,
-        rcvbuf_capped: false,
     };
     let wake = Rc::new(Notify::new());
     kernel.waiters.borrow_mut().insert(src.cookie, wake.clone());
@@ -776,7 +802,6 @@ pub async fn relay(
             if let Why::Readable(mut guard) = why {
                 guard.clear_ready();
             }
-            flow.held = true;
             publish(kernel, src, dst, &count, flow.drained, room, limit)?;
         } else if waiting > 0 || matches!(why, Why::Readable(_)) {
             let peeked = match why {
@@ -853,10 +878,6 @@ struct Flow {
     drained: u64,
     buf: Vec<u8>,
     scratch: Vec<u8>,
-    /// Passed bytes were held since the last take (the peer fell behind).
-    held: bool,
-    /// src's receive buffer is fixed at RCVBUF_CAP.
-    rcvbuf_capped: bool,
 }
 
 impl Flow {
@@ -865,30 +886,6 @@ impl Flow {
     fn room(&self, dst: &End, count: &Count, limit: u64) -> Result<u64, Fault> {
         let acked = dst.acked_since().map_err(Fault::Write)?;
         Ok(limit.saturating_sub((self.written + count.redirected).saturating_sub(acked)))
-    }
-
-    /// The peer fell behind: what is passed next is held in src's receive
-    /// buffer, which autotuning may have grown to tcp_rmem's maximum (tens
-    /// of MiB on some systems) and which is what each way back copies. Fix
-    /// it at RCVBUF_CAP; only for such connections, a fast one never pays
-    /// the call. Done just before held bytes are consumed: the sender has
-    /// used its window up, so nothing is on its way that the smaller buffer
-    /// would drop. (Capped at the first hold instead, segments in flight
-    /// within the larger window were dropped and sent again, and the
-    /// retransmissions overlapped by more than the program can cut: 4 of
-    /// 20 transfers of 1 GiB reset.)
-    fn cap_rcvbuf(&mut self, src: &End) {
-        self.rcvbuf_capped = true;
-        // The kernel doubles the value it is given.
-        let half = i32::try_from(RCVBUF_CAP / 2).unwrap_or(i32::MAX);
-        if let Err(e) = sys::setsockopt(
-            src.fd.get_ref().as_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            half,
-        ) {
-            tracing::debug!("SO_RCVBUF: {e}");
-        }
     }
 
     /// Look at the first `seen + waiting` queued bytes (MSG_PEEK): the
@@ -949,10 +946,6 @@ impl Flow {
                 Err(e) => return Err(Fault::Read(e)),
             };
         }
-        if self.held && !self.rcvbuf_capped {
-            self.cap_rcvbuf(src);
-        }
-        self.held = false;
         consume(src, &self.buf[..seen], &mut self.scratch).await?;
         Ok(room)
     }
