@@ -330,6 +330,42 @@ fn echo_through(to: SocketAddr, data: &Arc<Vec<u8>>) -> Vec<u8> {
     got
 }
 
+/// As [`echo_through`], but where the proxy may reset the connection: its
+/// program cannot cut old bytes off an overlapping segment on a kernel that
+/// repeats them, and a retransmission (loopback across two CPUs has them)
+/// then makes the proxy reset the connection rather than pass the repeated
+/// bytes on (skactivate-proxy(8), MODES). What arrives is then either every
+/// byte, or a reset.
+fn echo_whole_or_reset(to: SocketAddr, data: &Arc<Vec<u8>>) {
+    let c = TcpStream::connect(to).unwrap();
+    timeouts(&c);
+    let mut w = c.try_clone().unwrap();
+    let d = data.clone();
+    let writer = thread::spawn(move || {
+        w.write_all(&d)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut got = Vec::with_capacity(data.len());
+    let read = (&c).read_to_end(&mut got);
+    let wrote = writer.join().unwrap();
+    match (read, wrote) {
+        (Ok(_), Ok(())) => assert!(
+            got == **data,
+            "{} of {} bytes back, not whole",
+            got.len(),
+            data.len()
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
+            eprintln!(
+                "reset after {} of {} bytes back: the kernel repeated bytes (see the proxy's error)",
+                got.len(),
+                data.len()
+            );
+        }
+    }
+}
+
 /// `STATUS=` says how many bytes the kernel redirected; in sockmap mode it
 /// must have done the work.
 fn assert_kernel_moved(p: &mut Proxy, mode: &str) {
@@ -1302,7 +1338,9 @@ fn reproducer(args: &[&str]) -> (Option<i32>, String) {
 /// splices and says why. With the check counted as passed
 /// (`SKACTIVATE_PROXY_PROBE=ignore-overlap`) auto takes sockmap all the
 /// same. sockmap, asked for, is probed first, says what the overlap check
-/// found, and falls back to splice when the probe fails.
+/// found, and falls back to splice when the probe fails. Where the program
+/// cannot cut and the kernel repeats, an echo comes back whole or is reset
+/// (CI saw a reset once in many runs); everywhere else it comes back whole.
 #[test]
 fn auto_uses_sockmap_only_where_an_overlapping_segment_is_read_once() {
     let (code, text) = reproducer(&["--repair", "--stall", "30"]);
@@ -1373,7 +1411,12 @@ fn auto_uses_sockmap_only_where_an_overlapping_segment_is_read_once() {
             ),
             "{st}"
         );
-        assert_eq!(echo_through(a, &data), *data);
+        // The check ignored where the kernel fails it: whole, or reset.
+        if read_once {
+            assert_eq!(echo_through(a, &data), *data);
+        } else {
+            echo_whole_or_reset(a, &data);
+        }
         assert_kernel_moved(&mut p, "sockmap");
         drop(p);
 
@@ -1384,12 +1427,17 @@ fn auto_uses_sockmap_only_where_an_overlapping_segment_is_read_once() {
                 st.starts_with("mode sockmap (as asked; probe passed"),
                 "{st}"
             );
+            let uncut = !read_once && !under.is_empty();
             assert_eq!(
                 st.contains("; but the kernel handed the verdict program a segment overlapping"),
-                !read_once && !under.is_empty(),
+                uncut,
                 "{under:?}: {st}"
             );
-            assert_eq!(echo_through(a, &data), *data);
+            if uncut {
+                echo_whole_or_reset(a, &data);
+            } else {
+                assert_eq!(echo_through(a, &data), *data);
+            }
             assert_kernel_moved(&mut p, "sockmap");
             drop(p);
         }
