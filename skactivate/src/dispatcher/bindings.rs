@@ -489,12 +489,23 @@ impl Dispatcher {
     }
 
     /// Empty the trie of each family and protocol the program no longer
-    /// reads it for (after its lengths word was written).
+    /// reads it for (after its lengths word was written). A run that read
+    /// the word just before it was written may still be walking the trie:
+    /// those runs end first. (Without the wait, a prober running the
+    /// program while a test switched back and forth got one answer wrong
+    /// in 96040.)
     pub(super) fn settle_trie(&mut self) -> Result<()> {
-        for slot in 0..4 {
-            if self.trie_filled[slot] && !self.trie_read(slot) && !self.trie_wanted(slot) {
-                self.empty_trie(slot)?;
-            }
+        let settle: Vec<usize> = (0..4)
+            .filter(|&slot| {
+                self.trie_filled[slot] && !self.trie_read(slot) && !self.trie_wanted(slot)
+            })
+            .collect();
+        if settle.is_empty() {
+            return Ok(());
+        }
+        sys::wait_for_program_runs();
+        for slot in settle {
+            self.empty_trie(slot)?;
         }
         Ok(())
     }

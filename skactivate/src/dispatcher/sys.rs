@@ -262,6 +262,29 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     unsafe { bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
 }
 
+/// `MEMBARRIER_CMD_GLOBAL` (linux/membarrier.h).
+const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+
+/// Wait until every program run that began before this call has ended,
+/// so that a map value no run reads any more can be taken away. A BPF
+/// program runs inside an RCU read-side section, and
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)` is `synchronize_rcu()` in the
+/// kernel (kernel/sched/membarrier.c, since Linux 4.3) wherever there is
+/// more than one CPU. Where it is refused (a kernel with `nohz_full=`
+/// says EINVAL; a seccomp filter without it, EPERM), sleep instead: far
+/// longer than a program runs, though not a guarantee.
+pub fn wait_for_program_runs() {
+    // SAFETY: membarrier takes two ints and no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if r != 0 {
+        tracing::debug!(
+            "membarrier(MEMBARRIER_CMD_GLOBAL): {}; sleeping 50 ms instead",
+            io::Error::last_os_error()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// What one `BPF_PROG_TEST_RUN` of an sk_lookup program returned.
 #[derive(Debug, Clone, Copy)]
 pub struct TestRun<C> {
