@@ -18,7 +18,9 @@
  * hash is probed: the full-length key (/32, /128) first, then, longest first,
  * each shorter prefix length in use, the address masked to it; at each length
  * the specific port before `*`, each only where entries of its kind exist, and
- * the first entry found wins, which is the precedence rule.  Where more lengths are in
+ * the first entry found wins, which is the precedence rule.  Each probe asks
+ * the `filter` array first, and skips the hash where the key's bit is clear.
+ * Where more lengths are in
  * use than the list holds, the LPM trie of the shorter entries answers after
  * the full-length probes.
  */
@@ -46,6 +48,16 @@ struct {
 	__uint(max_entries, SKA_ENTRIES_MIN);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } entries SEC(".maps");
+
+/* Which keys may be in `entries`: see skactivate.h.  Replaced with it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, SKA_FILTER_WORDS(SKA_ENTRIES_MIN));
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} filter SEC(".maps");
 
 /* The entries shorter than full length, used only when more prefix lengths
  * are in use than `ports` lists. */
@@ -163,6 +175,23 @@ static __always_inline void prefix_mask(__u32 bits, __u32 v4, __u64 *m1, __u64 *
 	}
 }
 
+/* Whether `entries` may hold the key k (see skactivate.h): false only where
+ * its filter bit is clear.  `bits` is the header's (1..63; 0: no filter). */
+static __always_inline int maybe_entry(const union ska_key_words *k, __u64 bits)
+{
+	__u64 h, bit, idx, *word;
+
+	if (!bits)
+		return 1;
+	h = k->q[0] * SKA_FILTER_K0 + k->q[1] * SKA_FILTER_K1 + k->q[2] * SKA_FILTER_K2;
+	bit = h >> (64 - bits);
+	idx = 1 + (bit >> 6);
+	word = bpf_map_lookup_elem(&filter, &idx);
+	if (!word)
+		return 1;
+	return *word >> (bit & 63) & 1;
+}
+
 SEC("sk_lookup")
 int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 {
@@ -174,7 +203,7 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	__u32 port = ctx->local_port; /* host order, below 65536 */
 	__u32 family, pslot, fslot, full, len = 0, found = 0;
 	__u64 idx, dest; /* 4-byte keys, read through their low half */
-	__u64 w, a1, a2, m1, m2, lengths, filter, specific, wild;
+	__u64 w, a1, a2, m1, m2, lengths, nibbles, specific, wild, bits;
 	__u64 *word;
 	int err, i;
 
@@ -231,8 +260,8 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	lengths = *word;
 
-	filter = lengths >> SKA_LENGTHS_FILTER & 0xffff;
-	if (filter) {
+	nibbles = lengths >> SKA_LENGTHS_FILTER & 0xffff;
+	if (nibbles) {
 		__u32 n = lengths >> SKA_LENGTHS_NIBBLE & 31, nibble;
 
 		if (fslot == SKA_FAMILY_SLOT_V4)
@@ -241,15 +270,21 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 			nibble = __builtin_bswap64(a1) >> (60 - 4 * n);
 		else
 			nibble = __builtin_bswap64(a2) >> (124 - 4 * n);
-		if (filter >> (nibble & 15) & 1)
+		if (nibbles >> (nibble & 15) & 1)
 			return SK_PASS; /* no entry has that nibble */
 	}
+
+	idx = 0;
+	word = bpf_map_lookup_elem(&filter, &idx);
+	if (!word)
+		return SK_PASS;
+	bits = *word & 63;
 
 	k.q[1] = a1;
 	k.q[2] = a2;
 	if (specific && !(lengths >> (SKA_LENGTHS_NO_SPECIFIC + SKA_LENGTHS_FULL) & 1)) {
 		k.q[0] = key_head(full, protocol, port, family);
-		v = bpf_map_lookup_elem(&entries, &k);
+		v = maybe_entry(&k, bits) ? bpf_map_lookup_elem(&entries, &k) : 0;
 		if (v) {
 			dest = v->destination;
 			found = 1;
@@ -257,7 +292,7 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	}
 	if (!found && wild && !(lengths >> (SKA_LENGTHS_NO_WILD + SKA_LENGTHS_FULL) & 1)) {
 		k.q[0] = key_head(full, protocol, 0, family);
-		v = bpf_map_lookup_elem(&entries, &k);
+		v = maybe_entry(&k, bits) ? bpf_map_lookup_elem(&entries, &k) : 0;
 		if (v) {
 			dest = v->destination;
 			found = 1;
@@ -298,17 +333,17 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 
 #pragma unroll
 	for (i = 0; i < SKA_MAX_LENGTHS; i++) {
-		__u32 bits = (lengths >> (8 * i)) & 0xff;
+		__u32 plen = (lengths >> (8 * i)) & 0xff;
 
-		if (!bits)
+		if (!plen)
 			break;
-		bits -= 1;
-		prefix_mask(bits, fslot == SKA_FAMILY_SLOT_V4, &m1, &m2);
+		plen -= 1;
+		prefix_mask(plen, fslot == SKA_FAMILY_SLOT_V4, &m1, &m2);
 		k.q[1] = a1 & m1;
 		k.q[2] = a2 & m2;
 		if (specific && !(lengths >> (SKA_LENGTHS_NO_SPECIFIC + i) & 1)) {
-			k.q[0] = key_head(SKA_KEY_HEADER_BITS + bits, protocol, port, family);
-			v = bpf_map_lookup_elem(&entries, &k);
+			k.q[0] = key_head(SKA_KEY_HEADER_BITS + plen, protocol, port, family);
+			v = maybe_entry(&k, bits) ? bpf_map_lookup_elem(&entries, &k) : 0;
 			if (v) {
 				dest = v->destination;
 				found = 1;
@@ -316,8 +351,8 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 			}
 		}
 		if (wild && !(lengths >> (SKA_LENGTHS_NO_WILD + i) & 1)) {
-			k.q[0] = key_head(SKA_KEY_HEADER_BITS + bits, protocol, 0, family);
-			v = bpf_map_lookup_elem(&entries, &k);
+			k.q[0] = key_head(SKA_KEY_HEADER_BITS + plen, protocol, 0, family);
+			v = maybe_entry(&k, bits) ? bpf_map_lookup_elem(&entries, &k) : 0;
 			if (v) {
 				dest = v->destination;
 				found = 1;

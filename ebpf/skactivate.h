@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define SKA_LAYOUT_VERSION 5
+#define SKA_LAYOUT_VERSION 6
 
 /* Bindings: entries (ranges are expanded to single ports).  Every entry is in
  * the `entries` hash; the `bindings` LPM trie holds those shorter than full
@@ -22,6 +22,23 @@
  * at a time (to SKA_MAX_BINDINGS) by replacing it: its bucket array is
  * allocated whole when it is created, 16 bytes per entry of capacity. */
 #define SKA_ENTRIES_MIN (1u << 12)
+/* The `filter` array: a one-hash Bloom filter of the `entries` hash, so that
+ * a probe of a key no entry has costs an array read instead of a hash
+ * lookup.  Word 0 is its header: the low 6 bits are log2 of the number of
+ * filter bits, 0 while the filter is not to be used (probe every key).  Bit
+ * b of the filter is bit (b & 63) of word 1 + (b >> 6); a key's bit is the
+ * top bits of the sum of its three 8-byte words, each times its constant
+ * below (mod 2^64), the key's address masked as in the hash.  It has 16 bits
+ * per entry of the hash's capacity and is replaced with it.  It is mmapable:
+ * user space writes each word with one 8-byte store.  A bit is set before its entry
+ * enters the hash; bits of removed entries are cleared later, whole words at
+ * a time, each written with every bit a present entry needs. */
+#define SKA_FILTER_BITS_PER_ENTRY 16
+#define SKA_FILTER_WORDS(capacity) ((capacity) * SKA_FILTER_BITS_PER_ENTRY / 64 + 1)
+#define SKA_FILTER_K0 0x9e3779b97f4a7c15ull
+#define SKA_FILTER_K1 0xc2b2ae3d27d4eb4full
+#define SKA_FILTER_K2 0x165667b19e3779f9ull
+
 /* Destinations: ids 0..SKA_MAX_DESTINATIONS-1 index the metrics array.  A
  * destination is one socket of a unit (family and protocol): 1024 are some
  * 500 dual-stack socket units.  The per-CPU metrics array costs 24 bytes per

@@ -1133,13 +1133,14 @@ fn pin_array_map(path: &std::path::Path, value_size: u32) {
 }
 
 /// The maps a dispatcher pins in its state directory.
-const MAP_PINS: [&str; 6] = [
+const MAP_PINS: [&str; 7] = [
     "bindings",
     "sockets",
     "destinations",
     "metrics",
     "ports",
     "entries",
+    "filter",
 ];
 
 #[test]
@@ -2189,5 +2190,121 @@ fn adoption_rewrites_stale_lengths_words() {
         let d = open(fs);
         assert_eq!(goes_to(&d, "198.18.9.4", 80), some("a.socket"));
         assert_eq!(lengths_word(&d, Family::V4, Protocol::Tcp), good);
+    });
+}
+
+/// The pinned `filter` array: its header (log2 of its bits) and its words.
+fn filter_words(d: &Dispatcher) -> (u64, Vec<u64>) {
+    let data = aya::maps::MapData::from_pin(d.dir().join("filter")).unwrap();
+    let filter: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let mut words: Vec<u64> = filter.iter().map(|w| w.unwrap()).collect();
+    let header = words.remove(0);
+    (header, words)
+}
+
+/// Whether the filter's bit of every entry of `bindings` is set.
+fn filter_has(d: &Dispatcher, bindings: &[Binding]) -> bool {
+    let (log2, words) = filter_words(d);
+    assert_eq!(words.len() as u64 * 64, 1 << log2, "header {log2}");
+    bindings.iter().all(|b| {
+        let ports = match b.ports {
+            Ports::All => 0..=0,
+            Ports::Range(a, z) => a..=z,
+        };
+        ports.into_iter().all(|port| {
+            let key = abi::binding_key(b.protocol, &b.prefix, port);
+            let bit = abi::filter_bit(&key, log2 as u32);
+            words[(bit >> 6) as usize] >> (bit & 63) & 1 == 1
+        })
+    })
+}
+
+/// Overwrite every word of the pinned filter after its header with `value`.
+fn set_filter_words(d: &Dispatcher, value: u64) {
+    let data = aya::maps::MapData::from_pin(d.dir().join("filter")).unwrap();
+    let mut filter: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    for i in 1..filter.len() {
+        filter.set(i, value, 0).unwrap();
+    }
+}
+
+/// The filter the program asks before each hash probe: it has a bit for
+/// every entry, grows with the hash, forgets removed entries, and the
+/// program obeys it (a filter with every bit clear hides every entry). It
+/// is repaired on adoption, made where state of an older skactivate has
+/// none, and replaced where its size does not fit the hash.
+#[test]
+fn the_filter_guards_every_probe_and_is_kept_exact() {
+    in_netns("the_filter_guards_every_probe_and_is_kept_exact", |fs| {
+        let a = tcp_server("a", "127.0.0.1:9310", false);
+        let mut d = open(fs);
+        let few = [
+            bind(Protocol::Tcp, "198.18.0.0/24", Ports::All),
+            bind(Protocol::Tcp, "198.18.1.7/32", Ports::Range(80, 90)),
+            bind(Protocol::Tcp, "2001:db8::/64", Ports::single(53)),
+            bind(Protocol::Udp, "198.18.0.0/16", Ports::single(53)),
+        ];
+        serve(&mut d, "a.socket", &a, &few);
+        let (log2, words) = filter_words(&d);
+        assert_eq!(log2, u64::from(abi::filter_log2(abi::ENTRIES_MIN)));
+        assert!(filter_has(&d, &few));
+        // 14 entries, at most 14 bits.
+        let set: u32 = words.iter().map(|w| w.count_ones()).sum();
+        assert!((1..=14).contains(&set), "{set} bits set");
+        assert_eq!(goes_to(&d, "198.18.1.7", 85), some("a.socket"));
+
+        // Every bit clear: the program skips every probe.
+        set_filter_words(&d, 0);
+        assert_eq!(goes_to(&d, "198.18.1.7", 85), None);
+        assert_eq!(goes_to(&d, "198.18.0.9", 22), None);
+        // Adoption puts the bits back, and nothing else.
+        drop(d);
+        let mut d = open(fs);
+        assert!(filter_has(&d, &few));
+        assert_eq!(filter_words(&d).1, words);
+        assert_eq!(goes_to(&d, "198.18.1.7", 85), some("a.socket"));
+        assert_eq!(goes_to(&d, "198.18.0.9", 22), some("a.socket"));
+
+        // More entries than the hash's first capacity: a filter sixteen
+        // times larger, with every bit.
+        let many = bind(Protocol::Tcp, "198.18.2.9/32", Ports::Range(1000, 6999));
+        serve(&mut d, "a.socket", &a, &[many]);
+        let (log2, _) = filter_words(&d);
+        assert_eq!(log2, u64::from(abi::filter_log2(abi::ENTRIES_MIN * 16)));
+        assert!(filter_has(&d, &few) && filter_has(&d, &[many]));
+        assert!(!d.dir().join("filter-new").exists());
+        assert_eq!(goes_to(&d, "198.18.2.9", 6999), some("a.socket"));
+
+        // 6000 entries gone: more stale bits than entries present, so the
+        // words are computed again and hold only the present entries' bits.
+        d.remove_bindings(&[many]).unwrap();
+        assert!(filter_has(&d, &few));
+        let set: u32 = filter_words(&d).1.iter().map(|w| w.count_ones()).sum();
+        assert!((1..=14).contains(&set), "{set} bits set after removing");
+
+        // State without a filter (an older skactivate's) gets one, filled
+        // before the program that reads it runs.
+        let state = d.dir().to_owned();
+        drop(d);
+        std::fs::remove_file(state.join("filter")).unwrap();
+        let d = open(fs);
+        assert!(filter_has(&d, &few));
+        assert_eq!(goes_to(&d, "198.18.1.7", 80), some("a.socket"));
+        assert_eq!(goes_to(&d, "198.18.1.7", 79), None);
+
+        // A filter of another size (a crash while growing) is replaced.
+        drop(d);
+        std::fs::remove_file(state.join("filter")).unwrap();
+        pin_array_map(&state.join("filter"), 8);
+        let d = open(fs);
+        assert_eq!(
+            filter_words(&d).1.len() as u32 + 1,
+            abi::filter_words(1 << 16)
+        );
+        assert!(filter_has(&d, &few));
+        assert_eq!(goes_to(&d, "198.18.0.255", 1), some("a.socket"));
+        assert!(!state.join("filter-new").exists());
     });
 }

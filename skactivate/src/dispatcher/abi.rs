@@ -10,12 +10,62 @@ use ipnet::IpNet;
 use crate::binding::{Binding, Family, Ports, Protocol};
 
 /// `SKA_LAYOUT_VERSION`.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 /// `SKA_MAX_BINDINGS`: entries (a binding has one per port).
 pub const MAX_BINDINGS: u32 = 1 << 20;
 /// `SKA_ENTRIES_MIN`: the `entries` hash's first capacity; it grows
 /// sixteenfold at a time up to `MAX_BINDINGS`.
 pub const ENTRIES_MIN: u32 = 1 << 12;
+/// `SKA_FILTER_BITS_PER_ENTRY`: bits of the `filter` array per entry of
+/// the `entries` hash's capacity.
+pub const FILTER_BITS_PER_ENTRY: u32 = 16;
+/// `SKA_FILTER_K0`, `SKA_FILTER_K1`, `SKA_FILTER_K2`: the filter hash's
+/// factors for a key's three 8-byte words.
+pub const FILTER_K: [u64; 3] = [
+    0x9e37_79b9_7f4a_7c15,
+    0xc2b2_ae3d_27d4_eb4f,
+    0x1656_67b1_9e37_79f9,
+];
+
+/// `SKA_FILTER_WORDS(capacity)`: the `filter` array's words (header
+/// included) beside an `entries` hash of `capacity` entries.
+pub const fn filter_words(capacity: u32) -> u32 {
+    capacity * FILTER_BITS_PER_ENTRY / 64 + 1
+}
+
+/// log2 of the filter's bits beside an `entries` hash of `capacity`
+/// entries (a power of two), as its header says.
+pub const fn filter_log2(capacity: u32) -> u32 {
+    (capacity * FILTER_BITS_PER_ENTRY).trailing_zeros()
+}
+
+/// The three 8-byte words of a key, as the program holds them.
+pub fn filter_key_words(key: &aya::maps::lpm_trie::Key<BindingKey>) -> [u64; 3] {
+    let k = key.data();
+    let mut head = [0u8; 8];
+    head[..4].copy_from_slice(&key.prefix_len().to_le_bytes());
+    head[4] = k.protocol;
+    head[5..7].copy_from_slice(&k.port);
+    head[7] = k.family;
+    let (a1, a2) = k.addr.split_at(8);
+    [
+        u64::from_le_bytes(head),
+        u64::from_le_bytes(a1.try_into().expect("8 bytes")),
+        u64::from_le_bytes(a2.try_into().expect("8 bytes")),
+    ]
+}
+
+/// The filter bit of `key` in a filter of 2^`log2` bits: as the program
+/// computes it.
+pub fn filter_bit(key: &aya::maps::lpm_trie::Key<BindingKey>, log2: u32) -> u64 {
+    let [q0, a1, a2] = filter_key_words(key);
+    let h = q0
+        .wrapping_mul(FILTER_K[0])
+        .wrapping_add(a1.wrapping_mul(FILTER_K[1]))
+        .wrapping_add(a2.wrapping_mul(FILTER_K[2]));
+    h >> (64 - log2)
+}
+
 /// `SKA_MAX_DESTINATIONS`.
 pub const MAX_DESTINATIONS: u32 = 1024;
 /// `SKA_UNIT_NAME_MAX`.

@@ -547,6 +547,7 @@ impl Dispatcher {
         // already left out every entry present and this process is the
         // maps' only writer.
         let (keys, values) = keys_values(batch);
+        self.filter.add(keys.iter());
         let (n, r) = self.write_entries(false, &keys, &values);
         if let Err(err) = r {
             return Err(write_err(err, batch.get(n).map(|a| a.0), "entries"));
@@ -595,6 +596,11 @@ impl Dispatcher {
         }
         let _ = self.delete_keys(true, &trie_keys);
         let _ = self.delete_keys(false, &keys);
+        self.filter.removed(
+            keys.len(),
+            self.entries.len(),
+            self.entries.iter().map(|(e, _)| e.key()),
+        );
         let _ = self.sync_ports(&dirty);
         let _ = self.settle_trie();
     }
@@ -733,46 +739,38 @@ impl Dispatcher {
             }
             self.sync_ports(&dirty)?;
         }
+        self.filter.removed(
+            remove.len(),
+            self.entries.len(),
+            self.entries.iter().map(|(e, _)| e.key()),
+        );
         self.settle_trie()?;
         failure.map_or(Ok(()), Err)
     }
 
-    /// Replace the `entries` hash by one with room for `needed` entries
-    /// (sixteenfold steps, at most `MAX_BINDINGS`), under a program that uses
-    /// it. The new map is created, pinned aside and filled first; the link
-    /// then runs a program on it, and the pins follow. A crash in between
-    /// leaves the link's program not the pinned one, and adoption runs one
-    /// on the pinned (old, complete) map again.
+    /// Replace the `entries` hash and its filter by ones with room for
+    /// `needed` entries (sixteenfold steps, at most `MAX_BINDINGS`), under a
+    /// program that uses them. The new maps are created, pinned aside and
+    /// filled first; the link then runs a program on them, and the pins
+    /// follow. A crash in between leaves the link's program not the pinned
+    /// one, and adoption runs one on the pinned maps again (see
+    /// `swap_program` for the order).
     pub(super) fn grow(&mut self, needed: usize) -> Result<()> {
         let mut cap = self.hash_capacity.max(abi::ENTRIES_MIN);
         while (cap as usize) < needed && cap < abi::MAX_BINDINGS {
             cap = (cap * 16).min(abi::MAX_BINDINGS);
         }
-        let staged = self.dir.join(ENTRIES_PIN_NEW);
-        let _ = fs::remove_file(&staged);
-        let mut ebpf = pinned::load_object(&self.dir, &staged, cap)?;
-        let built = (|| {
-            let prog = pinned::program_of(&mut ebpf)?;
-            prog.load().map_err(program_err)?;
-            let program = prog
-                .fd()
-                .map_err(DispatcherError::Program)?
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(sys_err("dup"))?;
-            let map = match ebpf.take_map(ENTRIES) {
-                Some(Map::HashMap(m)) => m,
-                _ => return Err(DispatcherError::MissingProgram { name: ENTRIES }),
-            };
-            Ok((program, map))
-        })();
-        let (program, map) = match built {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = fs::remove_file(&staged);
-                return Err(e);
+        let (program, staged) =
+            pinned::stage(&self.dir, &self.dir.join(ENTRIES_PIN_NEW), cap, true)?;
+        let unstage = |e| {
+            for name in [ENTRIES_PIN_NEW, filter::FILTER_PIN_NEW] {
+                let _ = fs::remove_file(self.dir.join(name));
             }
+            e
         };
+        let map = staged.hash.expect("staged with a new hash");
+        let mut filter = filter::Filter::open(staged.filter, cap).map_err(unstage)?;
+        filter.fill(self.entries.iter().map(|(e, _)| e.key()));
         // The index, a step at a time.
         let fd = map.fd().as_fd();
         let mut r = Ok(());
@@ -790,27 +788,13 @@ impl Dispatcher {
             r = write_hash(fd, self.hash_batch, &keys, &values).1;
         }
         drop(all);
-        let r = r
-            .map_err(sys_err("BPF_MAP_UPDATE (entries)"))
-            .and_then(|()| pinned::restrict(&staged, 0o640))
-            .and_then(|()| {
-                sys::link_update(
-                    self.link.as_fd(),
-                    program.as_fd(),
-                    Some(self.program.as_fd()),
-                )
-                .map_err(sys_err("BPF_LINK_UPDATE"))
-            });
-        if let Err(e) = r {
-            let _ = fs::remove_file(&staged);
-            return Err(e);
-        }
-        self.program = program;
+        r.map_err(sys_err("BPF_MAP_UPDATE (entries)"))
+            .map_err(unstage)?;
+        self.swap_program(program)?;
         self.hash = map;
+        self.filter = filter;
         self.hash_capacity = cap;
-        let pin = self.dir.join(ENTRIES);
-        fs::rename(&staged, &pin).map_err(io_err(&pin))?;
-        pinned::pin_program(&self.dir, self.program.as_fd())
+        Ok(())
     }
 
     /// The ids of `destinations` (allocated where new), and the list of

@@ -13,6 +13,7 @@
 pub mod abi;
 mod bindings;
 mod destinations;
+mod filter;
 mod host;
 mod index;
 mod lock;
@@ -80,7 +81,7 @@ const fn size<T>() -> u32 {
 
 /// The maps as `ebpf/dispatcher.bpf.c` declares them; sizes come from the
 /// `abi` mirrors, which the layout test holds against the object.
-const MAPS: [MapSpec; 6] = [
+const MAPS: [MapSpec; 7] = [
     MapSpec {
         name: "bindings",
         map_type: sys::MAP_TYPE_LPM_TRIE,
@@ -124,6 +125,14 @@ const MAPS: [MapSpec; 6] = [
         key_size: size::<aya::maps::lpm_trie::Key<BindingKey>>(),
         value_size: size::<BindingValue>(),
         max_entries: abi::ENTRIES_MIN,
+    },
+    // Replaced with the entries hash, sized to its capacity: after it.
+    MapSpec {
+        name: filter::FILTER,
+        map_type: sys::MAP_TYPE_ARRAY,
+        key_size: size::<u32>(),
+        value_size: size::<u64>(),
+        max_entries: abi::filter_words(abi::ENTRIES_MIN),
     },
 ];
 
@@ -327,6 +336,8 @@ pub fn memlock_needed() -> u64 {
         // The entries hash at its largest.
         let n = if spec.name == ENTRIES {
             u64::from(abi::MAX_BINDINGS)
+        } else if spec.name == filter::FILTER {
+            u64::from(abi::filter_words(abi::MAX_BINDINGS))
         } else {
             u64::from(spec.max_entries)
         };
@@ -510,6 +521,8 @@ pub struct Dispatcher {
     hash_capacity: u32,
     /// Whether it takes `BPF_MAP_UPDATE_BATCH` (probed when opened).
     hash_batch: bool,
+    /// The `filter` of the entries hash.
+    filter: filter::Filter,
     /// The kinds of entry in use, counted, and the `ports` words.
     kinds: bindings::Kinds,
     /// id → destination and refcount, mirroring `destinations`.

@@ -100,12 +100,22 @@ impl Dispatcher {
             }
         };
 
-        // A bigger entries hash that a crash left half made (see `grow`).
+        // A bigger entries hash, or a filter, that a crash left half made
+        // (see `grow`).
         let _ = fs::remove_file(dir.join(ENTRIES_PIN_NEW));
+        let _ = fs::remove_file(dir.join(filter::FILTER_PIN_NEW));
         let mut maps = HashMap::new();
         let mut hash_capacity = abi::ENTRIES_MIN;
         for spec in &MAPS {
             let path = dir.join(spec.name);
+            if spec.name == filter::FILTER {
+                // Absent (state an older skactivate made) or not sized to
+                // the hash (a crash while growing): made anew below.
+                if let Some(data) = usable_filter(&path, hash_capacity) {
+                    maps.insert(spec.name, data);
+                }
+                continue;
+            }
             let data = MapData::from_pin(&path).map_err(map_err(spec.name))?;
             let found = sys::map_info(data.fd().as_fd())
                 .map_err(sys_err("BPF_OBJ_GET_INFO_BY_FD (map)"))?;
@@ -151,6 +161,18 @@ impl Dispatcher {
             PerCpuArray::try_from(Map::PerCpuArray(take("metrics"))).map_err(map_err("metrics"))?;
         let ports = take("ports");
         let hash = take(ENTRIES);
+        // A filter made here runs only once filled (`load_index`), under
+        // a program loaded with it: `staged`.
+        let (filter, staged) = match maps.remove(filter::FILTER) {
+            Some(data) => (filter::Filter::open(data, hash_capacity)?, None),
+            None => {
+                let (program, map) = stage(dir, &dir.join(ENTRIES), hash_capacity, false)?;
+                (
+                    filter::Filter::open(map.filter, hash_capacity)?,
+                    Some(program),
+                )
+            }
+        };
 
         let mut d = Dispatcher {
             dir: dir.to_owned(),
@@ -165,6 +187,7 @@ impl Dispatcher {
             hash,
             hash_capacity,
             hash_batch: false,
+            filter,
             kinds: bindings::Kinds::default(),
             dests: BTreeMap::new(),
             ids: HashMap::new(),
@@ -178,7 +201,43 @@ impl Dispatcher {
         d.batch = d.probe_batch();
         d.hash_batch = probe_batch(d.hash.fd().as_fd());
         d.load_index()?;
+        if let Some(program) = staged {
+            d.swap_program(program)?;
+        }
         Ok(Some(d))
+    }
+
+    /// Run `program` (loaded against the maps staged aside, now filled),
+    /// then move the staged pins into place, the filter first: a crash in
+    /// between leaves a filter with a bit for every entry of either hash.
+    pub(super) fn swap_program(&mut self, program: OwnedFd) -> Result<()> {
+        let staged = [filter::FILTER_PIN_NEW, ENTRIES_PIN_NEW].map(|n| self.dir.join(n));
+        let r = staged
+            .iter()
+            .filter(|p| p.exists())
+            .try_for_each(|p| restrict(p, 0o640))
+            .and_then(|()| {
+                sys::link_update(
+                    self.link.as_fd(),
+                    program.as_fd(),
+                    Some(self.program.as_fd()),
+                )
+                .map_err(sys_err("BPF_LINK_UPDATE"))
+            });
+        if let Err(e) = r {
+            for p in &staged {
+                let _ = fs::remove_file(p);
+            }
+            return Err(e);
+        }
+        self.program = program;
+        for (from, to) in staged.iter().zip([filter::FILTER, ENTRIES]) {
+            if from.exists() {
+                let pin = self.dir.join(to);
+                fs::rename(from, &pin).map_err(io_err(&pin))?;
+            }
+        }
+        pin_program(&self.dir, self.program.as_fd())
     }
 
     /// Read the destinations and the entries hash into the in-memory index
@@ -231,6 +290,7 @@ impl Dispatcher {
             self.kinds.count(e, 1, &mut dirty);
         }
         self.entries.insert_many(items);
+        self.filter.fill(self.entries.iter().map(|(e, _)| e.key()));
         self.kinds.assume_written();
         self.adopt_tries()
     }
@@ -419,21 +479,103 @@ static LOADER: LazyLock<Mutex<EbpfLoader<'static>>> = LazyLock::new(|| {
 });
 
 /// Load the object against `dir`: each map pinned there is used, a missing
-/// one is created and pinned there, except the `entries` hash, which is
-/// pinned at `entries_pin` and created with `entries_max` entries.
-pub(super) fn load_object(dir: &Path, entries_pin: &Path, entries_max: u32) -> Result<aya::Ebpf> {
+/// one is created and pinned there, except the `entries` hash and its
+/// filter, which are pinned at `entries_pin` and `filter_pin` and created
+/// for a capacity of `capacity` entries.
+pub(super) fn load_object(
+    dir: &Path,
+    entries_pin: &Path,
+    filter_pin: &Path,
+    capacity: u32,
+) -> Result<aya::Ebpf> {
     let mut loader = LOADER.lock().unwrap_or_else(PoisonError::into_inner);
     loader
         .default_map_pin_directory(dir)
         .map_pin_path(ENTRIES, entries_pin.to_owned())
-        .map_max_entries(ENTRIES, entries_max)
+        .map_max_entries(ENTRIES, capacity)
+        .map_pin_path(filter::FILTER, filter_pin.to_owned())
+        .map_max_entries(filter::FILTER, abi::filter_words(capacity))
         .load(DISPATCHER_OBJECT)
         .map_err(load_err)
 }
 
+/// The object against the maps pinned in `dir`, its replaceable maps at
+/// their usual pins.
+fn load_pinned(dir: &Path, capacity: u32) -> Result<aya::Ebpf> {
+    load_object(dir, &dir.join(ENTRIES), &dir.join(filter::FILTER), capacity)
+}
+
+/// The maps `stage` made.
+pub(super) struct Staged {
+    pub(super) hash: Option<MapData>,
+    pub(super) filter: MapData,
+}
+
+/// Load the program against a new filter for `capacity` entries pinned
+/// aside (`filter-new`), and `entries_pin`'s hash: a new one pinned aside
+/// too where `new_hash`, else the one at `entries_pin`. The program is not
+/// run and the new maps are empty; on an error nothing staged is left.
+pub(super) fn stage(
+    dir: &Path,
+    entries_pin: &Path,
+    capacity: u32,
+    new_hash: bool,
+) -> Result<(OwnedFd, Staged)> {
+    let filter_pin = dir.join(filter::FILTER_PIN_NEW);
+    let staged = [filter_pin.clone(), dir.join(ENTRIES_PIN_NEW)];
+    for p in &staged {
+        let _ = fs::remove_file(p);
+    }
+    let built = (|| {
+        let mut ebpf = load_object(dir, entries_pin, &filter_pin, capacity)?;
+        let program = load_fd(program_of(&mut ebpf)?)?;
+        let hash = match (new_hash, ebpf.take_map(ENTRIES)) {
+            (false, _) => None,
+            (true, Some(Map::HashMap(m))) => Some(m),
+            _ => return Err(DispatcherError::MissingProgram { name: ENTRIES }),
+        };
+        let filter = match ebpf.take_map(filter::FILTER) {
+            Some(Map::Array(m)) => m,
+            _ => {
+                return Err(DispatcherError::MissingProgram {
+                    name: filter::FILTER,
+                });
+            }
+        };
+        Ok((program, Staged { hash, filter }))
+    })();
+    if built.is_err() {
+        for p in &staged {
+            let _ = fs::remove_file(p);
+        }
+    }
+    built
+}
+
+/// The filter pinned at `path`, if it is one for an entries hash of
+/// `capacity` entries.
+fn usable_filter(path: &Path, capacity: u32) -> Option<MapData> {
+    let data = MapData::from_pin(path).ok()?;
+    let found = sys::map_info(data.fd().as_fd()).ok()?;
+    let want = (
+        sys::MAP_TYPE_ARRAY,
+        size::<u32>(),
+        size::<u64>(),
+        abi::filter_words(capacity),
+    );
+    (
+        found.map_type,
+        found.key_size,
+        found.value_size,
+        found.max_entries,
+    )
+        .eq(&want)
+        .then_some(data)
+}
+
 /// Create maps and program in `dir`, attach to `netns`, pin the link.
 pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
-    let mut ebpf = load_object(dir, &dir.join(ENTRIES), abi::ENTRIES_MIN)?;
+    let mut ebpf = load_pinned(dir, abi::ENTRIES_MIN)?;
     let prog = program_of(&mut ebpf)?;
     prog.load().map_err(program_err)?;
     let link_id = prog.attach(netns).map_err(DispatcherError::Program)?;
@@ -462,7 +604,7 @@ pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
 
 /// Load this build's program against the maps pinned in `dir`.
 pub(super) fn load_program(dir: &Path) -> Result<OwnedFd> {
-    let mut ebpf = load_object(dir, &dir.join(ENTRIES), abi::ENTRIES_MIN)?;
+    let mut ebpf = load_pinned(dir, abi::ENTRIES_MIN)?;
     load_fd(program_of(&mut ebpf)?)
 }
 
@@ -470,7 +612,7 @@ pub(super) fn load_program(dir: &Path) -> Result<OwnedFd> {
 /// `dir` (the `entries` hash has `entries_max` entries). Never attached:
 /// run to write one `ports` word with one store.
 pub(super) fn load_store_program(dir: &Path, entries_max: u32) -> Result<OwnedFd> {
-    let mut ebpf = load_object(dir, &dir.join(ENTRIES), entries_max)?;
+    let mut ebpf = load_pinned(dir, entries_max)?;
     let prog: &mut SkLookup = ebpf
         .program_mut(STORE_PROGRAM)
         .ok_or(DispatcherError::MissingProgram {
