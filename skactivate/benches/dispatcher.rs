@@ -1644,11 +1644,16 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
          entry each has, and while few prefixes are in use an address filter, \
          where a miss elsewhere stops), then probes its `entries` hash: the \
          full-length key, then each shorter prefix length in use, longest \
-         first, only the kinds in use (the bench workload, all /32: one hash \
-         lookup per hit and per miss on a bound port; the mixed workload, /32 \
-         and /24: up to four, one with a single `*` /24). The reference walks \
-         its LPM trie twice. Rows where skactivate costs more than the \
-         reference: {}.\n",
+         first, only the kinds in use; each probe reads the key's bit in the \
+         `filter` array (a Bloom filter of the hash's keys, 16 bits per entry \
+         of its capacity) first and skips the hash lookup where it is clear \
+         (the bench workload, all /32: a hit is one filter read and one hash \
+         lookup, a miss on a bound port one filter read; the mixed workload, \
+         /32 and /24: up to four filter reads, and a hash lookup for the \
+         probe that hits). Every hit then pays the SOCKMAP lookup, \
+         `bpf_sk_assign` and release, as the reference's hits do. The \
+         reference walks its LPM trie twice. Rows where skactivate costs more \
+         than the reference: {}.\n",
         if dearer.is_empty() {
             "none".to_owned()
         } else {
