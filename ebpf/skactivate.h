@@ -24,15 +24,16 @@
 #define SKA_ENTRIES_MIN (1u << 12)
 /* The `filter` array: a one-hash Bloom filter of the `entries` hash, so that
  * a probe of a key no entry has costs an array read instead of a hash
- * lookup.  Word 0 is its header: the low 6 bits are log2 of the number of
- * filter bits, 0 while the filter is not to be used (probe every key).  Bit
- * b of the filter is bit (b & 63) of word 1 + (b >> 6); a key's bit is the
- * top bits of the sum of its three 8-byte words, each times its constant
- * below (mod 2^64), the key's address masked as in the hash.  It has 16 bits
- * per entry of the hash's capacity and is replaced with it.  It is mmapable:
- * user space writes each word with one 8-byte store.  A bit is set before its entry
- * enters the hash; bits of removed entries are cleared later, whole words at
- * a time, each written with every bit a present entry needs. */
+ * lookup.  Word 0 is its header: log2 of the number of filter bits.  Bit b
+ * of the filter is bit (b & 63) of word 1 + (b >> 6); a key's bit is the top
+ * bits of the sum of its three 8-byte words, each times its constant below
+ * (mod 2^64), the key's address masked as in the hash.  It has 16 bits per
+ * entry of the hash's capacity and is replaced with it.  It is mmapable: user
+ * space writes each word with one 8-byte store.  A bit is set before its
+ * entry enters the hash; bits of removed entries are cleared later, whole
+ * words at a time, each written with every bit a present entry needs.  No
+ * program that reads the filter runs beside entries before the header is
+ * written (a new filter is all zeros): the program does not test it. */
 #define SKA_FILTER_BITS_PER_ENTRY 16
 #define SKA_FILTER_WORDS(capacity) ((capacity) * SKA_FILTER_BITS_PER_ENTRY / 64 + 1)
 #define SKA_FILTER_K0 0x9e3779b97f4a7c15ull

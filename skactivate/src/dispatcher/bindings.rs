@@ -790,7 +790,7 @@ impl Dispatcher {
         drop(all);
         r.map_err(sys_err("BPF_MAP_UPDATE (entries)"))
             .map_err(unstage)?;
-        self.swap_program(program)?;
+        self.swap_program(program, true)?;
         self.hash = map;
         self.filter = filter;
         self.hash_capacity = cap;

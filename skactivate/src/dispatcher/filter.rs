@@ -9,8 +9,10 @@
 //! reads the old word or the new one. A word is never written without every
 //! bit a present entry needs: bits are set before their entry enters the
 //! hash, and only recomputing words from the index clears the bits of
-//! entries gone. The header (word 0) is written last: 0 tells the program to
-//! probe every key, as it must while the words are being filled.
+//! entries gone. The header (word 0, log2 of the bits) is written last, and
+//! the program does not test it: a new filter is filled before a program
+//! that reads it runs beside any entry (`Dispatcher::swap_program`; a fresh
+//! dispatcher has none).
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,7 +114,7 @@ impl Filter {
         unsafe { &*self.words.as_ptr().add(i) }
     }
 
-    /// Whether the program uses the filter (its header is written).
+    /// Whether the header is written.
     fn active(&self) -> bool {
         self.word(0).load(Ordering::Relaxed) != 0
     }

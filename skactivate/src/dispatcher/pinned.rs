@@ -87,17 +87,12 @@ impl Dispatcher {
         if u64::from(info.netns_ino) != ino {
             return Ok(None);
         }
-        let program = match open_program(dir, info.prog_id)? {
-            Some(fd) => fd,
-            // The pin is missing or stale (a crash between an upgrade's link
-            // update and its re-pin): run this build's program and pin it.
-            None => {
-                let new = load_program(dir)?;
-                sys::link_update(link.as_fd(), new.as_fd(), None)
-                    .map_err(sys_err("BPF_LINK_UPDATE"))?;
-                pin_program(dir, new.as_fd())?;
-                new
-            }
+        // The pin is missing or stale (a crash between an upgrade's link
+        // update and its re-pin): this build's program is to run, once the
+        // filter it reads is filled (below).
+        let (program, repair) = match open_program(dir, info.prog_id)? {
+            Some(fd) => (fd, false),
+            None => (load_program(dir)?, true),
         };
 
         // A bigger entries hash, or a filter, that a crash left half made
@@ -201,28 +196,32 @@ impl Dispatcher {
         d.batch = d.probe_batch();
         d.hash_batch = probe_batch(d.hash.fd().as_fd());
         d.load_index()?;
-        if let Some(program) = staged {
-            d.swap_program(program)?;
+        match (staged, repair) {
+            (Some(program), _) => d.swap_program(program, !repair)?,
+            (None, true) => {
+                let program = d.program.try_clone().map_err(sys_err("dup"))?;
+                d.swap_program(program, false)?;
+            }
+            (None, false) => {}
         }
         Ok(Some(d))
     }
 
-    /// Run `program` (loaded against the maps staged aside, now filled),
-    /// then move the staged pins into place, the filter first: a crash in
-    /// between leaves a filter with a bit for every entry of either hash.
-    pub(super) fn swap_program(&mut self, program: OwnedFd) -> Result<()> {
+    /// Run `program` (loaded against the pinned maps, or maps staged aside,
+    /// all filled) in the link in place of `self.program` (only if that is
+    /// what runs, where `replaces`), then move the staged pins into place,
+    /// the filter first: a crash in between leaves a filter with a bit for
+    /// every entry of either hash.
+    pub(super) fn swap_program(&mut self, program: OwnedFd, replaces: bool) -> Result<()> {
         let staged = [filter::FILTER_PIN_NEW, ENTRIES_PIN_NEW].map(|n| self.dir.join(n));
+        let old = replaces.then(|| self.program.as_fd());
         let r = staged
             .iter()
             .filter(|p| p.exists())
             .try_for_each(|p| restrict(p, 0o640))
             .and_then(|()| {
-                sys::link_update(
-                    self.link.as_fd(),
-                    program.as_fd(),
-                    Some(self.program.as_fd()),
-                )
-                .map_err(sys_err("BPF_LINK_UPDATE"))
+                sys::link_update(self.link.as_fd(), program.as_fd(), old)
+                    .map_err(sys_err("BPF_LINK_UPDATE"))
             });
         if let Err(e) = r {
             for p in &staged {
