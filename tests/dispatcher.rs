@@ -2308,3 +2308,109 @@ fn the_filter_guards_every_probe_and_is_kept_exact() {
         assert!(!state.join("filter-new").exists());
     });
 }
+
+/// While thousands of other entries come and go (their filter bits set,
+/// then the filter's words computed again without them, each time), a
+/// prober running the live program never misses an entry that stays.
+#[test]
+fn the_filter_never_hides_a_present_entry_while_others_churn() {
+    in_netns(
+        "the_filter_never_hides_a_present_entry_while_others_churn",
+        |fs| {
+            use skactivate::dispatcher::{socket, sys, test_run};
+            let a = tcp_server("a", "127.0.0.1:9320", false);
+            let b = tcp_server("b", "127.0.0.1:9321", false);
+            let cookie = socket::socket_cookie(a.fd()).unwrap();
+            let mut d = open(fs);
+            // Entries that stay: /32s on one port, a /24 on every port, a
+            // /20 on a range, so that probes of every kind pass the filter.
+            let stay: Vec<Binding> = (1..=48)
+                .map(|i| {
+                    bind(
+                        Protocol::Tcp,
+                        &format!("198.18.0.{i}/32"),
+                        Ports::single(80),
+                    )
+                })
+                .chain([
+                    bind(Protocol::Tcp, "198.18.1.0/24", Ports::All),
+                    bind(Protocol::Tcp, "198.18.16.0/20", Ports::Range(80, 90)),
+                ])
+                .collect();
+            serve(&mut d, "a.socket", &a, &stay);
+            let churn = |round: u8| {
+                bind(
+                    Protocol::Tcp,
+                    &format!("198.18.{}.7/32", 100 + round),
+                    Ports::Range(1000, 10999),
+                )
+            };
+            // The hash grown once, before the prober takes the program.
+            let destination = serve(&mut d, "b.socket", &b, &[churn(0)]);
+            d.remove_bindings(&[churn(0)]).unwrap();
+            let probes: Vec<(IpAddr, u16)> = (1..=48)
+                .map(|i| (v4(&format!("198.18.0.{i}")), 80))
+                .chain([
+                    (v4("198.18.1.200"), 22),
+                    (v4("198.18.1.1"), 10999),
+                    (v4("198.18.17.3"), 85),
+                    (v4("198.18.31.255"), 90),
+                ])
+                .collect();
+            // The program the link runs throughout: no growing below.
+            let id = d.program().unwrap().id;
+            let prog = sys::prog_fd_by_id(id).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let (runs, wrong) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let prober = {
+                let (stop, runs, wrong) = (stop.clone(), runs.clone(), wrong.clone());
+                let probes = probes.clone();
+                std::thread::spawn(move || {
+                    let start = Instant::now();
+                    while !stop.load(Ordering::Relaxed)
+                        && start.elapsed() < Duration::from_secs(120)
+                    {
+                        for (addr, port) in &probes {
+                            let run =
+                                test_run(prog.as_fd(), Protocol::Tcp, *addr, *port, 1).unwrap();
+                            if run.retval != 1 || run.ctx_out.cookie != cookie {
+                                wrong.fetch_add(1, Ordering::Relaxed);
+                            }
+                            runs.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            };
+            let set_bits =
+                |d: &Dispatcher| -> u32 { filter_words(d).1.iter().map(|w| w.count_ones()).sum() };
+            let stay_entries = 48 + 1 + 11;
+            for round in 1..=8 {
+                let more = churn(round);
+                d.add_bindings(&[(more, destination.clone())]).unwrap();
+                assert!(
+                    filter_has(&d, &stay) && filter_has(&d, &[more]),
+                    "round {round}"
+                );
+                assert_eq!(
+                    goes_to(&d, &format!("198.18.{}.7", 100 + round), 5000),
+                    some("b.socket")
+                );
+                d.remove_bindings(&[more]).unwrap();
+                assert!(filter_has(&d, &stay), "round {round}");
+                // 10000 removed, more than stay: computed again.
+                let set = set_bits(&d);
+                assert!(set <= stay_entries, "round {round}: {set} bits set");
+            }
+            stop.store(true, Ordering::Relaxed);
+            prober.join().unwrap();
+            assert_eq!(d.program().unwrap().id, id, "the hash grew");
+            assert!(runs.load(Ordering::Relaxed) > 0, "the prober ran");
+            assert_eq!(
+                wrong.load(Ordering::Relaxed),
+                0,
+                "lookups of entries that stayed answered otherwise (of {})",
+                runs.load(Ordering::Relaxed)
+            );
+        },
+    );
+}
