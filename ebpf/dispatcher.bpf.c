@@ -182,7 +182,8 @@ static __always_inline int maybe_entry(const union ska_key_words *k, __u64 bits)
 {
 	__u64 h, bit, idx, *word;
 
-	h = k->q[0] * SKA_FILTER_K0 + k->q[1] * SKA_FILTER_K1 + k->q[2] * SKA_FILTER_K2;
+	h = SKA_FILTER_FOLD(k->q[0]) * SKA_FILTER_K0 + SKA_FILTER_FOLD(k->q[1]) * SKA_FILTER_K1 +
+	    SKA_FILTER_FOLD(k->q[2]) * SKA_FILTER_K2;
 	bit = h >> (64 - bits);
 	idx = 1 + (bit >> 6);
 	word = bpf_map_lookup_elem(&filter, &idx);

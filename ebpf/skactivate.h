@@ -26,8 +26,11 @@
  * a probe of a key no entry has costs an array read instead of a hash
  * lookup.  Word 0 is its header: log2 of the number of filter bits.  Bit b
  * of the filter is bit (b & 63) of word 1 + (b >> 6); a key's bit is the top
- * bits of the sum of its three 8-byte words, each times its constant below
- * (mod 2^64), the key's address masked as in the hash.  It has 16 bits per
+ * bits of the sum of its three 8-byte words, each folded (its high half xored
+ * into its low half) and times its constant below (mod 2^64), the key's
+ * address masked as in the hash.  Without the fold a product's top bits see
+ * only the low bits of what sits high in a word: IPv6 /128s that differ in
+ * their last 32 bits and in the port fell on 1 bit in 8.  It has 16 bits per
  * entry of the hash's capacity and is replaced with it.  It is mmapable: user
  * space writes each word with one 8-byte store.  A bit is set before its
  * entry enters the hash; bits of removed entries are cleared later, whole
@@ -39,6 +42,7 @@
 #define SKA_FILTER_K0 0x9e3779b97f4a7c15ull
 #define SKA_FILTER_K1 0xc2b2ae3d27d4eb4full
 #define SKA_FILTER_K2 0x165667b19e3779f9ull
+#define SKA_FILTER_FOLD(x) ((x) ^ ((x) >> 32))
 
 /* Destinations: ids 0..SKA_MAX_DESTINATIONS-1 index the metrics array.  A
  * destination is one socket of a unit (family and protocol): 1024 are some

@@ -58,11 +58,12 @@ pub fn filter_key_words(key: &aya::maps::lpm_trie::Key<BindingKey>) -> [u64; 3] 
 /// The filter bit of `key` in a filter of 2^`log2` bits: as the program
 /// computes it.
 pub fn filter_bit(key: &aya::maps::lpm_trie::Key<BindingKey>, log2: u32) -> u64 {
+    let fold = |x: u64| x ^ x >> 32;
     let [q0, a1, a2] = filter_key_words(key);
-    let h = q0
+    let h = fold(q0)
         .wrapping_mul(FILTER_K[0])
-        .wrapping_add(a1.wrapping_mul(FILTER_K[1]))
-        .wrapping_add(a2.wrapping_mul(FILTER_K[2]));
+        .wrapping_add(fold(a1).wrapping_mul(FILTER_K[1]))
+        .wrapping_add(fold(a2).wrapping_mul(FILTER_K[2]));
     h >> (64 - log2)
 }
 

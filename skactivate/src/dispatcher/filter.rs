@@ -183,27 +183,33 @@ mod tests {
         assert_eq!(abi::filter_key_words(&key).to_vec(), want);
     }
 
-    /// A filter sized as the program's sizes it spreads a large workload's
-    /// keys: at full capacity about 1 − e^(−1/16) of its bits are set.
+    /// A filter sized as the program's sizes it spreads the keys of the
+    /// bench's workloads, IPv4 and IPv6 (where only the address's last 32
+    /// bits and the port differ): at full capacity about 1 − e^(−1/16) of
+    /// its bits are set, as for keys drawn at random.
     #[test]
     fn bits_spread_over_the_filter() {
         let capacity = 1u32 << 16;
         let log2 = abi::filter_log2(capacity);
-        let keys = (0..capacity).map(|i| {
-            let addr = std::net::Ipv4Addr::from(0xc612_0000 | (i >> 4));
-            abi::binding_key(
-                Protocol::Tcp,
-                &IpNet::from(IpAddr::V4(addr)),
-                8000 + (i & 15) as u16,
-            )
-        });
-        let words = words_for(keys, log2);
-        let set: u32 = words.iter().map(|w| w.count_ones()).sum();
-        let fraction = f64::from(set) / f64::from(1u32 << log2);
-        let expected = 1.0 - (-1.0f64 / 16.0).exp();
-        assert!(
-            (fraction - expected).abs() < 0.01,
-            "{fraction} of the bits set, expected about {expected}"
-        );
+        let v6_base = u128::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0));
+        for v6 in [false, true] {
+            let keys = (0..capacity).map(|i| {
+                let low = 0xc612_0000 | (i >> 4);
+                let addr = if v6 {
+                    IpAddr::V6(std::net::Ipv6Addr::from(v6_base | u128::from(low)))
+                } else {
+                    IpAddr::V4(std::net::Ipv4Addr::from(low))
+                };
+                abi::binding_key(Protocol::Tcp, &IpNet::from(addr), 8000 + (i & 15) as u16)
+            });
+            let words = words_for(keys, log2);
+            let set: u32 = words.iter().map(|w| w.count_ones()).sum();
+            let fraction = f64::from(set) / f64::from(1u32 << log2);
+            let expected = 1.0 - (-1.0f64 / 16.0).exp();
+            assert!(
+                (fraction - expected).abs() < 0.01,
+                "IPv6 {v6}: {fraction} of the bits set, expected about {expected}"
+            );
+        }
     }
 }
