@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::in_netns;
-use common::systemd::{ADMIN_UNITS, SETTLE, Systemd, http_get, poll_until};
+use common::systemd::{ADMIN_UNITS, SETTLE, Systemd, http_get, http_get_padded, poll_until};
 
 /// Every read and write of a test is bounded by this.
 const T: Duration = Duration::from_secs(15);
@@ -314,19 +314,22 @@ fn request(to: SocketAddr, up: &[u8], reply_len: usize) -> (u64, u64, Vec<u8>) {
     )
 }
 
-/// Full duplex: write `data` from one thread while reading the echo.
+/// Full duplex: write `data` from one thread while reading the echo; the
+/// client's FIN only once the whole echo is back, so that the connection
+/// is still open when the proxy arms it (after its opening: a socket that
+/// has received a FIN cannot join a SOCKHASH, and the rest is spliced).
 fn echo_through(to: SocketAddr, data: &Arc<Vec<u8>>) -> Vec<u8> {
     let c = TcpStream::connect(to).unwrap();
     timeouts(&c);
     let mut w = c.try_clone().unwrap();
     let d = data.clone();
-    let writer = thread::spawn(move || {
-        w.write_all(&d).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut got = Vec::with_capacity(data.len());
-    (&c).read_to_end(&mut got).unwrap();
+    let writer = thread::spawn(move || w.write_all(&d).unwrap());
+    let mut got = vec![0u8; data.len()];
+    (&c).read_exact(&mut got).unwrap();
     writer.join().unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let n = (&c).read_to_end(&mut got).unwrap();
+    assert_eq!(n, 0, "more bytes than were sent");
     got
 }
 
@@ -341,12 +344,15 @@ fn echo_whole_or_reset(to: SocketAddr, data: &Arc<Vec<u8>>) {
     timeouts(&c);
     let mut w = c.try_clone().unwrap();
     let d = data.clone();
-    let writer = thread::spawn(move || {
-        w.write_all(&d)?;
-        w.shutdown(Shutdown::Write)
+    let writer = thread::spawn(move || w.write_all(&d));
+    let mut got = vec![0u8; data.len()];
+    let read = (&c).read_exact(&mut got).and_then(|()| {
+        c.shutdown(Shutdown::Write)?;
+        let mut more = Vec::new();
+        (&c).read_to_end(&mut more)?;
+        got.extend(more);
+        Ok(())
     });
-    let mut got = Vec::with_capacity(data.len());
-    let read = (&c).read_to_end(&mut got);
     let wrote = writer.join().unwrap();
     match (read, wrote) {
         (Ok(_), Ok(())) => assert!(
@@ -672,15 +678,17 @@ fn many_concurrent_connections() {
         in_netns(&format!("many connections ({mode})"), move |_| {
             let b = backend(echo);
             let (mut p, a) = proxy(mode, b.addr, &[]);
-            // Each client waits for the echo of its first half before it
-            // sends the rest and its FIN, so every connection is proxied
-            // while open (a connection whose client has already sent its FIN
-            // when the proxy gets to it is spliced: it cannot join a SOCKHASH).
+            // Each client waits for the echo of its first part before it
+            // sends the rest and its FIN, so every connection is armed
+            // while open: the first part is more than the proxy copies
+            // before it arms (a connection whose client has already sent its
+            // FIN when it would be armed is spliced: it cannot join a
+            // SOCKHASH).
             let threads: Vec<_> = (0..200u64)
                 .map(|i| {
                     thread::spawn(move || {
-                        let data = pattern(100 + i, 64 * 1024 + usize::try_from(i).unwrap());
-                        let (first, rest) = data.split_at(32 * 1024);
+                        let data = pattern(100 + i, 128 * 1024 + usize::try_from(i).unwrap());
+                        let (first, rest) = data.split_at(96 * 1024);
                         let mut c = TcpStream::connect(a).unwrap();
                         timeouts(&c);
                         c.write_all(first).unwrap();
@@ -918,7 +926,8 @@ fn bytes_counted_beyond_what_tcp_received_reset_the_connection() {
         for (n, inflate) in [(1, false), (2, true)] {
             let mut c = TcpStream::connect(a).unwrap();
             timeouts(&c);
-            c.write_all(b"hello").unwrap();
+            // More than the proxy copies before it arms the connection.
+            c.write_all(&pattern(n as u64, 100_000)).unwrap();
             assert!(poll_until(T, || b.accepted.load(Ordering::SeqCst) == n));
             // The proxy has armed the connection once its counters exist.
             let mut counts = counts_map_of(p.child.id());
@@ -946,6 +955,58 @@ fn bytes_counted_beyond_what_tcp_received_reset_the_connection() {
             drop(c);
             assert!(poll_until(T, || counts.keys().count() == 0));
         }
+    });
+}
+
+/// A connection is armed only once it has moved enough to be worth it
+/// (opening.rs): a short exchange is copied by the proxy and never enters
+/// the maps; a ping-pong is armed after its first round trips and the
+/// kernel moves the rest.
+#[test]
+fn short_connections_are_copied_and_longer_ones_armed() {
+    in_netns("arming after the opening", |_| {
+        let b = backend(echo);
+        let (mut p, a) = proxy("sockmap", b.addr, &[]);
+        let counts = counts_map_of(p.child.id());
+
+        let mut c = TcpStream::connect(a).unwrap();
+        timeouts(&c);
+        c.write_all(b"0123456789").unwrap();
+        let mut got = [0u8; 10];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"0123456789");
+        assert_eq!(counts.keys().count(), 0, "a short exchange is not armed");
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        let st = p.wait_status(|s| s.contains(", 1 served"));
+        assert_eq!(copied(&st), 20, "{st}");
+        assert_eq!(redirected(&st), 0, "{st}");
+
+        let mut c = TcpStream::connect(a).unwrap();
+        timeouts(&c);
+        let mut armed_after = None;
+        for i in 0..100u8 {
+            c.write_all(&[i]).unwrap();
+            let mut byte = [0u8; 1];
+            c.read_exact(&mut byte).unwrap();
+            assert_eq!(byte[0], i);
+            if armed_after.is_none() && counts.keys().count() == 2 {
+                armed_after = Some(i);
+            }
+        }
+        let armed_after = armed_after.expect("a ping-pong of 100 round trips is armed");
+        assert!(
+            armed_after < 20,
+            "armed only after {armed_after} round trips"
+        );
+        drop(c);
+        let st = p.wait_status(|s| s.contains(", 2 served"));
+        // The first round trips copied, the rest redirected; each byte once.
+        assert_eq!(copied(&st) + redirected(&st), 20 + 200, "{st}");
+        assert!(redirected(&st) >= 100, "{st}");
+        assert!(poll_until(T, || counts.keys().count() == 0));
     });
 }
 
@@ -1632,10 +1693,11 @@ fn socket_activated_under_systemd_with_type_notify() {
         "{status}"
     );
     assert_eq!(sd.property("webserver-proxy.service", "Type"), "notify");
-    // Many requests, each through the kernel.
+    // Many requests, each long enough to be armed and go through the
+    // kernel (the proxy copies a connection's first 64 KiB itself).
     let ok = sd.in_netns(|| {
         (0..50)
-            .filter(|_| http_get(to).is_ok_and(|r| r.status == 200))
+            .filter(|_| http_get_padded(to, 96 * 1024).is_ok_and(|r| r.status == 200))
             .count()
     });
     assert_eq!(ok, 50);

@@ -723,10 +723,26 @@ pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `GET /` over a fresh connection, every step bounded by [`HTTP_TIMEOUT`].
 pub fn http_get(to: SocketAddr) -> io::Result<HttpReply> {
+    http_get_padded(to, 0)
+}
+
+/// [`http_get`] with a request made `pad` bytes longer by headers of
+/// 32 KiB at most (a proxy that arms a connection only once it has moved
+/// enough is made to arm it).
+pub fn http_get_padded(to: SocketAddr, pad: usize) -> io::Result<HttpReply> {
     let mut c = TcpStream::connect_timeout(&to, HTTP_TIMEOUT)?;
     c.set_read_timeout(Some(HTTP_TIMEOUT))?;
     c.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    write!(c, "GET / HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
+    let mut request = format!("GET / HTTP/1.0\r\nHost: {to}\r\n");
+    let mut left = pad;
+    while left > 0 {
+        // "X-Pad: " and CRLF take 9 bytes of each header.
+        let n = left.clamp(10, 32 * 1024);
+        request += &format!("X-Pad: {}\r\n", "x".repeat(n - 9));
+        left = left.saturating_sub(n);
+    }
+    request += "\r\n";
+    c.write_all(request.as_bytes())?;
     let mut reply = Vec::new();
     c.take(64 * 1024).read_to_end(&mut reply)?;
     let reply = String::from_utf8_lossy(&reply);

@@ -4,6 +4,8 @@
 //! * [`sockmap`] — `--mode sockmap`: a SOCKHASH and an sk_skb verdict program
 //!   redirect each side's data to the other's egress.
 //! * [`splice`] — `--mode splice`: pipes and splice(2), as socket-proxyd.
+//! * [`opening`] — `--mode sockmap`: the first bytes of a connection,
+//!   copied until it has moved enough to be worth arming.
 //! * [`probe`] — `--mode sockmap` and `auto`: try the sockmap path on a
 //!   loopback pair at start and use it only if it behaves; ask how the
 //!   kernel reads a segment overlapping bytes already received (the known
@@ -18,6 +20,7 @@
 
 pub mod datagram;
 pub mod header;
+pub mod opening;
 pub mod probe;
 pub mod sockmap;
 pub mod splice;
@@ -266,9 +269,13 @@ async fn connect_one(addr: &Addr) -> io::Result<AsyncFd<OwnedFd>> {
 pub struct Stats {
     /// Bytes the kernel redirected client→backend and backend→client.
     pub redirected: [u64; 2],
-    /// Bytes that went through user space (sockmap mode) client→backend and
-    /// backend→client.
+    /// Bytes the program passed, which went through user space (sockmap
+    /// mode), client→backend and backend→client.
     pub passed: [u64; 2],
+    /// Bytes the proxy copied before the connection was armed, or instead
+    /// (sockmap mode: the [`opening`], and a half-closed connection's
+    /// other direction, spliced), client→backend and backend→client.
+    pub copied: [u64; 2],
     /// Old bytes the program cut off the front of overlapping segments
     /// (sockmap mode, with the trimming program), client→backend and
     /// backend→client.
@@ -277,11 +284,13 @@ pub struct Stats {
 
 /// Move bytes between `client` and `backend` until both directions have
 /// ended (each EOF forwarded) or one fails; `header` goes to the backend
-/// first. With `kernel`, in sockmap mode, else with splice. On a fault both
-/// sockets are left set to reset when closed.
+/// first. With `kernel`, in sockmap mode: copied until `arm_after` says the
+/// connection is worth arming ([`opening`]), then in the kernel. Else with
+/// splice. On a fault both sockets are left set to reset when closed.
 pub async fn relay_pair(
     kernel: Option<&sockmap::Kernel>,
     limit: u64,
+    arm_after: opening::Threshold,
     client: AsyncFd<OwnedFd>,
     backend: AsyncFd<OwnedFd>,
     header: &[u8],
@@ -293,26 +302,65 @@ pub async fn relay_pair(
         sys::set_reset_on_close(a.get_ref().as_fd());
         sys::set_reset_on_close(b.get_ref().as_fd());
     };
+    if let Err(f) = write_all(&backend, header).await {
+        reset(&client, &backend);
+        return (Err(f), stats);
+    }
     let Some(kernel) = kernel else {
-        if let Err(f) = write_all(&backend, header).await {
-            reset(&client, &backend);
-            return (Err(f), stats);
-        }
         return (splice_pair(&client, &backend, idle_timeout).await, stats);
     };
-    let ends = sockmap::End::new(client).and_then(|c| Ok((c, sockmap::End::new(backend)?)));
+    let mut copied = opening::Copied::default();
+    let next = tokio::select! {
+        r = opening::copy(&client, &backend, arm_after, &activity, &mut copied) => r,
+        t = idle(idle_timeout, || activity.get()) => Err(Fault::Idle(t)),
+    };
+    stats.copied = copied.bytes;
+    let next = match next {
+        Ok(next) => next,
+        Err(f) => {
+            if !matches!(f, Fault::Idle(_)) {
+                reset(&client, &backend);
+            }
+            return (Err(f), stats);
+        }
+    };
+    let up = match next {
+        opening::Next::Ended => return (Ok(()), stats),
+        opening::Next::Arm => None,
+        opening::Next::Rest(up) => Some(up),
+        opening::Next::Unsettled => {
+            tracing::debug!("receive queues never empty while settling: splicing this connection");
+            return (splice_pair(&client, &backend, idle_timeout).await, stats);
+        }
+    };
+    if let Some(up) = up {
+        // One direction ended: its socket cannot join a SOCKHASH. The other
+        // goes on with splice (what it splices is not counted in
+        // `STATUS=`, as no spliced byte is).
+        let (src, dst, what) = if up {
+            (&client, &backend, "client to backend")
+        } else {
+            (&backend, &client, "backend to client")
+        };
+        let r = tokio::select! {
+            r = splice::relay(src, dst, &activity) => r.map_err(|e| e.on(what)),
+            t = idle(idle_timeout, || activity.get()) => Err(Fault::Idle(t)),
+        };
+        if matches!(r, Err(Fault::On(..))) {
+            reset(&client, &backend);
+        }
+        return (r, stats);
+    }
+    let ends = sockmap::End::new(client, copied.bytes[0])
+        .and_then(|c| Ok((c, sockmap::End::new(backend, copied.bytes[1])?)));
     let (c, b) = match ends {
         Ok(ends) => ends,
         Err(e) => return (Err(Fault::Read(e)), stats),
     };
-    if let Err(f) = write_all(&b.fd, header).await {
-        reset(&c.fd, &b.fd);
-        return (Err(f), stats);
-    }
     // A socket that has seen its peer's FIN (a short request sent with
     // shutdown, before we got here) can no longer join a SOCKHASH: splice.
     let armed = if sockmap::established(&c) && sockmap::established(&b) {
-        sockmap::arm(kernel, &c, &b, header.len() as u64, limit)
+        sockmap::arm(kernel, &c, &b, limit)
             .inspect_err(|e| tracing::debug!("not armed ({e}): splicing this connection"))
             .ok()
     } else {
@@ -323,10 +371,8 @@ pub async fn relay_pair(
     };
     let both = async {
         tokio::try_join!(
-            sockmap::relay(&armed, &c, &b, header.len() as u64, limit, &activity)
-                .map_err(|e| e.on("client to backend")),
-            sockmap::relay(&armed, &b, &c, 0, limit, &activity)
-                .map_err(|e| e.on("backend to client")),
+            sockmap::relay(&armed, &c, &b, limit, &activity).map_err(|e| e.on("client to backend")),
+            sockmap::relay(&armed, &b, &c, limit, &activity).map_err(|e| e.on("backend to client")),
         )
     };
     let r = tokio::select! {
@@ -443,6 +489,7 @@ async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
             let (r, stats) = relay_pair(
                 kernel,
                 sockmap::LIMIT,
+                opening::ARM_AFTER,
                 client,
                 backend,
                 &header,
@@ -453,6 +500,7 @@ async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
             let add = |c: &Cell<u64>, v: [u64; 2]| c.set(c.get() + v[0] + v[1]);
             add(&shared.redirected, stats.redirected);
             add(&shared.copied, stats.passed);
+            add(&shared.copied, stats.copied);
             add(&shared.trimmed, stats.trimmed);
             match r {
                 Ok(()) => {}

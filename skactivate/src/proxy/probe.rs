@@ -146,7 +146,15 @@ async fn proxied(
     client: AsyncFd<OwnedFd>,
     backend: AsyncFd<OwnedFd>,
 ) -> Result<(Result<(), Fault>, Stats), String> {
-    let relay = super::relay_pair(Some(kernel), PROBE_LIMIT, client, backend, b"", None);
+    let relay = super::relay_pair(
+        Some(kernel),
+        PROBE_LIMIT,
+        super::opening::ARM_AT_ONCE,
+        client,
+        backend,
+        b"",
+        None,
+    );
     let relay = async {
         tokio::select! {
             r = relay => r,

@@ -13,10 +13,15 @@
 //! would sit there (or, read by us afterwards, race with later bytes the
 //! program redirects). The sequence, per connection:
 //!
-//! 1. `accept()`, `connect()` the backend; note each socket's
-//!    `tcpi_bytes_acked` and bytes written so far (the bases).
-//! 2. Write the PROXY header to the backend ourselves; it counts as
-//!    `written` (bytes user space put into the peer's send queue).
+//! 1. `accept()`, `connect()` the backend, write the PROXY header to the
+//!    backend ourselves, and copy the connection's opening (opening.rs):
+//!    until it has moved enough to be worth arming, which a short
+//!    connection never does. The opening stops with nothing held in user
+//!    space: every byte it read was written on.
+//! 2. Note each socket's `tcpi_bytes_acked` (the base) and what is in its
+//!    send queue: bytes user space wrote and the peer has not acknowledged,
+//!    counted as `written` towards that socket; and what we read from it,
+//!    which the program will never count ([`End::new`]).
 //! 3. Zero both `counts` entries, insert **both** sockets into the SOCKHASH.
 //!    No `sides` entry exists yet, so every byte arriving now is *passed*
 //!    (to the socket's own receive queue, for us to read) and counted —
@@ -467,9 +472,18 @@ impl Kernel {
 pub struct End {
     pub fd: AsyncFd<OwnedFd>,
     pub cookie: u64,
-    /// tcpi_bytes_acked and bytes written when the connection was set up.
+    /// tcpi_bytes_acked when the end was made, the base of both counts
+    /// below: bytes written since then are those acknowledged since and
+    /// those in the send queue now.
     acked_base: u64,
     written_base: u64,
+    /// Bytes in the send queue when the end was made: written by user space
+    /// (the PROXY header, the connection's opening) and not yet
+    /// acknowledged. They count as written towards this socket.
+    in_flight: u64,
+    /// Bytes user space read from the socket before it was made (the
+    /// opening): TCP received them, the program never saw them.
+    received_base: u64,
     /// ESTABLISHED when the end was made (only such a socket may join a
     /// SOCKHASH; one that has changed since makes the insert fail, and
     /// [`arm`] copes with that).
@@ -479,16 +493,19 @@ pub struct End {
 }
 
 impl End {
-    /// Note the bases; call before anything is written to the socket.
-    pub fn new(fd: AsyncFd<OwnedFd>) -> io::Result<End> {
+    /// Note the bases, just before the socket is armed; `consumed` is what
+    /// user space has read from it so far.
+    pub fn new(fd: AsyncFd<OwnedFd>, consumed: u64) -> io::Result<End> {
         let cookie = sys::cookie(fd.get_ref().as_fd())?;
         let (state, acked) = sys::tcp_state_acked(fd.get_ref().as_fd())?;
-        let written = acked + sys::outq(fd.get_ref().as_fd())?;
+        let in_flight = sys::outq(fd.get_ref().as_fd())?;
         Ok(End {
             fd,
             cookie,
             acked_base: acked,
-            written_base: written,
+            written_base: acked,
+            in_flight,
+            received_base: consumed,
             established: state == 1,
             sent_seen: std::cell::Cell::new(0),
         })
@@ -531,8 +548,9 @@ pub fn established(end: &End) -> bool {
     end.established
 }
 
-/// Steps 3 to 5 of the module's sequence. `header` bytes were already
-/// written to the backend. `limit` is [`LIMIT`] but for the probe, which
+/// Steps 3 to 5 of the module's sequence. What user space wrote to either
+/// socket and was not acknowledged counts against the credit towards it
+/// ([`End`]'s `in_flight`). `limit` is [`LIMIT`] but for the probe, which
 /// makes it small to go through the pass path. An error means nothing was
 /// inserted: the connection can go on without the kernel's help. When only
 /// part could be set up, the result is not [`Armed::full`]: the sockets stay
@@ -541,7 +559,6 @@ pub fn arm<'a>(
     kernel: &'a Kernel,
     client: &'a End,
     backend: &'a End,
-    header: u64,
     limit: u64,
 ) -> io::Result<Armed<'a>> {
     let mut armed = Armed {
@@ -585,8 +602,8 @@ pub fn arm<'a>(
         &Side {
             peer: backend.cookie,
             drained: 0,
-            allowed: limit.saturating_sub(header),
-            notify: notify_at(0, limit.saturating_sub(header), limit),
+            allowed: limit.saturating_sub(backend.in_flight),
+            notify: notify_at(0, limit.saturating_sub(backend.in_flight), limit),
         },
     );
     let sides = sides.and_then(|()| {
@@ -595,8 +612,8 @@ pub fn arm<'a>(
             &Side {
                 peer: client.cookie,
                 drained: 0,
-                allowed: limit,
-                notify: notify_at(0, limit, limit),
+                allowed: limit.saturating_sub(client.in_flight),
+                notify: notify_at(0, limit.saturating_sub(client.in_flight), limit),
             },
         )
     });
@@ -695,10 +712,10 @@ async fn relay_copied(
     armed: &Armed<'_>,
     src: &End,
     dst: &End,
-    mut written: u64,
     activity: &Activity,
 ) -> Result<(), Fault> {
     let kernel = armed.kernel;
+    let mut written = dst.in_flight;
     let mut drained = 0u64;
     let mut buf = vec![0u8; BUF_FIRST];
     loop {
@@ -730,8 +747,7 @@ async fn relay_copied(
     }
 }
 
-/// One direction, `src` to `dst`, until EOF was forwarded. `written` is
-/// what user space already wrote to `dst` (the PROXY header).
+/// One direction, `src` to `dst`, until EOF was forwarded.
 ///
 /// Both sides armed: the program redirects while the credit lasts, and
 /// bytes it passed are held, looked at, written, published and only then
@@ -740,16 +756,15 @@ pub async fn relay(
     armed: &Armed<'_>,
     src: &End,
     dst: &End,
-    written: u64,
     limit: u64,
     activity: &Activity,
 ) -> Result<(), Fault> {
     if !armed.full {
-        return relay_copied(armed, src, dst, written, activity).await;
+        return relay_copied(armed, src, dst, activity).await;
     }
     let kernel = armed.kernel;
     let mut flow = Flow {
-        written,
+        written: dst.in_flight,
         drained: 0,
         // Allocated on the first pass, small: most connections see only
         // the early bytes and EOF. A large buffer per direction cost each
@@ -872,7 +887,8 @@ pub async fn relay(
 
 /// The user-space state of one armed direction.
 struct Flow {
-    /// Bytes user space wrote to dst (the PROXY header, and passed bytes).
+    /// Bytes user space wrote to dst since its end was made: what was in
+    /// flight then (the PROXY header, the opening), and passed bytes.
     written: u64,
     /// Passed bytes written to dst and published.
     drained: u64,
@@ -1035,7 +1051,7 @@ async fn consume(src: &End, peeked: &[u8], scratch: &mut Vec<u8>) -> Result<(), 
 /// received has been through the program.
 fn check_not_repeated(src: &End, count: &Count) -> Result<(), Fault> {
     let received = sys::bytes_received(src.fd.get_ref().as_fd()).map_err(Fault::Read)?;
-    match repeated(count, received) {
+    match repeated(count, received.saturating_sub(src.received_base)) {
         0 => Ok(()),
         extra => Err(Fault::Repeated(
             extra,

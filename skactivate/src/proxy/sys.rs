@@ -573,6 +573,14 @@ pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(u64::try_from(v).unwrap_or(0))
 }
 
+/// Bytes in the socket's receive queue, not yet read (`SIOCINQ`).
+pub fn inq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: FIONREAD == SIOCINQ takes an int out-parameter.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut v) })?;
+    Ok(u64::try_from(v).unwrap_or(0))
+}
+
 /// `struct tcp_info` up to `tcpi_bytes_received` (Linux ≥ 4.1).
 #[repr(C)]
 #[derive(Clone, Copy)]
