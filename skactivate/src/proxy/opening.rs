@@ -30,7 +30,8 @@
 //! with 65536 bytes repeated, and the proxy reset them). So once past the
 //! threshold a direction *settles*: it asks how many bytes are queued
 //! (`SIOCINQ`) and reads with a buffer larger than that, twice as large
-//! and 64 KiB more, for what arrives meanwhile. `tcp_recvmsg()` stops short
+//! and 64 KiB more (up to 256 KiB), for what arrives meanwhile.
+//! `tcp_recvmsg()` stops short
 //! of a full buffer only when the queue has no byte left, having freed
 //! every skb it read; such a read leaves the direction *clean*. A read that
 //! fills the buffer may have stopped inside a segment, and the direction
@@ -81,8 +82,9 @@ pub const ARM_AT_ONCE: Threshold = Threshold { bytes: 0, reads: 0 };
 pub const BUF: usize = 16 * 1024;
 
 /// The most one settling read takes: twice what is queued and
-/// [`SETTLE_SLACK`], up to this.
-const SETTLE_MAX: usize = 1 << 20;
+/// [`SETTLE_SLACK`], up to this (a buffer of a connection's, held only
+/// while it settles; a queue longer than that is read in more rounds).
+const SETTLE_MAX: usize = 256 * 1024;
 const SETTLE_SLACK: usize = 64 * 1024;
 
 /// Settling reads before a connection is left to splice.
