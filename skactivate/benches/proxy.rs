@@ -23,6 +23,16 @@
 //!   `SLOW_TIME`; the most the proxy held (bytes its client socket took,
 //!   minus those in the backend's receive queue).
 //!
+//! * context: what waking a thread on the other CPU costs, in the same run
+//!   (a pipe ping-pong between a thread on CPU 0 and one on CPU 1, before
+//!   and after the rounds). In a virtual machine whose idle CPUs halt, that
+//!   wake-up goes through the hypervisor and can cost hundreds of
+//!   microseconds: it then dominates the latency of a proxy that is woken
+//!   for every byte, and the connection rate. With
+//!   `SKACTIVATE_BENCH_CPU_LATENCY_US=N` the bench holds
+//!   `/dev/cpu_dma_latency` at N for the run (0: idle CPUs poll instead of
+//!   halting), as latency-minded hosts are tuned.
+//!
 //! Run without `--bench` (as `cargo test --benches` does) it is a smoke test:
 //! small sizes, no file written.
 
@@ -418,7 +428,66 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
+/// The median round trip of a one-byte pipe ping-pong between a thread
+/// on CPU 0 and one on CPU 1: two cross-CPU wake-ups.
+fn cross_cpu_wakeup() -> Duration {
+    pin(1);
+    let mut a = [0i32; 2];
+    let mut b = [0i32; 2];
+    // SAFETY: pipe() fills two fds into each array.
+    assert!(unsafe { libc::pipe(a.as_mut_ptr()) == 0 && libc::pipe(b.as_mut_ptr()) == 0 });
+    const N: usize = 2000;
+    let (ar, bw) = (a[0], b[1]);
+    let peer = std::thread::spawn(move || {
+        pin(0);
+        let mut byte = 0u8;
+        for _ in 0..N {
+            // SAFETY: one-byte reads and writes on our own pipes.
+            unsafe {
+                libc::read(ar, (&raw mut byte).cast(), 1);
+                libc::write(bw, (&raw const byte).cast(), 1);
+            }
+        }
+    });
+    let mut times = Vec::with_capacity(N);
+    let mut byte = 1u8;
+    for _ in 0..N {
+        let t = Instant::now();
+        // SAFETY: as above.
+        unsafe {
+            libc::write(a[1], (&raw const byte).cast(), 1);
+            libc::read(b[0], (&raw mut byte).cast(), 1);
+        }
+        times.push(t.elapsed());
+    }
+    peer.join().unwrap();
+    for fd in a.into_iter().chain(b) {
+        // SAFETY: closing our own fds once.
+        unsafe { libc::close(fd) };
+    }
+    times.sort();
+    times[N / 2]
+}
+
+/// `SKACTIVATE_BENCH_CPU_LATENCY_US`: hold `/dev/cpu_dma_latency` at that
+/// many microseconds while the returned file is open.
+fn cpu_latency_hold() -> Option<(std::fs::File, i32)> {
+    let us: i32 = std::env::var("SKACTIVATE_BENCH_CPU_LATENCY_US")
+        .ok()?
+        .parse()
+        .expect("SKACTIVATE_BENCH_CPU_LATENCY_US: a number of microseconds");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/cpu_dma_latency")
+        .expect("/dev/cpu_dma_latency");
+    f.write_all(&us.to_ne_bytes())
+        .expect("writing /dev/cpu_dma_latency");
+    Some((f, us))
+}
+
 fn run(plan: &Plan) -> String {
+    let hold = cpu_latency_hold();
+    let wakeup_before = cross_cpu_wakeup();
     pin(1);
     let echo = echo_backend();
     let bin = env!("CARGO_BIN_EXE_skactivate");
@@ -512,7 +581,18 @@ fn run(plan: &Plan) -> String {
         held[i] = slow_reader(&sink_proxies[i], &sinks[i], plan.slow_time);
     }
     direct.sort_by(f64::total_cmp);
+    let wakeup_after = cross_cpu_wakeup();
     let mut out = String::new();
+    out += &format!(
+        "Waking a thread on the other CPU and back (pipe ping-pong, median of 2000): {:.1} µs \
+         before the rounds, {:.1} µs after; {}.\n\n",
+        wakeup_before.as_secs_f64() * 1e6,
+        wakeup_after.as_secs_f64() * 1e6,
+        match &hold {
+            Some((_, us)) => format!("`/dev/cpu_dma_latency` held at {us} µs"),
+            None => "CPU idle states as the machine has them".to_owned(),
+        }
+    );
     let gib = (plan.bulk as f64) / f64::from(1u32 << 30);
     out += "| proxy | latency median µs | p99 µs | median ratio | p99 ratio | throughput GiB/s | proxy CPU s/GiB | ratio | + kernel threads s/GiB | ratio | connections/s | ratio | slow reader: held MiB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
     let mut base = (0.0, 0.0, 0.0, 0.0, 0.0);
