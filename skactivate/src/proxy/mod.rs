@@ -273,8 +273,8 @@ pub struct Stats {
     /// mode), client→backend and backend→client.
     pub passed: [u64; 2],
     /// Bytes the proxy copied before the connection was armed, or instead
-    /// (sockmap mode: the [`opening`], and a half-closed connection's
-    /// other direction, spliced), client→backend and backend→client.
+    /// (sockmap mode: the [`opening`]; what is spliced after it is not
+    /// counted), client→backend and backend→client.
     pub copied: [u64; 2],
     /// Old bytes the program cut off the front of overlapping segments
     /// (sockmap mode, with the trimming program), client→backend and
