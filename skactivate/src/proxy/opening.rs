@@ -4,10 +4,11 @@
 //!
 //! Arming costs a connection some twenty system calls whatever it carries:
 //! the sockets' cookies and TCP state, four map inserts, the receive
-//! buffers, the kick, the `sides` entries, and six map deletes when it
-//! ends. Copying costs two (a `recv` and a `send`) per read. A connection
-//! that carries one request and one short reply is done before arming
-//! would have paid, so the proxy copies until the connection has moved
+//! buffers, the kick, the `sides` entries, and six map calls when it ends
+//! (its counts read, its entries deleted). Copying costs two (a `recv` and
+//! a `send`) per read. A connection that carries one request and one short
+//! reply is done before arming would have paid, so the proxy copies until
+//! the connection has moved
 //! [`ARM_AFTER`]'s bytes in one direction or made its reads, whichever
 //! comes first: about what arming costs, spent on copying (the rule of
 //! renting until the rent paid equals the price). A bulk transfer is armed
