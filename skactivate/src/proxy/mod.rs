@@ -273,9 +273,11 @@ pub struct Stats {
     /// mode), client→backend and backend→client.
     pub passed: [u64; 2],
     /// Bytes the proxy copied before the connection was armed, or instead
-    /// (sockmap mode: the [`opening`]; what is spliced after it is not
-    /// counted), client→backend and backend→client.
+    /// (sockmap mode: the [`opening`]), client→backend and backend→client.
     pub copied: [u64; 2],
+    /// Bytes spliced (splice mode, and connections sockmap mode did not
+    /// arm), client→backend and backend→client.
+    pub spliced: [u64; 2],
     /// Old bytes the program cut off the front of overlapping segments
     /// (sockmap mode, with the trimming program), client→backend and
     /// backend→client.
@@ -307,7 +309,9 @@ pub async fn relay_pair(
         return (Err(f), stats);
     }
     let Some(kernel) = kernel else {
-        return (splice_pair(&client, &backend, idle_timeout).await, stats);
+        let held = opening::Held::default();
+        let r = splice_pair(&client, &backend, idle_timeout, held, &mut stats).await;
+        return (r, stats);
     };
     let mut copied = opening::Copied::default();
     let next = tokio::select! {
@@ -328,24 +332,26 @@ pub async fn relay_pair(
         opening::Next::Ended => return (Ok(()), stats),
         opening::Next::Arm => None,
         opening::Next::Rest(up) => Some(up),
-        opening::Next::Unsettled => {
-            tracing::debug!("receive queues never empty while settling: splicing this connection");
-            return (splice_pair(&client, &backend, idle_timeout).await, stats);
+        opening::Next::Unsettled(held) => {
+            tracing::debug!("receive queues never clean together while settling: splicing");
+            let r = splice_pair(&client, &backend, idle_timeout, held, &mut stats).await;
+            return (r, stats);
         }
     };
     if let Some(up) = up {
         // One direction ended: its socket cannot join a SOCKHASH. The other
-        // goes on with splice (what it splices is not counted in
-        // `STATUS=`, as no spliced byte is).
-        let (src, dst, what) = if up {
-            (&client, &backend, "client to backend")
+        // goes on with splice.
+        let (src, dst, what, i) = if up {
+            (&client, &backend, "client to backend", 0)
         } else {
-            (&backend, &client, "backend to client")
+            (&backend, &client, "backend to client", 1)
         };
+        let spliced = Cell::new(0);
         let r = tokio::select! {
-            r = splice::relay(src, dst, &activity) => r.map_err(|e| e.on(what)),
+            r = splice::relay(src, dst, &activity, &[], &spliced) => r.map_err(|e| e.on(what)),
             t = idle(idle_timeout, || activity.get()) => Err(Fault::Idle(t)),
         };
+        stats.spliced[i] = spliced.get();
         if matches!(r, Err(Fault::On(..))) {
             reset(&client, &backend);
         }
@@ -367,7 +373,9 @@ pub async fn relay_pair(
         None
     };
     let Some(armed) = armed else {
-        return (splice_pair(&c.fd, &b.fd, idle_timeout).await, stats);
+        let held = opening::Held::default();
+        let r = splice_pair(&c.fd, &b.fd, idle_timeout, held, &mut stats).await;
+        return (r, stats);
     };
     let both = async {
         tokio::try_join!(
@@ -392,24 +400,31 @@ pub async fn relay_pair(
     (r, stats)
 }
 
-/// Both directions with splice, until both have ended or one fails (then
-/// both sockets are set to reset when closed).
+/// Both directions with splice, each after writing what `held` holds for
+/// it, until both have ended or one fails (then both sockets are set to
+/// reset when closed). Counts what it spliced in `stats`.
 async fn splice_pair(
     client: &AsyncFd<OwnedFd>,
     backend: &AsyncFd<OwnedFd>,
     idle_timeout: Option<Duration>,
+    held: opening::Held,
+    stats: &mut Stats,
 ) -> Result<(), Fault> {
     let activity = Activity::default();
+    let spliced = [Cell::new(0), Cell::new(0)];
     let both = async {
         tokio::try_join!(
-            splice::relay(client, backend, &activity).map_err(|e| e.on("client to backend")),
-            splice::relay(backend, client, &activity).map_err(|e| e.on("backend to client")),
+            splice::relay(client, backend, &activity, &held.up, &spliced[0])
+                .map_err(|e| e.on("client to backend")),
+            splice::relay(backend, client, &activity, &held.down, &spliced[1])
+                .map_err(|e| e.on("backend to client")),
         )
     };
     let r = tokio::select! {
         r = both => r.map(drop),
         t = idle(idle_timeout, || activity.get()) => Err(Fault::Idle(t)),
     };
+    stats.spliced = spliced.map(Cell::into_inner);
     if matches!(r, Err(Fault::Read(_) | Fault::Write(_) | Fault::On(..))) {
         sys::set_reset_on_close(client.get_ref().as_fd());
         sys::set_reset_on_close(backend.get_ref().as_fd());
@@ -434,6 +449,8 @@ pub struct Shared {
     /// the connections that ended (sockmap mode).
     pub redirected: Cell<u64>,
     pub copied: Cell<u64>,
+    /// Bytes spliced, over the connections that ended.
+    pub spliced: Cell<u64>,
     /// Old bytes the program cut off overlapping segments, over the same.
     pub trimmed: Cell<u64>,
 }
@@ -501,6 +518,7 @@ async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
             add(&shared.redirected, stats.redirected);
             add(&shared.copied, stats.passed);
             add(&shared.copied, stats.copied);
+            add(&shared.spliced, stats.spliced);
             add(&shared.trimmed, stats.trimmed);
             match r {
                 Ok(()) => {}
@@ -562,13 +580,16 @@ fn status_line(shared: &Shared) -> String {
     );
     if let Some(k) = &shared.kernel {
         line += &format!(
-            "; {} bytes redirected, {} bytes copied",
+            "; {} bytes redirected, {} bytes copied, {} bytes spliced",
             shared.redirected.get(),
-            shared.copied.get()
+            shared.copied.get(),
+            shared.spliced.get()
         );
         if k.untrimmed.is_none() {
             line += &format!(", {} repeated bytes cut off", shared.trimmed.get());
         }
+    } else {
+        line += &format!("; {} bytes spliced", shared.spliced.get());
     }
     line
 }
@@ -745,6 +766,7 @@ async fn serve(opts: Options) -> Result<()> {
         served: Cell::new(0),
         redirected: Cell::new(0),
         copied: Cell::new(0),
+        spliced: Cell::new(0),
         trimmed: Cell::new(0),
     });
     if shared.kernel.is_some() {
@@ -837,6 +859,34 @@ pub fn parse_time(s: &str) -> Result<Duration, String> {
         total += Duration::try_from_secs_f64(n * secs).map_err(|_| bad())?;
     }
     Ok(total)
+}
+
+/// Real sockets for the unit tests of the proxy's modules.
+#[cfg(test)]
+mod testing {
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::OwnedFd;
+
+    use tokio::io::unix::AsyncFd;
+
+    /// A connected TCP pair on loopback: (the end the proxy's code uses,
+    /// nonblocking and watched; the test's end).
+    pub fn pair() -> (AsyncFd<OwnedFd>, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (theirs, _) = l.accept().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        (super::watch(OwnedFd::from(theirs)).unwrap(), ours)
+    }
+
+    /// Run `f` on a runtime like the proxy's (one thread).
+    pub fn run<T>(f: impl Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
 }
 
 #[cfg(test)]

@@ -44,8 +44,20 @@
 //! A direction that holds bytes (dst took not all) reads nothing more
 //! until they are written; the other reads on, settling, so that a peer
 //! that reads only as far as its own writes get through is never kept
-//! waiting by us. A pair whose queues are not both clean after
-//! [`SETTLE_ROUNDS`] settling reads is left to splice ([`Next::Unsettled`]).
+//! waiting by us. But a flow that never stops in either direction would
+//! then never have both clean at once: while one direction holds, the
+//! other keeps reading what keeps arriving. So a clean direction *pauses*
+//! (is not read) while the other writes out what it holds, as long as that
+//! goes on: each write that dst takes gives the pause another [`PAUSE`].
+//! A peer that takes nothing for that long may be waiting for its own
+//! writes to get through, which the pause holds up; the paused direction
+//! then reads again, and after [`PAUSES`] such pauses the connection
+//! pauses no more. A peer that reads keeps the pause going until the other
+//! direction has written everything, settled, and both are clean.
+//!
+//! Every settling read counts. A connection whose queues are not both
+//! clean after [`SETTLE_ROUNDS`] of them is left to splice
+//! ([`Next::Unsettled`]), with what each direction holds written out first.
 //!
 //! A direction that ended during the opening (EOF read and forwarded with
 //! `shutdown`) leaves a socket that can no longer join a SOCKHASH: the other
@@ -53,6 +65,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
 
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
@@ -88,8 +101,17 @@ pub const BUF: usize = 16 * 1024;
 const SETTLE_MAX: usize = 256 * 1024;
 const SETTLE_SLACK: usize = 64 * 1024;
 
-/// Settling reads before a connection is left to splice.
+/// Settling reads (both directions together, wherever done) before a
+/// connection is left to splice.
 pub const SETTLE_ROUNDS: u32 = 64;
+
+/// How long a clean direction stays unread while the other's dst takes
+/// nothing of what it holds (the module's "pauses").
+pub const PAUSE: Duration = Duration::from_millis(2);
+
+/// Pauses that may run out (dst took nothing for [`PAUSE`]) before a
+/// connection pauses no more.
+pub const PAUSES: u32 = 2;
 
 /// What the connection does after its opening.
 #[derive(Debug, PartialEq, Eq)]
@@ -100,9 +122,17 @@ pub enum Next {
     Arm,
     /// One direction ended; the other, client to backend if `true`, goes on.
     Rest(bool),
-    /// The receive queues never came to be empty together: splice both
-    /// directions.
-    Unsettled,
+    /// The receive queues never came to be clean together: splice both
+    /// directions, each after writing out what it holds.
+    Unsettled(Held),
+}
+
+/// Bytes read and not yet written on, client to backend and backend to
+/// client.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    pub up: Vec<u8>,
+    pub down: Vec<u8>,
 }
 
 /// One direction of the opening.
@@ -151,6 +181,19 @@ impl<'a> Leg<'a> {
 
     fn holding(&self) -> bool {
         self.head < self.tail
+    }
+
+    /// What is held, handed on.
+    fn take_held(&mut self) -> Vec<u8> {
+        let held = self.buf[self.head..self.tail].to_vec();
+        self.head = self.tail;
+        held
+    }
+
+    /// Clean, holding nothing, and the other direction holds bytes: this
+    /// one may pause while they go out.
+    fn may_pause(&self, other: &Leg<'_>) -> bool {
+        self.clean && !self.holding() && !self.eof && other.holding()
     }
 
     /// A direction holding bytes reads no more until they are written; one
@@ -263,18 +306,18 @@ impl<'a> Leg<'a> {
         Ok(Settled::Read)
     }
 
-    /// Write more of what is held.
+    /// Write more of what is held. Returns whether dst took any.
     fn on_writable(
         &mut self,
         guard: io::Result<AsyncFdReadyGuard<'_, OwnedFd>>,
-    ) -> Result<(), Fault> {
+    ) -> Result<bool, Fault> {
         let mut guard = guard.map_err(|e| Fault::Write(e).on(self.what))?;
         let held = &self.buf[self.head..self.tail];
         match guard.try_io(|fd| sys::send(fd.get_ref().as_fd(), held)) {
-            Err(_would_block) => Ok(()),
+            Err(_would_block) => Ok(false),
             Ok(Ok(m)) => {
                 self.head += m;
-                self.forward_eof()
+                self.forward_eof().map(|()| m > 0)
             }
             Ok(Err(e)) => Err(Fault::Write(e).on(self.what)),
         }
@@ -298,6 +341,45 @@ pub struct Copied {
     pub bytes: [u64; 2],
 }
 
+/// The module's "pauses": while one runs, when it runs out, and how many
+/// ran out.
+#[derive(Default)]
+struct Pause {
+    until: Option<tokio::time::Instant>,
+    /// One ran out; none starts again until neither direction may pause.
+    off: bool,
+    ran_out: u32,
+}
+
+impl Pause {
+    /// Whether the direction that may pause (`may`) does so now; starts
+    /// the clock.
+    fn on(&mut self, may: bool) -> bool {
+        if !may || self.off || self.ran_out >= PAUSES {
+            self.until = None;
+            self.off &= may;
+            return false;
+        }
+        self.until
+            .get_or_insert_with(|| tokio::time::Instant::now() + PAUSE);
+        true
+    }
+
+    /// Dst took bytes from the direction that holds them: another PAUSE.
+    fn progress(&mut self) {
+        if let Some(until) = &mut self.until {
+            *until = tokio::time::Instant::now() + PAUSE;
+        }
+    }
+
+    async fn ran_out_at(until: Option<tokio::time::Instant>) {
+        match until {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Copy between `client` and `backend` until the connection ends or has
 /// moved enough to be armed (the module's documentation). `copied` says
 /// what was moved, however it ends.
@@ -312,6 +394,7 @@ pub async fn copy(
     let mut down = Leg::new(backend, client, "backend to client");
     let mut reads = 0u32;
     let mut settling = 0u32;
+    let mut pause = Pause::default();
     let r = loop {
         copied.bytes = [up.read, down.read];
         if up.ended && down.ended {
@@ -326,9 +409,15 @@ pub async fn copy(
             if up.clean && down.clean {
                 break Ok(Next::Arm);
             }
-            if settling == SETTLE_ROUNDS {
-                break Ok(Next::Unsettled);
-            }
+        }
+        if enough && settling >= SETTLE_ROUNDS && !up.eof && !down.eof {
+            let held = Held {
+                up: up.take_held(),
+                down: down.take_held(),
+            };
+            break Ok(Next::Unsettled(held));
+        }
+        if enough && !up.holding() && !down.holding() {
             settling += 1;
             // Settle both now; a direction that read goes round again
             // (writing out what it holds first, if dst took not all).
@@ -342,24 +431,49 @@ pub async fn copy(
                 Err(f) => break Err(f),
             }
         }
+        // At most one direction may pause: the other holds bytes.
+        let (may_up, may_down) = (up.may_pause(&down), down.may_pause(&up));
+        let paused = pause.on(enough && (may_up || may_down));
+        let (pause_up, pause_down) = (paused && may_up, paused && may_down);
         let (up_src, up_dst, down_src, down_dst) = (up.src, up.dst, down.src, down.dst);
         let step = tokio::select! {
-            g = up_src.readable(), if up.may_read() => if enough {
+            g = up_src.readable(), if up.may_read() && !pause_up => if enough {
                 up.on_readable_settling(g, activity)
             } else {
                 up.on_readable(g, activity)
             },
-            g = down_src.readable(), if down.may_read() => if enough {
+            g = down_src.readable(), if down.may_read() && !pause_down => if enough {
                 down.on_readable_settling(g, activity)
             } else {
                 down.on_readable(g, activity)
             },
-            g = up_dst.writable(), if up.holding() => up.on_writable(g).map(|()| false),
-            g = down_dst.writable(), if down.holding() => down.on_writable(g).map(|()| false),
+            g = up_dst.writable(), if up.holding() => up.on_writable(g).map(|took| {
+                if took {
+                    pause.progress();
+                }
+                false
+            }),
+            g = down_dst.writable(), if down.holding() => down.on_writable(g).map(|took| {
+                if took {
+                    pause.progress();
+                }
+                false
+            }),
+            () = Pause::ran_out_at(pause.until), if pause.until.is_some() => {
+                pause.until = None;
+                pause.off = true;
+                pause.ran_out += 1;
+                Ok(false)
+            }
             else => Err(Fault::Read(io::Error::other("the opening has nothing to wait for"))),
         };
         match step {
-            Ok(read) => reads += u32::from(read),
+            Ok(read) => {
+                reads += u32::from(read);
+                if enough {
+                    settling += u32::from(read);
+                }
+            }
             Err(f) => break Err(f),
         }
     };
@@ -369,26 +483,10 @@ pub async fn copy(
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{pair, run};
     use super::*;
     use std::io::{Read, Write};
-    use std::net::{Shutdown, TcpListener, TcpStream};
-
-    /// A connected pair: (the end the opening reads, the test's end).
-    fn pair() -> (AsyncFd<OwnedFd>, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (theirs, _) = l.accept().unwrap();
-        theirs.set_nonblocking(true).unwrap();
-        (super::super::watch(OwnedFd::from(theirs)).unwrap(), ours)
-    }
-
-    fn run<T>(f: impl Future<Output = T>) -> T {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
+    use std::net::{Shutdown, TcpStream};
 
     #[test]
     fn a_short_exchange_ends_without_arming() {
@@ -515,6 +613,72 @@ mod tests {
             let next = copy(&c, &b, ARM_AT_ONCE, &Activity::default(), &mut copied).await;
             assert_eq!(next.unwrap(), Next::Arm);
             assert_eq!(copied.bytes, [0, 0]);
+        });
+    }
+
+    /// Both directions flowing without a pause, and a client that reads
+    /// nothing for its first 300 ms while it writes: the backend-to-client
+    /// direction holds bytes all that time, the other keeps reading. The
+    /// opening must still end within its bounds (armed, once the client
+    /// reads, or left to splice with what it holds), not copy the upload to
+    /// its end as it did before its settling reads were all counted.
+    #[test]
+    fn a_duplex_flow_that_never_pauses_ends_within_bounds() {
+        run(async {
+            let (c, client) = pair();
+            let (b, backend) = pair();
+            const TOTAL: usize = 64 << 20;
+            // Each end: one thread writing TOTAL bytes in small writes, one
+            // reading after `delay`, until the proxy's ends go away.
+            let flow = |s: TcpStream, delay: u64| {
+                let mut w = s.try_clone().unwrap();
+                let mut r = s;
+                [
+                    std::thread::spawn(move || {
+                        let chunk = [5u8; 1024];
+                        let mut sent = 0;
+                        while sent < TOTAL && w.write_all(&chunk).is_ok() {
+                            sent += chunk.len();
+                        }
+                    }),
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(delay));
+                        let mut chunk = [0u8; 16 * 1024];
+                        while matches!(r.read(&mut chunk), Ok(n) if n > 0) {}
+                    }),
+                ]
+            };
+            // Small buffers towards the client: the proxy soon holds bytes
+            // for it.
+            let small = |fd: std::os::fd::BorrowedFd<'_>, opt| {
+                sys::setsockopt(fd, libc::SOL_SOCKET, opt, 4096 as libc::c_int).unwrap();
+            };
+            small(client.as_fd(), libc::SO_RCVBUF);
+            small(c.get_ref().as_fd(), libc::SO_SNDBUF);
+            let threads = [flow(client, 300), flow(backend, 0)];
+            // Both directions queued before the opening starts.
+            std::thread::sleep(Duration::from_millis(20));
+            let mut copied = Copied::default();
+            let next = copy(&c, &b, ARM_AFTER, &Activity::default(), &mut copied).await;
+            let bound = ARM_AFTER.bytes + BUF as u64 + u64::from(SETTLE_ROUNDS) * SETTLE_MAX as u64;
+            assert!(copied.bytes[0] <= bound, "{copied:?}, bound {bound}");
+            match next.unwrap() {
+                Next::Arm => {}
+                Next::Unsettled(held) => {
+                    // Held bytes were read, not yet written.
+                    assert!(held.up.len() as u64 <= copied.bytes[0], "{copied:?}");
+                    assert!(held.down.len() as u64 <= copied.bytes[1], "{copied:?}");
+                }
+                next => panic!("{next:?}, {copied:?}"),
+            }
+            // Unblock the threads: the proxy's ends go, theirs fail.
+            for fd in [c, b] {
+                let s = TcpStream::from(fd.into_inner());
+                s.shutdown(Shutdown::Both).unwrap();
+            }
+            for t in threads.into_iter().flatten() {
+                t.join().unwrap();
+            }
         });
     }
 }

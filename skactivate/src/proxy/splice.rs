@@ -3,7 +3,12 @@
 //! Bytes the client sent before the backend was connected wait in the client
 //! socket's receive queue and are the first spliced, in order; EOF is
 //! forwarded with shutdown(SHUT_WR) once the pipe is empty.
+//!
+//! In sockmap mode a connection the kernel will not carry goes on here
+//! after its opening (opening.rs), the bytes the opening holds written
+//! first.
 
+use std::cell::Cell;
 use std::os::fd::{AsFd, OwnedFd};
 
 use tokio::io::unix::AsyncFd;
@@ -14,12 +19,20 @@ use super::{Activity, Fault};
 /// Each direction's pipe, as systemd-socket-proxyd's.
 pub const PIPE_SIZE: usize = 256 * 1024;
 
-/// One direction, `src` to `dst`, until EOF was forwarded.
+/// One direction, `src` to `dst`, until EOF was forwarded: `held` (bytes
+/// read from src before) first, then what src has. `spliced` counts the
+/// bytes spliced to dst.
 pub async fn relay(
     src: &AsyncFd<OwnedFd>,
     dst: &AsyncFd<OwnedFd>,
     activity: &Activity,
+    held: &[u8],
+    spliced: &Cell<u64>,
 ) -> Result<(), Fault> {
+    if !held.is_empty() {
+        super::write_all(dst, held).await?;
+        activity.touch();
+    }
     let (pr, pw) = sys::pipe(PIPE_SIZE).map_err(Fault::Read)?;
     // The size we got (pipe-max-size may have capped it).
     // SAFETY: plain fcntl on our pipe.
@@ -49,10 +62,41 @@ pub async fn relay(
                 let mut g = w.map_err(Fault::Write)?;
                 match g.try_io(|fd| sys::splice(pr.as_fd(), fd.get_ref().as_fd(), in_pipe)) {
                     Err(_would_block) => {}
-                    Ok(Ok(n)) => in_pipe -= n,
+                    Ok(Ok(n)) => {
+                        in_pipe -= n;
+                        spliced.set(spliced.get() + n as u64);
+                    }
                     Ok(Err(e)) => return Err(Fault::Write(e)),
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{pair, run};
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+
+    /// What the opening held goes first, then what src has, then EOF; only
+    /// the latter counts as spliced.
+    #[test]
+    fn held_bytes_go_first_and_spliced_ones_are_counted() {
+        run(async {
+            let (src, mut client) = pair();
+            let (dst, mut backend) = pair();
+            client.write_all(b"second").unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+            let spliced = Cell::new(0);
+            relay(&src, &dst, &Activity::default(), b"first ", &spliced)
+                .await
+                .unwrap();
+            assert_eq!(spliced.get(), 6);
+            let mut got = Vec::new();
+            backend.read_to_end(&mut got).unwrap();
+            assert_eq!(got, b"first second");
+        });
     }
 }
