@@ -47,13 +47,15 @@
 //! waiting by us. But a flow that never stops in either direction would
 //! then never have both clean at once: while one direction holds, the
 //! other keeps reading what keeps arriving. So a clean direction *pauses*
-//! (is not read) while the other writes out what it holds, as long as that
-//! goes on: each write that dst takes gives the pause another [`PAUSE`].
-//! A peer that takes nothing for that long may be waiting for its own
-//! writes to get through, which the pause holds up; the paused direction
-//! then reads again, and after [`PAUSES`] such pauses the connection
-//! pauses no more. A peer that reads keeps the pause going until the other
-//! direction has written everything, settled, and both are clean.
+//! (is not read) while the other writes out what it holds to the same
+//! peer. A peer may be waiting for its own writes to get through before it
+//! reads, which the pause holds up; such a peer neither takes our bytes nor
+//! sends more once its window is shut. So the pause goes on only while the
+//! peer shows life: every [`PAUSE`] it must have taken bytes, or sent more
+//! (the paused direction's receive queue grew). Else the paused direction
+//! reads again, and after [`PAUSES`] such pauses the connection pauses no
+//! more. A live peer keeps the pause going until the other direction has
+//! written everything, settled, and both are clean.
 //!
 //! Every settling read counts. A connection whose queues are not both
 //! clean after [`SETTLE_ROUNDS`] of them is left to splice
@@ -105,12 +107,12 @@ const SETTLE_SLACK: usize = 64 * 1024;
 /// connection is left to splice.
 pub const SETTLE_ROUNDS: u32 = 64;
 
-/// How long a clean direction stays unread while the other's dst takes
-/// nothing of what it holds (the module's "pauses").
-pub const PAUSE: Duration = Duration::from_millis(2);
+/// How long a clean direction stays unread while its peer shows no sign of
+/// life: takes nothing of what the other direction holds for it, and sends
+/// nothing more (the module's "pauses").
+pub const PAUSE: Duration = Duration::from_millis(5);
 
-/// Pauses that may run out (dst took nothing for [`PAUSE`]) before a
-/// connection pauses no more.
+/// Pauses that may run out before a connection pauses no more.
 pub const PAUSES: u32 = 2;
 
 /// What the connection does after its opening.
@@ -341,11 +343,13 @@ pub struct Copied {
     pub bytes: [u64; 2],
 }
 
-/// The module's "pauses": while one runs, when it runs out, and how many
-/// ran out.
+/// The module's "pauses": while one runs, when it is next looked at, and
+/// how many ran out.
 #[derive(Default)]
 struct Pause {
     until: Option<tokio::time::Instant>,
+    /// What the paused direction's receive queue held when last looked at.
+    queued: u64,
     /// One ran out; none starts again until neither direction may pause.
     off: bool,
     ran_out: u32,
@@ -360,9 +364,26 @@ impl Pause {
             self.off &= may;
             return false;
         }
-        self.until
-            .get_or_insert_with(|| tokio::time::Instant::now() + PAUSE);
+        if self.until.is_none() {
+            self.until = Some(tokio::time::Instant::now() + PAUSE);
+            self.queued = 0;
+        }
         true
+    }
+
+    /// A PAUSE passed without the holding direction's dst taking a byte.
+    /// The paused direction's receive queue holds `queued` bytes now: if
+    /// more than before, the peer is still writing, so not blocked by us,
+    /// and the pause goes on; else it runs out.
+    fn tick(&mut self, queued: u64) {
+        if queued > self.queued {
+            self.queued = queued;
+            self.progress();
+        } else {
+            self.until = None;
+            self.off = true;
+            self.ran_out += 1;
+        }
     }
 
     /// Dst took bytes from the direction that holds them: another PAUSE.
@@ -460,9 +481,8 @@ pub async fn copy(
                 false
             }),
             () = Pause::ran_out_at(pause.until), if pause.until.is_some() => {
-                pause.until = None;
-                pause.off = true;
-                pause.ran_out += 1;
+                let paused = if pause_up { up_src } else { down_src };
+                pause.tick(sys::inq(paused.get_ref().as_fd()).unwrap_or(0));
                 Ok(false)
             }
             else => Err(Fault::Read(io::Error::other("the opening has nothing to wait for"))),
