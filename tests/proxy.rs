@@ -1063,18 +1063,8 @@ fn a_duplex_flow_whose_client_reads_late_arrives_whole_and_counted_once() {
             let (mut p, a) = proxy(mode, target, &[]);
             let c = TcpStream::connect(a).unwrap();
             timeouts(&c);
-            let small: libc::c_int = 64 * 1024;
-            // SAFETY: an int option on our own socket.
-            let r = unsafe {
-                libc::setsockopt(
-                    c.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUF,
-                    (&raw const small).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(r, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+            nix::sys::socket::setsockopt(&c, nix::sys::socket::sockopt::RcvBuf, &(64 * 1024))
+                .expect("SO_RCVBUF");
             let mut w = c.try_clone().unwrap();
             let writer = thread::spawn(move || {
                 w.write_all(&pattern(12, LEN)).unwrap();
