@@ -348,6 +348,8 @@ pub struct Copied {
 #[derive(Default)]
 struct Pause {
     until: Option<tokio::time::Instant>,
+    /// Which direction it holds unread (client to backend: `true`).
+    up: bool,
     /// What the paused direction's receive queue held when last looked at.
     queued: u64,
     /// One ran out; none starts again until neither direction may pause.
@@ -356,16 +358,18 @@ struct Pause {
 }
 
 impl Pause {
-    /// Whether the direction that may pause (`may`) does so now; starts
-    /// the clock.
-    fn on(&mut self, may: bool) -> bool {
-        if !may || self.off || self.ran_out >= PAUSES {
+    /// Whether the direction that may pause (`may`: client to backend if
+    /// `true`) does so now; starts the clock, anew for a pause of the other
+    /// direction.
+    fn on(&mut self, may: Option<bool>) -> bool {
+        let Some(up) = may.filter(|_| !self.off && self.ran_out < PAUSES) else {
             self.until = None;
-            self.off &= may;
+            self.off &= may.is_some();
             return false;
-        }
-        if self.until.is_none() {
+        };
+        if self.until.is_none() || self.up != up {
             self.until = Some(tokio::time::Instant::now() + PAUSE);
+            self.up = up;
             self.queued = 0;
         }
         true
@@ -453,9 +457,17 @@ pub async fn copy(
             }
         }
         // At most one direction may pause: the other holds bytes.
-        let (may_up, may_down) = (up.may_pause(&down), down.may_pause(&up));
-        let paused = pause.on(enough && (may_up || may_down));
-        let (pause_up, pause_down) = (paused && may_up, paused && may_down);
+        let may = if !enough {
+            None
+        } else if up.may_pause(&down) {
+            Some(true)
+        } else if down.may_pause(&up) {
+            Some(false)
+        } else {
+            None
+        };
+        let paused = pause.on(may);
+        let (pause_up, pause_down) = (paused && pause.up, paused && !pause.up);
         let (up_src, up_dst, down_src, down_dst) = (up.src, up.dst, down.src, down.dst);
         let step = tokio::select! {
             g = up_src.readable(), if up.may_read() && !pause_up => if enough {
