@@ -864,8 +864,10 @@ pub fn parse_time(s: &str) -> Result<Duration, String> {
 /// Real sockets for the unit tests of the proxy's modules.
 #[cfg(test)]
 mod testing {
-    use std::net::{TcpListener, TcpStream};
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
     use std::os::fd::OwnedFd;
+    use std::thread::JoinHandle;
 
     use tokio::io::unix::AsyncFd;
 
@@ -877,6 +879,37 @@ mod testing {
         let (theirs, _) = l.accept().unwrap();
         theirs.set_nonblocking(true).unwrap();
         (super::watch(OwnedFd::from(theirs)).unwrap(), ours)
+    }
+
+    /// A client and a backend, each a [`pair`]: (the proxy's client end,
+    /// the client, the proxy's backend end, the backend). The client has
+    /// sent `request` and its FIN.
+    pub fn request_sent(
+        request: &[u8],
+    ) -> (AsyncFd<OwnedFd>, TcpStream, AsyncFd<OwnedFd>, TcpStream) {
+        let (c, mut client) = pair();
+        let (b, backend) = pair();
+        client.write_all(request).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        (c, client, b, backend)
+    }
+
+    /// The backend, in a thread: reads the request to EOF, then sends
+    /// `reply` (and its FIN, where `fin`). The thread returns the request.
+    pub fn reply_after_eof(
+        mut backend: TcpStream,
+        reply: Vec<u8>,
+        fin: bool,
+    ) -> JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            backend.read_to_end(&mut got).unwrap();
+            backend.write_all(&reply).unwrap();
+            if fin {
+                backend.shutdown(Shutdown::Write).unwrap();
+            }
+            got
+        })
     }
 
     /// Run `f` on a runtime like the proxy's (one thread).

@@ -515,7 +515,7 @@ pub async fn copy(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{pair, run};
+    use super::super::testing::{pair, reply_after_eof, request_sent, run};
     use super::*;
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpStream};
@@ -523,17 +523,8 @@ mod tests {
     #[test]
     fn a_short_exchange_ends_without_arming() {
         run(async {
-            let (c, mut client) = pair();
-            let (b, mut backend) = pair();
-            client.write_all(b"?").unwrap();
-            client.shutdown(Shutdown::Write).unwrap();
-            let peer = std::thread::spawn(move || {
-                let mut got = Vec::new();
-                backend.read_to_end(&mut got).unwrap();
-                backend.write_all(b"!!").unwrap();
-                backend.shutdown(Shutdown::Write).unwrap();
-                got
-            });
+            let (c, mut client, b, backend) = request_sent(b"?");
+            let peer = reply_after_eof(backend, b"!!".to_vec(), true);
             let mut copied = Copied::default();
             let next = copy(&c, &b, ARM_AFTER, &Activity::default(), &mut copied).await;
             assert_eq!(next.unwrap(), Next::Ended);
@@ -610,16 +601,8 @@ mod tests {
     #[test]
     fn a_half_closed_connection_goes_on_without_arming() {
         run(async {
-            let (c, mut client) = pair();
-            let (b, mut backend) = pair();
-            client.write_all(b"GET").unwrap();
-            client.shutdown(Shutdown::Write).unwrap();
-            let reply = std::thread::spawn(move || {
-                let mut got = Vec::new();
-                backend.read_to_end(&mut got).unwrap();
-                backend.write_all(&[1u8; 100_000]).unwrap();
-                got
-            });
+            let (c, mut client, b, backend) = request_sent(b"GET");
+            let reply = reply_after_eof(backend, vec![1u8; 100_000], false);
             let mut copied = Copied::default();
             let next = copy(&c, &b, ARM_AFTER, &Activity::default(), &mut copied).await;
             assert_eq!(

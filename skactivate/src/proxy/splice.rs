@@ -75,20 +75,16 @@ pub async fn relay(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{pair, run};
+    use super::super::testing::{request_sent, run};
     use super::*;
-    use std::io::{Read, Write};
-    use std::net::Shutdown;
+    use std::io::Read;
 
     /// What the opening held goes first, then what src has, then EOF; only
     /// the latter counts as spliced.
     #[test]
     fn held_bytes_go_first_and_spliced_ones_are_counted() {
         run(async {
-            let (src, mut client) = pair();
-            let (dst, mut backend) = pair();
-            client.write_all(b"second").unwrap();
-            client.shutdown(Shutdown::Write).unwrap();
+            let (src, _client, dst, mut backend) = request_sent(b"second");
             let spliced = Cell::new(0);
             relay(&src, &dst, &Activity::default(), b"first ", &spliced)
                 .await
