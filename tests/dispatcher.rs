@@ -2237,20 +2237,54 @@ fn filter_words(d: &Dispatcher) -> (u64, Vec<u64>) {
     (header, words)
 }
 
+/// Every word of the pinned `cache` array (header line first), and the
+/// array itself.
+fn cache_map(d: &Dispatcher) -> (Vec<u64>, aya::maps::Array<aya::maps::MapData, [u64; 8]>) {
+    let data = aya::maps::MapData::from_pin(d.dir().join("cache")).unwrap();
+    let cache: aya::maps::Array<_, [u64; 8]> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let words = cache.iter().flat_map(|l| l.unwrap()).collect();
+    (words, cache)
+}
+
+/// The pinned cache's slots in use: (key words, tag).
+fn cache_slots(d: &Dispatcher) -> std::collections::BTreeSet<([u64; 3], u64)> {
+    let (words, _) = cache_map(d);
+    words[8..]
+        .chunks(4)
+        .filter(|s| s[3] != 0)
+        .map(|s| ([s[0], s[1], s[2]], s[3]))
+        .collect()
+}
+
+/// The cache slot `cache_slots` would list for the entry of `key`, going
+/// to destination `id`.
+fn cache_slot(key: &aya::maps::lpm_trie::Key<abi::BindingKey>, id: u32) -> ([u64; 3], u64) {
+    let tag = abi::key_hash(key) & !abi::CACHE_TAG_DEST | (u64::from(id) + 1);
+    (abi::filter_key_words(key), tag)
+}
+
+/// The keys of the entries of `bindings`.
+fn entry_keys(bindings: &[Binding]) -> Vec<aya::maps::lpm_trie::Key<abi::BindingKey>> {
+    bindings
+        .iter()
+        .flat_map(|b| {
+            let ports = match b.ports {
+                Ports::All => 0..=0,
+                Ports::Range(a, z) => a..=z,
+            };
+            ports.map(|port| abi::binding_key(b.protocol, &b.prefix, port))
+        })
+        .collect()
+}
+
 /// Whether the filter's bit of every entry of `bindings` is set.
 fn filter_has(d: &Dispatcher, bindings: &[Binding]) -> bool {
     let (log2, words) = filter_words(d);
     assert_eq!(words.len() as u64 * 64, 1 << log2, "header {log2}");
-    bindings.iter().all(|b| {
-        let ports = match b.ports {
-            Ports::All => 0..=0,
-            Ports::Range(a, z) => a..=z,
-        };
-        ports.into_iter().all(|port| {
-            let key = abi::binding_key(b.protocol, &b.prefix, port);
-            let bit = abi::filter_bit(&key, log2 as u32);
-            words[(bit >> 6) as usize] >> (bit & 63) & 1 == 1
-        })
+    entry_keys(bindings).iter().all(|key| {
+        let bit = abi::filter_bit(abi::key_hash(key), log2 as u32);
+        words[(bit >> 6) as usize] >> (bit & 63) & 1 == 1
     })
 }
 
@@ -2335,6 +2369,100 @@ fn the_filter_guards_every_probe_and_is_kept_exact() {
         assert!(filter_has(&d, &few));
         assert_eq!(goes_to(&d, "198.18.0.255", 1), some("a.socket"));
         assert!(!state.join("filter-new").exists());
+    });
+}
+
+/// The pinned `entries` hash.
+fn entries_hash(
+    d: &Dispatcher,
+) -> aya::maps::HashMap<
+    aya::maps::MapData,
+    aya::maps::lpm_trie::Key<abi::BindingKey>,
+    abi::BindingValue,
+> {
+    let data = aya::maps::MapData::from_pin(d.dir().join("entries")).unwrap();
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap()
+}
+
+/// The cache in the `filter` array: every full-length entry whose buckets
+/// have room is cached with its destination; the program answers from it (an entry
+/// taken out of the hash behind the dispatcher's back still answers while
+/// cached), but not from a slot whose tag is not its key's or is empty;
+/// adoption, removal and growth keep it agreeing with the hash.
+#[test]
+fn the_cache_answers_hits_and_agrees_with_the_hash() {
+    in_netns("the_cache_answers_hits_and_agrees_with_the_hash", |fs| {
+        let a = tcp_server("a", "127.0.0.1:9330", false);
+        let mut d = open(fs);
+        let lone = bind(Protocol::Tcp, "198.18.5.5/32", Ports::single(99));
+        let mut few = four_kinds().to_vec();
+        few.push(lone);
+        serve(&mut d, "a.socket", &a, &few);
+        let mut entries = entries_hash(&d);
+        // The full-length entries' slots: only they are cached, as only
+        // full-length probes ask the cache.
+        let slots_of = |entries: &aya::maps::HashMap<_, _, abi::BindingValue>, bs: &[Binding]| {
+            let full: Vec<Binding> = bs
+                .iter()
+                .filter(|b| b.prefix.prefix_len() == b.prefix.max_prefix_len())
+                .copied()
+                .collect();
+            entry_keys(&full)
+                .iter()
+                .map(|k| cache_slot(k, entries.get(k, 0).unwrap().destination))
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        // 12 full-length entries (of 15) in 512 buckets of two slots,
+        // each with two buckets to choose from: every one cached.
+        let want = slots_of(&entries, &few);
+        assert_eq!(want.len(), 12);
+        assert_eq!(cache_slots(&d), want);
+
+        // Out of the hash, still in the cache: the program answers from it.
+        let key = abi::binding_key(Protocol::Tcp, &lone.prefix, 99);
+        let slot = cache_slot(&key, entries.get(&key, 0).unwrap().destination);
+        entries.remove(&key).unwrap();
+        assert_eq!(goes_to(&d, "198.18.5.5", 99), some("a.socket"));
+        // A tag with another key's hash bits, or empty: not trusted.
+        let (words, mut filter) = cache_map(&d);
+        let at = (8..words.len())
+            .step_by(4)
+            .find(|&i| words[i..i + 3] == slot.0)
+            .expect("the slot");
+        let set_tag = |filter: &mut aya::maps::Array<_, [u64; 8]>, tag: u64| {
+            let mut line = filter.get(&((at / 8) as u32), 0).unwrap();
+            line[at % 8 + 3] = tag;
+            filter.set((at / 8) as u32, line, 0).unwrap();
+        };
+        set_tag(&mut filter, slot.1 ^ 1 << 40);
+        assert_eq!(goes_to(&d, "198.18.5.5", 99), None);
+        set_tag(&mut filter, slot.1 & !abi::CACHE_TAG_DEST);
+        assert_eq!(goes_to(&d, "198.18.5.5", 99), None);
+        set_tag(&mut filter, slot.1);
+        assert_eq!(goes_to(&d, "198.18.5.5", 99), some("a.socket"));
+        // Adoption empties the slot of a key the hash does not have, and
+        // leaves the others as they are.
+        drop(d);
+        let mut d = open(fs);
+        assert_eq!(goes_to(&d, "198.18.5.5", 99), None);
+        let mut rest = want.clone();
+        rest.remove(&slot);
+        assert_eq!(cache_slots(&d), rest);
+
+        // Removing entries empties their slots first.
+        d.remove_bindings(&few[..4]).unwrap();
+        assert_eq!(cache_slots(&d), Default::default());
+        assert_eq!(goes_to(&d, "198.18.0.7", 85), None);
+
+        // Growing fills the larger cache: 6000 entries in 32768 buckets,
+        // every slot in use right, and all but a few entries cached.
+        let many = bind(Protocol::Tcp, "198.18.2.9/32", Ports::Range(1000, 6999));
+        serve(&mut d, "a.socket", &a, &[many]);
+        let want = slots_of(&entries_hash(&d), &[many]);
+        let got = cache_slots(&d);
+        assert!(got.is_subset(&want));
+        assert!(got.len() > 5800, "{} of 6000 cached", got.len());
+        assert_eq!(goes_to(&d, "198.18.2.9", 4321), some("a.socket"));
     });
 }
 

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use crate::binding::{Binding, Family, Ports, Protocol};
 
 /// `SKA_LAYOUT_VERSION`.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 /// `SKA_MAX_BINDINGS`: entries (a binding has one per port).
 pub const MAX_BINDINGS: u32 = 1 << 20;
 /// `SKA_ENTRIES_MIN`: the `entries` hash's first capacity; it grows
@@ -31,6 +31,35 @@ pub const FILTER_K: [u64; 3] = [
 /// included) beside an `entries` hash of `capacity` entries.
 pub const fn filter_words(capacity: u32) -> u32 {
     capacity * FILTER_BITS_PER_ENTRY / 64 + 1
+}
+
+/// `SKA_CACHE_LINE_WORDS`: the `cache` array's values are lines of this
+/// many words.
+pub const CACHE_LINE_WORDS: u32 = 8;
+/// `SKA_CACHE_TAG_DEST`: the bits of a cache slot's tag that hold its
+/// destination + 1.
+pub const CACHE_TAG_DEST: u64 = 0xffff;
+
+/// `SKA_CACHE_OTHER(hash, mask)`: what turns a key's first cache bucket
+/// into its second, and back.
+pub const fn cache_other(hash: u64, mask: u64) -> u64 {
+    (hash >> 16) & mask | 1
+}
+
+/// `SKA_CACHE_BUCKETS(capacity)`: the cache's buckets (two slots each)
+/// beside an `entries` hash of `capacity` entries.
+pub const fn cache_buckets(capacity: u32) -> u32 {
+    if capacity <= ENTRIES_MIN {
+        capacity / 8
+    } else {
+        capacity / 2
+    }
+}
+
+/// `SKA_CACHE_LINES(capacity)`: the `cache` array's lines (header and
+/// buckets) beside an `entries` hash of `capacity` entries.
+pub const fn cache_lines(capacity: u32) -> u32 {
+    1 + cache_buckets(capacity)
 }
 
 /// log2 of the filter's bits beside an `entries` hash of `capacity`
@@ -55,16 +84,39 @@ pub fn filter_key_words(key: &aya::maps::lpm_trie::Key<BindingKey>) -> [u64; 3] 
     ]
 }
 
-/// The filter bit of `key` in a filter of 2^`log2` bits: as the program
+/// The key whose three 8-byte words are `words` (as `filter_key_words`
+/// gives them).
+pub fn key_from_words(words: &[u64; 3]) -> aya::maps::lpm_trie::Key<BindingKey> {
+    let head = words[0].to_le_bytes();
+    let mut addr = [0u8; 16];
+    addr[..8].copy_from_slice(&words[1].to_le_bytes());
+    addr[8..].copy_from_slice(&words[2].to_le_bytes());
+    let prefixlen = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+    aya::maps::lpm_trie::Key::new(
+        prefixlen,
+        BindingKey {
+            protocol: head[4],
+            port: [head[5], head[6]],
+            family: head[7],
+            addr,
+        },
+    )
+}
+
+/// The hash of `key` the filter and the cache use: as the program
 /// computes it.
-pub fn filter_bit(key: &aya::maps::lpm_trie::Key<BindingKey>, log2: u32) -> u64 {
+pub fn key_hash(key: &aya::maps::lpm_trie::Key<BindingKey>) -> u64 {
     let fold = |x: u64| x ^ x >> 32;
     let [q0, a1, a2] = filter_key_words(key);
-    let h = fold(q0)
+    fold(q0)
         .wrapping_mul(FILTER_K[0])
         .wrapping_add(fold(a1).wrapping_mul(FILTER_K[1]))
-        .wrapping_add(fold(a2).wrapping_mul(FILTER_K[2]));
-    h >> (64 - log2)
+        .wrapping_add(fold(a2).wrapping_mul(FILTER_K[2]))
+}
+
+/// The filter bit of a key of hash `hash` in a filter of 2^`log2` bits.
+pub fn filter_bit(hash: u64, log2: u32) -> u64 {
+    hash >> (64 - log2)
 }
 
 /// `SKA_MAX_DESTINATIONS`.
@@ -431,6 +483,7 @@ mod tests {
             offset_of!(DestinationValue, refcount),
             offset_of!(Metrics, misses),
             offset_of!(Metrics, errors),
+            CACHE_LINE_WORDS as usize * 8,
         ];
         let ours: Vec<u32> = ours.iter().map(|&v| u32::try_from(v).unwrap()).collect();
         assert_eq!(c, ours, "ebpf/skactivate.h and abi.rs disagree");

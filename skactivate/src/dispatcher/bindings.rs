@@ -549,6 +549,11 @@ impl Dispatcher {
         let (keys, values) = keys_values(batch);
         self.filter.add(keys.iter());
         let (n, r) = self.write_entries(false, &keys, &values);
+        for (key, (e, id)) in keys.iter().zip(batch).take(n) {
+            if e.is_full() {
+                self.filter.cache(key, *id);
+            }
+        }
         if let Err(err) = r {
             return Err(write_err(err, batch.get(n).map(|a| a.0), "entries"));
         }
@@ -595,6 +600,7 @@ impl Dispatcher {
             }
         }
         let _ = self.delete_keys(true, &trie_keys);
+        self.filter.uncache(keys.iter());
         let _ = self.delete_keys(false, &keys);
         self.filter.removed(
             keys.len(),
@@ -723,6 +729,7 @@ impl Dispatcher {
             }
             drop(trie_keys);
             let keys: Vec<_> = chunk.iter().map(Entry::key).collect();
+            self.filter.uncache(keys.iter());
             if let Err(e) = self.delete_keys(false, &keys) {
                 failure.get_or_insert(e);
             }
@@ -763,13 +770,17 @@ impl Dispatcher {
         let (program, staged) =
             pinned::stage(&self.dir, &self.dir.join(ENTRIES_PIN_NEW), cap, true)?;
         let unstage = |e| {
-            for name in [ENTRIES_PIN_NEW, filter::FILTER_PIN_NEW] {
+            for name in [
+                ENTRIES_PIN_NEW,
+                filter::FILTER_PIN_NEW,
+                filter::CACHE_PIN_NEW,
+            ] {
                 let _ = fs::remove_file(self.dir.join(name));
             }
             e
         };
         let map = staged.hash.expect("staged with a new hash");
-        let mut filter = filter::Filter::open(staged.filter, cap).map_err(unstage)?;
+        let mut filter = filter::Filter::open(staged.filter, staged.cache, cap).map_err(unstage)?;
         filter.fill(self.entries.iter().map(|(e, _)| e.key()));
         // The index, a step at a time.
         let fd = map.fd().as_fd();
@@ -790,6 +801,7 @@ impl Dispatcher {
         drop(all);
         r.map_err(sys_err("BPF_MAP_UPDATE (entries)"))
             .map_err(unstage)?;
+        sync_cache(&self.entries, &mut filter);
         self.swap_program(program, true)?;
         self.hash = map;
         self.filter = filter;
@@ -1078,6 +1090,24 @@ fn entry_count(b: &Binding) -> usize {
 }
 
 /// The value an entry's key carries.
+/// Make `filter`'s cache agree with the full-length entries of the index
+/// `entries` (see `Filter::sync_cache`): only full-length probes ask it.
+pub(super) fn sync_cache(entries: &index::Index, filter: &mut filter::Filter) {
+    let get = |key: &aya::maps::lpm_trie::Key<BindingKey>| {
+        let e = Entry::from_key(key).filter(Entry::is_full)?;
+        (abi::filter_key_words(&e.key()) == abi::filter_key_words(key))
+            .then(|| entries.get(&e))
+            .flatten()
+    };
+    filter.sync_cache(
+        get,
+        entries
+            .iter()
+            .filter(|(e, _)| e.is_full())
+            .map(|(e, id)| (e.key(), id)),
+    );
+}
+
 fn value_of(e: &Entry, id: u32) -> BindingValue {
     BindingValue {
         destination: id,

@@ -1,84 +1,70 @@
-//! The `filter` array: a Bloom filter with one hash function over the keys
-//! of the `entries` hash (see `ebpf/skactivate.h`). The program asks it
-//! before each hash probe, and a key whose bit is clear costs an array read
-//! instead of a hash lookup: most probes of a miss, and the probes of the
-//! lengths a hit passes over on its way.
+//! The `filter` array (see `ebpf/skactivate.h`): a Bloom filter with one
+//! hash function over the keys of the `entries` hash; and the `cache`
+//! array beside it, which holds some of the full-length entries. The
+//! program asks the filter before each hash probe, and a key whose bit is
+//! clear costs an array read instead of a hash lookup: most probes of a
+//! miss, and the probes of the lengths a hit passes over on its way. A
+//! full-length key whose bit is set is looked for in its cache buckets
+//! next, and only then in the hash: a cached hit costs three array reads.
 //!
-//! The map is created `BPF_F_MMAPABLE` and written through a shared mapping,
-//! each word with one aligned 8-byte store, so the program on another CPU
-//! reads the old word or the new one. A word is never written without every
-//! bit a present entry needs: bits are set before their entry enters the
-//! hash, and only recomputing words from the index clears the bits of
-//! entries gone. The header (word 0, log2 of the bits) is written last, and
-//! the program does not test it: a new filter is filled before a program
-//! that reads it runs beside any entry (`Dispatcher::swap_program`; a fresh
-//! dispatcher has none).
+//! Both maps are created `BPF_F_MMAPABLE` and written through a shared
+//! mapping, each word with one aligned 8-byte store, so the program on
+//! another CPU reads the old word or the new one. A filter word is never
+//! written without every bit a present entry needs: bits are set before
+//! their entry enters the hash, and only recomputing words from the index
+//! clears the bits of entries gone. A cache slot is filled after its entry
+//! enters the hash and emptied before it leaves, and the program trusts a
+//! slot only where its tag, written last, carries the hash of the key it
+//! probes. The headers are written last, and the program does not test
+//! them: new maps are filled before a program that reads them runs beside
+//! any entry (`Dispatcher::swap_program`; a fresh dispatcher has none).
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering, fence};
 
 use super::*;
 
 /// The filter map's pin name, and where a new one is pinned while filled.
 pub(super) const FILTER: &str = "filter";
 pub(super) const FILTER_PIN_NEW: &str = "filter-new";
+/// The same for the cache map.
+pub(super) const CACHE: &str = "cache";
+pub(super) const CACHE_PIN_NEW: &str = "cache-new";
 
 /// Removed entries, past which (and past the entries present) the words are
 /// recomputed: stale bits only cost false positives, so this is rare.
 const STALE_MIN: usize = 4096;
 
-/// The filter of an `entries` hash of `capacity` entries.
-pub(super) struct Filter {
+/// Words of a cache line: a bucket.
+const LINE: usize = abi::CACHE_LINE_WORDS as usize;
+/// Words of a cache slot: the key's three, then the tag.
+const SLOT_WORDS: usize = 4;
+
+type Key = aya::maps::lpm_trie::Key<BindingKey>;
+
+/// An mmapable array map's words, mapped shared.
+struct Words {
     /// The map, held for as long as its words are mapped.
     _map: MapData,
-    /// The words, header first, shared with the kernel.
-    words: NonNull<AtomicU64>,
+    ptr: NonNull<AtomicU64>,
     len: usize,
     map_len: usize,
-    /// log2 of the number of filter bits.
-    log2: u32,
-    /// Entries removed since the words were last computed from the index.
-    stale: usize,
 }
 
 // SAFETY: the mapping is owned by this value (unmapped only when it is
 // dropped) and accessed only through atomics, from any thread.
-unsafe impl Send for Filter {}
+unsafe impl Send for Words {}
 
-impl Drop for Filter {
+impl Drop for Words {
     fn drop(&mut self) {
         // SAFETY: mapped in `open` with this length, never unmapped before.
-        unsafe { libc::munmap(self.words.as_ptr().cast(), self.map_len) };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
     }
 }
 
-impl std::fmt::Debug for Filter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Filter")
-            .field("log2", &self.log2)
-            .field("words", &self.len)
-            .finish()
-    }
-}
-
-/// The words (header excluded) a filter of 2^`log2` bits needs for `keys`.
-fn words_for(
-    keys: impl Iterator<Item = aya::maps::lpm_trie::Key<BindingKey>>,
-    log2: u32,
-) -> Vec<u64> {
-    let mut words = vec![0u64; 1 << (log2 - 6)];
-    for key in keys {
-        let bit = abi::filter_bit(&key, log2);
-        words[(bit >> 6) as usize] |= 1 << (bit & 63);
-    }
-    words
-}
-
-impl Filter {
-    /// Map the filter `map`, the companion of an `entries` hash of
-    /// `capacity` entries (its size checked by the caller).
-    pub(super) fn open(map: MapData, capacity: u32) -> Result<Filter> {
-        let len = abi::filter_words(capacity) as usize;
+impl Words {
+    /// Map the `len` words of `map` (its size checked by the caller).
+    fn open(map: MapData, len: usize, what: &'static str) -> Result<Words> {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let map_len = (len * 8).next_multiple_of(page);
@@ -95,15 +81,13 @@ impl Filter {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(sys_err("mmap (filter)")(io::Error::last_os_error()));
+            return Err(sys_err(what)(io::Error::last_os_error()));
         }
-        Ok(Filter {
+        Ok(Words {
             _map: map,
-            words: NonNull::new(ptr.cast()).expect("mmap succeeded"),
+            ptr: NonNull::new(ptr.cast()).expect("mmap succeeded"),
             len,
             map_len,
-            log2: abi::filter_log2(capacity),
-            stale: 0,
         })
     }
 
@@ -111,7 +95,70 @@ impl Filter {
         assert!(i < self.len);
         // SAFETY: in bounds of the mapping, 8-byte aligned (page-aligned
         // start), alive as long as `self`.
-        unsafe { &*self.words.as_ptr().add(i) }
+        unsafe { &*self.ptr.as_ptr().add(i) }
+    }
+}
+
+/// The filter and cache of an `entries` hash of `capacity` entries.
+pub(super) struct Filter {
+    /// The filter's words, header first.
+    words: Words,
+    /// The cache's words, header line first.
+    cache: Words,
+    /// log2 of the number of filter bits.
+    log2: u32,
+    /// log2 of the cache's buckets.
+    cache_log2: u32,
+    /// Entries removed since the words were last computed from the index.
+    stale: usize,
+}
+
+impl std::fmt::Debug for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filter")
+            .field("log2", &self.log2)
+            .field("words", &self.words.len)
+            .field("cache_log2", &self.cache_log2)
+            .finish()
+    }
+}
+
+/// The words (header excluded) a filter of 2^`log2` bits needs for `keys`.
+fn words_for(keys: impl Iterator<Item = Key>, log2: u32) -> Vec<u64> {
+    let mut words = vec![0u64; 1 << (log2 - 6)];
+    for key in keys {
+        let bit = abi::filter_bit(abi::key_hash(&key), log2);
+        words[(bit >> 6) as usize] |= 1 << (bit & 63);
+    }
+    words
+}
+
+impl Filter {
+    /// Map the filter `map` and the cache `cache`, the companions of an
+    /// `entries` hash of `capacity` entries (their sizes checked by the
+    /// caller).
+    pub(super) fn open(map: MapData, cache: MapData, capacity: u32) -> Result<Filter> {
+        let words = Words::open(map, abi::filter_words(capacity) as usize, "mmap (filter)")?;
+        let cache = Words::open(
+            cache,
+            abi::cache_lines(capacity) as usize * LINE,
+            "mmap (cache)",
+        )?;
+        Ok(Filter {
+            words,
+            cache,
+            log2: abi::filter_log2(capacity),
+            cache_log2: abi::cache_buckets(capacity).trailing_zeros(),
+            stale: 0,
+        })
+    }
+
+    fn word(&self, i: usize) -> &AtomicU64 {
+        self.words.word(i)
+    }
+
+    fn slot_word(&self, i: usize) -> &AtomicU64 {
+        self.cache.word(i)
     }
 
     /// Whether the header is written.
@@ -122,10 +169,7 @@ impl Filter {
     /// Make the words exactly what `keys` need (a word is stored only where
     /// it differs), then the header. On a consistent filter this writes
     /// nothing: adopting does not rewrite the map.
-    pub(super) fn fill(
-        &mut self,
-        keys: impl Iterator<Item = aya::maps::lpm_trie::Key<BindingKey>>,
-    ) {
+    pub(super) fn fill(&mut self, keys: impl Iterator<Item = Key>) {
         let want = words_for(keys, self.log2);
         for (i, &w) in want.iter().enumerate() {
             let word = self.word(1 + i);
@@ -140,12 +184,9 @@ impl Filter {
     }
 
     /// Set the bits of `keys`, before they enter the hash.
-    pub(super) fn add<'a>(
-        &mut self,
-        keys: impl Iterator<Item = &'a aya::maps::lpm_trie::Key<BindingKey>>,
-    ) {
+    pub(super) fn add<'a>(&mut self, keys: impl Iterator<Item = &'a Key>) {
         for key in keys {
-            let bit = abi::filter_bit(key, self.log2);
+            let bit = abi::filter_bit(abi::key_hash(key), self.log2);
             self.word(1 + (bit >> 6) as usize)
                 .fetch_or(1 << (bit & 63), Ordering::Release);
         }
@@ -153,15 +194,111 @@ impl Filter {
 
     /// `n` entries left the hash: once enough bits are stale, recompute the
     /// words from what is present (`present`, `entries` of them).
-    pub(super) fn removed(
-        &mut self,
-        n: usize,
-        entries: usize,
-        present: impl Iterator<Item = aya::maps::lpm_trie::Key<BindingKey>>,
-    ) {
+    pub(super) fn removed(&mut self, n: usize, entries: usize, present: impl Iterator<Item = Key>) {
         self.stale += n;
         if self.stale > STALE_MIN.max(entries) {
             self.fill(present);
+        }
+    }
+    /// The first words of the two cache buckets of a key of hash `hash`.
+    fn buckets(&self, hash: u64) -> [usize; 2] {
+        let first = hash >> (64 - self.cache_log2);
+        let mask = (1u64 << self.cache_log2) - 1;
+        [first, first ^ abi::cache_other(hash, mask)].map(|b| LINE + b as usize * LINE)
+    }
+
+    /// The slots (their first words) of a bucket.
+    fn slots(bucket: usize) -> impl Iterator<Item = usize> {
+        (bucket..bucket + LINE).step_by(SLOT_WORDS)
+    }
+
+    /// The slot (its first word) of `words` in its buckets, if cached.
+    fn find(&self, hash: u64, words: &[u64; 3]) -> Option<usize> {
+        self.buckets(hash)
+            .into_iter()
+            .flat_map(Self::slots)
+            .find(|&s| {
+                let tag = self.slot_word(s + 3).load(Ordering::Acquire);
+                tag & abi::CACHE_TAG_DEST != 0
+                    && (tag ^ hash) >> 16 == 0
+                    && (0..3).all(|i| self.slot_word(s + i).load(Ordering::Relaxed) == words[i])
+            })
+    }
+
+    /// Cache `key`, now in the hash with destination `id`, unless it is
+    /// there or both its buckets are full: in an empty slot of the emptier
+    /// bucket, the first on a tie.
+    pub(super) fn cache(&mut self, key: &Key, id: u32) {
+        let hash = abi::key_hash(key);
+        let words = abi::filter_key_words(key);
+        if self.find(hash, &words).is_some() {
+            return;
+        }
+        // Per bucket: its first empty slot, and how many it has.
+        let [first, second] = self.buckets(hash).map(|b| {
+            let mut free =
+                Self::slots(b).filter(|&s| self.slot_word(s + 3).load(Ordering::Relaxed) == 0);
+            let slot = free.next();
+            (slot, slot.map_or(0, |_| 1 + free.count()))
+        });
+        let pick = if first.1 >= second.1 {
+            first.0
+        } else {
+            second.0
+        };
+        let Some(s) = pick else { return };
+        for (i, &w) in words.iter().enumerate() {
+            self.slot_word(s + i).store(w, Ordering::Relaxed);
+        }
+        let tag = hash & !abi::CACHE_TAG_DEST | (u64::from(id) + 1);
+        self.slot_word(s + 3).store(tag, Ordering::Release);
+    }
+
+    /// Take `keys` out of the cache, before they leave the hash.
+    pub(super) fn uncache<'a>(&mut self, keys: impl Iterator<Item = &'a Key>) {
+        for key in keys {
+            if let Some(s) = self.find(abi::key_hash(key), &abi::filter_key_words(key)) {
+                self.slot_word(s + 3).store(0, Ordering::Release);
+            }
+        }
+        // The tags are empty before any later store lands in their slots.
+        fence(Ordering::SeqCst);
+    }
+
+    /// Make the cache agree with the index (`get`: an entry's destination
+    /// there): a slot holding what the index does not is emptied, and an
+    /// entry is cached where its bucket has room. On a cache that agrees,
+    /// as one this process kept, this writes nothing.
+    pub(super) fn sync_cache(
+        &mut self,
+        get: impl Fn(&Key) -> Option<u32>,
+        entries: impl Iterator<Item = (Key, u32)>,
+    ) {
+        for s in (LINE..self.cache.len).step_by(SLOT_WORDS) {
+            let tag = self.slot_word(s + 3).load(Ordering::Relaxed);
+            if tag == 0 {
+                continue;
+            }
+            let words = [0, 1, 2].map(|i| self.slot_word(s + i).load(Ordering::Relaxed));
+            let key = abi::key_from_words(&words);
+            let hash = abi::key_hash(&key);
+            let right = tag & abi::CACHE_TAG_DEST != 0
+                && (tag ^ hash) >> 16 == 0
+                && self.buckets(hash).contains(&(s - s % LINE))
+                && get(&key).map(|id| u64::from(id) + 1) == Some(tag & abi::CACHE_TAG_DEST);
+            if !right {
+                self.slot_word(s + 3).store(0, Ordering::Release);
+            }
+        }
+        fence(Ordering::SeqCst);
+        for (key, id) in entries {
+            self.cache(&key, id);
+        }
+        if self.slot_word(0).load(Ordering::Relaxed) == 0 {
+            self.slot_word(1)
+                .store((1 << self.cache_log2) - 1, Ordering::Relaxed);
+            self.slot_word(0)
+                .store(u64::from(64 - self.cache_log2), Ordering::Release);
         }
     }
 }

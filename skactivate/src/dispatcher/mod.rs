@@ -81,7 +81,7 @@ const fn size<T>() -> u32 {
 
 /// The maps as `ebpf/dispatcher.bpf.c` declares them; sizes come from the
 /// `abi` mirrors, which the layout test holds against the object.
-const MAPS: [MapSpec; 7] = [
+const MAPS: [MapSpec; 8] = [
     MapSpec {
         name: "bindings",
         map_type: sys::MAP_TYPE_LPM_TRIE,
@@ -133,6 +133,14 @@ const MAPS: [MapSpec; 7] = [
         key_size: size::<u32>(),
         value_size: size::<u64>(),
         max_entries: abi::filter_words(abi::ENTRIES_MIN),
+    },
+    // Replaced with the entries hash, sized to its capacity: after it.
+    MapSpec {
+        name: filter::CACHE,
+        map_type: sys::MAP_TYPE_ARRAY,
+        key_size: size::<u32>(),
+        value_size: abi::CACHE_LINE_WORDS * size::<u64>(),
+        max_entries: abi::cache_lines(abi::ENTRIES_MIN),
     },
 ];
 
@@ -338,6 +346,8 @@ pub fn memlock_needed() -> u64 {
             u64::from(abi::MAX_BINDINGS)
         } else if spec.name == filter::FILTER {
             u64::from(abi::filter_words(abi::MAX_BINDINGS))
+        } else if spec.name == filter::CACHE {
+            u64::from(abi::cache_lines(abi::MAX_BINDINGS))
         } else {
             u64::from(spec.max_entries)
         };

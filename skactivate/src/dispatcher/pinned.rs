@@ -99,14 +99,15 @@ impl Dispatcher {
         // (see `grow`).
         let _ = fs::remove_file(dir.join(ENTRIES_PIN_NEW));
         let _ = fs::remove_file(dir.join(filter::FILTER_PIN_NEW));
+        let _ = fs::remove_file(dir.join(filter::CACHE_PIN_NEW));
         let mut maps = HashMap::new();
         let mut hash_capacity = abi::ENTRIES_MIN;
         for spec in &MAPS {
             let path = dir.join(spec.name);
-            if spec.name == filter::FILTER {
+            if spec.name == filter::FILTER || spec.name == filter::CACHE {
                 // Absent (state an older skactivate made) or not sized to
                 // the hash (a crash while growing): made anew below.
-                if let Some(data) = usable_filter(&path, hash_capacity) {
+                if let Some(data) = usable_filter(&path, spec, hash_capacity) {
                     maps.insert(spec.name, data);
                 }
                 continue;
@@ -156,14 +157,14 @@ impl Dispatcher {
             PerCpuArray::try_from(Map::PerCpuArray(take("metrics"))).map_err(map_err("metrics"))?;
         let ports = take("ports");
         let hash = take(ENTRIES);
-        // A filter made here runs only once filled (`load_index`), under
-        // a program loaded with it: `staged`.
-        let (filter, staged) = match maps.remove(filter::FILTER) {
-            Some(data) => (filter::Filter::open(data, hash_capacity)?, None),
-            None => {
+        // A filter and cache made here run only once filled
+        // (`load_index`), under a program loaded with them: `staged`.
+        let (filter, staged) = match (maps.remove(filter::FILTER), maps.remove(filter::CACHE)) {
+            (Some(data), Some(cache)) => (filter::Filter::open(data, cache, hash_capacity)?, None),
+            _ => {
                 let (program, map) = stage(dir, &dir.join(ENTRIES), hash_capacity, false)?;
                 (
-                    filter::Filter::open(map.filter, hash_capacity)?,
+                    filter::Filter::open(map.filter, map.cache, hash_capacity)?,
                     Some(program),
                 )
             }
@@ -211,9 +212,15 @@ impl Dispatcher {
     /// all filled) in the link in place of `self.program` (only if that is
     /// what runs, where `replaces`), then move the staged pins into place,
     /// the filter first: a crash in between leaves a filter with a bit for
-    /// every entry of either hash.
+    /// every entry of either hash (and a cache that adoption checks against
+    /// the hash it finds).
     pub(super) fn swap_program(&mut self, program: OwnedFd, replaces: bool) -> Result<()> {
-        let staged = [filter::FILTER_PIN_NEW, ENTRIES_PIN_NEW].map(|n| self.dir.join(n));
+        let staged = [
+            filter::FILTER_PIN_NEW,
+            filter::CACHE_PIN_NEW,
+            ENTRIES_PIN_NEW,
+        ]
+        .map(|n| self.dir.join(n));
         let old = replaces.then(|| self.program.as_fd());
         let r = staged
             .iter()
@@ -230,7 +237,7 @@ impl Dispatcher {
             return Err(e);
         }
         self.program = program;
-        for (from, to) in staged.iter().zip([filter::FILTER, ENTRIES]) {
+        for (from, to) in staged.iter().zip([filter::FILTER, filter::CACHE, ENTRIES]) {
             if from.exists() {
                 let pin = self.dir.join(to);
                 fs::rename(from, &pin).map_err(io_err(&pin))?;
@@ -290,6 +297,7 @@ impl Dispatcher {
         }
         self.entries.insert_many(items);
         self.filter.fill(self.entries.iter().map(|(e, _)| e.key()));
+        bindings::sync_cache(&self.entries, &mut self.filter);
         self.kinds.assume_written();
         self.adopt_tries()
     }
@@ -478,13 +486,13 @@ static LOADER: LazyLock<Mutex<EbpfLoader<'static>>> = LazyLock::new(|| {
 });
 
 /// Load the object against `dir`: each map pinned there is used, a missing
-/// one is created and pinned there, except the `entries` hash and its
-/// filter, which are pinned at `entries_pin` and `filter_pin` and created
-/// for a capacity of `capacity` entries.
+/// one is created and pinned there, except the `entries` hash, its filter
+/// and its cache, which are pinned at `entries_pin`, and at `filter_pin`
+/// and `cache_pin`, and created for a capacity of `capacity` entries.
 pub(super) fn load_object(
     dir: &Path,
     entries_pin: &Path,
-    filter_pin: &Path,
+    [filter_pin, cache_pin]: [&Path; 2],
     capacity: u32,
 ) -> Result<aya::Ebpf> {
     let mut loader = LOADER.lock().unwrap_or_else(PoisonError::into_inner);
@@ -494,6 +502,8 @@ pub(super) fn load_object(
         .map_max_entries(ENTRIES, capacity)
         .map_pin_path(filter::FILTER, filter_pin.to_owned())
         .map_max_entries(filter::FILTER, abi::filter_words(capacity))
+        .map_pin_path(filter::CACHE, cache_pin.to_owned())
+        .map_max_entries(filter::CACHE, abi::cache_lines(capacity))
         .load(DISPATCHER_OBJECT)
         .map_err(load_err)
 }
@@ -501,13 +511,15 @@ pub(super) fn load_object(
 /// The object against the maps pinned in `dir`, its replaceable maps at
 /// their usual pins.
 fn load_pinned(dir: &Path, capacity: u32) -> Result<aya::Ebpf> {
-    load_object(dir, &dir.join(ENTRIES), &dir.join(filter::FILTER), capacity)
+    let pins = [filter::FILTER, filter::CACHE].map(|n| dir.join(n));
+    load_object(dir, &dir.join(ENTRIES), [&pins[0], &pins[1]], capacity)
 }
 
 /// The maps `stage` made.
 pub(super) struct Staged {
     pub(super) hash: Option<MapData>,
     pub(super) filter: MapData,
+    pub(super) cache: MapData,
 }
 
 /// Load the program against a new filter for `capacity` entries pinned
@@ -521,27 +533,37 @@ pub(super) fn stage(
     new_hash: bool,
 ) -> Result<(OwnedFd, Staged)> {
     let filter_pin = dir.join(filter::FILTER_PIN_NEW);
-    let staged = [filter_pin.clone(), dir.join(ENTRIES_PIN_NEW)];
+    let cache_pin = dir.join(filter::CACHE_PIN_NEW);
+    let staged = [
+        filter_pin.clone(),
+        cache_pin.clone(),
+        dir.join(ENTRIES_PIN_NEW),
+    ];
     for p in &staged {
         let _ = fs::remove_file(p);
     }
     let built = (|| {
-        let mut ebpf = load_object(dir, entries_pin, &filter_pin, capacity)?;
+        let mut ebpf = load_object(dir, entries_pin, [&filter_pin, &cache_pin], capacity)?;
         let program = load_fd(program_of(&mut ebpf)?)?;
         let hash = match (new_hash, ebpf.take_map(ENTRIES)) {
             (false, _) => None,
             (true, Some(Map::HashMap(m))) => Some(m),
             _ => return Err(DispatcherError::MissingProgram { name: ENTRIES }),
         };
-        let filter = match ebpf.take_map(filter::FILTER) {
-            Some(Map::Array(m)) => m,
-            _ => {
-                return Err(DispatcherError::MissingProgram {
-                    name: filter::FILTER,
-                });
-            }
+        let mut take = |name| match ebpf.take_map(name) {
+            Some(Map::Array(m)) => Ok(m),
+            _ => Err(DispatcherError::MissingProgram { name }),
         };
-        Ok((program, Staged { hash, filter }))
+        let filter = take(filter::FILTER)?;
+        let cache = take(filter::CACHE)?;
+        Ok((
+            program,
+            Staged {
+                hash,
+                filter,
+                cache,
+            },
+        ))
     })();
     if built.is_err() {
         for p in &staged {
@@ -551,17 +573,17 @@ pub(super) fn stage(
     built
 }
 
-/// The filter pinned at `path`, if it is one for an entries hash of
-/// `capacity` entries.
-fn usable_filter(path: &Path, capacity: u32) -> Option<MapData> {
+/// The filter or cache (`spec`) pinned at `path`, if it is one for an
+/// entries hash of `capacity` entries.
+fn usable_filter(path: &Path, spec: &MapSpec, capacity: u32) -> Option<MapData> {
     let data = MapData::from_pin(path).ok()?;
     let found = sys::map_info(data.fd().as_fd()).ok()?;
-    let want = (
-        sys::MAP_TYPE_ARRAY,
-        size::<u32>(),
-        size::<u64>(),
-        abi::filter_words(capacity),
-    );
+    let max = if spec.name == filter::CACHE {
+        abi::cache_lines(capacity)
+    } else {
+        abi::filter_words(capacity)
+    };
+    let want = (spec.map_type, spec.key_size, spec.value_size, max);
     (
         found.map_type,
         found.key_size,
