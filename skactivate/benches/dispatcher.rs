@@ -682,7 +682,58 @@ struct Phase {
     loads: Vec<(u32, u32, Duration)>,
     /// (bindings, adopt time).
     adopts: Vec<(u32, Duration)>,
+    /// (bindings, what the cache holds then).
+    caches: Vec<(u32, Occupancy)>,
     program_tag: String,
+}
+
+/// What the dispatcher's cache holds: slots in use (of `full`, the
+/// full-length entries, the only ones cached), and which of the hit probes'
+/// entries are among them (`None`: not full length).
+#[derive(Default)]
+struct Occupancy {
+    slots: usize,
+    full: usize,
+    probes: Vec<Option<bool>>,
+}
+
+/// Read the pinned `cache` array (see `ebpf/skactivate.h`): the slots in
+/// use, and whether each of `keys` has one.
+fn cache_occupancy(
+    d: &Dispatcher,
+    keys: &[aya::maps::lpm_trie::Key<dispatcher::abi::BindingKey>],
+    full: usize,
+) -> Occupancy {
+    let data = aya::maps::MapData::from_pin(d.dir().join("cache")).expect("the cache pin");
+    let cache: aya::maps::Array<_, [u64; 8]> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array");
+    // Line 0 is the header; then two slots of four words per line.
+    let slots: std::collections::HashSet<[u64; 3]> = cache
+        .iter()
+        .skip(1)
+        .flat_map(|l| {
+            let l = l.expect("a line");
+            [[l[0], l[1], l[2], l[3]], [l[4], l[5], l[6], l[7]]]
+        })
+        .filter(|s| s[3] != 0)
+        .map(|s| [s[0], s[1], s[2]])
+        .collect();
+    let full_length = |k: &aya::maps::lpm_trie::Key<dispatcher::abi::BindingKey>| {
+        let bits = if i32::from(k.data().family) == libc::AF_INET {
+            32
+        } else {
+            128
+        };
+        k.prefix_len() == dispatcher::abi::KEY_HEADER_BITS + bits
+    };
+    Occupancy {
+        slots: slots.len(),
+        full,
+        probes: keys
+            .iter()
+            .map(|k| full_length(k).then(|| slots.contains(&dispatcher::abi::filter_key_words(k))))
+            .collect(),
+    }
 }
 
 fn run_phase(
@@ -721,6 +772,25 @@ fn run_phase(
                     workload.hit_probe(family, u32::try_from(i).expect("small"))
                 })
                 .collect();
+            let hit_keys: Vec<_> = (0..k)
+                .map(|r| {
+                    let i = u64::from(n) * u64::from(2 * r + 1) / u64::from(2 * k);
+                    let b = workload
+                        .spec(family, u32::try_from(i).expect("small"))
+                        .binding();
+                    let port = match b.ports {
+                        Ports::All => 0,
+                        Ports::Range(a, _) => a,
+                    };
+                    dispatcher::abi::binding_key(b.protocol, &b.prefix, port)
+                })
+                .collect();
+            let full = (0..n)
+                .filter(|&i| workload.spec(family, i).len == 32)
+                .count();
+            phase
+                .caches
+                .push((n, cache_occupancy(s.d(), &hit_keys, full)));
             let misses: Vec<_> = (0..k).map(|j| workload.miss_probe(family, j)).collect();
             let unbound: Vec<_> = misses.iter().map(|&(a, _)| (a, UNBOUND_PORT)).collect();
             let cases: [(&'static str, Probes, Expect); 3] = [
@@ -1646,11 +1716,16 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
          full-length key, then each shorter prefix length in use, longest \
          first, only the kinds in use; each probe reads the key's bit in the \
          `filter` array (a Bloom filter of the hash's keys, 16 bits per entry \
-         of its capacity) first and skips the hash lookup where it is clear \
-         (the bench workload, all /32: a hit is one filter read and one hash \
-         lookup, a miss on a bound port one filter read; the mixed workload, \
-         /32 and /24: up to four filter reads, and a hash lookup for the \
-         probe that hits). Every hit then pays the SOCKMAP lookup, \
+         of its capacity) first and stops where it is clear; a full-length \
+         probe (/32, /128) then reads the `cache` array's header and the \
+         key's first bucket, and only where the key is not cached its second bucket and \
+         the hash; a shorter probe goes to the hash (the bench workload, all \
+         /32: a cached hit is one filter read and one cache read, a miss on a \
+         bound port one filter read; the mixed workload, /32 and /24: up to \
+         four filter reads, and a cache read for a /32 that hits, a hash \
+         lookup for a /24; see \"The cache\" below for which were cached). \
+         Every hit then pays the \
+         SOCKMAP lookup, \
          `bpf_sk_assign` and release, as the reference's hits do. The \
          reference walks its LPM trie twice. Rows where skactivate costs more \
          than the reference: {}.\n",
@@ -1718,6 +1793,54 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
             " (A smoke run: the full bench goes to 1M.)"
         }
     );
+
+    // What the cache held.
+    let _ = writeln!(w, "\n### The cache\n");
+    let _ = writeln!(
+        w,
+        "A full-length hit whose entry is cached costs a filter read and a \
+         cache read; one whose entry is not, a second cache bucket and the \
+         hash lookup more (the mixed workload's /24 hits always go to the \
+         hash). \
+         The cache has a slot per entry of the hash's capacity (a quarter at \
+         the first capacity, 4096), two per bucket, and a key two buckets to \
+         choose from: where the bindings fill the capacity (1k, 1M) some keys \
+         find both full. Only full-length entries are cached. Read from the \
+         pinned map after loading each size; \"probes\": which of the hit \
+         probes' entries were cached, in the order they were timed (C cached, \
+         . not, - not full length).\n"
+    );
+    let _ = writeln!(
+        w,
+        "| workload | family | bindings | full-length entries cached | hit probes cached |"
+    );
+    let _ = writeln!(w, "| --- | --- | ---: | ---: | --- |");
+    for p in &r.phases {
+        let Some(c) = p.cases.first() else { continue };
+        for (n, o) in &p.caches {
+            let flags: String = o
+                .probes
+                .iter()
+                .map(|&c| match c {
+                    Some(true) => 'C',
+                    Some(false) => '.',
+                    None => '-',
+                })
+                .collect();
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} of {} ({:.1} %) | {} of {}: `{flags}` |",
+                c.workload.name(),
+                family_name(c.family),
+                count(*n),
+                o.slots,
+                o.full,
+                100.0 * o.slots as f64 / o.full.max(1) as f64,
+                o.probes.iter().filter(|&&c| c == Some(true)).count(),
+                o.probes.len()
+            );
+        }
+    }
 
     // Loading and adopting.
     let _ = writeln!(w, "\n## Loading and adopting\n");
