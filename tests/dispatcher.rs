@@ -2440,14 +2440,27 @@ fn the_cache_answers_hits_and_agrees_with_the_hash() {
         assert_eq!(goes_to(&d, "198.18.5.5", 99), None);
         set_tag(&mut filter, slot.1);
         assert_eq!(goes_to(&d, "198.18.5.5", 99), some("a.socket"));
-        // Adoption empties the slot of a key the hash does not have, and
-        // leaves the others as they are.
+        // Adoption trusts a cache whose header is written (its writers
+        // keep it within the hash) and rewrites nothing of it: the slot of
+        // the key taken out behind the daemon's back stays. (The filter,
+        // computed from the hash again, now stops a probe of it first.)
+        drop(d);
+        let d = open(fs);
+        assert_eq!(cache_slots(&d), want);
+        assert_eq!(goes_to(&d, "198.18.5.5", 99), None);
+        // A cache whose header is not written (a crash while it was first
+        // filled) is made to agree with the hash: the slot of a key the
+        // hash does not have is emptied, the others are left as they are,
+        // and the header is written.
+        let (_, mut lines) = cache_map(&d);
+        lines.set(0, [0u64; 8], 0).unwrap();
         drop(d);
         let mut d = open(fs);
         assert_eq!(goes_to(&d, "198.18.5.5", 99), None);
         let mut rest = want.clone();
         rest.remove(&slot);
         assert_eq!(cache_slots(&d), rest);
+        assert_ne!(cache_map(&d).0[0], 0, "the header is written again");
 
         // Removing entries empties their slots first.
         d.remove_bindings(&few[..4]).unwrap();

@@ -625,6 +625,21 @@ impl Dispatcher {
         remove: Vec<Entry>,
         reserve: usize,
     ) -> Result<Changes> {
+        // The filter and cache are mapped for the change only (see
+        // `filter::Words`).
+        self.filter.map()?;
+        let r = self.apply_mapped(add, ids, remove, reserve);
+        self.filter.unmap();
+        r
+    }
+
+    fn apply_mapped(
+        &mut self,
+        add: &[(Binding, u32)],
+        ids: &[u32],
+        remove: Vec<Entry>,
+        reserve: usize,
+    ) -> Result<Changes> {
         let remove: Vec<Entry> = remove
             .into_iter()
             .filter(|e| self.entries.contains_key(e))

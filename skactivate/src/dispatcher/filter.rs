@@ -42,60 +42,89 @@ const SLOT_WORDS: usize = 4;
 
 type Key = aya::maps::lpm_trie::Key<BindingKey>;
 
-/// An mmapable array map's words, mapped shared.
+/// An mmapable array map's words, mapped shared while they are written.
+///
+/// A shared mapping of a BPF array counts every page of it in the
+/// process's resident set (the kernel maps them all at once), though the
+/// memory is the map's: 34 MiB for the filter and cache of a hash of 2^20
+/// entries. So the words are mapped only while a change is written
+/// (`map`, `unmap`), and the daemon's footprint is what it holds itself.
 struct Words {
-    /// The map, held for as long as its words are mapped.
-    _map: MapData,
-    ptr: NonNull<AtomicU64>,
+    /// The map, held for as long as the value lives.
+    map: MapData,
+    /// The mapping, while mapped.
+    ptr: Option<NonNull<AtomicU64>>,
     len: usize,
     map_len: usize,
+    what: &'static str,
 }
 
-// SAFETY: the mapping is owned by this value (unmapped only when it is
-// dropped) and accessed only through atomics, from any thread.
+// SAFETY: the mapping is owned by this value (unmapped only by `unmap` or
+// when it is dropped) and accessed only through atomics, from any thread.
 unsafe impl Send for Words {}
 
 impl Drop for Words {
     fn drop(&mut self) {
-        // SAFETY: mapped in `open` with this length, never unmapped before.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+        self.unmap();
     }
 }
 
 impl Words {
-    /// Map the `len` words of `map` (its size checked by the caller).
+    /// The `len` words of `map` (its size checked by the caller), mapped.
     fn open(map: MapData, len: usize, what: &'static str) -> Result<Words> {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let map_len = (len * 8).next_multiple_of(page);
+        let mut words = Words {
+            map,
+            ptr: None,
+            len,
+            map_len: (len * 8).next_multiple_of(page),
+            what,
+        };
+        words.map()?;
+        Ok(words)
+    }
+
+    /// Map the words, unless they are.
+    fn map(&mut self) -> Result<()> {
+        if self.ptr.is_some() {
+            return Ok(());
+        }
         // SAFETY: a new shared mapping of the map's fd; the kernel checks
         // that the map is mmapable and at least this long.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                map_len,
+                self.map_len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
+                self.map.fd().as_fd().as_raw_fd(),
                 0,
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(sys_err(what)(io::Error::last_os_error()));
+            return Err(sys_err(self.what)(io::Error::last_os_error()));
         }
-        Ok(Words {
-            _map: map,
-            ptr: NonNull::new(ptr.cast()).expect("mmap succeeded"),
-            len,
-            map_len,
-        })
+        self.ptr = NonNull::new(ptr.cast());
+        Ok(())
+    }
+
+    /// Unmap the words, if they are mapped.
+    fn unmap(&mut self) {
+        if let Some(ptr) = self.ptr.take() {
+            // SAFETY: mapped in `map` with this length, not unmapped since;
+            // no reference into it outlives the `&self` it was taken from.
+            unsafe { libc::munmap(ptr.as_ptr().cast(), self.map_len) };
+        }
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {
         assert!(i < self.len);
+        let ptr = self.ptr.expect("words mapped before they are used");
         // SAFETY: in bounds of the mapping, 8-byte aligned (page-aligned
-        // start), alive as long as `self`.
-        unsafe { &*self.ptr.as_ptr().add(i) }
+        // start), mapped as long as `self` is borrowed (`unmap` takes
+        // `&mut self`).
+        unsafe { &*ptr.as_ptr().add(i) }
     }
 }
 
@@ -159,6 +188,24 @@ impl Filter {
 
     fn slot_word(&self, i: usize) -> &AtomicU64 {
         self.cache.word(i)
+    }
+
+    /// Map the filter and the cache for writing, unless they are.
+    pub(super) fn map(&mut self) -> Result<()> {
+        self.words.map()?;
+        self.cache.map()
+    }
+
+    /// Unmap them: a change is written.
+    pub(super) fn unmap(&mut self) {
+        self.words.unmap();
+        self.cache.unmap();
+    }
+
+    /// Whether the cache's header is written: the cache has been made to
+    /// agree with the hash once, and its writers keep it so.
+    pub(super) fn cache_active(&self) -> bool {
+        self.slot_word(0).load(Ordering::Relaxed) != 0
     }
 
     /// Whether the header is written.

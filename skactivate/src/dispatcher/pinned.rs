@@ -197,6 +197,7 @@ impl Dispatcher {
         d.batch = d.probe_batch();
         d.hash_batch = probe_batch(d.hash.fd().as_fd());
         d.load_index()?;
+        d.filter.unmap();
         match (staged, repair) {
             (Some(program), _) => d.swap_program(program, !repair)?,
             (None, true) => {
@@ -211,14 +212,15 @@ impl Dispatcher {
     /// Run `program` (loaded against the pinned maps, or maps staged aside,
     /// all filled) in the link in place of `self.program` (only if that is
     /// what runs, where `replaces`), then move the staged pins into place,
-    /// the filter first: a crash in between leaves a filter with a bit for
-    /// every entry of either hash (and a cache that adoption checks against
-    /// the hash it finds).
+    /// the filter first and the cache last: a crash in between leaves a
+    /// filter with a bit for every entry of either hash, and a cache of
+    /// entries the pinned hash has (the new hash holds every entry of the
+    /// old, with the same destination).
     pub(super) fn swap_program(&mut self, program: OwnedFd, replaces: bool) -> Result<()> {
         let staged = [
             filter::FILTER_PIN_NEW,
-            filter::CACHE_PIN_NEW,
             ENTRIES_PIN_NEW,
+            filter::CACHE_PIN_NEW,
         ]
         .map(|n| self.dir.join(n));
         let old = replaces.then(|| self.program.as_fd());
@@ -237,7 +239,7 @@ impl Dispatcher {
             return Err(e);
         }
         self.program = program;
-        for (from, to) in staged.iter().zip([filter::FILTER, filter::CACHE, ENTRIES]) {
+        for (from, to) in staged.iter().zip([filter::FILTER, ENTRIES, filter::CACHE]) {
             if from.exists() {
                 let pin = self.dir.join(to);
                 fs::rename(from, &pin).map_err(io_err(&pin))?;
@@ -297,7 +299,14 @@ impl Dispatcher {
         }
         self.entries.insert_many(items);
         self.filter.fill(self.entries.iter().map(|(e, _)| e.key()));
-        bindings::sync_cache(&self.entries, &mut self.filter);
+        // A cache whose header is written agrees with the hash: its writers
+        // fill a slot only after the hash has the entry and empty it before
+        // the entry leaves, so a crash leaves at most an entry uncached, and
+        // a grown cache is pinned after its hash (`swap_program`). Reading
+        // it back whole would cost a restart a third of a second at 2^20.
+        if !self.filter.cache_active() {
+            bindings::sync_cache(&self.entries, &mut self.filter);
+        }
         self.kinds.assume_written();
         self.adopt_tries()
     }
