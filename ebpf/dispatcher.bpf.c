@@ -174,13 +174,11 @@ static __always_inline __u64 key_head(__u32 prefixlen, __u32 protocol, __u32 por
 }
 
 /* The address mask of `bits` (< the family's full length) in the two address
- * words of a key, as they lie in memory (network order). */
-static __always_inline void prefix_mask(__u32 bits, __u32 v4, __u64 *m1, __u64 *m2)
+ * words of a key, as they lie in memory (network order).  One form for both
+ * families: an IPv4 address is the first four bytes of the key's. */
+static __always_inline void prefix_mask(__u32 bits, __u64 *m1, __u64 *m2)
 {
-	if (v4) {
-		*m1 = bits ? bpf_htonl(0xffffffffu << (32 - bits)) : 0;
-		*m2 = 0;
-	} else if (bits >= 64) {
+	if (bits >= 64) {
 		*m1 = ~0ull;
 		*m2 = bits > 64 ? __builtin_bswap64(~0ull << (128 - bits)) : 0;
 	} else {
@@ -278,6 +276,28 @@ static __always_inline int probe(const union ska_key_words *k, __u64 bits, __u64
 	return 1;
 }
 
+/* x, opaque to the compiler: a value it cannot see through, so that it
+ * tests it as computed instead of splitting it back into the branches it
+ * came from. */
+static __always_inline __u64 opaque(__u64 x)
+{
+	asm volatile("" : "+r"(x));
+	return x;
+}
+
+/*
+ * The verifier walks every path through the program once for each state it
+ * cannot prove equivalent to one it has walked: a value it learnt exactly
+ * on a branch (a family, a protocol, "this port has specific entries") and
+ * later tests again, or uses as a constant key, splits every path below
+ * into one per value.  So what the program knows about the lookup (protocol
+ * and family slot, which kinds of entry exist) is computed without
+ * branches, each probe is decided by a value tested once, and a probe that
+ * finds its entry goes straight to `hit`.  On 6.18 this took the verifier
+ * from 5,001 walked instructions (289 states) to 1,964 (91), and its time
+ * from about 8 ms to 3.5 (13 to 4.5 without CAP_PERFMON): most of what a
+ * fresh dispatcher costs.
+ */
 SEC("sk_lookup")
 int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 {
@@ -296,7 +316,8 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	/* The common miss first, in as few instructions as can be: the
 	 * protocol's slot is bit 4 of its number (TCP 6: 0, UDP 17: 1); any
 	 * other protocol is turned away below. */
-	idx = (protocol >> 4 & 1) << 11 | port >> 5;
+	pslot = protocol >> 4 & 1;
+	idx = pslot << 11 | port >> 5;
 	word = bpf_map_lookup_elem(&ports, &idx);
 	if (!word)
 		return SK_PASS;
@@ -309,34 +330,34 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	 * CAP_PERFMON (6.12 among them) also walk the branch a second test of a
 	 * known-NULL pointer would not take, as a speculative path, and refuse
 	 * the dereference they find there ("invalid mem access 'scalar'"). */
-	if (protocol == IPPROTO_TCP)
-		pslot = SKA_PORT_SLOT_TCP;
-	else if (protocol == IPPROTO_UDP)
-		pslot = SKA_PORT_SLOT_UDP;
-	else
+	/* TCP (6) or UDP (17), tested without learning which. */
+	if (opaque(protocol) >= 32 ||
+	    !(opaque((1u << IPPROTO_TCP | 1u << IPPROTO_UDP) >> opaque(protocol)) & 1))
 		return SK_PASS;
+	/* AF_INET (2) or AF_INET6 (10): the only values with family | 8 == 10. */
+	family = ctx->family;
+	if (opaque(family | 8) != (AF_INET6 | 8))
+		return SK_PASS;
+	fslot = opaque(family) >> 3 & 1;
+	full = SKA_KEY_V4_FULL_BITS + fslot * (SKA_KEY_V6_FULL_BITS - SKA_KEY_V4_FULL_BITS);
+	/* The address is the first bytes of the key's in either family.  The
+	 * family is read again to choose: the branch teaches the verifier
+	 * nothing about `family` or `fslot`, and both paths meet again. */
+	if (ctx->family == AF_INET6) {
+		a1 = (__u64)ctx->local_ip6[1] << 32 | ctx->local_ip6[0];
+		a2 = (__u64)ctx->local_ip6[3] << 32 | ctx->local_ip6[2];
+	} else {
+		a1 = ctx->local_ip4;
+		a2 = 0;
+	}
 	/* Written on every path to `hit`: 5.10 without CAP_PERFMON walks a
 	 * speculative one that skips the assignments ("invalid indirect read
 	 * from stack"). */
 	dest = 0;
 
-	family = ctx->family;
-	if (family == AF_INET) {
-		fslot = SKA_FAMILY_SLOT_V4;
-		full = SKA_KEY_V4_FULL_BITS;
-		a1 = ctx->local_ip4;
-		a2 = 0;
-	} else if (family == AF_INET6) {
-		fslot = SKA_FAMILY_SLOT_V6;
-		full = SKA_KEY_V6_FULL_BITS;
-		a1 = (__u64)ctx->local_ip6[1] << 32 | ctx->local_ip6[0];
-		a2 = (__u64)ctx->local_ip6[3] << 32 | ctx->local_ip6[2];
-	} else {
-		return SK_PASS;
-	}
-	specific = (w >> (port & 31)) & 1;
-	wild = (w >> (SKA_PORTS_WILD_BIT + fslot)) & 1;
-	if (!specific && !wild)
+	specific = opaque((w >> (port & 31)) & 1);
+	wild = opaque((w >> (SKA_PORTS_WILD_BIT + fslot)) & 1);
+	if (!opaque(specific | wild))
 		return SK_PASS;
 
 	/* Which lengths are in use, and which kinds of entry each has. */
@@ -348,15 +369,12 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 
 	nibbles = lengths >> SKA_LENGTHS_FILTER & 0xffff;
 	if (nibbles) {
-		__u32 n = lengths >> SKA_LENGTHS_NIBBLE & 31, nibble;
+		/* Nibble n of the address, most significant first: of its first
+		 * eight bytes (an IPv4 address's four among them) for n < 16. */
+		__u64 n = lengths >> SKA_LENGTHS_NIBBLE & 15, high = lengths >> SKA_LENGTHS_NIBBLE >> 4 & 1;
+		__u64 half = a1 ^ ((a1 ^ a2) & -high);
 
-		if (fslot == SKA_FAMILY_SLOT_V4)
-			nibble = bpf_ntohl((__u32)a1) >> (28 - 4 * (n & 7));
-		else if (n < 16)
-			nibble = __builtin_bswap64(a1) >> (60 - 4 * n);
-		else
-			nibble = __builtin_bswap64(a2) >> (124 - 4 * n);
-		if (nibbles >> (nibble & 15) & 1)
+		if (nibbles >> (__builtin_bswap64(half) >> (60 - 4 * n) & 15) & 1)
 			return SK_PASS; /* no entry has that nibble */
 	}
 
@@ -368,16 +386,16 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 
 	k.q[1] = a1;
 	k.q[2] = a2;
-	if (specific && !(lengths >> (SKA_LENGTHS_NO_SPECIFIC + SKA_LENGTHS_FULL) & 1)) {
+	if (opaque(specific & ~(lengths >> (SKA_LENGTHS_NO_SPECIFIC + SKA_LENGTHS_FULL)) & 1)) {
 		k.q[0] = key_head(full, protocol, port, family);
-		found = probe(&k, bits, &dest, 1);
+		if (probe(&k, bits, &dest, 1))
+			goto hit;
 	}
-	if (!found && wild && !(lengths >> (SKA_LENGTHS_NO_WILD + SKA_LENGTHS_FULL) & 1)) {
+	if (opaque(wild & ~(lengths >> (SKA_LENGTHS_NO_WILD + SKA_LENGTHS_FULL)) & 1)) {
 		k.q[0] = key_head(full, protocol, 0, family);
-		found = probe(&k, bits, &dest, 1);
+		if (probe(&k, bits, &dest, 1))
+			goto hit;
 	}
-	if (found)
-		goto hit;
 
 	if (lengths & SKA_LENGTHS_TRIE) {
 		/* Too many lengths: the trie of the shorter entries answers, the
@@ -414,26 +432,23 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 		__u32 plen = (lengths >> (8 * i)) & 0xff;
 
 		if (!plen)
-			break;
+			return SK_PASS;
 		plen -= 1;
-		prefix_mask(plen, fslot == SKA_FAMILY_SLOT_V4, &m1, &m2);
+		prefix_mask(plen, &m1, &m2);
 		k.q[1] = a1 & m1;
 		k.q[2] = a2 & m2;
-		if (specific && !(lengths >> (SKA_LENGTHS_NO_SPECIFIC + i) & 1)) {
+		if (opaque(specific & ~(lengths >> (SKA_LENGTHS_NO_SPECIFIC + i)) & 1)) {
 			k.q[0] = key_head(SKA_KEY_HEADER_BITS + plen, protocol, port, family);
-			found = probe(&k, bits, &dest, 0);
-			if (found)
-				break;
+			if (probe(&k, bits, &dest, 0))
+				goto hit;
 		}
-		if (wild && !(lengths >> (SKA_LENGTHS_NO_WILD + i) & 1)) {
+		if (opaque(wild & ~(lengths >> (SKA_LENGTHS_NO_WILD + i)) & 1)) {
 			k.q[0] = key_head(SKA_KEY_HEADER_BITS + plen, protocol, 0, family);
-			found = probe(&k, bits, &dest, 0);
-			if (found)
-				break;
+			if (probe(&k, bits, &dest, 0))
+				goto hit;
 		}
 	}
-	if (!found)
-		return SK_PASS;
+	return SK_PASS;
 
 hit:
 	m = bpf_map_lookup_elem(&metrics, &dest);
