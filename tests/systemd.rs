@@ -467,6 +467,11 @@ fn skactivate_service_runs_under_its_sandbox() {
 
     let pins = sd.ok(&["find", "/sys/fs/bpf/skactivate", "-mindepth", "2"]);
     assert!(pins.contains("/link"), "{pins}");
+    // Between changes the daemon keeps no BPF map mapped: a mapping of the
+    // filter and cache would count all their pages (34 MiB at 2^20
+    // entries) in its resident set.
+    let maps = sd.ok(&["cat", &format!("/proc/{pid}/maps")]);
+    assert!(!maps.contains("bpf-map"), "{maps}");
     sd.ok(&["systemctl", "reload", "skactivate.service"]);
     assert_eq!(sd.active_state("skactivate.service"), "active");
     assert_eq!(sd.property("skactivate.service", "MainPID"), pid);
