@@ -795,7 +795,9 @@ impl Dispatcher {
             e
         };
         let map = staged.hash.expect("staged with a new hash");
-        let mut filter = filter::Filter::open(staged.filter, staged.cache, cap).map_err(unstage)?;
+        let mut filter = filter::Filter::open(staged.filter, staged.cache, cap)
+            .and_then(|mut f| f.map().map(|()| f))
+            .map_err(unstage)?;
         filter.fill(self.entries.iter().map(|(e, _)| e.key()));
         // The index, a step at a time.
         let fd = map.fd().as_fd();

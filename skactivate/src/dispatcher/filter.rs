@@ -70,32 +70,26 @@ impl Drop for Words {
 }
 
 impl Words {
-    /// The `len` words of `map` (its size checked by the caller), mapped.
-    fn open(map: MapData, len: usize, what: &'static str) -> Result<Words> {
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let mut words = Words {
+    /// The `len` words of `map` (its size checked by the caller), not
+    /// mapped yet.
+    fn new(map: MapData, len: usize, what: &'static str) -> Words {
+        Words {
             map,
             ptr: None,
             len,
-            map_len: (len * 8).next_multiple_of(page),
+            map_len: (len * 8).next_multiple_of(page_size()),
             what,
-        };
-        words.map()?;
-        Ok(words)
+        }
     }
 
-    /// Map the words, unless they are.
-    fn map(&mut self) -> Result<()> {
-        if self.ptr.is_some() {
-            return Ok(());
-        }
+    /// A new shared mapping of the first `len` bytes of the map.
+    fn mmap(&self, len: usize) -> Result<NonNull<AtomicU64>> {
         // SAFETY: a new shared mapping of the map's fd; the kernel checks
         // that the map is mmapable and at least this long.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                self.map_len,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 self.map.fd().as_fd().as_raw_fd(),
@@ -105,8 +99,30 @@ impl Words {
         if ptr == libc::MAP_FAILED {
             return Err(sys_err(self.what)(io::Error::last_os_error()));
         }
-        self.ptr = NonNull::new(ptr.cast());
+        Ok(NonNull::new(ptr.cast()).expect("mmap succeeded"))
+    }
+
+    /// Map the words, unless they are.
+    fn map(&mut self) -> Result<()> {
+        if self.ptr.is_none() {
+            self.ptr = Some(self.mmap(self.map_len)?);
+        }
         Ok(())
+    }
+
+    /// Word 0, read through a mapping of its page only where the words are
+    /// not mapped.
+    fn first(&self) -> Result<u64> {
+        if self.ptr.is_some() {
+            return Ok(self.word(0).load(Ordering::Acquire));
+        }
+        let page = page_size();
+        let ptr = self.mmap(page)?;
+        // SAFETY: the first word of the page just mapped, 8-byte aligned.
+        let first = unsafe { ptr.as_ref() }.load(Ordering::Acquire);
+        // SAFETY: mapped above with this length; no reference outlives it.
+        unsafe { libc::munmap(ptr.as_ptr().cast(), page) };
+        Ok(first)
     }
 
     /// Unmap the words, if they are mapped.
@@ -126,6 +142,11 @@ impl Words {
         // `&mut self`).
         unsafe { &*ptr.as_ptr().add(i) }
     }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
 /// The filter and cache of an `entries` hash of `capacity` entries.
@@ -163,16 +184,17 @@ fn words_for(keys: impl Iterator<Item = Key>, log2: u32) -> Vec<u64> {
 }
 
 impl Filter {
-    /// Map the filter `map` and the cache `cache`, the companions of an
-    /// `entries` hash of `capacity` entries (their sizes checked by the
-    /// caller).
+    /// The filter `map`, mapped, and the cache `cache`, not yet (see
+    /// `map`): the companions of an `entries` hash of `capacity` entries
+    /// (their sizes checked by the caller).
     pub(super) fn open(map: MapData, cache: MapData, capacity: u32) -> Result<Filter> {
-        let words = Words::open(map, abi::filter_words(capacity) as usize, "mmap (filter)")?;
-        let cache = Words::open(
+        let mut words = Words::new(map, abi::filter_words(capacity) as usize, "mmap (filter)");
+        words.map()?;
+        let cache = Words::new(
             cache,
             abi::cache_lines(capacity) as usize * LINE,
             "mmap (cache)",
-        )?;
+        );
         Ok(Filter {
             words,
             cache,
@@ -203,9 +225,10 @@ impl Filter {
     }
 
     /// Whether the cache's header is written: the cache has been made to
-    /// agree with the hash once, and its writers keep it so.
-    pub(super) fn cache_active(&self) -> bool {
-        self.slot_word(0).load(Ordering::Relaxed) != 0
+    /// agree with the hash once, and its writers keep it so. Read without
+    /// mapping the whole cache (32 MiB at 2^20 entries).
+    pub(super) fn cache_active(&self) -> Result<bool> {
+        Ok(self.cache.first()? != 0)
     }
 
     /// Whether the header is written.

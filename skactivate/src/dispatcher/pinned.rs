@@ -304,7 +304,8 @@ impl Dispatcher {
         // the entry leaves, so a crash leaves at most an entry uncached, and
         // a grown cache is pinned after its hash (`swap_program`). Reading
         // it back whole would cost a restart a third of a second at 2^20.
-        if !self.filter.cache_active() {
+        if !self.filter.cache_active()? {
+            self.filter.map()?;
             bindings::sync_cache(&self.entries, &mut self.filter);
         }
         self.kinds.assume_written();
