@@ -1182,56 +1182,6 @@ fn destroy_detaches_the_program() {
     });
 }
 
-/// What the shipped units/skactivate.service grants the daemon: the
-/// capabilities of `CapabilityBoundingSet=` (as numbers) and `LimitMEMLOCK=`
-/// in bytes (`None`: infinity), read from the file itself.
-fn shipped_unit_limits() -> (Vec<(String, u32)>, Option<u64>) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../units/skactivate.service");
-    let unit = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let value = |key: &str| {
-        let mut v = unit
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
-            .map(str::trim);
-        let first = v.next().unwrap_or_else(|| panic!("{path}: no {key}="));
-        assert!(v.next().is_none(), "{path}: {key}= given twice");
-        first.to_owned()
-    };
-    let caps = value("CapabilityBoundingSet")
-        .split_whitespace()
-        .map(|name| {
-            let n = match name {
-                "CAP_NET_ADMIN" => 12,
-                "CAP_SYS_ADMIN" => 21,
-                "CAP_SYS_RESOURCE" => 24,
-                "CAP_PERFMON" => 38,
-                "CAP_BPF" => 39,
-                other => panic!("{path}: capability {other} unknown to this test"),
-            };
-            (name.to_owned(), n)
-        })
-        .collect();
-    let memlock = value("LimitMEMLOCK");
-    let bytes = if memlock == "infinity" {
-        None
-    } else {
-        let (num, unit) = memlock.split_at(
-            memlock
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(memlock.len()),
-        );
-        let mult: u64 = match unit {
-            "" => 1,
-            "K" => 1 << 10,
-            "M" => 1 << 20,
-            "G" => 1 << 30,
-            other => panic!("{path}: LimitMEMLOCK={memlock}: unit {other} unknown to this test"),
-        };
-        Some(num.parse::<u64>().unwrap() * mult)
-    };
-    (caps, bytes)
-}
-
 /// The daemon runs with exactly the capability set and memlock limit of the
 /// shipped unit: a process with just those creates the dispatcher (first
 /// start), adopts it again (restart), upgrades the program, registers a
@@ -1323,40 +1273,6 @@ fn child_with_the_units_limits() {
         .expect("lookup");
     assert_eq!(l.verdict, Verdict::Redirect);
     println!("child served under the unit's limits");
-}
-
-/// capset(2): the calling thread's effective and permitted sets become
-/// exactly `caps` (credentials are per thread; the test runs on this one).
-fn keep_only_capabilities(caps: &[u32]) {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut data = [Data::default(); 2];
-    for &c in caps {
-        let d = &mut data[(c / 32) as usize];
-        d.effective |= 1 << (c % 32);
-        d.permitted |= 1 << (c % 32);
-    }
-    let mut header = Header {
-        version: 0x2008_0522,
-        pid: 0,
-    };
-    // SAFETY: _LINUX_CAPABILITY_VERSION_3 header and two data structs.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
-    assert_eq!(r, 0, "capset: {}", std::io::Error::last_os_error());
-    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-    let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
-    let mask = caps.iter().fold(0u64, |m, &c| m | 1 << c);
-    assert!(eff.ends_with(&format!("{mask:016x}")), "{eff}");
 }
 
 /// A program pin that is missing or not the link's (a crash between an
