@@ -316,8 +316,7 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	/* The common miss first, in as few instructions as can be: the
 	 * protocol's slot is bit 4 of its number (TCP 6: 0, UDP 17: 1); any
 	 * other protocol is turned away below. */
-	pslot = protocol >> 4 & 1;
-	idx = pslot << 11 | port >> 5;
+	idx = (protocol >> 4 & 1) << 11 | port >> 5;
 	word = bpf_map_lookup_elem(&ports, &idx);
 	if (!word)
 		return SK_PASS;
@@ -338,6 +337,7 @@ int skactivate_dispatch(struct bpf_sk_lookup *ctx)
 	family = ctx->family;
 	if (opaque(family | 8) != (AF_INET6 | 8))
 		return SK_PASS;
+	pslot = opaque(protocol) >> 4 & 1;
 	fslot = opaque(family) >> 3 & 1;
 	full = SKA_KEY_V4_FULL_BITS + fslot * (SKA_KEY_V6_FULL_BITS - SKA_KEY_V4_FULL_BITS);
 	/* The address is the first bytes of the key's in either family.  The
