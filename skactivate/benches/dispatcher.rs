@@ -1073,11 +1073,15 @@ fn run_rss(plan: &Plan) -> Vec<(u32, u64, u64)> {
 /// dispatcher to a socket elsewhere; served by a socket bound there in a
 /// namespace whose dispatcher has that socket registered but binds another
 /// port (what traffic to other services pays while a dispatcher is
-/// attached); or served by a socket bound there, with no program attached.
+/// attached); served by a socket bound there with the empty `SK_PASS`
+/// program attached (what running any sk_lookup program costs, the floor
+/// under the other two); or served by a socket bound there, with no program
+/// attached.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Side {
     Steered,
     Unrelated,
+    Empty,
     Plain,
 }
 
@@ -1130,7 +1134,7 @@ fn traffic_worker(side: Side) -> (mpsc::Sender<Cmd>, mpsc::Receiver<Done>) {
         // by IP_PKTINFO.
         nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::Ipv4PacketInfo, &true)
             .expect("IP_PKTINFO");
-        let d = (side != Side::Plain).then(|| {
+        let d = matches!(side, Side::Steered | Side::Unrelated).then(|| {
             let mut d = Dispatcher::open(netns::thread_netns(), &fs.path).expect("dispatcher");
             let regs = d
                 .register_sockets("bench.socket", &[tcp.as_fd(), udp.as_fd()])
@@ -1154,19 +1158,41 @@ fn traffic_worker(side: Side) -> (mpsc::Sender<Cmd>, mpsc::Receiver<Done>) {
             d.add_bindings(&items).expect("bindings");
             d
         });
+        // The empty program, attached to this namespace for the link's
+        // life.
+        let empty = (side == Side::Empty).then(|| {
+            let mut ebpf = load_prog(EMPTY_OBJECT, "skactivate_empty");
+            let prog: &mut SkLookup = ebpf
+                .program_mut("skactivate_empty")
+                .expect("loaded")
+                .try_into()
+                .expect("an sk_lookup program");
+            let ns = std::fs::File::open(netns::thread_netns()).expect("netns");
+            let link = prog.attach(ns).expect("attach the empty program");
+            (ebpf, link)
+        });
         let pin = d
             .as_ref()
             .map(|d| d.dir().join(skactivate::paths::PROGRAM_PIN));
         // The program's cumulated run time and count, read outside the
         // timed part.
         let stats = || {
-            pin.as_ref().map_or((0, 0), |pin| {
-                let i = aya::programs::ProgramInfo::from_pin(pin).expect("program info");
-                (
-                    u64::try_from(i.run_time().as_nanos()).unwrap_or(u64::MAX),
-                    i.run_count(),
-                )
-            })
+            let info = if let Some(pin) = &pin {
+                aya::programs::ProgramInfo::from_pin(pin).expect("program info")
+            } else if let Some((ebpf, _)) = &empty {
+                let prog: &SkLookup = ebpf
+                    .program("skactivate_empty")
+                    .expect("loaded")
+                    .try_into()
+                    .expect("an sk_lookup program");
+                prog.info().expect("program info")
+            } else {
+                return (0, 0);
+            };
+            (
+                u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                info.run_count(),
+            )
         };
         let client_udp = UdpSocket::bind((TRAFFIC_ADDR, 0)).expect("client udp");
         client_udp
@@ -1226,6 +1252,7 @@ fn traffic_worker(side: Side) -> (mpsc::Sender<Cmd>, mpsc::Receiver<Done>) {
                 break;
             }
         }
+        drop(empty);
         drop(d);
         drop(fs);
     });
@@ -1327,20 +1354,28 @@ fn pin_thread(cpu: usize) {
 /// Per round, the times of each side ([`SIDES`] order), TCP and UDP; and the
 /// program's own cost in that traffic, from the rounds run with `bpf_stats`.
 struct Traffic {
-    tcp: Vec<[Duration; 3]>,
-    udp: Vec<[Duration; 3]>,
+    tcp: Vec<Times>,
+    udp: Vec<Times>,
     in_situ: Result<InSitu, String>,
 }
 
-const SIDES: [Side; 3] = [Side::Steered, Side::Unrelated, Side::Plain];
+const SIDES: [Side; 4] = [Side::Steered, Side::Unrelated, Side::Empty, Side::Plain];
+/// Where each side is in [`SIDES`] (and in a round's [`Times`]).
+const STEERED: usize = 0;
+const UNRELATED: usize = 1;
+const EMPTY: usize = 2;
+const PLAIN: usize = 3;
+
+/// One round's time of each side, in [`SIDES`] order.
+type Times = [Duration; SIDES.len()];
 
 /// The program's run time and run count over the statistics rounds, per
-/// traffic (TCP, UDP) and side (steered, unrelated).
+/// traffic (TCP, UDP) and side with a program (steered, unrelated, empty).
 #[derive(Default)]
 struct InSitu {
     rounds: usize,
     /// [traffic][side]: (run ns, runs)
-    runs: [[(u64, u64); 2]; 2],
+    runs: [[(u64, u64); 3]; 2],
 }
 
 impl InSitu {
@@ -1370,8 +1405,8 @@ fn run_traffic(plan: &Plan, start: Instant) -> Traffic {
         check_deadline(start, "traffic");
         // The order rotates with the round, so each side goes first, second
         // and last equally often.
-        let mut t = [Duration::ZERO; 3];
-        let mut u = [Duration::ZERO; 3];
+        let mut t = [Duration::ZERO; SIDES.len()];
+        let mut u = [Duration::ZERO; SIDES.len()];
         for j in 0..SIDES.len() {
             let i = (r + j) % SIDES.len();
             t[i] = ask(i, Cmd::Tcp(plan.connects)).took;
@@ -1395,7 +1430,7 @@ fn run_traffic(plan: &Plan, start: Instant) -> Traffic {
             };
             for _ in 0..s.rounds {
                 check_deadline(start, "traffic statistics");
-                for (side, i) in [(0, 0), (1, 1)] {
+                for (side, i) in [(0, STEERED), (1, UNRELATED), (2, EMPTY)] {
                     for (traffic, cmd) in
                         [(0, Cmd::Tcp(plan.connects)), (1, Cmd::Udp(plan.datagrams))]
                     {
@@ -1414,35 +1449,40 @@ fn run_traffic(plan: &Plan, start: Instant) -> Traffic {
 
 /// Median over rounds of the plain side's time / side `i`'s: its rate as a
 /// fraction of the plain one.
-fn rate_ratio(v: &[[Duration; 3]], i: usize) -> f64 {
+fn rate_ratio(v: &[Times], i: usize) -> f64 {
+    rate_ratio_to(v, i, PLAIN)
+}
+
+/// Median over rounds of side `base`'s time / side `i`'s.
+fn rate_ratio_to(v: &[Times], i: usize, base: usize) -> f64 {
     let mut r: Vec<f64> = v
         .iter()
-        .map(|t| t[2].as_secs_f64() / t[i].as_secs_f64())
+        .map(|t| t[base].as_secs_f64() / t[i].as_secs_f64())
         .collect();
     r.sort_by(f64::total_cmp);
     r[r.len() / 2]
 }
 
-/// The lowest and highest per-round ratio.
-fn rate_ratio_range(v: &[[Duration; 3]], i: usize) -> (f64, f64) {
+/// The lowest and highest per-round ratio to the plain side.
+fn rate_ratio_range(v: &[Times], i: usize) -> (f64, f64) {
     v.iter()
-        .map(|t| t[2].as_secs_f64() / t[i].as_secs_f64())
+        .map(|t| t[PLAIN].as_secs_f64() / t[i].as_secs_f64())
         .fold((f64::INFINITY, 0.0), |(lo, hi), x| (lo.min(x), hi.max(x)))
 }
 
-/// Median over rounds of (side `i`'s time − plain time) / operations: what
-/// that side adds to one connection or one round trip, in ns.
-fn median_extra_ns(v: &[[Duration; 3]], i: usize, k: u32) -> f64 {
+/// Median over rounds of (side `i`'s time − side `base`'s) / operations:
+/// what side `i` adds to one connection or one round trip, in ns.
+fn median_extra_ns(v: &[Times], i: usize, base: usize, k: u32) -> f64 {
     let mut r: Vec<f64> = v
         .iter()
-        .map(|t| (t[i].as_secs_f64() - t[2].as_secs_f64()) * 1e9 / f64::from(k))
+        .map(|t| (t[i].as_secs_f64() - t[base].as_secs_f64()) * 1e9 / f64::from(k))
         .collect();
     r.sort_by(f64::total_cmp);
     r[r.len() / 2]
 }
 
 /// Median over rounds of side `i`'s operations per second.
-fn median_rate(v: &[[Duration; 3]], k: u32, i: usize) -> f64 {
+fn median_rate(v: &[Times], k: u32, i: usize) -> f64 {
     let mut r: Vec<f64> = v
         .iter()
         .map(|t| f64::from(k) / t[i].as_secs_f64())
@@ -1585,10 +1625,12 @@ fn json(r: &Results) -> String {
         "fresh_dispatcher_s": median_secs(&r.memory.fresh),
         "fresh_dispatcher_first_s": median_secs(&r.memory.first),
         "fresh_dispatcher_first_unit_s": median_secs(&r.memory.first_unit),
-        "tcp_connect_ratio": rate_ratio(&r.traffic.tcp, 0),
-        "udp_request_response_ratio": rate_ratio(&r.traffic.udp, 0),
-        "tcp_connect_ratio_unrelated": rate_ratio(&r.traffic.tcp, 1),
-        "udp_request_response_ratio_unrelated": rate_ratio(&r.traffic.udp, 1),
+        "tcp_connect_ratio": rate_ratio(&r.traffic.tcp, STEERED),
+        "udp_request_response_ratio": rate_ratio(&r.traffic.udp, STEERED),
+        "tcp_connect_ratio_unrelated": rate_ratio(&r.traffic.tcp, UNRELATED),
+        "udp_request_response_ratio_unrelated": rate_ratio(&r.traffic.udp, UNRELATED),
+        "tcp_connect_ratio_empty_program": rate_ratio(&r.traffic.tcp, EMPTY),
+        "udp_request_response_ratio_empty_program": rate_ratio(&r.traffic.udp, EMPTY),
         "tcp_connect_program_ns_per_run": r.traffic.in_situ.as_ref().ok().map(|s| s.ns_per_run(0, 0)),
         "udp_request_response_program_ns_per_run": r.traffic.in_situ.as_ref().ok().map(|s| s.ns_per_run(1, 0)),
     });
@@ -2054,6 +2096,8 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
          `tcp_connect_ratio`, `udp_request_response_ratio` (the steered \
          side), `tcp_connect_ratio_unrelated`, \
          `udp_request_response_ratio_unrelated`, \
+         `tcp_connect_ratio_empty_program`, \
+         `udp_request_response_ratio_empty_program`, \
          `tcp_connect_program_ns_per_run`, \
          `udp_request_response_program_ns_per_run` (the steered side; null \
          where not measured) as in the tables."
@@ -2172,7 +2216,7 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
     let mut w = String::new();
     let _ = writeln!(
         w,
-        "Three namespaces, each with {TRAFFIC_ADDR}/32 on `lo`, and in each \
+        "Four namespaces, each with {TRAFFIC_ADDR}/32 on `lo`, and in each \
          a TCP listener and a UDP socket:\n\n\
          * **steered**: the sockets are bound to 127.0.0.1:{TRAFFIC_PORT} \
          (the steered port, as a socket unit with `ListenStream=127.0.0.1:PORT` \
@@ -2183,6 +2227,10 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
          bindings are for port {UNRELATED_PORT}: the program runs for every \
          SYN and datagram and finds the port unbound, which is what traffic \
          to other services pays while a dispatcher is attached;\n\
+         * **empty program**: the sockets are bound to \
+         {TRAFFIC_ADDR}:{TRAFFIC_PORT} and the empty `SK_PASS` program \
+         (`ebpf/empty.bpf.c`) is attached: what running any sk_lookup \
+         program costs this traffic, the floor under the two above;\n\
          * **no program**: the sockets are bound to \
          {TRAFFIC_ADDR}:{TRAFFIC_PORT}, nothing is attached.\n\n\
          One thread per side, all pinned to the same CPU (CPU {}), one side \
@@ -2195,7 +2243,9 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
          over rounds of a side's rate / the no-program rate (its spread over \
          rounds in brackets: wide on a shared machine); \"extra\" = median \
          over rounds of (that side's time − the no-program time) per \
-         connection or round trip. The program runs for every SYN and every \
+         connection or round trip; \"to empty\" and \"extra over empty\" \
+         the same against the empty-program side: what the dispatcher adds \
+         to the floor. The program runs for every SYN and every \
          datagram in the namespace, the replies to the client's socket (a \
          port with no binding) included.\n",
         traffic_cpu(),
@@ -2205,9 +2255,12 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
     );
     let _ = writeln!(
         w,
-        "| traffic | side | per s | ratio to no program | extra (ns) | target | verdict |"
+        "| traffic | side | per s | ratio to no program | extra (ns) | to empty | extra over empty (ns) | target | verdict |"
     );
-    let _ = writeln!(w, "| --- | --- | ---: | ---: | ---: | ---: | --- |");
+    let _ = writeln!(
+        w,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
     for (name, v, k) in [
         ("TCP connect", &t.tcp, plan.connects),
         ("UDP request/response", &t.udp, plan.datagrams),
@@ -2216,20 +2269,31 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
             let rate = median_rate(v, k, i);
             match side {
                 Side::Plain => {
-                    let _ = writeln!(w, "| {name} | no program | {rate:.0} | 1 | — | — | — |");
+                    let _ = writeln!(
+                        w,
+                        "| {name} | no program | {rate:.0} | 1 | — | — | — | — | — |"
+                    );
                 }
-                Side::Steered | Side::Unrelated => {
+                Side::Steered | Side::Unrelated | Side::Empty => {
                     let ratio = rate_ratio(v, i);
                     let (lo, hi) = rate_ratio_range(v, i);
-                    let (label, target, verdict_text) = if *side == Side::Steered {
-                        ("steered", "≥ 0.99", verdict(ratio >= 0.99).to_string())
+                    let (label, target, verdict_text) = match side {
+                        Side::Steered => ("steered", "≥ 0.99", verdict(ratio >= 0.99).to_string()),
+                        Side::Unrelated => ("unrelated", "—", "(context)".to_string()),
+                        _ => ("empty program", "—", "(context)".to_string()),
+                    };
+                    let (to_empty, over_empty) = if *side == Side::Empty {
+                        ("—".to_string(), "—".to_string())
                     } else {
-                        ("unrelated", "—", "(context)".to_string())
+                        (
+                            format!("{:.3}", rate_ratio_to(v, i, EMPTY)),
+                            format!("{:.0}", median_extra_ns(v, i, EMPTY, k)),
+                        )
                     };
                     let _ = writeln!(
                         w,
-                        "| {name} | {label} | {rate:.0} | **{ratio:.3}** ({lo:.3}–{hi:.3}) | {:.0} | {target} | {verdict_text} |",
-                        median_extra_ns(v, i, k),
+                        "| {name} | {label} | {rate:.0} | **{ratio:.3}** ({lo:.3}–{hi:.3}) | {:.0} | {to_empty} | {over_empty} | {target} | {verdict_text} |",
+                        median_extra_ns(v, i, PLAIN, k),
                     );
                 }
             }
@@ -2243,7 +2307,7 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
         Ok(s) => {
             let _ = writeln!(
                 w,
-                "{} more rounds of the steered and unrelated sides with the \
+                "{} more rounds of the steered, unrelated and empty-program sides with the \
                  kernel's run-time statistics on (`BPF_ENABLE_STATS`; not \
                  among the timed rounds above: the kernel then reads its clock \
                  around every run, and these figures include those reads). \
@@ -2266,8 +2330,8 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
                 (1, "UDP request/response", &t.udp, plan.datagrams),
             ] {
                 let ops = (s.rounds as f64) * f64::from(k);
-                let budget = 0.01 * 1e9 / median_rate(v, k, 2);
-                for (side, label) in [(0, "steered"), (1, "unrelated")] {
+                let budget = 0.01 * 1e9 / median_rate(v, k, PLAIN);
+                for (side, label) in [(0, "steered"), (1, "unrelated"), (2, "empty program")] {
                     let (ns, runs) = s.runs[traffic][side];
                     let _ = writeln!(
                         w,
