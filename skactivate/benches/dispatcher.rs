@@ -1075,13 +1075,16 @@ fn run_rss(plan: &Plan) -> Vec<(u32, u64, u64)> {
 /// port (what traffic to other services pays while a dispatcher is
 /// attached); served by a socket bound there with the empty `SK_PASS`
 /// program attached (what running any sk_lookup program costs, the floor
-/// under the other two); or served by a socket bound there, with no program
-/// attached.
+/// under the other two); the same with the sockets also held in a SOCKMAP,
+/// as every dispatcher holds the sockets it steers to (the kernel then gives
+/// them the sockmap's own socket operations); or served by a socket bound
+/// there, with no program attached.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Side {
     Steered,
     Unrelated,
     Empty,
+    EmptyMapped,
     Plain,
 }
 
@@ -1160,7 +1163,7 @@ fn traffic_worker(side: Side) -> (mpsc::Sender<Cmd>, mpsc::Receiver<Done>) {
         });
         // The empty program, attached to this namespace for the link's
         // life.
-        let empty = (side == Side::Empty).then(|| {
+        let empty = matches!(side, Side::Empty | Side::EmptyMapped).then(|| {
             let mut ebpf = load_prog(EMPTY_OBJECT, "skactivate_empty");
             let prog: &mut SkLookup = ebpf
                 .program_mut("skactivate_empty")
@@ -1170,6 +1173,16 @@ fn traffic_worker(side: Side) -> (mpsc::Sender<Cmd>, mpsc::Receiver<Done>) {
             let ns = std::fs::File::open(netns::thread_netns()).expect("netns");
             let link = prog.attach(ns).expect("attach the empty program");
             (ebpf, link)
+        });
+        // A SOCKMAP holding the sockets, and nothing that reads it: the
+        // reference dispatcher's, its program never attached.
+        let mapped = (side == Side::EmptyMapped).then(|| {
+            let reference = load_prog(REFERENCE_OBJECT, "reference_dispatcher");
+            for (i, fd) in [tcp.as_fd(), udp.as_fd()].into_iter().enumerate() {
+                dispatcher::sys::sockmap_insert(map_fd(&reference, "ref_sockets"), i as u32, fd)
+                    .expect("a socket into the SOCKMAP");
+            }
+            reference
         });
         let pin = d
             .as_ref()
@@ -1252,6 +1265,7 @@ fn traffic_worker(side: Side) -> (mpsc::Sender<Cmd>, mpsc::Receiver<Done>) {
                 break;
             }
         }
+        drop(mapped);
         drop(empty);
         drop(d);
         drop(fs);
@@ -1359,23 +1373,31 @@ struct Traffic {
     in_situ: Result<InSitu, String>,
 }
 
-const SIDES: [Side; 4] = [Side::Steered, Side::Unrelated, Side::Empty, Side::Plain];
+const SIDES: [Side; 5] = [
+    Side::Steered,
+    Side::Unrelated,
+    Side::Empty,
+    Side::EmptyMapped,
+    Side::Plain,
+];
 /// Where each side is in [`SIDES`] (and in a round's [`Times`]).
 const STEERED: usize = 0;
 const UNRELATED: usize = 1;
 const EMPTY: usize = 2;
-const PLAIN: usize = 3;
+const EMPTY_MAPPED: usize = 3;
+const PLAIN: usize = 4;
 
 /// One round's time of each side, in [`SIDES`] order.
 type Times = [Duration; SIDES.len()];
 
 /// The program's run time and run count over the statistics rounds, per
-/// traffic (TCP, UDP) and side with a program (steered, unrelated, empty).
+/// traffic (TCP, UDP) and side with a program (steered, unrelated, empty,
+/// empty with the sockets in a SOCKMAP).
 #[derive(Default)]
 struct InSitu {
     rounds: usize,
     /// [traffic][side]: (run ns, runs)
-    runs: [[(u64, u64); 3]; 2],
+    runs: [[(u64, u64); 4]; 2],
 }
 
 impl InSitu {
@@ -1430,7 +1452,7 @@ fn run_traffic(plan: &Plan, start: Instant) -> Traffic {
             };
             for _ in 0..s.rounds {
                 check_deadline(start, "traffic statistics");
-                for (side, i) in [(0, STEERED), (1, UNRELATED), (2, EMPTY)] {
+                for (side, i) in [(0, STEERED), (1, UNRELATED), (2, EMPTY), (3, EMPTY_MAPPED)] {
                     for (traffic, cmd) in
                         [(0, Cmd::Tcp(plan.connects)), (1, Cmd::Udp(plan.datagrams))]
                     {
@@ -1631,6 +1653,8 @@ fn json(r: &Results) -> String {
         "udp_request_response_ratio_unrelated": rate_ratio(&r.traffic.udp, UNRELATED),
         "tcp_connect_ratio_empty_program": rate_ratio(&r.traffic.tcp, EMPTY),
         "udp_request_response_ratio_empty_program": rate_ratio(&r.traffic.udp, EMPTY),
+        "tcp_connect_ratio_empty_program_sockmap": rate_ratio(&r.traffic.tcp, EMPTY_MAPPED),
+        "udp_request_response_ratio_empty_program_sockmap": rate_ratio(&r.traffic.udp, EMPTY_MAPPED),
         "tcp_connect_program_ns_per_run": r.traffic.in_situ.as_ref().ok().map(|s| s.ns_per_run(0, 0)),
         "udp_request_response_program_ns_per_run": r.traffic.in_situ.as_ref().ok().map(|s| s.ns_per_run(1, 0)),
     });
@@ -2098,6 +2122,8 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
          `udp_request_response_ratio_unrelated`, \
          `tcp_connect_ratio_empty_program`, \
          `udp_request_response_ratio_empty_program`, \
+         `tcp_connect_ratio_empty_program_sockmap`, \
+         `udp_request_response_ratio_empty_program_sockmap`, \
          `tcp_connect_program_ns_per_run`, \
          `udp_request_response_program_ns_per_run` (the steered side; null \
          where not measured) as in the tables."
@@ -2216,7 +2242,7 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
     let mut w = String::new();
     let _ = writeln!(
         w,
-        "Four namespaces, each with {TRAFFIC_ADDR}/32 on `lo`, and in each \
+        "Five namespaces, each with {TRAFFIC_ADDR}/32 on `lo`, and in each \
          a TCP listener and a UDP socket:\n\n\
          * **steered**: the sockets are bound to 127.0.0.1:{TRAFFIC_PORT} \
          (the steered port, as a socket unit with `ListenStream=127.0.0.1:PORT` \
@@ -2231,6 +2257,12 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
          {TRAFFIC_ADDR}:{TRAFFIC_PORT} and the empty `SK_PASS` program \
          (`ebpf/empty.bpf.c`) is attached: what running any sk_lookup \
          program costs this traffic, the floor under the two above;\n\
+         * **empty program, sockets in a SOCKMAP**: the same, and the \
+         sockets also held in a SOCKMAP that nothing reads, as a \
+         dispatcher holds every socket it steers to (steered and unrelated \
+         alike): the kernel then serves them with the sockmap's own socket \
+         operations (`udp_bpf_recvmsg`, and so on), whatever the program \
+         does;\n\
          * **no program**: the sockets are bound to \
          {TRAFFIC_ADDR}:{TRAFFIC_PORT}, nothing is attached.\n\n\
          One thread per side, all pinned to the same CPU (CPU {}), one side \
@@ -2274,13 +2306,18 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
                         "| {name} | no program | {rate:.0} | 1 | — | — | — | — | — |"
                     );
                 }
-                Side::Steered | Side::Unrelated | Side::Empty => {
+                Side::Steered | Side::Unrelated | Side::Empty | Side::EmptyMapped => {
                     let ratio = rate_ratio(v, i);
                     let (lo, hi) = rate_ratio_range(v, i);
                     let (label, target, verdict_text) = match side {
                         Side::Steered => ("steered", "≥ 0.99", verdict(ratio >= 0.99).to_string()),
                         Side::Unrelated => ("unrelated", "—", "(context)".to_string()),
-                        _ => ("empty program", "—", "(context)".to_string()),
+                        Side::Empty => ("empty program", "—", "(context)".to_string()),
+                        _ => (
+                            "empty program, sockets in a SOCKMAP",
+                            "—",
+                            "(context)".to_string(),
+                        ),
                     };
                     let (to_empty, over_empty) = if *side == Side::Empty {
                         ("—".to_string(), "—".to_string())
@@ -2307,7 +2344,7 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
         Ok(s) => {
             let _ = writeln!(
                 w,
-                "{} more rounds of the steered, unrelated and empty-program sides with the \
+                "{} more rounds of every side with a program with the \
                  kernel's run-time statistics on (`BPF_ENABLE_STATS`; not \
                  among the timed rounds above: the kernel then reads its clock \
                  around every run, and these figures include those reads). \
@@ -2331,7 +2368,12 @@ fn traffic_report(t: &Traffic, plan: &Plan) -> String {
             ] {
                 let ops = (s.rounds as f64) * f64::from(k);
                 let budget = 0.01 * 1e9 / median_rate(v, k, PLAIN);
-                for (side, label) in [(0, "steered"), (1, "unrelated"), (2, "empty program")] {
+                for (side, label) in [
+                    (0, "steered"),
+                    (1, "unrelated"),
+                    (2, "empty program"),
+                    (3, "empty program, sockets in a SOCKMAP"),
+                ] {
                     let (ns, runs) = s.runs[traffic][side];
                     let _ = writeln!(
                         w,
