@@ -39,9 +39,8 @@
  * written (a new filter is all zeros): the program does not test it. */
 #define SKA_FILTER_BITS_PER_ENTRY 16
 #define SKA_FILTER_WORDS(capacity) ((capacity) * SKA_FILTER_BITS_PER_ENTRY / 64 + 1)
-/* The `cache` array, so that a full-length hit (/32, /128; the program asks
- * it for no other probe) costs an array read instead of a hash lookup (some
- * 30 ns here).  Lines of 8 words; mmapable, replaced with the hash, written
+/* The `cache` array, so that a hit costs an array read instead of a hash
+ * lookup (some 15 to 30 ns here); every probe asks it, after the filter.  Lines of 8 words; mmapable, replaced with the hash, written
  * like the filter.  Line 0 is its header: word 0 the shift that takes a key's
  * hash to its first bucket (64 - log2 of the buckets), word 1 the number of
  * buckets - 1; written last, and not tested by the program (a new cache is
@@ -58,7 +57,9 @@
  * destination, empty it (tag) before the entry leaves the hash, and write
  * words only into an empty slot: a program that reads one key's words and
  * another's tag finds hash bits that are not its key's.  A key whose buckets
- * are full is not cached; only full-length entries are. */
+ * are full is not cached.  Entries of every length are (a key's words hold
+ * its prefix length, so a probe finds only its own length's); where the
+ * trie answers the shorter lengths, their slots are unused. */
 #define SKA_CACHE_LINE_WORDS 8
 /* Buckets: an eighth of the hash's first capacity (1024 slots, 32 KiB, the
  * memory of one binding in mind), half of a larger one (a slot per entry of

@@ -2300,8 +2300,8 @@ fn entries_hash(
     aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap()
 }
 
-/// The cache in the `filter` array: every full-length entry whose buckets
-/// have room is cached with its destination; the program answers from it (an entry
+/// The `cache` array: every entry whose buckets have room, of any length,
+/// is cached with its destination; the program answers from it (an entry
 /// taken out of the hash behind the dispatcher's back still answers while
 /// cached), but not from a slot whose tag is not its key's or is empty;
 /// adoption, removal and growth keep it agreeing with the hash.
@@ -2315,24 +2315,26 @@ fn the_cache_answers_hits_and_agrees_with_the_hash() {
         few.push(lone);
         serve(&mut d, "a.socket", &a, &few);
         let mut entries = entries_hash(&d);
-        // The full-length entries' slots: only they are cached, as only
-        // full-length probes ask the cache.
+        // The entries' slots: every probe asks the cache, whatever its
+        // length.
         let slots_of = |entries: &aya::maps::HashMap<_, _, abi::BindingValue>, bs: &[Binding]| {
-            let full: Vec<Binding> = bs
-                .iter()
-                .filter(|b| b.prefix.prefix_len() == b.prefix.max_prefix_len())
-                .copied()
-                .collect();
-            entry_keys(&full)
+            entry_keys(bs)
                 .iter()
                 .map(|k| cache_slot(k, entries.get(k, 0).unwrap().destination))
                 .collect::<std::collections::BTreeSet<_>>()
         };
-        // 12 full-length entries (of 15) in 512 buckets of two slots,
+        // 15 entries (12 of them full length) in 512 buckets of two slots,
         // each with two buckets to choose from: every one cached.
         let want = slots_of(&entries, &few);
-        assert_eq!(want.len(), 12);
+        assert_eq!(want.len(), 15);
         assert_eq!(cache_slots(&d), want);
+
+        // A shorter entry is answered from the cache too: the /24's `*`
+        // entry, out of the hash, still steers.
+        let short = abi::binding_key(Protocol::Tcp, &few[0].prefix, 0);
+        let short_slot = cache_slot(&short, entries.get(&short, 0).unwrap().destination);
+        entries.remove(&short).unwrap();
+        assert_eq!(goes_to(&d, "198.18.0.99", 4242), some("a.socket"));
 
         // Out of the hash, still in the cache: the program answers from it.
         let key = abi::binding_key(Protocol::Tcp, &lone.prefix, 99);
@@ -2364,6 +2366,7 @@ fn the_cache_answers_hits_and_agrees_with_the_hash() {
         let d = open(fs);
         assert_eq!(cache_slots(&d), want);
         assert_eq!(goes_to(&d, "198.18.5.5", 99), None);
+        assert_eq!(goes_to(&d, "198.18.0.99", 4242), None);
         // A cache whose header is not written (a crash while it was first
         // filled) is made to agree with the hash: the slot of a key the
         // hash does not have is emptied, the others are left as they are,
@@ -2375,6 +2378,7 @@ fn the_cache_answers_hits_and_agrees_with_the_hash() {
         assert_eq!(goes_to(&d, "198.18.5.5", 99), None);
         let mut rest = want.clone();
         rest.remove(&slot);
+        rest.remove(&short_slot);
         assert_eq!(cache_slots(&d), rest);
         assert_ne!(cache_map(&d).0[0], 0, "the header is written again");
 

@@ -687,14 +687,13 @@ struct Phase {
     program_tag: String,
 }
 
-/// What the dispatcher's cache holds: slots in use (of `full`, the
-/// full-length entries, the only ones cached), and which of the hit probes'
-/// entries are among them (`None`: not full length).
+/// What the dispatcher's cache holds: slots in use (of `entries`, the
+/// entries there are), and which of the hit probes' entries are among them.
 #[derive(Default)]
 struct Occupancy {
     slots: usize,
-    full: usize,
-    probes: Vec<Option<bool>>,
+    entries: usize,
+    probes: Vec<bool>,
 }
 
 /// Read the pinned `cache` array (see `ebpf/skactivate.h`): the slots in
@@ -702,7 +701,7 @@ struct Occupancy {
 fn cache_occupancy(
     d: &Dispatcher,
     keys: &[aya::maps::lpm_trie::Key<dispatcher::abi::BindingKey>],
-    full: usize,
+    entries: usize,
 ) -> Occupancy {
     let data = aya::maps::MapData::from_pin(d.dir().join("cache")).expect("the cache pin");
     let cache: aya::maps::Array<_, [u64; 8]> =
@@ -718,20 +717,12 @@ fn cache_occupancy(
         .filter(|s| s[3] != 0)
         .map(|s| [s[0], s[1], s[2]])
         .collect();
-    let full_length = |k: &aya::maps::lpm_trie::Key<dispatcher::abi::BindingKey>| {
-        let bits = if i32::from(k.data().family) == libc::AF_INET {
-            32
-        } else {
-            128
-        };
-        k.prefix_len() == dispatcher::abi::KEY_HEADER_BITS + bits
-    };
     Occupancy {
         slots: slots.len(),
-        full,
+        entries,
         probes: keys
             .iter()
-            .map(|k| full_length(k).then(|| slots.contains(&dispatcher::abi::filter_key_words(k))))
+            .map(|k| slots.contains(&dispatcher::abi::filter_key_words(k)))
             .collect(),
     }
 }
@@ -785,12 +776,11 @@ fn run_phase(
                     dispatcher::abi::binding_key(b.protocol, &b.prefix, port)
                 })
                 .collect();
-            let full = (0..n)
-                .filter(|&i| workload.spec(family, i).len == 32)
-                .count();
+            // A binding of the bench's workloads is one entry (one port, or
+            // `*`).
             phase
                 .caches
-                .push((n, cache_occupancy(s.d(), &hit_keys, full)));
+                .push((n, cache_occupancy(s.d(), &hit_keys, n as usize)));
             let misses: Vec<_> = (0..k).map(|j| workload.miss_probe(family, j)).collect();
             let unbound: Vec<_> = misses.iter().map(|&(a, _)| (a, UNBOUND_PORT)).collect();
             let cases: [(&'static str, Probes, Expect); 3] = [
@@ -1891,21 +1881,20 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
     let _ = writeln!(w, "\n### The cache\n");
     let _ = writeln!(
         w,
-        "A full-length hit whose entry is cached costs a filter read and a \
-         cache read; one whose entry is not, a second cache bucket and the \
-         hash lookup more (the mixed workload's /24 hits always go to the \
-         hash). \
+        "A hit whose entry is cached costs a filter read and a cache read; \
+         one whose entry is not, a second cache bucket and the hash lookup \
+         more. \
          The cache has a slot per entry of the hash's capacity (a quarter at \
          the first capacity, 4096), two per bucket, and a key two buckets to \
          choose from: where the bindings fill the capacity (1k, 1M) some keys \
-         find both full. Only full-length entries are cached. Read from the \
+         find both full. Entries of every length are cached. Read from the \
          pinned map after loading each size; \"probes\": which of the hit \
          probes' entries were cached, in the order they were timed (C cached, \
-         . not, - not full length).\n"
+         . not).\n"
     );
     let _ = writeln!(
         w,
-        "| workload | family | bindings | full-length entries cached | hit probes cached |"
+        "| workload | family | bindings | entries cached | hit probes cached |"
     );
     let _ = writeln!(w, "| --- | --- | ---: | ---: | --- |");
     for p in &r.phases {
@@ -1914,11 +1903,7 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
             let flags: String = o
                 .probes
                 .iter()
-                .map(|&c| match c {
-                    Some(true) => 'C',
-                    Some(false) => '.',
-                    None => '-',
-                })
+                .map(|&c| if c { 'C' } else { '.' })
                 .collect();
             let _ = writeln!(
                 w,
@@ -1927,9 +1912,9 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
                 family_name(c.family),
                 count(*n),
                 o.slots,
-                o.full,
-                100.0 * o.slots as f64 / o.full.max(1) as f64,
-                o.probes.iter().filter(|&&c| c == Some(true)).count(),
+                o.entries,
+                100.0 * o.slots as f64 / o.entries.max(1) as f64,
+                o.probes.iter().filter(|&&c| c).count(),
                 o.probes.len()
             );
         }

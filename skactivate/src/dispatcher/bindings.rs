@@ -549,10 +549,8 @@ impl Dispatcher {
         let (keys, values) = keys_values(batch);
         self.filter.add(keys.iter());
         let (n, r) = self.write_entries(false, &keys, &values);
-        for (key, (e, id)) in keys.iter().zip(batch).take(n) {
-            if e.is_full() {
-                self.filter.cache(key, *id);
-            }
+        for (key, (_, id)) in keys.iter().zip(batch).take(n) {
+            self.filter.cache(key, *id);
         }
         if let Err(err) = r {
             return Err(write_err(err, batch.get(n).map(|a| a.0), "entries"));
@@ -1106,25 +1104,19 @@ fn entry_count(b: &Binding) -> usize {
     }
 }
 
-/// The value an entry's key carries.
-/// Make `filter`'s cache agree with the full-length entries of the index
-/// `entries` (see `Filter::sync_cache`): only full-length probes ask it.
+/// Make `filter`'s cache agree with the entries of the index `entries`
+/// (see `Filter::sync_cache`).
 pub(super) fn sync_cache(entries: &index::Index, filter: &mut filter::Filter) {
     let get = |key: &aya::maps::lpm_trie::Key<BindingKey>| {
-        let e = Entry::from_key(key).filter(Entry::is_full)?;
+        let e = Entry::from_key(key)?;
         (abi::filter_key_words(&e.key()) == abi::filter_key_words(key))
             .then(|| entries.get(&e))
             .flatten()
     };
-    filter.sync_cache(
-        get,
-        entries
-            .iter()
-            .filter(|(e, _)| e.is_full())
-            .map(|(e, id)| (e.key(), id)),
-    );
+    filter.sync_cache(get, entries.iter().map(|(e, id)| (e.key(), id)));
 }
 
+/// The value an entry's key carries.
 fn value_of(e: &Entry, id: u32) -> BindingValue {
     BindingValue {
         destination: id,

@@ -1,11 +1,11 @@
 //! The `filter` array (see `ebpf/skactivate.h`): a Bloom filter with one
 //! hash function over the keys of the `entries` hash; and the `cache`
-//! array beside it, which holds some of the full-length entries. The
-//! program asks the filter before each hash probe, and a key whose bit is
-//! clear costs an array read instead of a hash lookup: most probes of a
-//! miss, and the probes of the lengths a hit passes over on its way. A
-//! full-length key whose bit is set is looked for in its cache buckets
-//! next, and only then in the hash: a cached hit costs three array reads.
+//! array beside it, which holds most of its entries. The program asks the
+//! filter before each hash probe, and a key whose bit is clear costs an
+//! array read instead of a hash lookup: most probes of a miss, and the
+//! probes of the lengths a hit passes over on its way. A key whose bit is
+//! set is looked for in its cache buckets next, and only then in the hash:
+//! a cached hit costs three array reads.
 //!
 //! Both maps are created `BPF_F_MMAPABLE` and written through a shared
 //! mapping, each word with one aligned 8-byte store, so the program on
