@@ -58,8 +58,8 @@
  * words only into an empty slot: a program that reads one key's words and
  * another's tag finds hash bits that are not its key's.  A key whose buckets
  * are full is not cached.  Entries of every length are (a key's words hold
- * its prefix length, so a probe finds only its own length's); where the
- * trie answers the shorter lengths, their slots are unused. */
+ * its prefix length, so a probe finds only its own length's), except the
+ * shorter ones of a family and protocol whose trie answers them. */
 #define SKA_CACHE_LINE_WORDS 8
 /* Buckets: an eighth of the hash's first capacity (1024 slots, 32 KiB, the
  * memory of one binding in mind), half of a larger one (a slot per entry of

@@ -2396,6 +2396,27 @@ fn the_cache_answers_hits_and_agrees_with_the_hash() {
         assert!(got.is_subset(&want));
         assert!(got.len() > 5800, "{} of 6000 cached", got.len());
         assert_eq!(goes_to(&d, "198.18.2.9", 4321), some("a.socket"));
+
+        // Five shorter lengths for tcp over IPv4, more than the lengths
+        // word lists: the trie answers them, no probe asks the cache for
+        // them, and they are not cached; a full-length entry still is.
+        let nested = [
+            "198.18.64.0/18",
+            "198.18.96.0/19",
+            "198.18.112.0/20",
+            "198.18.120.0/21",
+            "198.18.124.0/22",
+        ]
+        .map(|p| bind(Protocol::Tcp, p, Ports::single(77)));
+        let full = bind(Protocol::Tcp, "198.18.7.7/32", Ports::single(77));
+        serve(&mut d, "a.socket", &a, &nested);
+        serve(&mut d, "a.socket", &a, &[full]);
+        let entries = entries_hash(&d);
+        let slots = cache_slots(&d);
+        assert!(slots_of(&entries, &nested).is_disjoint(&slots));
+        assert!(slots_of(&entries, &[full]).is_subset(&slots));
+        assert_eq!(goes_to(&d, "198.18.124.9", 77), some("a.socket"));
+        assert_eq!(goes_to(&d, "198.18.7.7", 77), some("a.socket"));
     });
 }
 

@@ -422,6 +422,16 @@ impl Dispatcher {
         self.kinds.words[abi::PORTS_LENGTHS as usize + slot] & abi::LENGTHS_TRIE != 0
     }
 
+    /// Which entries to cache: those a probe asks for. Where the trie
+    /// answers a family and protocol's shorter lengths, no probe asks for
+    /// its shorter entries, which are left the room to the full-length
+    /// ones. (A slot cached before its trie was wanted stays: the cache
+    /// only ever holds entries of the hash, whatever it holds.)
+    pub(super) fn cached_kinds(&self) -> impl Fn(&Entry) -> bool + use<> {
+        let trie = [0, 1, 2, 3].map(|slot| self.trie_wanted(slot));
+        move |e| e.is_full() || !trie[e.slot()]
+    }
+
     /// Put every shorter-than-full entry of a family and protocol (`slot`)
     /// in the trie, which the program does not read for it yet: what a
     /// crash left there of the slot goes first.
@@ -549,8 +559,11 @@ impl Dispatcher {
         let (keys, values) = keys_values(batch);
         self.filter.add(keys.iter());
         let (n, r) = self.write_entries(false, &keys, &values);
-        for (key, (_, id)) in keys.iter().zip(batch).take(n) {
-            self.filter.cache(key, *id);
+        let cached = self.cached_kinds();
+        for (key, (e, id)) in keys.iter().zip(batch).take(n) {
+            if cached(e) {
+                self.filter.cache(key, *id);
+            }
         }
         if let Err(err) = r {
             return Err(write_err(err, batch.get(n).map(|a| a.0), "entries"));
@@ -816,7 +829,7 @@ impl Dispatcher {
         drop(all);
         r.map_err(sys_err("BPF_MAP_UPDATE (entries)"))
             .map_err(unstage)?;
-        sync_cache(&self.entries, &mut filter);
+        sync_cache(&self.entries, &mut filter, self.cached_kinds());
         self.swap_program(program, true)?;
         self.hash = map;
         self.filter = filter;
@@ -1105,15 +1118,26 @@ fn entry_count(b: &Binding) -> usize {
 }
 
 /// Make `filter`'s cache agree with the entries of the index `entries`
-/// (see `Filter::sync_cache`).
-pub(super) fn sync_cache(entries: &index::Index, filter: &mut filter::Filter) {
+/// (see `Filter::sync_cache`), caching those `cached` says the program
+/// asks the cache for.
+pub(super) fn sync_cache(
+    entries: &index::Index,
+    filter: &mut filter::Filter,
+    cached: impl Fn(&Entry) -> bool,
+) {
     let get = |key: &aya::maps::lpm_trie::Key<BindingKey>| {
         let e = Entry::from_key(key)?;
         (abi::filter_key_words(&e.key()) == abi::filter_key_words(key))
             .then(|| entries.get(&e))
             .flatten()
     };
-    filter.sync_cache(get, entries.iter().map(|(e, id)| (e.key(), id)));
+    filter.sync_cache(
+        get,
+        entries
+            .iter()
+            .filter(|(e, _)| cached(e))
+            .map(|(e, id)| (e.key(), id)),
+    );
 }
 
 /// The value an entry's key carries.

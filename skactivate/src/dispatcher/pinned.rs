@@ -306,7 +306,8 @@ impl Dispatcher {
         // it back whole would cost a restart a third of a second at 2^20.
         if !self.filter.cache_active()? {
             self.filter.map()?;
-            bindings::sync_cache(&self.entries, &mut self.filter);
+            let cached = self.cached_kinds();
+            bindings::sync_cache(&self.entries, &mut self.filter, cached);
         }
         self.kinds.assume_written();
         self.adopt_tries()
