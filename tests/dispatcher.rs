@@ -2417,6 +2417,13 @@ fn the_cache_answers_hits_and_agrees_with_the_hash() {
         assert!(slots_of(&entries, &[full]).is_subset(&slots));
         assert_eq!(goes_to(&d, "198.18.124.9", 77), some("a.socket"));
         assert_eq!(goes_to(&d, "198.18.7.7", 77), some("a.socket"));
+        // Two of them gone, the lengths word lists the three left, the trie
+        // is emptied, and their probes ask the cache: they are cached.
+        d.remove_bindings(&nested[..2]).unwrap();
+        let entries = entries_hash(&d);
+        assert!(slots_of(&entries, &nested[2..]).is_subset(&cache_slots(&d)));
+        assert_eq!(goes_to(&d, "198.18.124.9", 77), some("a.socket"));
+        assert_eq!(goes_to(&d, "198.18.64.9", 77), None);
     });
 }
 

@@ -470,16 +470,24 @@ impl Dispatcher {
     }
 
     /// Take the shorter entries of a family and protocol out of the trie,
-    /// once the program no longer reads it for them.
+    /// once the program no longer reads it for them; its probes of those
+    /// lengths now ask the cache, so the entries are cached where their
+    /// buckets have room (see `cached_kinds`).
     fn empty_trie(&mut self, slot: usize) -> Result<()> {
         self.trie_filled[slot] = false;
-        let keys: Vec<_> = self
+        let short: Vec<(Entry, u32)> = self
             .entries
             .iter()
             .filter(|(e, _)| !e.is_full() && e.slot() == slot)
-            .map(|(e, _)| e.key())
             .collect();
-        self.delete_keys(true, &keys)
+        let keys: Vec<_> = short.iter().map(|(e, _)| e.key()).collect();
+        self.delete_keys(true, &keys)?;
+        // Mapped for a change already, or (adoption) until it ends.
+        self.filter.map()?;
+        for (key, (_, id)) in keys.iter().zip(&short) {
+            self.filter.cache(key, *id);
+        }
+        Ok(())
     }
 
     /// Write the `ports` words in `dirty` as they rise: a family and
