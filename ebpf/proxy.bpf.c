@@ -96,7 +96,8 @@ struct {
 	__uint(max_entries, 1);
 } again SEC(".maps");
 
-/* Cookies of sides whose credit is a quarter used (a __u64 each). */
+/* Cookies of sides whose credit is a quarter used, or that began to pass
+ * (a __u64 each): user space wakes that side's relay. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 64 * 1024);
@@ -211,6 +212,13 @@ static __always_inline int ska_verdict(struct __sk_buff *skb, bool trim)
 	}
 	return bpf_sk_redirect_hash(skb, &socks, &s->peer, 0);
 pass:
+	/* The first byte passed since user space read everything passed:
+	 * wake it (it does not wait on the socket's readability, which the
+	 * kernel signals for every redirected chunk as well). Bytes passed
+	 * after it are read with it; before `sides` exists user space looks
+	 * by itself. */
+	if (s && c->passed == s->drained)
+		bpf_ringbuf_output(&credit, &cookie, sizeof(cookie), 0);
 	c->passed += len;
 	return SK_PASS;
 }

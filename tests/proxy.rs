@@ -1452,6 +1452,100 @@ fn a_slow_backend_cannot_grow_kernel_memory_without_bound() {
     }
 }
 
+/// A backend that reads fast and then stops: in sockmap mode the credit
+/// grows while the backend keeps up, and what the proxy then holds is still
+/// bounded, by the credit's ceiling (tcp_rmem's maximum) and the 1 MiB
+/// receive buffer: no more than splice mode may hold. Then everything
+/// arrives, in order.
+#[test]
+fn a_backend_that_stops_after_reading_fast_is_still_bounded() {
+    for mode in MODES {
+        in_netns(&format!("fast then stopped backend ({mode})"), move |_| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let (_p, a) = proxy(mode, l.local_addr().unwrap(), &[]);
+            let c = TcpStream::connect(a).unwrap();
+            let (mut server, _) = l.accept().unwrap();
+            timeouts(&server);
+            let chunk = pattern(11, 1 << 20);
+            // Fast: 128 MiB through, the backend reading as it comes (a
+            // thread), long enough for the credit to grow to its ceiling.
+            let fast = 128usize << 20;
+            let reader = {
+                let mut server = server.try_clone().unwrap();
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut d = Digest::new();
+                    let mut got = 0usize;
+                    while got < fast {
+                        let n = server.read(&mut buf[..(fast - got).min(1 << 20)]).unwrap();
+                        assert!(n > 0, "early EOF");
+                        d.update(&buf[..n]);
+                        got += n;
+                    }
+                    d
+                })
+            };
+            let mut d = Digest::new();
+            let mut sent = 0usize;
+            while sent < fast {
+                (&c).write_all(&chunk).unwrap();
+                d.update(&chunk);
+                sent += chunk.len();
+            }
+            let mut g = reader.join().unwrap();
+            // Then the backend reads nothing while the client pushes for 2 s.
+            c.set_nonblocking(true).unwrap();
+            let mut held_max = 0usize;
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(2) {
+                match (&c).write(&chunk) {
+                    Ok(n) => {
+                        d.update(&chunk[..n]);
+                        sent += n;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("{mode}: {e}"),
+                }
+                let held =
+                    sent - fast - queued(&c, libc::TIOCOUTQ) - queued(&server, libc::FIONREAD);
+                held_max = held_max.max(held);
+            }
+            let rmem = sysctl_max("tcp_rmem");
+            // sockmap: the credit's ceiling and the client socket's 1 MiB
+            // receive buffer, each with 1 MiB for what buffers charge
+            // beyond the bytes. splice: as in the test above.
+            let bound = if mode == "sockmap" {
+                rmem.max(4 << 20) + (1 << 20) + (2 << 20)
+            } else {
+                rmem + sysctl_max("tcp_wmem") + (256 << 10) + (1 << 20)
+            };
+            eprintln!(
+                "{mode}: after {fast} bytes read fast, the proxy held at most {held_max} (bound {bound})"
+            );
+            assert!(
+                held_max < bound,
+                "{mode}: the proxy held {held_max} bytes, more than {bound}"
+            );
+            c.set_nonblocking(false).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            let mut got = fast;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = server.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got += n;
+                g.update(&buf[..n]);
+            }
+            assert_eq!(got, sent, "{mode}");
+            assert_eq!(g.0, d.0, "{mode}");
+        });
+    }
+}
+
 /// `scripts/sockmap-pass-check` (its own C, none of skactivate's code)
 /// with `args`: its exit status and what it printed.
 fn reproducer(args: &[&str]) -> (Option<i32>, String) {

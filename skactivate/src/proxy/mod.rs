@@ -291,7 +291,7 @@ pub struct Stats {
 /// splice. On a fault both sockets are left set to reset when closed.
 pub async fn relay_pair(
     kernel: Option<&sockmap::Kernel>,
-    limit: u64,
+    credit: sockmap::Credit,
     arm_after: opening::Threshold,
     client: AsyncFd<OwnedFd>,
     backend: AsyncFd<OwnedFd>,
@@ -357,30 +357,33 @@ pub async fn relay_pair(
         }
         return (r, stats);
     }
-    let ends = sockmap::End::new(client, copied.bytes[0])
-        .and_then(|c| Ok((c, sockmap::End::new(backend, copied.bytes[1])?)));
+    // Out of the runtime's hands: see sockmap::End::new.
+    let end = |fd: AsyncFd<OwnedFd>, consumed| sockmap::End::new(fd.into_inner(), consumed);
+    let ends = end(client, copied.bytes[0]).and_then(|c| Ok((c, end(backend, copied.bytes[1])?)));
     let (c, b) = match ends {
         Ok(ends) => ends,
         Err(e) => return (Err(Fault::Read(e)), stats),
     };
     // A socket that has seen its peer's FIN (a short request sent with
     // shutdown, before we got here) can no longer join a SOCKHASH: splice.
-    let armed = if sockmap::established(&c) && sockmap::established(&b) {
-        sockmap::arm(kernel, &c, &b, limit)
-            .inspect_err(|e| tracing::debug!("not armed ({e}): splicing this connection"))
-            .ok()
-    } else {
-        None
-    };
-    let Some(armed) = armed else {
-        let held = opening::Held::default();
-        let r = splice_pair(&c.fd, &b.fd, idle_timeout, held, &mut stats).await;
-        return (r, stats);
+    if !(sockmap::established(&c) && sockmap::established(&b)) {
+        return (splice_unarmed(c, b, idle_timeout, &mut stats).await, stats);
+    }
+    let arming = sockmap::arm(kernel, &c, &b, credit.base);
+    let armed = match arming {
+        Ok(armed) => armed,
+        Err(ref e) => {
+            tracing::debug!("not armed ({e}): splicing this connection");
+            drop(arming);
+            return (splice_unarmed(c, b, idle_timeout, &mut stats).await, stats);
+        }
     };
     let both = async {
         tokio::try_join!(
-            sockmap::relay(&armed, &c, &b, limit, &activity).map_err(|e| e.on("client to backend")),
-            sockmap::relay(&armed, &b, &c, limit, &activity).map_err(|e| e.on("backend to client")),
+            sockmap::relay(&armed, &c, &b, credit, &activity)
+                .map_err(|e| e.on("client to backend")),
+            sockmap::relay(&armed, &b, &c, credit, &activity)
+                .map_err(|e| e.on("backend to client")),
         )
     };
     let r = tokio::select! {
@@ -395,9 +398,23 @@ pub async fn relay_pair(
         r,
         Err(Fault::Read(_) | Fault::Write(_) | Fault::On(..) | Fault::Repeated(..))
     ) {
-        reset(&c.fd, &b.fd);
+        sys::set_reset_on_close(c.fd.as_fd());
+        sys::set_reset_on_close(b.fd.as_fd());
     }
     (r, stats)
+}
+
+/// A connection whose ends were made for arming but not armed: splice, its
+/// sockets registered with the runtime again.
+async fn splice_unarmed(
+    c: sockmap::End,
+    b: sockmap::End,
+    idle_timeout: Option<Duration>,
+    stats: &mut Stats,
+) -> Result<(), Fault> {
+    let c = watch(c.into_fd()).map_err(Fault::Read)?;
+    let b = watch(b.into_fd()).map_err(Fault::Read)?;
+    splice_pair(&c, &b, idle_timeout, opening::Held::default(), stats).await
 }
 
 /// Both directions with splice, each after writing what `held` holds for
@@ -437,6 +454,8 @@ pub struct Shared {
     pub opts: Options,
     /// Loaded when the mode in use is sockmap.
     pub kernel: Option<sockmap::Kernel>,
+    /// Each armed direction's credit (sockmap mode).
+    pub credit: sockmap::Credit,
     pub slots: Arc<Semaphore>,
     /// Connections and datagram flows open now.
     pub open: Cell<usize>,
@@ -505,7 +524,7 @@ async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
                 .filter(|_| client_is_tcp && backend_is_tcp);
             let (r, stats) = relay_pair(
                 kernel,
-                sockmap::LIMIT,
+                shared.credit,
                 opening::ARM_AFTER,
                 client,
                 backend,
@@ -760,6 +779,7 @@ async fn serve(opts: Options) -> Result<()> {
         slots: Arc::new(Semaphore::new(opts.connections_max)),
         opts,
         kernel,
+        credit: sockmap::Credit::serving(),
         open: Cell::new(0),
         idle_since: Cell::new(Instant::now()),
         mode_line,
@@ -773,7 +793,7 @@ async fn serve(opts: Options) -> Result<()> {
         let shared = shared.clone();
         tokio::task::spawn_local(async move {
             if let Some(k) = &shared.kernel {
-                k.credit_events().await;
+                k.wake_events().await;
             }
         });
     }

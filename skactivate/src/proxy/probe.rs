@@ -148,7 +148,7 @@ async fn proxied(
 ) -> Result<(Result<(), Fault>, Stats), String> {
     let relay = super::relay_pair(
         Some(kernel),
-        PROBE_LIMIT,
+        super::sockmap::Credit::fixed(PROBE_LIMIT),
         super::opening::ARM_AT_ONCE,
         client,
         backend,
@@ -159,7 +159,7 @@ async fn proxied(
         tokio::select! {
             r = relay => r,
             () = async {
-                kernel.credit_events().await;
+                kernel.wake_events().await;
                 std::future::pending::<()>().await;
             } => unreachable!(),
         }

@@ -61,7 +61,7 @@
 //! Redirected data has no backpressure: the source socket's receive queue is
 //! emptied as data arrives and the window stays open while a slow peer's
 //! redirect queue grows. The program therefore redirects only up to
-//! `allowed` bytes, a credit we hand out so that at most [`LIMIT`] bytes
+//! `allowed` bytes, a credit we hand out so that at most `limit` bytes
 //! towards the peer are unacknowledged (an sk_skb program may not look at
 //! TCP state itself). Beyond it the program passes; passed data is charged
 //! to the receiving socket, its window closes and the sender waits.
@@ -69,14 +69,40 @@
 //! The credit is renewed *before* it runs out: with each credit we also set
 //! `notify`, a quarter into
 //! it; when the program's count reaches it, it puts the side's cookie on the
-//! `credit` ring buffer, [`Kernel::credit_events`] wakes that side's
+//! `credit` ring buffer, [`Kernel::wake_events`] wakes that side's
 //! [`relay`], which hands out new credit as far as the peer's peer has
 //! acknowledged (`tcpi_bytes_acked`), and a new `notify` a quarter into
-//! that. One wake-up per megabyte or so, no copy, no stall. When the
-//! peer falls behind and little room is left, the relay re-checks on a
-//! timer (1 ms, backing off to 64 ms while the peer takes nothing) instead
-//! of asking for a signal per small step. The same timer retries the read,
-//! so a wake-up lost anywhere cannot leave passed bytes unread.
+//! that. One wake-up per quarter credit, no copy, no stall. When too
+//! little room is left for a signal to be worth it, the relay re-checks on a
+//! timer (1 ms, backing off to 64 ms while the peer takes nothing). The same
+//! timer retries the read while passed bytes wait, so a wake-up lost
+//! anywhere cannot leave them unread.
+//!
+//! **The limit follows the peer** ([`Credit`]). It starts at [`LIMIT`];
+//! each time the credit runs out it is doubled if the peer took a whole
+//! limit's worth within 50 ms at the pace it kept since the last time, and
+//! halved (not below [`LIMIT`]) if it would take less than a quarter. Its
+//! ceiling is `tcp_rmem`'s maximum: no more than the kernel lets one TCP
+//! socket hold, so a connection never queues more towards a peer than a
+//! plain relay's receive buffer may. A bulk transfer whose reader keeps up
+//! but whose redirects run in a worker that falls behind (on the sender's
+//! CPU, `sk_psock_backlog`) ran out of a fixed 4 MiB credit every few
+//! milliseconds, and each time the proxy copied what was held (below): 16
+//! to 20 % of the bench's bulk bytes, most of the proxy's CPU time. With
+//! the limit grown to 32 MiB, 2 to 3 %. A reader that reads nothing keeps
+//! the limit at [`LIMIT`].
+//!
+//! **Nothing but the program, an end or an error wakes a relay.** The
+//! sockets are out of the runtime's hands ([`End::new`]) and watched by
+//! an epoll instance of the [`Kernel`]'s for their end and errors only
+//! (edge-triggered, so a relay keeps looking until a look finds nothing);
+//! the program signals the first byte it passes after user space read
+//! everything passed, on the same ring buffer. The kernel signals a socket
+//! in a SOCKHASH readable after every chunk the program judges, redirected
+//! or not (the verdict path's data-ready callback wakes the socket's
+//! waiters), and writable after every acknowledgement that frees room:
+//! registered with the runtime for both, the proxy was woken for each 64 KiB
+//! of a bulk transfer (some 16,000 times per GiB here, against 800 now).
 //!
 //! # The way back to redirecting
 //!
@@ -239,11 +265,12 @@ use std::collections::HashMap as Waiters;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, MapData, ProgramArray, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
+use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
@@ -253,11 +280,66 @@ use super::{Activity, Fault};
 static PROXY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy.bpf.o"));
 
 /// Unacknowledged bytes towards one socket beyond which the program stops
-/// redirecting (per direction of each connection): the default maximum of
-/// the TCP send buffer (`tcp_wmem`). (Twice that did not keep a bulk
-/// transfer off the pass path in the bench, and held 12 MiB instead of 8
-/// under a slow reader.)
+/// redirecting (per direction of each connection), at first and at least
+/// (it grows with a fast peer, [`Credit`]): the default maximum of the TCP
+/// send buffer (`tcp_wmem`), and what a peer that reads nothing makes a
+/// direction hold, with the receive buffer.
 pub const LIMIT: u64 = 4 << 20;
+
+/// How a direction's credit may grow: from `base`, up to `max` while the
+/// peer keeps up (see [`Credit::after_hold`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Credit {
+    pub base: u64,
+    pub max: u64,
+}
+
+/// A credit the peer takes within this time at its pace is too small: it
+/// doubles. One it takes in less than four times as long is too large: it
+/// halves. So the bytes queued towards a peer are some 50 ms of what it
+/// takes, between the base and the ceiling.
+const CREDIT_SPAN: Duration = Duration::from_millis(50);
+
+impl Credit {
+    /// The ceiling for serving: what one TCP socket of this host may hold in
+    /// its receive buffer (`net.ipv4.tcp_rmem`'s maximum: 6 MiB by default
+    /// on older kernels, 32 MiB on this machine's 6.18), so that a proxied
+    /// connection never queues more than a plain one could, and never less
+    /// than [`LIMIT`].
+    pub fn serving() -> Credit {
+        let rmem_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+            .ok()
+            .and_then(|t| t.split_whitespace().nth(2)?.parse::<u64>().ok())
+            .unwrap_or(LIMIT);
+        Credit {
+            base: LIMIT,
+            max: rmem_max.max(LIMIT),
+        }
+    }
+
+    /// A credit that never grows (the probe's).
+    pub fn fixed(limit: u64) -> Credit {
+        Credit {
+            base: limit,
+            max: limit,
+        }
+    }
+
+    /// The credit after `limit` ran out, the peer having acknowledged
+    /// `taken` bytes over `span` since it last ran out (or the relay began).
+    fn after_hold(self, limit: u64, taken: u64, span: Duration) -> u64 {
+        // What the peer takes in CREDIT_SPAN at the pace it just kept.
+        let pace = u128::from(taken) * CREDIT_SPAN.as_micros() / span.as_micros().max(1);
+        let pace = u64::try_from(pace).unwrap_or(u64::MAX);
+        if pace >= limit {
+            limit.saturating_mul(2).min(self.max)
+        } else if pace < limit / 4 {
+            (limit / 2).max(self.base)
+        } else {
+            limit
+        }
+    }
+}
 
 /// The receive buffer of every armed socket: what a side holds while the
 /// program passes, and what is copied each time the way back to
@@ -305,6 +387,9 @@ impl AsRawFd for RingFd {
 
 /// The loaded program and its maps.
 pub struct Kernel {
+    /// An epoll instance of our own, registered with the runtime, watching
+    /// armed sockets for what [`End::new`] says, each under its cookie.
+    quiet: AsyncFd<OwnedFd>,
     /// Registered with the runtime; declared before `ring` so that it is
     /// deregistered before the ring buffer's fd is closed.
     ring_ready: AsyncFd<RingFd>,
@@ -338,6 +423,8 @@ pub enum LoadError {
     Attach(#[source] aya::programs::ProgramError),
     #[error("watching the credit ring buffer: {0}")]
     Ring(#[source] io::Error),
+    #[error("creating the epoll instance that watches proxied sockets: {0}")]
+    Watch(#[source] io::Error),
 }
 
 impl Kernel {
@@ -370,9 +457,14 @@ impl Kernel {
         // SAFETY: the fd belongs to `ring`, which the Kernel keeps open
         // until after this registration is dropped (field order).
         let ring_ready = unsafe {
-            AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), tokio::io::Interest::READABLE)
+            AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), Interest::READABLE)
         }
         .map_err(|e| LoadError::Ring(e.into()))?;
+        let quiet = sys::epoll_create()
+            // SAFETY: the AsyncFd owns the epoll fd and closes it when
+            // dropped, after deregistering.
+            .and_then(|ep| Ok(unsafe { AsyncFd::register_with_interest(ep, Interest::READABLE) }?))
+            .map_err(LoadError::Watch)?;
         let name = if trim {
             "ska_proxy_verdict_trim"
         } else {
@@ -411,6 +503,7 @@ impl Kernel {
             .map_err(LoadError::Program)?;
         prog.attach(socks.fd()).map_err(LoadError::Attach)?;
         Ok(Kernel {
+            quiet,
             ring_ready,
             ring: RefCell::new(ring),
             waiters: RefCell::default(),
@@ -434,28 +527,90 @@ impl Kernel {
             .map_err(io::Error::other)
     }
 
-    /// Wake the relay of each side whose credit is a quarter used; runs as long
-    /// as the process serves (one task).
-    pub async fn credit_events(&self) {
+    /// Wake the relay of each side whose credit is a quarter used or that
+    /// began to pass (the `credit` ring buffer), or whose socket has ended or
+    /// failed, or has input where that is watched ([`Kernel::watch`]); runs
+    /// as long as the process serves (one task).
+    pub async fn wake_events(&self) {
+        let mut ring_ok = true;
+        let mut ready = Vec::new();
         loop {
-            let Ok(mut g) = self.ring_ready.readable().await else {
-                tracing::warn!("credit ring buffer: not pollable; credit renewed on passes only");
-                return;
-            };
-            {
-                let mut ring = self.ring.borrow_mut();
-                let waiters = self.waiters.borrow();
-                while let Some(item) = ring.next() {
-                    let Ok(cookie) = <[u8; 8]>::try_from(&*item) else {
+            tokio::select! {
+                g = self.ring_ready.readable(), if ring_ok => {
+                    let Ok(mut g) = g else {
+                        tracing::warn!("credit ring buffer: not pollable; credit renewed on the relays' timers only");
+                        ring_ok = false;
                         continue;
                     };
-                    if let Some(w) = waiters.get(&u64::from_ne_bytes(cookie)) {
-                        w.notify_one();
+                    {
+                        let mut ring = self.ring.borrow_mut();
+                        while let Some(item) = ring.next() {
+                            if let Ok(cookie) = <[u8; 8]>::try_from(&*item) {
+                                self.wake(u64::from_ne_bytes(cookie));
+                            }
+                        }
                     }
+                    g.clear_ready();
+                }
+                g = self.quiet.readable() => {
+                    let Ok(mut g) = g else {
+                        tracing::error!("the epoll instance watching proxied sockets failed");
+                        return;
+                    };
+                    ready.clear();
+                    if let Err(e) = sys::epoll_ready(self.quiet.get_ref().as_fd(), &mut ready) {
+                        tracing::warn!("reading the proxied sockets' events: {e}");
+                    }
+                    for &cookie in &ready {
+                        self.wake(cookie);
+                    }
+                    g.clear_ready();
                 }
             }
-            g.clear_ready();
         }
+    }
+
+    /// Register the relay reading the socket `cookie`, woken by
+    /// [`Kernel::wake_events`]; it is woken once at once.
+    fn waiter(&self, cookie: u64) -> Rc<Notify> {
+        let wake = Rc::new(Notify::new());
+        wake.notify_one();
+        self.waiters.borrow_mut().insert(cookie, wake.clone());
+        wake
+    }
+
+    fn wake(&self, cookie: u64) {
+        if let Some(w) = self.waiters.borrow().get(&cookie) {
+            w.notify_one();
+        }
+    }
+
+    /// Watch an armed socket for its end and errors, and for input too if
+    /// `input` (where every byte is passed: then every input is for us).
+    fn watch(&self, end: &End, input: bool) -> io::Result<()> {
+        sys::epoll_ctl(
+            self.quiet.get_ref().as_fd(),
+            libc::EPOLL_CTL_ADD,
+            end.fd.as_fd(),
+            watched(input),
+            end.cookie,
+        )
+    }
+
+    /// Stop watching an armed socket for input.
+    fn watch_end_only(&self, end: &End) -> io::Result<()> {
+        sys::epoll_ctl(
+            self.quiet.get_ref().as_fd(),
+            libc::EPOLL_CTL_MOD,
+            end.fd.as_fd(),
+            watched(false),
+            end.cookie,
+        )
+    }
+
+    fn unwatch(&self, end: &End) {
+        // Not watched (arming failed first) or closed: nothing to undo.
+        let _ = sys::epoll_del(self.quiet.get_ref().as_fd(), end.fd.as_fd());
     }
 
     /// Drop a side's entries. Its socket leaves the SOCKHASH when it is
@@ -468,9 +623,22 @@ impl Kernel {
     }
 }
 
+/// What [`Kernel::watch`] watches a socket for: its peer's FIN
+/// (`EPOLLRDHUP`; errors and hang-ups always), edge-triggered, and input if
+/// `input`.
+fn watched(input: bool) -> libc::c_int {
+    let events = libc::EPOLLRDHUP | libc::EPOLLET;
+    if input {
+        events | libc::EPOLLIN
+    } else {
+        events
+    }
+}
+
 /// One socket of an armed connection.
 pub struct End {
-    pub fd: AsyncFd<OwnedFd>,
+    /// Not registered with the runtime: see [`End::new`].
+    pub fd: OwnedFd,
     pub cookie: u64,
     /// tcpi_bytes_acked when the end was made, the base of both counts
     /// below: bytes written since then are those acknowledged since and
@@ -495,10 +663,22 @@ pub struct End {
 impl End {
     /// Note the bases, just before the socket is armed; `consumed` is what
     /// user space has read from it so far.
-    pub fn new(fd: AsyncFd<OwnedFd>, consumed: u64) -> io::Result<End> {
-        let cookie = sys::cookie(fd.get_ref().as_fd())?;
-        let (state, acked) = sys::tcp_state_acked(fd.get_ref().as_fd())?;
-        let in_flight = sys::outq(fd.get_ref().as_fd())?;
+    ///
+    /// The socket is not registered with the runtime, whose registrations
+    /// are for reading and writing: while the kernel redirects, the
+    /// kernel signals a socket readable for every chunk the program
+    /// redirects (the sockmap's data-ready callback wakes the socket's
+    /// waiters after each read of the receive queue, whatever the verdict),
+    /// and writable for every acknowledgement that frees room in its send
+    /// buffer; a bulk transfer woke the proxy for each 64 KiB. An armed
+    /// socket is watched by [`Kernel`] for its end and errors only (and for
+    /// input where every byte is passed); passed bytes are signalled by the
+    /// program ([`relay`]), and a write that finds no room waits through a
+    /// registration of its own ([`send_all`]).
+    pub fn new(fd: OwnedFd, consumed: u64) -> io::Result<End> {
+        let cookie = sys::cookie(fd.as_fd())?;
+        let (state, acked) = sys::tcp_state_acked(fd.as_fd())?;
+        let in_flight = sys::outq(fd.as_fd())?;
         Ok(End {
             fd,
             cookie,
@@ -511,12 +691,17 @@ impl End {
         })
     }
 
+    /// The socket, for a connection that is not armed after all.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     fn written_since(&self) -> io::Result<u64> {
-        Ok(sys::bytes_written(self.fd.get_ref().as_fd())? - self.written_base)
+        Ok(sys::bytes_written(self.fd.as_fd())? - self.written_base)
     }
 
     fn acked_since(&self) -> io::Result<u64> {
-        Ok(sys::bytes_acked(self.fd.get_ref().as_fd())? - self.acked_base)
+        Ok(sys::bytes_acked(self.fd.as_fd())? - self.acked_base)
     }
 }
 
@@ -537,6 +722,8 @@ pub struct Armed<'a> {
 
 impl Drop for Armed<'_> {
     fn drop(&mut self) {
+        self.kernel.unwatch(self.client);
+        self.kernel.unwatch(self.backend);
         self.kernel.forget(self.client.cookie);
         self.kernel.forget(self.backend.cookie);
     }
@@ -567,6 +754,11 @@ pub fn arm<'a>(
         backend,
         full: false,
     };
+    // For input too until both sides redirect: until then everything
+    // either socket receives is passed to us.
+    for end in [client, backend] {
+        kernel.watch(end, true)?;
+    }
     {
         let mut counts = kernel.counts.borrow_mut();
         for end in [client, backend] {
@@ -578,13 +770,12 @@ pub fn arm<'a>(
     kernel
         .socks
         .borrow_mut()
-        .insert(backend.cookie, backend.fd.get_ref().as_raw_fd(), 0)
+        .insert(backend.cookie, backend.fd.as_raw_fd(), 0)
         .map_err(io::Error::other)?;
-    let client_in =
-        kernel
-            .socks
-            .borrow_mut()
-            .insert(client.cookie, client.fd.get_ref().as_raw_fd(), 0);
+    let client_in = kernel
+        .socks
+        .borrow_mut()
+        .insert(client.cookie, client.fd.as_raw_fd(), 0);
     if let Err(e) = client_in {
         tracing::debug!("client socket not inserted ({e}): copying this connection");
         kernel_kick(backend);
@@ -627,6 +818,12 @@ pub fn arm<'a>(
         let _ = kernel.sides.borrow_mut().remove(&backend.cookie);
         return Ok(armed);
     }
+    for end in [client, backend] {
+        if let Err(e) = kernel.watch_end_only(end) {
+            // Woken for every chunk redirected: slower, not wrong.
+            tracing::debug!("epoll: {e}");
+        }
+    }
     armed.full = true;
     Ok(armed)
 }
@@ -647,19 +844,14 @@ pub fn arm<'a>(
 fn fix_rcvbuf(end: &End) {
     // The kernel doubles the value it is given.
     let half = i32::try_from(RCVBUF_CAP / 2).unwrap_or(i32::MAX);
-    if let Err(e) = sys::setsockopt(
-        end.fd.get_ref().as_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_RCVBUF,
-        half,
-    ) {
+    if let Err(e) = sys::setsockopt(end.fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, half) {
         tracing::debug!("SO_RCVBUF: {e}");
     }
 }
 
 /// Step 4: bytes that arrived before the insert go through the program now.
 fn kernel_kick(end: &End) {
-    if let Err(e) = sys::set_rcvlowat(end.fd.get_ref().as_fd(), 1) {
+    if let Err(e) = sys::set_rcvlowat(end.fd.as_fd(), 1) {
         tracing::warn!("SO_RCVLOWAT: {e}");
     }
 }
@@ -700,9 +892,9 @@ async fn maybe_sleep(pause: Option<Duration>) {
 }
 
 /// Why a relay woke up.
-enum Why<G> {
-    Readable(G),
-    Credit,
+enum Why {
+    /// A signal of the program's, the socket's end or an error.
+    Wake,
     Timer,
 }
 
@@ -718,31 +910,36 @@ async fn relay_copied(
     let mut written = dst.in_flight;
     let mut drained = 0u64;
     let mut buf = vec![0u8; BUF_FIRST];
+    // Watched for input, edge-triggered: read until nothing is left, then
+    // wait for the next event (and look once first).
+    let wake = kernel.waiter(src.cookie);
     loop {
-        let mut guard = src.fd.readable().await.map_err(Fault::Read)?;
-        let n = match guard.try_io(|fd| sys::recv(fd.get_ref().as_fd(), &mut buf)) {
-            Err(_would_block) => continue,
-            Ok(r) => r.map_err(Fault::Read)?,
-        };
-        let count = kernel.count(src.cookie);
-        if n == 0 && count.passed > drained {
-            // EOF ahead of passed bytes still in the socket's work queue:
-            // they become readable shortly; EOF is only real after them.
-            tokio::time::sleep(Duration::from_micros(200)).await;
-            continue;
-        }
-        wait_sent(dst, written + count.redirected).await?;
-        if n == 0 {
-            sys::shutdown_write(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
-            return Ok(());
-        }
-        activity.touch();
-        super::write_all(&dst.fd, &buf[..n]).await?;
-        written += n as u64;
-        // Bytes of a socket outside the SOCKHASH are not counted.
-        drained = (drained + n as u64).min(count.passed);
-        if n == buf.len() && buf.len() < 256 * 1024 {
-            buf = vec![0u8; 256 * 1024];
+        wake.notified().await;
+        loop {
+            let n = match sys::recv(src.fd.as_fd(), &mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                r => r.map_err(Fault::Read)?,
+            };
+            let count = kernel.count(src.cookie);
+            if n == 0 && count.passed > drained {
+                // EOF ahead of passed bytes still in the socket's work queue:
+                // they become readable shortly; EOF is only real after them.
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                continue;
+            }
+            wait_sent(dst, written + count.redirected).await?;
+            if n == 0 {
+                sys::shutdown_write(dst.fd.as_fd()).map_err(Fault::Write)?;
+                return Ok(());
+            }
+            activity.touch();
+            send_all(dst, &buf[..n]).await?;
+            written += n as u64;
+            // Bytes of a socket outside the SOCKHASH are not counted.
+            drained = (drained + n as u64).min(count.passed);
+            if n == buf.len() && buf.len() < 256 * 1024 {
+                buf = vec![0u8; 256 * 1024];
+            }
         }
     }
 }
@@ -756,9 +953,10 @@ pub async fn relay(
     armed: &Armed<'_>,
     src: &End,
     dst: &End,
-    limit: u64,
+    credit: Credit,
     activity: &Activity,
 ) -> Result<(), Fault> {
+    let mut limit = credit.base;
     if !armed.full {
         return relay_copied(armed, src, dst, activity).await;
     }
@@ -773,67 +971,69 @@ pub async fn relay(
         buf: Vec::new(),
         scratch: Vec::new(),
     };
-    let wake = Rc::new(Notify::new());
-    kernel.waiters.borrow_mut().insert(src.cookie, wake.clone());
+    // Woken by the program (credit a quarter used; the first byte passed),
+    // by the socket's end or an error, and looks once first: bytes passed
+    // before the sides were written came with no signal.
+    let wake = kernel.waiter(src.cookie);
     // Some(pause) while little credit is left or passed bytes are held:
     // re-check after the pause.
     let mut recheck: Option<Duration> = None;
     let mut last_room = limit;
-    // Passed bytes are held until the peer has room.
-    let mut holding = false;
     // A peer takes a small credit's worth sooner: the probe's (a 64th of
     // LIMIT) is re-checked every millisecond, so that its stalled backend
     // is seen to read again at once, not after a backed-off pause.
     let recheck_max = RECHECK_MAX
-        .mul_f64(limit as f64 / LIMIT as f64)
+        .mul_f64(credit.base as f64 / LIMIT as f64)
         .clamp(RECHECK_MIN, RECHECK_MAX);
+    // The socket may have something to read (an end, an error, passed
+    // bytes) since a wake-up: its events are edge-triggered, so this stays
+    // set until a look finds nothing (a hold does not look).
+    let mut look = false;
+    // Holding since the credit last ran out; and what the peer had
+    // acknowledged then, and when.
+    let mut held = false;
+    let mut since = (0u64, Instant::now());
     loop {
         let why = tokio::select! {
             biased;
-            // Not while holding: the socket stays readable (and its
-            // wake-ups keep coming, one per segment or acknowledgement)
-            // while nothing we wait for changes, and a loop on them starved
-            // the connection's other direction, whose own timer then never
-            // ran (both run in one task): the timer alone wakes a hold.
-            r = src.fd.readable(), if !holding => Why::Readable(r.map_err(Fault::Read)?),
-            () = wake.notified() => Why::Credit,
+            () = wake.notified() => Why::Wake,
             () = maybe_sleep(recheck) => Why::Timer,
         };
         let timer = matches!(why, Why::Timer);
+        look |= !timer;
         let count = kernel.count(src.cookie);
         // Before a passed byte is written or EOF forwarded: a peer must
         // not take a stream with repeated bytes for the one sent.
         check_not_repeated(src, &count)?;
         let waiting = count.passed.saturating_sub(flow.drained);
         let mut room = flow.room(dst, &count, limit)?;
-        holding = waiting > 0 && room < limit / 2;
-        if holding {
+        let hold = waiting > 0 && room < limit / 2;
+        if hold && !held {
+            // The credit ran out: size the next one to the peer's pace.
+            let acked = dst.acked_since().map_err(Fault::Write)?;
+            limit = credit.after_hold(limit, acked - since.0, since.1.elapsed());
+            since = (acked, Instant::now());
+            room = flow.room(dst, &count, limit)?;
+        }
+        held = hold;
+        if hold {
             // Hold: the passed bytes stay unread and charged to src, whose
             // window closes, and the sender waits until the peer has taken
             // half a credit's worth. A reset of either end must still end
             // the connection.
-            sys::take_error(src.fd.get_ref().as_fd()).map_err(Fault::Read)?;
-            sys::take_error(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
-            if let Why::Readable(mut guard) = why {
-                guard.clear_ready();
-            }
+            sys::take_error(src.fd.as_fd()).map_err(Fault::Read)?;
+            sys::take_error(dst.fd.as_fd()).map_err(Fault::Write)?;
             publish(kernel, src, dst, &count, flow.drained, room, limit)?;
-        } else if waiting > 0 || matches!(why, Why::Readable(_)) {
-            let peeked = match why {
-                Why::Readable(mut guard) => {
-                    match guard.try_io(|fd| flow.peek(fd.get_ref(), waiting, 0)) {
-                        Err(_would_block) => None,
-                        Ok(r) => Some(r.map_err(Fault::Read)?),
-                    }
-                }
-                _ => match flow.peek(src.fd.get_ref(), waiting, 0) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-                    r => Some(r.map_err(Fault::Read)?),
-                },
+        } else if waiting > 0 || look {
+            let peeked = match flow.peek(&src.fd, waiting, 0) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                r => Some(r.map_err(Fault::Read)?),
             };
+            look = peeked.is_some();
             match peeked {
                 // Nothing readable yet: passed bytes still on their way
-                // through the socket's work queue, or a stale readiness.
+                // through the socket's work queue (the timer looks again), or
+                // a wake-up for credit.
                 None => publish(kernel, src, dst, &count, flow.drained, room, limit)?,
                 Some(0) => {
                     // EOF. Only real once every byte before it went
@@ -841,11 +1041,12 @@ pub async fn relay(
                     let count = kernel.count(src.cookie);
                     if count.passed > flow.drained {
                         tokio::time::sleep(Duration::from_micros(200)).await;
+                        wake.notify_one();
                         continue;
                     }
                     check_not_repeated(src, &count)?;
                     wait_sent(dst, flow.written + count.redirected).await?;
-                    sys::shutdown_write(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
+                    sys::shutdown_write(dst.fd.as_fd()).map_err(Fault::Write)?;
                     return Ok(());
                 }
                 Some(_) if waiting == 0 => {
@@ -857,6 +1058,7 @@ pub async fn relay(
                             "bytes readable that the verdict program never saw",
                         )));
                     }
+                    wake.notify_one();
                     continue;
                 }
                 Some(n) => {
@@ -867,12 +1069,19 @@ pub async fn relay(
         } else {
             publish(kernel, src, dst, &count, flow.drained, room, limit)?;
         }
-        // While little room is left, the peer's progress is only seen by
-        // asking: every millisecond while it moves, backing off to
-        // `recheck_max` while it does not (counted on the timer only: the
-        // passed bytes' wake-ups are no measure of the peer).
+        // While passed bytes wait (the program signals only the first;
+        // they may not be readable yet; a hold waits for the peer), and while
+        // too little credit is left for the program to signal its use
+        // (`notify_at`), the peer's progress is only seen by asking: every
+        // millisecond while it moves, backing off to `recheck_max` while it
+        // does not (counted on the timer only). Otherwise the relay sleeps
+        // until the program, the socket's end or an error wakes it.
         let waiting = kernel.count(src.cookie).passed > flow.drained;
-        recheck = if room < limit / 2 || waiting {
+        if look && !waiting {
+            // Bytes were taken: look again at once, for an end behind them.
+            wake.notify_one();
+        }
+        recheck = if waiting || notify_at(0, room, limit) == 0 {
             Some(match recheck {
                 Some(p) if timer && room <= last_room => (p * 2).min(recheck_max),
                 Some(p) if !timer && room <= last_room => p,
@@ -941,7 +1150,7 @@ impl Flow {
                 // Everything the program redirected before these bytes goes
                 // first (while bytes wait, it redirects nothing).
                 wait_sent(dst, self.written + count.redirected).await?;
-                super::write_all(&dst.fd, &self.buf[seen..visible]).await?;
+                send_all(dst, &self.buf[seen..visible]).await?;
                 self.written += new as u64;
                 self.drained += new as u64;
                 room = room.saturating_sub(new as u64);
@@ -953,7 +1162,7 @@ impl Flow {
             if waiting == 0 || seen >= self.buf.len() {
                 break;
             }
-            visible = match self.peek(src.fd.get_ref(), waiting, seen) {
+            visible = match self.peek(&src.fd, waiting, seen) {
                 Ok(v) if v > seen => v,
                 // Passed bytes not readable yet (the socket's work queue):
                 // the next wake-up takes them.
@@ -1009,7 +1218,7 @@ async fn consume(src: &End, peeked: &[u8], scratch: &mut Vec<u8>) -> Result<(), 
     let mut waits = 0u32;
     while done < peeked.len() {
         let want = (peeked.len() - done).min(scratch.len());
-        match sys::recv(src.fd.get_ref().as_fd(), &mut scratch[..want]) {
+        match sys::recv(src.fd.as_fd(), &mut scratch[..want]) {
             Ok(0) => {
                 return Err(Fault::Read(io::Error::other(
                     "end of stream inside bytes already looked at",
@@ -1050,7 +1259,7 @@ async fn consume(src: &End, peeked: &[u8], scratch: &mut Vec<u8>) -> Result<(), 
 /// in a reset. Checked whenever the relay wakes and at EOF, where everything
 /// received has been through the program.
 fn check_not_repeated(src: &End, count: &Count) -> Result<(), Fault> {
-    let received = sys::bytes_received(src.fd.get_ref().as_fd()).map_err(Fault::Read)?;
+    let received = sys::bytes_received(src.fd.as_fd()).map_err(Fault::Read)?;
     match repeated(count, received.saturating_sub(src.received_base)) {
         0 => Ok(()),
         extra => Err(Fault::Repeated(
@@ -1074,6 +1283,28 @@ fn repeated(count: &Count, received: u64) -> u64 {
     (count.redirected + count.passed).saturating_sub(received)
 }
 
+/// Write all of `buf` to `dst`. Its socket is registered for reading only
+/// ([`End::new`]): when its send buffer is full, a duplicate of its fd is
+/// registered for writing for as long as this write waits.
+async fn send_all(dst: &End, buf: &[u8]) -> Result<(), Fault> {
+    let mut at = 0;
+    while at < buf.len() {
+        match sys::send(dst.fd.as_fd(), &buf[at..]) {
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let dup = dst.fd.try_clone().map_err(Fault::Write)?;
+                // SAFETY: the AsyncFd owns the duplicate and closes it
+                // when dropped, after deregistering.
+                let w = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }
+                    .map_err(|e| Fault::Write(e.into()))?;
+                return super::write_all(&w, &buf[at..]).await;
+            }
+            Err(e) => return Err(Fault::Write(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Wait until `total` bytes have entered `dst`'s send queue (the redirect
 /// work queue has caught up). Polls: the kernel says nothing when it has.
 async fn wait_sent(dst: &End, total: u64) -> Result<(), Fault> {
@@ -1088,7 +1319,7 @@ async fn wait_sent(dst: &End, total: u64) -> Result<(), Fault> {
             return Ok(());
         }
         // The peer may have reset meanwhile: then nothing will ever move.
-        sys::take_error(dst.fd.get_ref().as_fd()).map_err(Fault::Write)?;
+        sys::take_error(dst.fd.as_fd()).map_err(Fault::Write)?;
         if round < 16 {
             // The work queue usually catches up within microseconds; the
             // timer's resolution is a millisecond.

@@ -625,6 +625,67 @@ pub fn set_rcvlowat(fd: BorrowedFd<'_>, v: libc::c_int) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, v)
 }
 
+/// A new epoll instance.
+pub fn epoll_create() -> io::Result<OwnedFd> {
+    // SAFETY: no pointers; a new fd is ours.
+    let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+    // SAFETY: fd was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Add `fd` to the epoll instance `ep` (`EPOLL_CTL_ADD`), or change what
+/// it is watched for (`EPOLL_CTL_MOD`), with `data` in its events.
+pub fn epoll_ctl(
+    ep: BorrowedFd<'_>,
+    op: libc::c_int,
+    fd: BorrowedFd<'_>,
+    events: libc::c_int,
+    data: u64,
+) -> io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: events.cast_unsigned(),
+        u64: data,
+    };
+    // SAFETY: ev is a valid epoll_event for the call's duration.
+    cvt(unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd.as_raw_fd(), &raw mut ev) }).map(drop)
+}
+
+/// Remove `fd` from the epoll instance `ep`.
+pub fn epoll_del(ep: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: ev is valid for the call (EPOLL_CTL_DEL ignores it).
+    cvt(unsafe {
+        libc::epoll_ctl(
+            ep.as_raw_fd(),
+            libc::EPOLL_CTL_DEL,
+            fd.as_raw_fd(),
+            &raw mut ev,
+        )
+    })
+    .map(drop)
+}
+
+/// The `data` of the events ready on `ep` now, without waiting.
+pub fn epoll_ready(ep: BorrowedFd<'_>, out: &mut Vec<u64>) -> io::Result<()> {
+    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 64];
+    loop {
+        // SAFETY: evs has room for its length of events.
+        let n = cvt(unsafe {
+            libc::epoll_wait(
+                ep.as_raw_fd(),
+                evs.as_mut_ptr(),
+                evs.len() as libc::c_int,
+                0,
+            )
+        })?;
+        let n = usize::try_from(n).unwrap_or(0);
+        out.extend(evs[..n].iter().map(|e| e.u64));
+        if n < evs.len() {
+            return Ok(());
+        }
+    }
+}
+
 /// The TCP state (`tcpi_state`: 1 is ESTABLISHED).
 pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
     let info: TcpInfo = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
