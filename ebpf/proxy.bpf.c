@@ -204,12 +204,12 @@ static __always_inline int ska_verdict(struct __sk_buff *skb, bool trim)
 	if (!s || c->passed != s->drained || c->redirected + len > s->allowed)
 		goto pass;
 	c->redirected += len;
-	if (s->notify && c->redirected >= s->notify && c->signalled != s->notify) {
+	/* Signalled once per `notify` value; a signal a full ring refused is
+	 * tried again with the next chunk (user space sizes the ring so that it
+	 * does not fill: proxy::sockmap::ring_size). */
+	if (s->notify && c->redirected >= s->notify && c->signalled != s->notify &&
+	    bpf_ringbuf_output(&credit, &cookie, sizeof(cookie), 0) == 0)
 		c->signalled = s->notify;
-		/* A full ring loses the signal; user space also re-checks on
-		 * its own timer while a side's credit is low. */
-		bpf_ringbuf_output(&credit, &cookie, sizeof(cookie), 0);
-	}
 	return bpf_sk_redirect_hash(skb, &socks, &s->peer, 0);
 pass:
 	/* The first byte passed since user space read everything passed:

@@ -644,7 +644,7 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
             None,
             "mode splice (the target is an AF_UNIX socket; sockmap proxies TCP only)".to_owned(),
         ),
-        Mode::Sockmap => match proven(false).await {
+        Mode::Sockmap => match proven(false, opts.connections_max).await {
             Ok((k, Ok(cut))) => (
                 Some(k),
                 format!("mode sockmap (as asked; {PROBED}, {})", read_once(cut)),
@@ -666,7 +666,7 @@ async fn choose_mode(opts: &Options) -> (Option<sockmap::Kernel>, String) {
                 )
             }
         },
-        Mode::Auto => match proven(true).await {
+        Mode::Auto => match proven(true, opts.connections_max).await {
             Ok((k, Ok(cut))) => (
                 Some(k),
                 format!("mode sockmap (auto; {PROBED}, {})", read_once(cut)),
@@ -701,8 +701,11 @@ fn read_once(cut: u64) -> String {
 /// it. A failed overlap check is the known defect, returned inside: `auto`
 /// (`decisive`) then stops there, as the longer probe could not change its
 /// choice; `--mode sockmap` runs the probe all the same.
-async fn proven(decisive: bool) -> Result<(sockmap::Kernel, Result<u64, probe::Overlap>), String> {
-    let kernel = probe::load()?;
+async fn proven(
+    decisive: bool,
+    connections_max: usize,
+) -> Result<(sockmap::Kernel, Result<u64, probe::Overlap>), String> {
+    let kernel = probe::load(connections_max)?;
     let mut overlap = probe::overlap(&kernel).await;
     if let Err(why) = &overlap {
         tracing::info!("sockmap probe: {why}");

@@ -70,7 +70,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// The program, loaded; or why not. What the process may not do is asked
 /// before bpf(2) is called: a unit whose `SystemCallFilter=` leaves bpf(2)
 /// out has seccomp kill the process that calls it.
-pub fn load() -> Result<Kernel, String> {
+pub fn load(connections_max: usize) -> Result<Kernel, String> {
     if std::env::var(FORCE_FAIL_ENV).as_deref() == Ok("fail") {
         return Err(format!("forced by {FORCE_FAIL_ENV}=fail"));
     }
@@ -87,7 +87,7 @@ pub fn load() -> Result<Kernel, String> {
     let why_not = if eff & (1 << CAP_PERFMON | 1 << CAP_SYS_ADMIN) == 0 {
         "it needs CAP_PERFMON, which this process lacks".to_owned()
     } else {
-        match Kernel::load(true) {
+        match Kernel::load(true, connections_max) {
             Ok(k) => return Ok(k),
             Err(e) => {
                 tracing::info!("the verdict program that trims did not load: {e}");
@@ -95,7 +95,7 @@ pub fn load() -> Result<Kernel, String> {
             }
         }
     };
-    let mut kernel = Kernel::load(false).map_err(|e| e.to_string())?;
+    let mut kernel = Kernel::load(false, connections_max).map_err(|e| e.to_string())?;
     kernel.untrimmed = Some(why_not);
     Ok(kernel)
 }

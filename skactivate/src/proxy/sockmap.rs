@@ -75,8 +75,8 @@
 //! that. One wake-up per quarter credit, no copy, no stall. When too
 //! little room is left for a signal to be worth it, the relay re-checks on a
 //! timer (1 ms, backing off to 64 ms while the peer takes nothing). The same
-//! timer retries the read while passed bytes wait, so a wake-up lost
-//! anywhere cannot leave them unread.
+//! timer retries the read while passed bytes wait. No signal is lost: the
+//! ring is sized so that it cannot fill ([`ring_size`]).
 //!
 //! **The limit follows the peer** ([`Credit`]). It starts at [`LIMIT`];
 //! each time the credit runs out it is doubled if the peer took a whole
@@ -429,9 +429,11 @@ pub enum LoadError {
 
 impl Kernel {
     /// Load the program, the one that trims overlapping segments if `trim`
-    /// (it needs CAP_PERFMON), and attach it.
-    pub fn load(trim: bool) -> Result<Kernel, LoadError> {
+    /// (it needs CAP_PERFMON), and attach it; its ring buffer sized for
+    /// `connections_max` connections ([`ring_size`]).
+    pub fn load(trim: bool, connections_max: usize) -> Result<Kernel, LoadError> {
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries("credit", ring_size(connections_max))
             .load(PROXY_OBJECT)
             .map_err(LoadError::Object)?;
         let socks: SockHash<MapData, u64> = ebpf
@@ -532,15 +534,14 @@ impl Kernel {
     /// failed, or has input where that is watched ([`Kernel::watch`]); runs
     /// as long as the process serves (one task).
     pub async fn wake_events(&self) {
-        let mut ring_ok = true;
         let mut ready = Vec::new();
         loop {
             tokio::select! {
-                g = self.ring_ready.readable(), if ring_ok => {
+                g = self.ring_ready.readable() => {
+                    // Only when the runtime shuts down.
                     let Ok(mut g) = g else {
-                        tracing::warn!("credit ring buffer: not pollable; credit renewed on the relays' timers only");
-                        ring_ok = false;
-                        continue;
+                        tracing::error!("the credit ring buffer is not pollable");
+                        return;
                     };
                     {
                         let mut ring = self.ring.borrow_mut();
@@ -621,6 +622,22 @@ impl Kernel {
         let _ = self.sides.borrow_mut().remove(&cookie);
         let _ = self.counts.borrow_mut().remove(&cookie);
     }
+}
+
+/// The `credit` ring buffer's size for `connections_max` connections. It
+/// must not fill: a lost signal leaves a relay asleep (nothing else wakes
+/// it for passed bytes). Each side has at most one credit signal and one
+/// pass signal outstanding between two times its relay runs (a new one
+/// needs a value only the relay writes: a new `notify`, or `drained` caught
+/// up), and the task that reads the ring runs whenever the runtime turns;
+/// room for four records of 16 bytes per side, and at least the 64 KiB of
+/// the object, covers that with margin. The SOCKHASH holds 65536 sockets
+/// at most (`SKA_PROXY_MAX_SOCKETS`), so 4 MiB at most.
+pub fn ring_size(connections_max: usize) -> u32 {
+    const MAX_SOCKETS: usize = 65536;
+    let sides = connections_max.saturating_mul(2).min(MAX_SOCKETS);
+    let bytes = (sides * 4 * 16).next_power_of_two().max(64 * 1024);
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 /// What [`Kernel::watch`] watches a socket for: its peer's FIN
@@ -1350,6 +1367,22 @@ pub fn stats(kernel: &Kernel, armed: &Armed<'_>) -> (Count, Count) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ring buffer: a power of two of pages (the kernel's rule), 64 KiB
+    /// for the default 256 connections, growing with them up to the
+    /// SOCKHASH's 65536 sockets.
+    #[test]
+    fn the_ring_buffer_is_sized_for_the_connections() {
+        assert_eq!(ring_size(256), 64 * 1024);
+        assert_eq!(ring_size(4096), 512 * 1024);
+        assert_eq!(ring_size(32768), 4 << 20);
+        assert_eq!(ring_size(usize::MAX), 4 << 20);
+        for n in [1, 300, 5000, 40000] {
+            let r = ring_size(n);
+            assert!(r.is_power_of_two() && r >= 4096, "{n}: {r}");
+            assert!(u64::from(r) >= n.min(32768) as u64 * 2 * 4 * 16, "{n}: {r}");
+        }
+    }
 
     /// The mirrors have the C structs' sizes (aya also refuses a map whose
     /// value size differs, so a mismatch fails every sockmap test too).
