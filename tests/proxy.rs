@@ -83,6 +83,18 @@ impl Proxy {
         sockets: &[&dyn AsRawFd],
         env: &[(&str, &str)],
     ) -> Proxy {
+        let mut p = Proxy::spawn_under(under, args, sockets, env);
+        p.wait_ready(args);
+        p
+    }
+
+    /// [`Proxy::start_under`] without waiting for READY=1.
+    fn spawn_under(
+        under: &[&str],
+        args: &[&str],
+        sockets: &[&dyn AsRawFd],
+        env: &[(&str, &str)],
+    ) -> Proxy {
         let notify_path = std::env::temp_dir().join(format!(
             "skactivate-proxy-test-{}-{}.notify",
             std::process::id(),
@@ -129,17 +141,21 @@ impl Proxy {
             });
         }
         let child = cmd.spawn().expect("spawning skactivate proxy");
-        let mut p = Proxy {
+        Proxy {
             child,
             notify,
             notify_path,
             status: String::new(),
             ready: false,
-        };
+        }
+    }
+
+    /// Wait (bounded) for READY=1.
+    fn wait_ready(&mut self, args: &[&str]) {
         let start = Instant::now();
-        while !p.ready {
-            p.read_notify();
-            if let Some(st) = p.child.try_wait().unwrap() {
+        while !self.ready {
+            self.read_notify();
+            if let Some(st) = self.child.try_wait().unwrap() {
                 panic!("skactivate proxy {args:?} exited before READY=1: {st}");
             }
             assert!(
@@ -147,19 +163,12 @@ impl Proxy {
                 "no READY=1 from skactivate proxy {args:?}"
             );
         }
-        p
     }
 
     fn read_notify(&mut self) {
         let mut buf = [0u8; 4096];
         while let Ok(n) = self.notify.recv(&mut buf) {
-            for line in String::from_utf8_lossy(&buf[..n]).lines() {
-                if line == "READY=1" {
-                    self.ready = true;
-                } else if let Some(s) = line.strip_prefix("STATUS=") {
-                    s.clone_into(&mut self.status);
-                }
-            }
+            self.take(&buf[..n]);
             self.notify
                 .set_read_timeout(Some(Duration::from_millis(10)))
                 .unwrap();
@@ -167,6 +176,27 @@ impl Proxy {
         self.notify
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
+    }
+
+    fn take(&mut self, datagram: &[u8]) {
+        for line in String::from_utf8_lossy(datagram).lines() {
+            if line == "READY=1" {
+                self.ready = true;
+            } else if let Some(s) = line.strip_prefix("STATUS=") {
+                s.clone_into(&mut self.status);
+            }
+        }
+    }
+
+    /// Whether READY=1 has come, without waiting for it.
+    fn ready_yet(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        self.notify.set_nonblocking(true).unwrap();
+        while let Ok(n) = self.notify.recv(&mut buf) {
+            self.take(&buf[..n]);
+        }
+        self.notify.set_nonblocking(false).unwrap();
+        self.ready
     }
 
     /// The latest STATUS=.
@@ -1744,6 +1774,69 @@ fn the_pass_path_reproducer_is_right_where_the_kernel_is() {
     );
 }
 
+/// A client that comes while the proxy decides its mode (the program
+/// loading on a thread of its own, the probe) is served at once, not after
+/// the decision; its connection is copied until then, and armed once the
+/// mode is decided (sockmap, as root here).
+#[test]
+fn a_client_is_served_while_the_mode_is_decided() {
+    in_netns("served while deciding", |_| {
+        let b = backend(echo);
+        let t = b.addr.to_string();
+        for mode in ["auto", "sockmap"] {
+            let args = ["--mode", mode, t.as_str()];
+            // The decision takes tens of ms (the probe moves 2 MiB each
+            // way), the first echo a few; a machine busy with the other
+            // tests may still stall the one and not the other, so a few
+            // tries.
+            let mut before_ready = 0;
+            for _ in 0..3 {
+                let l = TcpListener::bind("127.0.0.1:0").unwrap();
+                let a = l.local_addr().unwrap();
+                let mut p = Proxy::spawn_under(&[], &args, &[&l], &[]);
+                let mut c = TcpStream::connect(a).unwrap();
+                timeouts(&c);
+                c.write_all(b"?").unwrap();
+                let mut one = [0u8; 1];
+                c.read_exact(&mut one).unwrap();
+                assert_eq!(&one, b"?");
+                if !p.ready_yet() {
+                    before_ready += 1;
+                }
+                p.wait_ready(&args);
+                let st = p.status();
+                assert!(st.starts_with("mode sockmap ("), "{mode}: {st}");
+                // The same connection, now that the mode is decided: past
+                // the opening's threshold, so armed.
+                let data = Arc::new(pattern(21, 4 << 20));
+                let mut w = c.try_clone().unwrap();
+                let d = data.clone();
+                let writer = thread::spawn(move || w.write_all(&d).unwrap());
+                let mut got = vec![0u8; data.len()];
+                c.read_exact(&mut got).unwrap();
+                writer.join().unwrap();
+                assert!(got == *data, "{mode}: the echo differs");
+                c.shutdown(Shutdown::Write).unwrap();
+                assert_eq!(c.read(&mut one).unwrap(), 0, "{mode}: more than was sent");
+                let st = p.wait_status(|s| s.contains(" 1 served"));
+                assert!(redirected(&st) > 0, "{mode}: not armed: {st}");
+                assert_eq!(
+                    redirected(&st) + copied(&st) + spliced(&st),
+                    2 * (1 + data.len() as u64),
+                    "{mode}: every byte counted once: {st}"
+                );
+                if before_ready > 0 {
+                    break;
+                }
+            }
+            assert!(
+                before_ready > 0,
+                "{mode}: in 3 tries the first byte came back only after READY=1"
+            );
+        }
+    });
+}
+
 #[test]
 fn exit_idle_time_ends_the_process_when_nothing_is_open() {
     for mode in MODES {
@@ -1892,8 +1985,8 @@ fn socket_activated_under_systemd_with_type_notify() {
     // starts it again.
     sd.wait_state("webserver-proxy.service", "inactive");
     assert_eq!(sd.active_state("webserver-proxy.socket"), "active");
-    // The new instance probes the kernel before it serves (a few hundred
-    // ms, seconds on a loaded machine): the first try may time out.
+    // The new instance serves while it probes the kernel; polled all the
+    // same, for a machine loaded enough to make starting it slow.
     let mut last = None;
     let again = poll_until(SETTLE, || {
         let r = sd.in_netns(|| http_get(to));

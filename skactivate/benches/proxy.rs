@@ -663,10 +663,9 @@ fn run(plan: &Plan) -> String {
         }
     }
     out += "\nSocket-activated start: from the proxy's spawn to the echo of a byte its first client \
-            sent at once, ms (what `auto` and `sockmap` add is loading the program, aya's parse \
-            of the kernel's BTF where it can read it, the overlap check and the probe; `auto` \
-            runs the probe only where the overlap check passes, which with the bench's \
-            capabilities it does):\n\n| proxy | median ms | max ms | median ratio |\n| --- | ---: | ---: | ---: |\n";
+            sent at once, ms (`auto` and `sockmap` serve from the start while they load the \
+            program, on a thread of their own, and probe it; a connection that comes \
+            meanwhile is copied until the mode is decided):\n\n| proxy | median ms | max ms | median ratio |\n| --- | ---: | ---: | ---: |\n";
     let mut base = 0.0;
     for (i, (name, ..)) in starting.iter().enumerate() {
         let mut t = starts[i].clone();

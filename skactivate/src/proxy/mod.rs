@@ -17,6 +17,12 @@
 //! One thread; each connection is a task. Listening sockets come from systemd
 //! (`LISTEN_FDS`): stream listeners (`Accept=no`), datagram sockets, or a
 //! single connected stream socket (`Accept=yes`).
+//!
+//! Connections are served from the start, while `sockmap` and `auto` load
+//! the program (on a thread of its own) and probe it: a connection that
+//! comes meanwhile is copied as every connection's opening is, and armed or
+//! spliced once the mode is decided ([`Path::Deciding`]). `READY=1` and the
+//! first `STATUS=` come with the decision.
 
 pub mod datagram;
 pub mod header;
@@ -26,7 +32,7 @@ pub mod sockmap;
 pub mod splice;
 pub mod sys;
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell, RefCell};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
@@ -284,13 +290,62 @@ pub struct Stats {
     pub trimmed: [u64; 2],
 }
 
+/// Where a connection's bytes go.
+#[derive(Clone, Copy)]
+pub enum Path<'a> {
+    /// Spliced from the start.
+    Splice,
+    /// Copied until the connection is worth arming, then in the kernel.
+    Sockmap(&'a sockmap::Kernel),
+    /// The mode is being decided: copied until it is, then armed or spliced
+    /// as decided.
+    Deciding(&'a Choice),
+}
+
+impl Path<'_> {
+    /// The kernel's path, where it is in use (or decided on).
+    fn kernel(&self) -> Option<&sockmap::Kernel> {
+        match self {
+            Path::Splice => None,
+            Path::Sockmap(k) => Some(k),
+            Path::Deciding(c) => c.kernel.get(),
+        }
+    }
+
+    /// Whether a connection that has moved enough may leave its opening:
+    /// not while the mode is being decided.
+    fn decided(&self) -> bool {
+        match self {
+            Path::Deciding(c) => c.decided.get(),
+            _ => true,
+        }
+    }
+}
+
+/// The mode of the process: decided once, after start (`choose_mode`).
+#[derive(Default)]
+pub struct Choice {
+    decided: Cell<bool>,
+    /// Set where sockmap was chosen.
+    kernel: OnceCell<sockmap::Kernel>,
+    /// What was chosen and why; empty until decided.
+    line: RefCell<String>,
+}
+
+impl Choice {
+    /// The kernel's path, once chosen.
+    pub fn kernel(&self) -> Option<&sockmap::Kernel> {
+        self.kernel.get()
+    }
+}
+
 /// Move bytes between `client` and `backend` until both directions have
 /// ended (each EOF forwarded) or one fails; `header` goes to the backend
-/// first. With `kernel`, in sockmap mode: copied until `arm_after` says the
-/// connection is worth arming ([`opening`]), then in the kernel. Else with
+/// first. By `path`: in sockmap mode, copied until `arm_after` says the
+/// connection is worth arming ([`opening`]), then in the kernel; else with
 /// splice. On a fault both sockets are left set to reset when closed.
 pub async fn relay_pair(
-    kernel: Option<&sockmap::Kernel>,
+    path: Path<'_>,
     credit: sockmap::Credit,
     arm_after: opening::Threshold,
     client: AsyncFd<OwnedFd>,
@@ -308,14 +363,15 @@ pub async fn relay_pair(
         reset(&client, &backend);
         return (Err(f), stats);
     }
-    let Some(kernel) = kernel else {
+    if let Path::Splice = path {
         let held = opening::Held::default();
         let r = splice_pair(&client, &backend, idle_timeout, held, &mut stats).await;
         return (r, stats);
-    };
+    }
     let mut copied = opening::Copied::default();
+    let decided = || path.decided();
     let next = tokio::select! {
-        r = opening::copy(&client, &backend, arm_after, &activity, &mut copied) => r,
+        r = opening::copy(&client, &backend, arm_after, &decided, &activity, &mut copied) => r,
         t = idle(idle_timeout, || activity.get()) => Err(Fault::Idle(t)),
     };
     stats.copied = copied.bytes;
@@ -357,6 +413,12 @@ pub async fn relay_pair(
         }
         return (r, stats);
     }
+    let Some(kernel) = path.kernel() else {
+        // Splice was decided on while the opening copied.
+        let held = opening::Held::default();
+        let r = splice_pair(&client, &backend, idle_timeout, held, &mut stats).await;
+        return (r, stats);
+    };
     // Out of the runtime's hands: see sockmap::End::new.
     let end = |fd: AsyncFd<OwnedFd>, consumed| sockmap::End::new(fd.into_inner(), consumed);
     let ends = end(client, copied.bytes[0]).and_then(|c| Ok((c, end(backend, copied.bytes[1])?)));
@@ -452,8 +514,8 @@ async fn splice_pair(
 /// State shared by every task of the process.
 pub struct Shared {
     pub opts: Options,
-    /// Loaded when the mode in use is sockmap.
-    pub kernel: Option<sockmap::Kernel>,
+    /// The mode, once decided; the kernel's path where it is sockmap.
+    pub choice: Choice,
     /// Each armed direction's credit (sockmap mode).
     pub credit: sockmap::Credit,
     pub slots: Arc<Semaphore>,
@@ -461,7 +523,6 @@ pub struct Shared {
     pub open: Cell<usize>,
     /// When `open` last became 0.
     pub idle_since: Cell<Instant>,
-    pub mode_line: String,
     /// Connections served to their end.
     pub served: Cell<u64>,
     /// Bytes the kernel redirected, and bytes the proxy itself copied, over
@@ -518,12 +579,16 @@ async fn serve_connection(shared: Rc<Shared>, client: OwnedFd, peer: Addr) {
                 .unwrap_or_default();
             // The target's kind says the backend socket's family.
             let backend_is_tcp = matches!(shared.opts.target, Target::Addr(_) | Target::Host(..));
-            let kernel = shared
-                .kernel
-                .as_ref()
-                .filter(|_| client_is_tcp && backend_is_tcp);
+            // Sockmap proxies TCP to TCP only.
+            let choice = &shared.choice;
+            let path = match choice.kernel() {
+                _ if !(client_is_tcp && backend_is_tcp) => Path::Splice,
+                Some(k) => Path::Sockmap(k),
+                None if choice.decided.get() => Path::Splice,
+                None => Path::Deciding(choice),
+            };
             let (r, stats) = relay_pair(
-                kernel,
+                path,
                 shared.credit,
                 opening::ARM_AFTER,
                 client,
@@ -592,12 +657,12 @@ async fn accept_loop(shared: Rc<Shared>, listener: OwnedFd) -> Result<()> {
 fn status_line(shared: &Shared) -> String {
     let mut line = format!(
         "{}; {} connection{} open, {} served",
-        shared.mode_line,
+        shared.choice.line.borrow(),
         shared.open.get(),
         if shared.open.get() == 1 { "" } else { "s" },
         shared.served.get(),
     );
-    if let Some(k) = &shared.kernel {
+    if let Some(k) = shared.choice.kernel() {
         line += &format!(
             "; {} bytes redirected, {} bytes copied, {} bytes spliced",
             shared.redirected.get(),
@@ -705,7 +770,11 @@ async fn proven(
     decisive: bool,
     connections_max: usize,
 ) -> Result<(sockmap::Kernel, Result<u64, probe::Overlap>), String> {
-    let kernel = probe::load(connections_max)?;
+    let kernel = tokio::task::spawn_blocking(move || probe::load(connections_max))
+        .await
+        .map_err(|e| format!("loading the program: {e}"))??
+        .register()
+        .map_err(|e| e.to_string())?;
     let mut overlap = probe::overlap(&kernel).await;
     if let Err(why) = &overlap {
         tracing::info!("sockmap probe: {why}");
@@ -770,37 +839,23 @@ async fn serve(opts: Options) -> Result<()> {
     for fd in streams.iter().chain(&datagrams).chain(&connected) {
         sys::set_nonblocking(fd.as_fd()).context("O_NONBLOCK on a passed socket")?;
     }
-    let (kernel, mode_line) = choose_mode(&opts).await;
-    tracing::info!(
-        "proxying to {}: {mode_line}; {} listening stream, {} datagram, {} connected socket(s)",
-        opts.target,
-        streams.len(),
-        datagrams.len(),
-        connected.len()
-    );
     let shared = Rc::new(Shared {
         slots: Arc::new(Semaphore::new(opts.connections_max)),
         opts,
-        kernel,
+        choice: Choice::default(),
         credit: sockmap::Credit::serving(),
         open: Cell::new(0),
         idle_since: Cell::new(Instant::now()),
-        mode_line,
         served: Cell::new(0),
         redirected: Cell::new(0),
         copied: Cell::new(0),
         spliced: Cell::new(0),
         trimmed: Cell::new(0),
     });
-    if shared.kernel.is_some() {
-        let shared = shared.clone();
-        tokio::task::spawn_local(async move {
-            if let Some(k) = &shared.kernel {
-                k.wake_events().await;
-            }
-        });
-    }
+    // Serving starts now: connections that come while the mode is decided
+    // are copied until it is (Path::Deciding).
     let mut tasks = tokio::task::JoinSet::new();
+    let (n_streams, n_datagrams) = (streams.len(), datagrams.len());
     for fd in streams {
         tasks.spawn_local(accept_loop(shared.clone(), fd));
     }
@@ -808,12 +863,30 @@ async fn serve(opts: Options) -> Result<()> {
         tasks.spawn_local(datagram::serve(shared.clone(), fd));
     }
     let accept_yes = !connected.is_empty();
+    let n_connected = connected.len();
     for fd in connected {
         let peer = sys::peer_addr(fd.as_fd()).unwrap_or(Addr::Other);
         let shared = shared.clone();
         shared.opened();
         tokio::task::spawn_local(async move { serve_connection(shared, fd, peer).await });
     }
+    let (kernel, mode_line) = choose_mode(&shared.opts).await;
+    tracing::info!(
+        "proxying to {}: {mode_line}; {n_streams} listening stream, {n_datagrams} datagram, \
+         {n_connected} connected socket(s)",
+        shared.opts.target,
+    );
+    *shared.choice.line.borrow_mut() = mode_line;
+    if let Some(k) = kernel {
+        let _ = shared.choice.kernel.set(k);
+        let shared = shared.clone();
+        tokio::task::spawn_local(async move {
+            if let Some(k) = shared.choice.kernel() {
+                k.wake_events().await;
+            }
+        });
+    }
+    shared.choice.decided.set(true);
     let _ = sd_notify::notify(&[
         NotifyState::Ready,
         NotifyState::Status(&status_line(&shared)),
@@ -981,6 +1054,70 @@ mod tests {
         ] {
             assert!(bad.parse::<Target>().is_err(), "{bad}");
         }
+    }
+
+    /// A connection that comes while the mode is decided is copied, past
+    /// its threshold too, until the decision; splice decided, it is spliced
+    /// from there, every byte once and in order.
+    #[test]
+    fn a_connection_copied_while_deciding_is_spliced_once_splice_is_decided() {
+        use std::io::{Read, Write};
+        // Before the decision; after it, while the opening settles; then
+        // the rest, spliced.
+        const FIRST: usize = 256 * 1024;
+        const SECOND: usize = 16 * 1024;
+        let data = probe::pattern(5, 4 << 20);
+        let choice = Choice::default();
+        let (r, stats, writer, reader) = testing::run(async {
+            let (c, mut client) = testing::pair();
+            let (b, mut backend) = testing::pair();
+            let sent = data.clone();
+            let writer = std::thread::spawn(move || {
+                client.write_all(&sent[..FIRST]).unwrap();
+                std::thread::sleep(Duration::from_millis(200));
+                client.write_all(&sent[FIRST..FIRST + SECOND]).unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+                client.write_all(&sent[FIRST + SECOND..]).unwrap();
+                client.shutdown(std::net::Shutdown::Write).unwrap();
+                client
+            });
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                backend.read_to_end(&mut got).unwrap();
+                backend.shutdown(std::net::Shutdown::Write).unwrap();
+                got
+            });
+            let relay = relay_pair(
+                Path::Deciding(&choice),
+                sockmap::Credit::fixed(1 << 20),
+                opening::ARM_AFTER,
+                c,
+                b,
+                b"",
+                None,
+            );
+            let decide = async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                choice.decided.set(true);
+            };
+            let ((r, stats), ()) = tokio::join!(relay, decide);
+            (r, stats, writer, reader)
+        });
+        r.unwrap();
+        let mut client = writer.join().unwrap();
+        assert!(reader.join().unwrap() == data, "the bytes differ");
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        // Past the threshold (64 KiB) before the decision, and copied all
+        // the same, then what the settling read took; the rest spliced.
+        assert_eq!(stats.copied, [(FIRST + SECOND) as u64, 0], "{stats:?}");
+        assert_eq!(
+            stats.spliced,
+            [(data.len() - FIRST - SECOND) as u64, 0],
+            "{stats:?}"
+        );
+        assert_eq!(stats.redirected, [0, 0]);
     }
 
     #[test]

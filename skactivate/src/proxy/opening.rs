@@ -61,6 +61,10 @@
 //! clean after [`SETTLE_ROUNDS`] of them is left to splice
 //! ([`Next::Unsettled`]), with what each direction holds written out first.
 //!
+//! While the proxy's mode is being decided (the program loading, the
+//! probe, at start) no connection has moved enough: it is copied until the
+//! decision, and then armed as above, or spliced.
+//!
 //! A direction that ended during the opening (EOF read and forwarded with
 //! `shutdown`) leaves a socket that can no longer join a SOCKHASH: the other
 //! direction, once past the threshold, goes on with splice instead.
@@ -406,12 +410,14 @@ impl Pause {
 }
 
 /// Copy between `client` and `backend` until the connection ends or has
-/// moved enough to be armed (the module's documentation). `copied` says
-/// what was moved, however it ends.
+/// moved enough to be armed (the module's documentation), and `decided`
+/// says it may be (the proxy's mode is decided). `copied` says what was
+/// moved, however it ends.
 pub async fn copy(
     client: &AsyncFd<OwnedFd>,
     backend: &AsyncFd<OwnedFd>,
     threshold: Threshold,
+    decided: &dyn Fn() -> bool,
     activity: &Activity,
     copied: &mut Copied,
 ) -> Result<Next, Fault> {
@@ -425,8 +431,10 @@ pub async fn copy(
         if up.ended && down.ended {
             break Ok(Next::Ended);
         }
-        let enough =
-            reads >= threshold.reads || up.read >= threshold.bytes || down.read >= threshold.bytes;
+        let enough = (reads >= threshold.reads
+            || up.read >= threshold.bytes
+            || down.read >= threshold.bytes)
+            && decided();
         if enough && !up.holding() && !down.holding() {
             if up.ended || down.ended {
                 break Ok(Next::Rest(!up.ended));
@@ -526,7 +534,15 @@ mod tests {
             let (c, mut client, b, backend) = request_sent(b"?");
             let peer = reply_after_eof(backend, b"!!".to_vec(), true);
             let mut copied = Copied::default();
-            let next = copy(&c, &b, ARM_AFTER, &Activity::default(), &mut copied).await;
+            let next = copy(
+                &c,
+                &b,
+                ARM_AFTER,
+                &|| true,
+                &Activity::default(),
+                &mut copied,
+            )
+            .await;
             assert_eq!(next.unwrap(), Next::Ended);
             assert_eq!(copied.bytes, [1, 2]);
             assert_eq!(peer.join().unwrap(), b"?");
@@ -550,7 +566,15 @@ mod tests {
                 std::thread::spawn(move || client.write_all(&data).map(|()| client))
             };
             let mut copied = Copied::default();
-            let next = copy(&c, &b, ARM_AFTER, &Activity::default(), &mut copied).await;
+            let next = copy(
+                &c,
+                &b,
+                ARM_AFTER,
+                &|| true,
+                &Activity::default(),
+                &mut copied,
+            )
+            .await;
             assert_eq!(next.unwrap(), Next::Arm);
             let [up, down] = copied.bytes;
             assert_eq!(down, 0);
@@ -589,7 +613,15 @@ mod tests {
                 client
             });
             let mut copied = Copied::default();
-            let next = copy(&c, &b, ARM_AFTER, &Activity::default(), &mut copied).await;
+            let next = copy(
+                &c,
+                &b,
+                ARM_AFTER,
+                &|| true,
+                &Activity::default(),
+                &mut copied,
+            )
+            .await;
             assert_eq!(next.unwrap(), Next::Arm);
             let half = u64::from(ARM_AFTER.reads / 2);
             assert_eq!(copied.bytes, [half, half]);
@@ -604,7 +636,15 @@ mod tests {
             let (c, mut client, b, backend) = request_sent(b"GET");
             let reply = reply_after_eof(backend, vec![1u8; 100_000], false);
             let mut copied = Copied::default();
-            let next = copy(&c, &b, ARM_AFTER, &Activity::default(), &mut copied).await;
+            let next = copy(
+                &c,
+                &b,
+                ARM_AFTER,
+                &|| true,
+                &Activity::default(),
+                &mut copied,
+            )
+            .await;
             assert_eq!(
                 next.unwrap(),
                 Next::Rest(false),
@@ -625,7 +665,15 @@ mod tests {
             let (b, _backend) = pair();
             client.write_all(b"early").unwrap();
             let mut copied = Copied::default();
-            let next = copy(&c, &b, ARM_AT_ONCE, &Activity::default(), &mut copied).await;
+            let next = copy(
+                &c,
+                &b,
+                ARM_AT_ONCE,
+                &|| true,
+                &Activity::default(),
+                &mut copied,
+            )
+            .await;
             assert_eq!(next.unwrap(), Next::Arm);
             assert_eq!(copied.bytes, [0, 0]);
         });
@@ -674,7 +722,15 @@ mod tests {
             // Both directions queued before the opening starts.
             std::thread::sleep(Duration::from_millis(20));
             let mut copied = Copied::default();
-            let next = copy(&c, &b, ARM_AFTER, &Activity::default(), &mut copied).await;
+            let next = copy(
+                &c,
+                &b,
+                ARM_AFTER,
+                &|| true,
+                &Activity::default(),
+                &mut copied,
+            )
+            .await;
             let bound = ARM_AFTER.bytes + BUF as u64 + u64::from(SETTLE_ROUNDS) * SETTLE_MAX as u64;
             assert!(copied.bytes[0] <= bound, "{copied:?}, bound {bound}");
             match next.unwrap() {

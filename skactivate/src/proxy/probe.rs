@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 
-use super::sockmap::Kernel;
+use super::sockmap::{Kernel, Loaded};
 use super::sys::{self, Addr};
 use super::{Fault, Stats};
 
@@ -69,8 +69,10 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// The program, loaded; or why not. What the process may not do is asked
 /// before bpf(2) is called: a unit whose `SystemCallFilter=` leaves bpf(2)
-/// out has seccomp kill the process that calls it.
-pub fn load(connections_max: usize) -> Result<Kernel, String> {
+/// out has seccomp kill the process that calls it. Blocking (the verifier,
+/// aya's parse of the kernel's BTF): the proxy runs it on a thread of its
+/// own and serves meanwhile.
+pub fn load(connections_max: usize) -> Result<Loaded, String> {
     if std::env::var(FORCE_FAIL_ENV).as_deref() == Ok("fail") {
         return Err(format!("forced by {FORCE_FAIL_ENV}=fail"));
     }
@@ -87,7 +89,7 @@ pub fn load(connections_max: usize) -> Result<Kernel, String> {
     let why_not = if eff & (1 << CAP_PERFMON | 1 << CAP_SYS_ADMIN) == 0 {
         "it needs CAP_PERFMON, which this process lacks".to_owned()
     } else {
-        match Kernel::load(true, connections_max) {
+        match Loaded::load(true, connections_max) {
             Ok(k) => return Ok(k),
             Err(e) => {
                 tracing::info!("the verdict program that trims did not load: {e}");
@@ -95,9 +97,9 @@ pub fn load(connections_max: usize) -> Result<Kernel, String> {
             }
         }
     };
-    let mut kernel = Kernel::load(false, connections_max).map_err(|e| e.to_string())?;
-    kernel.untrimmed = Some(why_not);
-    Ok(kernel)
+    let mut loaded = Loaded::load(false, connections_max).map_err(|e| e.to_string())?;
+    loaded.untrimmed = Some(why_not);
+    Ok(loaded)
 }
 
 /// Does seccomp let this process call bpf(2)? A child calls it (with no
@@ -147,7 +149,7 @@ async fn proxied(
     backend: AsyncFd<OwnedFd>,
 ) -> Result<(Result<(), Fault>, Stats), String> {
     let relay = super::relay_pair(
-        Some(kernel),
+        super::Path::Sockmap(kernel),
         super::sockmap::Credit::fixed(PROBE_LIMIT),
         super::opening::ARM_AT_ONCE,
         client,

@@ -427,11 +427,26 @@ pub enum LoadError {
     Watch(#[source] io::Error),
 }
 
-impl Kernel {
+/// The program loaded and attached, its maps taken: what [`Kernel`] is made
+/// of before it is registered with the runtime. Made on any thread (loading
+/// runs the verifier, and aya parses the kernel's BTF: tens of ms, which a
+/// proxy serves through, [`Loaded::load`]), registered on the runtime's.
+pub struct Loaded {
+    ebpf: Ebpf,
+    socks: SockHash<MapData, u64>,
+    sides: HashMap<MapData, u64, Side>,
+    counts: HashMap<MapData, u64, Count>,
+    ring: RingBuf<MapData>,
+    again: Option<ProgramArray<MapData>>,
+    /// As [`Kernel::untrimmed`].
+    pub untrimmed: Option<String>,
+}
+
+impl Loaded {
     /// Load the program, the one that trims overlapping segments if `trim`
     /// (it needs CAP_PERFMON), and attach it; its ring buffer sized for
     /// `connections_max` connections ([`ring_size`]).
-    pub fn load(trim: bool, connections_max: usize) -> Result<Kernel, LoadError> {
+    pub fn load(trim: bool, connections_max: usize) -> Result<Loaded, LoadError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("credit", ring_size(connections_max))
             .load(PROXY_OBJECT)
@@ -456,17 +471,6 @@ impl Kernel {
             .ok_or(LoadError::Missing("credit"))?
             .try_into()
             .map_err(|e| LoadError::Map("credit", e))?;
-        // SAFETY: the fd belongs to `ring`, which the Kernel keeps open
-        // until after this registration is dropped (field order).
-        let ring_ready = unsafe {
-            AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), Interest::READABLE)
-        }
-        .map_err(|e| LoadError::Ring(e.into()))?;
-        let quiet = sys::epoll_create()
-            // SAFETY: the AsyncFd owns the epoll fd and closes it when
-            // dropped, after deregistering.
-            .and_then(|ep| Ok(unsafe { AsyncFd::register_with_interest(ep, Interest::READABLE) }?))
-            .map_err(LoadError::Watch)?;
         let name = if trim {
             "ska_proxy_verdict_trim"
         } else {
@@ -504,20 +508,47 @@ impl Kernel {
             .try_into()
             .map_err(LoadError::Program)?;
         prog.attach(socks.fd()).map_err(LoadError::Attach)?;
-        Ok(Kernel {
-            quiet,
-            ring_ready,
-            ring: RefCell::new(ring),
-            waiters: RefCell::default(),
-            _ebpf: ebpf,
-            socks: RefCell::new(socks),
-            sides: RefCell::new(sides),
-            counts: RefCell::new(counts),
-            _again: again,
+        Ok(Loaded {
+            ebpf,
+            socks,
+            sides,
+            counts,
+            ring,
+            again,
             untrimmed: (!trim).then(|| "it was not asked to".to_owned()),
         })
     }
 
+    /// Watch the ring buffer and make the epoll instance for armed
+    /// sockets, with the runtime of the calling thread.
+    pub fn register(self) -> Result<Kernel, LoadError> {
+        // SAFETY: the fd belongs to `ring`, which the Kernel keeps open
+        // until after this registration is dropped (field order).
+        let ring_ready = unsafe {
+            AsyncFd::register_with_interest(RingFd(self.ring.as_raw_fd()), Interest::READABLE)
+        }
+        .map_err(|e| LoadError::Ring(e.into()))?;
+        let quiet = sys::epoll_create()
+            // SAFETY: the AsyncFd owns the epoll fd and closes it when
+            // dropped, after deregistering.
+            .and_then(|ep| Ok(unsafe { AsyncFd::register_with_interest(ep, Interest::READABLE) }?))
+            .map_err(LoadError::Watch)?;
+        Ok(Kernel {
+            quiet,
+            ring_ready,
+            ring: RefCell::new(self.ring),
+            waiters: RefCell::default(),
+            _ebpf: self.ebpf,
+            socks: RefCell::new(self.socks),
+            sides: RefCell::new(self.sides),
+            counts: RefCell::new(self.counts),
+            _again: self.again,
+            untrimmed: self.untrimmed,
+        })
+    }
+}
+
+impl Kernel {
     fn count(&self, cookie: u64) -> Count {
         self.counts.borrow().get(&cookie, 0).unwrap_or_default()
     }
