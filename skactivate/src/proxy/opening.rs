@@ -528,21 +528,23 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpStream};
 
+    /// [`copy`] with the proxy's mode decided, as after its start.
+    async fn copy_decided(
+        c: &AsyncFd<OwnedFd>,
+        b: &AsyncFd<OwnedFd>,
+        threshold: Threshold,
+        copied: &mut Copied,
+    ) -> Result<Next, Fault> {
+        copy(c, b, threshold, &|| true, &Activity::default(), copied).await
+    }
+
     #[test]
     fn a_short_exchange_ends_without_arming() {
         run(async {
             let (c, mut client, b, backend) = request_sent(b"?");
             let peer = reply_after_eof(backend, b"!!".to_vec(), true);
             let mut copied = Copied::default();
-            let next = copy(
-                &c,
-                &b,
-                ARM_AFTER,
-                &|| true,
-                &Activity::default(),
-                &mut copied,
-            )
-            .await;
+            let next = copy_decided(&c, &b, ARM_AFTER, &mut copied).await;
             assert_eq!(next.unwrap(), Next::Ended);
             assert_eq!(copied.bytes, [1, 2]);
             assert_eq!(peer.join().unwrap(), b"?");
@@ -566,15 +568,7 @@ mod tests {
                 std::thread::spawn(move || client.write_all(&data).map(|()| client))
             };
             let mut copied = Copied::default();
-            let next = copy(
-                &c,
-                &b,
-                ARM_AFTER,
-                &|| true,
-                &Activity::default(),
-                &mut copied,
-            )
-            .await;
+            let next = copy_decided(&c, &b, ARM_AFTER, &mut copied).await;
             assert_eq!(next.unwrap(), Next::Arm);
             let [up, down] = copied.bytes;
             assert_eq!(down, 0);
@@ -613,15 +607,7 @@ mod tests {
                 client
             });
             let mut copied = Copied::default();
-            let next = copy(
-                &c,
-                &b,
-                ARM_AFTER,
-                &|| true,
-                &Activity::default(),
-                &mut copied,
-            )
-            .await;
+            let next = copy_decided(&c, &b, ARM_AFTER, &mut copied).await;
             assert_eq!(next.unwrap(), Next::Arm);
             let half = u64::from(ARM_AFTER.reads / 2);
             assert_eq!(copied.bytes, [half, half]);
@@ -636,15 +622,7 @@ mod tests {
             let (c, mut client, b, backend) = request_sent(b"GET");
             let reply = reply_after_eof(backend, vec![1u8; 100_000], false);
             let mut copied = Copied::default();
-            let next = copy(
-                &c,
-                &b,
-                ARM_AFTER,
-                &|| true,
-                &Activity::default(),
-                &mut copied,
-            )
-            .await;
+            let next = copy_decided(&c, &b, ARM_AFTER, &mut copied).await;
             assert_eq!(
                 next.unwrap(),
                 Next::Rest(false),
@@ -665,15 +643,7 @@ mod tests {
             let (b, _backend) = pair();
             client.write_all(b"early").unwrap();
             let mut copied = Copied::default();
-            let next = copy(
-                &c,
-                &b,
-                ARM_AT_ONCE,
-                &|| true,
-                &Activity::default(),
-                &mut copied,
-            )
-            .await;
+            let next = copy_decided(&c, &b, ARM_AT_ONCE, &mut copied).await;
             assert_eq!(next.unwrap(), Next::Arm);
             assert_eq!(copied.bytes, [0, 0]);
         });
@@ -722,15 +692,7 @@ mod tests {
             // Both directions queued before the opening starts.
             std::thread::sleep(Duration::from_millis(20));
             let mut copied = Copied::default();
-            let next = copy(
-                &c,
-                &b,
-                ARM_AFTER,
-                &|| true,
-                &Activity::default(),
-                &mut copied,
-            )
-            .await;
+            let next = copy_decided(&c, &b, ARM_AFTER, &mut copied).await;
             let bound = ARM_AFTER.bytes + BUF as u64 + u64::from(SETTLE_ROUNDS) * SETTLE_MAX as u64;
             assert!(copied.bytes[0] <= bound, "{copied:?}, bound {bound}");
             match next.unwrap() {
