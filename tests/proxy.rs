@@ -1406,6 +1406,55 @@ fn queued(s: &TcpStream, request: libc::Ioctl) -> usize {
     usize::try_from(v).unwrap()
 }
 
+/// Write `chunk` to the client `c` (nonblocking) for `how_long` while the
+/// backend `server` reads nothing, each byte written added to `d`: the
+/// bytes written, and the most the proxy held in the kernel meanwhile
+/// (taken from the client, not yet in the backend's receive queue; the
+/// backend had read every byte sent before).
+fn push_to_stalled_backend(
+    c: &TcpStream,
+    server: &TcpStream,
+    chunk: &[u8],
+    how_long: Duration,
+    d: &mut Digest,
+    mode: &str,
+) -> (usize, usize) {
+    c.set_nonblocking(true).unwrap();
+    let mut sent = 0usize;
+    let mut held_max = 0usize;
+    let start = Instant::now();
+    while start.elapsed() < how_long {
+        match (&*c).write(chunk) {
+            Ok(n) => {
+                d.update(&chunk[..n]);
+                sent += n;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("{mode}: {e}"),
+        }
+        let held = sent - queued(c, libc::TIOCOUTQ) - queued(server, libc::FIONREAD);
+        held_max = held_max.max(held);
+    }
+    c.set_nonblocking(false).unwrap();
+    (sent, held_max)
+}
+
+/// Shut down the client's write side and read the backend to EOF, each byte
+/// added to `g`: how many.
+fn client_ends_backend_reads(c: &TcpStream, server: &mut TcpStream, g: &mut Digest) -> usize {
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = server.read(&mut buf).unwrap();
+        if n == 0 {
+            return got;
+        }
+        got += n;
+        g.update(&buf[..n]);
+    }
+}
+
 #[test]
 fn a_slow_backend_cannot_grow_kernel_memory_without_bound() {
     for mode in MODES {
@@ -1415,29 +1464,11 @@ fn a_slow_backend_cannot_grow_kernel_memory_without_bound() {
             let c = TcpStream::connect(a).unwrap();
             let (mut server, _) = l.accept().unwrap();
             timeouts(&server);
-            c.set_nonblocking(true).unwrap();
             // The backend reads nothing while the client pushes for 3 s.
             let chunk = pattern(9, 1 << 20);
-            let mut sent = 0usize;
             let mut d = Digest::new();
-            let mut held_max = 0usize;
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(3) {
-                match (&c).write(&chunk) {
-                    Ok(n) => {
-                        d.update(&chunk[..n]);
-                        sent += n;
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5))
-                    }
-                    Err(e) => panic!("{mode}: {e}"),
-                }
-                // Accepted by the proxy's side but not yet in the backend's
-                // receive queue: what the proxy holds in the kernel.
-                let held = sent - queued(&c, libc::TIOCOUTQ) - queued(&server, libc::FIONREAD);
-                held_max = held_max.max(held);
-            }
+            let (sent, held_max) =
+                push_to_stalled_backend(&c, &server, &chunk, Duration::from_secs(3), &mut d, mode);
             // Unbounded would be gigabytes. sockmap: the 4 MiB redirect
             // credit (what the backend has not acknowledged, its socket's
             // send queue included) and the client socket's receive buffer,
@@ -1459,19 +1490,8 @@ fn a_slow_backend_cannot_grow_kernel_memory_without_bound() {
                 "{mode}: the proxy held {held_max} bytes, more than {bound}"
             );
             // Then everything arrives, in order.
-            c.set_nonblocking(false).unwrap();
-            c.shutdown(Shutdown::Write).unwrap();
-            let mut got = 0usize;
             let mut g = Digest::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = server.read(&mut buf).unwrap();
-                if n == 0 {
-                    break;
-                }
-                got += n;
-                g.update(&buf[..n]);
-            }
+            let got = client_ends_backend_reads(&c, &mut server, &mut g);
             assert_eq!(got, sent, "{mode}");
             assert_eq!(g.0, d.0, "{mode}");
             if mode == "sockmap" {
@@ -1524,24 +1544,9 @@ fn a_backend_that_stops_after_reading_fast_is_still_bounded() {
             }
             let mut g = reader.join().unwrap();
             // Then the backend reads nothing while the client pushes for 2 s.
-            c.set_nonblocking(true).unwrap();
-            let mut held_max = 0usize;
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(2) {
-                match (&c).write(&chunk) {
-                    Ok(n) => {
-                        d.update(&chunk[..n]);
-                        sent += n;
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5))
-                    }
-                    Err(e) => panic!("{mode}: {e}"),
-                }
-                let held =
-                    sent - fast - queued(&c, libc::TIOCOUTQ) - queued(&server, libc::FIONREAD);
-                held_max = held_max.max(held);
-            }
+            let (more, held_max) =
+                push_to_stalled_backend(&c, &server, &chunk, Duration::from_secs(2), &mut d, mode);
+            sent += more;
             let rmem = sysctl_max("tcp_rmem");
             // sockmap: the credit's ceiling and the client socket's 1 MiB
             // receive buffer, each with 1 MiB for what buffers charge
@@ -1558,18 +1563,7 @@ fn a_backend_that_stops_after_reading_fast_is_still_bounded() {
                 held_max < bound,
                 "{mode}: the proxy held {held_max} bytes, more than {bound}"
             );
-            c.set_nonblocking(false).unwrap();
-            c.shutdown(Shutdown::Write).unwrap();
-            let mut got = fast;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = server.read(&mut buf).unwrap();
-                if n == 0 {
-                    break;
-                }
-                got += n;
-                g.update(&buf[..n]);
-            }
+            let got = fast + client_ends_backend_reads(&c, &mut server, &mut g);
             assert_eq!(got, sent, "{mode}");
             assert_eq!(g.0, d.0, "{mode}");
         });

@@ -620,22 +620,20 @@ impl Kernel {
     /// Watch an armed socket for its end and errors, and for input too if
     /// `input` (where every byte is passed: then every input is for us).
     fn watch(&self, end: &End, input: bool) -> io::Result<()> {
-        sys::epoll_ctl(
-            self.quiet.get_ref().as_fd(),
-            libc::EPOLL_CTL_ADD,
-            end.fd.as_fd(),
-            watched(input),
-            end.cookie,
-        )
+        self.epoll_ctl(libc::EPOLL_CTL_ADD, end, input)
     }
 
     /// Stop watching an armed socket for input.
     fn watch_end_only(&self, end: &End) -> io::Result<()> {
+        self.epoll_ctl(libc::EPOLL_CTL_MOD, end, false)
+    }
+
+    fn epoll_ctl(&self, op: libc::c_int, end: &End, input: bool) -> io::Result<()> {
         sys::epoll_ctl(
             self.quiet.get_ref().as_fd(),
-            libc::EPOLL_CTL_MOD,
+            op,
             end.fd.as_fd(),
-            watched(false),
+            watched(input),
             end.cookie,
         )
     }
