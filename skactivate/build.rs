@@ -34,10 +34,11 @@ fn main() {
         panic!("<bpf/bpf_helpers.h> not found: on Debian/Ubuntu: apt-get install libbpf-dev");
     }
     // empty: the baseline program of the benchmarks (benches/dispatcher.rs);
+    // floor: what any dispatcher's hit costs at least (the same benchmark);
     // proxy: the verdict program of `skactivate proxy --mode sockmap`;
     // reference: the plain single-trie dispatcher the benchmark holds ours
     // against (embedded by benches/dispatcher.rs only, never shipped).
-    for name in ["dispatcher", "empty", "proxy", "reference"] {
+    for name in ["dispatcher", "empty", "floor", "proxy", "reference"] {
         let src = ebpf.join(format!("{name}.bpf.c"));
         println!("cargo::rerun-if-changed={}", src.display());
         let obj = out.join(format!("{name}.bpf.o"));

@@ -125,6 +125,9 @@ use skactivate::dispatcher::{self, Dispatcher};
 
 /// The baseline program, built from `ebpf/empty.bpf.c` by build.rs.
 static EMPTY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/empty.bpf.o"));
+/// The hit floor, built from `ebpf/floor.bpf.c` by build.rs: socket 0 of a
+/// SOCKMAP assigned, no lookup.
+static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor.bpf.o"));
 /// The reference dispatcher, built from `ebpf/reference.bpf.c` by build.rs;
 /// embedded here only.
 static REFERENCE_OBJECT: &[u8] =
@@ -384,7 +387,7 @@ fn median_i64(mut v: Vec<i64>) -> i64 {
     v[v.len() / 2]
 }
 
-/// One case at one size: per-repetition ns of the three programs.
+/// One case at one size: per-repetition ns of the programs.
 struct Case {
     workload: Workload,
     family: Family,
@@ -393,6 +396,8 @@ struct Case {
     empty: Vec<u32>,
     ours: Vec<u32>,
     reference: Vec<u32>,
+    /// The hit floor's, on hits only (empty otherwise).
+    floor: Vec<u32>,
 }
 
 impl Case {
@@ -413,6 +418,22 @@ impl Case {
     fn reference_net(&self) -> i64 {
         self.net(&self.reference)
     }
+    /// The hit floor's cost net of empty, on hits.
+    fn floor_net(&self) -> Option<i64> {
+        (!self.floor.is_empty()).then(|| self.net(&self.floor))
+    }
+    /// What finding the binding costs `v` over the floor, in the same
+    /// repetitions: the median over r of (program_r − floor_r).
+    fn above_floor(&self, v: &[u32]) -> Option<i64> {
+        (!self.floor.is_empty()).then(|| {
+            median_i64(
+                v.iter()
+                    .zip(&self.floor)
+                    .map(|(&a, &f)| i64::from(a) - i64::from(f))
+                    .collect(),
+            )
+        })
+    }
     /// The issue's target for this case, net of empty (ns).
     /// In the mixed workload the `*` bindings cover every port: its
     /// "unbound" probes are misses on a port bound by `*`, held to the miss
@@ -429,13 +450,14 @@ impl Case {
     }
 }
 
-/// Time the three programs on `probes`, interleaved.
+/// Time `progs` on `probes`, interleaved; per program, its ns per run of
+/// each repetition.
 fn measure(
     plan: &Plan,
     start: Instant,
-    progs: [(BorrowedFd<'_>, Expect); 3],
+    progs: &[(BorrowedFd<'_>, Expect)],
     probes: &[(IpAddr, u16)],
-) -> [Vec<u32>; 3] {
+) -> Vec<Vec<u32>> {
     for &(addr, port) in probes {
         for (i, &(prog, expect)) in progs.iter().enumerate() {
             let r = dispatcher::test_run(prog, Protocol::Tcp, addr, port, 1).expect("test run");
@@ -445,12 +467,12 @@ fn measure(
     // Every timed call on one CPU: a call that lands on another CPU than
     // the last finds the program and its maps cold there.
     let _pinned = PinnedTo::cpu(traffic_cpu());
-    let mut out: [Vec<u32>; 3] = Default::default();
+    let mut out = vec![Vec::new(); progs.len()];
     for r in 0..plan.runs {
         check_deadline(start, "timing lookups");
         let (addr, port) = probes[r % probes.len()];
-        for k in 0..3 {
-            let p = (r + k) % 3;
+        for k in 0..progs.len() {
+            let p = (r + k) % progs.len();
             let t = dispatcher::test_run(progs[p].0, Protocol::Tcp, addr, port, plan.repeat)
                 .expect("test run");
             // The timed call answers too (its last run's verdict and
@@ -569,7 +591,7 @@ fn per_cpu_bytes(fd: BorrowedFd<'_>) -> u64 {
     }
 }
 
-/// One phase's dispatcher, reference and listener.
+/// One phase's dispatcher, reference, hit floor and listener.
 struct Setup {
     _listener: TcpListener,
     cookie: u64,
@@ -581,6 +603,7 @@ struct Setup {
     program_tag: String,
     reference: aya::Ebpf,
     empty: aya::Ebpf,
+    floor: aya::Ebpf,
     /// Whether the reference trie takes `BPF_MAP_UPDATE_BATCH`.
     ref_batch: bool,
 }
@@ -603,6 +626,9 @@ impl Setup {
         let reference = load_prog(REFERENCE_OBJECT, "reference_dispatcher");
         dispatcher::sys::sockmap_insert(map_fd(&reference, "ref_sockets"), 0, listener.as_fd())
             .expect("reference sockmap");
+        let floor = load_prog(FLOOR_OBJECT, "skactivate_floor");
+        dispatcher::sys::sockmap_insert(map_fd(&floor, "floor_sockets"), 0, listener.as_fd())
+            .expect("floor sockmap");
         Setup {
             _listener: listener,
             cookie,
@@ -613,6 +639,7 @@ impl Setup {
             program_tag: identity.tag_hex(),
             reference,
             empty: load_prog(EMPTY_OBJECT, "skactivate_empty"),
+            floor,
             ref_batch: true,
         }
     }
@@ -789,24 +816,32 @@ fn run_phase(
                 ("unbound", unbound, Expect::Pass),
             ];
             for (case, probes, expect) in cases {
-                let [empty, ours, reference] = measure(
-                    plan,
-                    start,
-                    [
-                        (prog_fd(&s.empty, "skactivate_empty"), Expect::Pass),
-                        (s.prog.as_fd(), expect),
-                        (prog_fd(&s.reference, "reference_dispatcher"), expect),
-                    ],
-                    &probes,
-                );
+                let mut progs = vec![
+                    (prog_fd(&s.empty, "skactivate_empty"), Expect::Pass),
+                    (s.prog.as_fd(), expect),
+                    (prog_fd(&s.reference, "reference_dispatcher"), expect),
+                ];
+                // The floor selects a socket whatever the probe: it is timed
+                // on hits only.
+                if let Expect::Hit(_) = expect {
+                    progs.push((prog_fd(&s.floor, "skactivate_floor"), expect));
+                }
+                let mut times = measure(plan, start, &progs, &probes).into_iter();
+                let mut next = || times.next().unwrap_or_default();
+                let (empty, ours, reference, floor) = (next(), next(), next(), next());
                 eprintln!(
-                    "{} {} {} {case}: empty {} ours {} reference {}",
+                    "{} {} {} {case}: empty {} ours {} reference {} floor {}",
                     workload.name(),
                     family_name(family),
                     count(n),
                     Case::raw(&empty),
                     Case::raw(&ours),
-                    Case::raw(&reference)
+                    Case::raw(&reference),
+                    if floor.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        Case::raw(&floor).to_string()
+                    }
                 );
                 phase.cases.push(Case {
                     workload,
@@ -816,6 +851,7 @@ fn run_phase(
                     empty,
                     ours,
                     reference,
+                    floor,
                 });
             }
         }
@@ -1661,6 +1697,71 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20))
 }
 
+/// What the hit floor shows: which part of each hit no lookup design can
+/// remove, and how ours and the reference compare on the rest.
+fn floor_paragraph(w: &mut String, r: &Results) {
+    let hits: Vec<(&Case, i64, i64, i64)> = r
+        .cases()
+        .filter_map(|c| {
+            Some((
+                c,
+                c.floor_net()?,
+                c.above_floor(&c.ours)?,
+                c.above_floor(&c.reference)?,
+            ))
+        })
+        .collect();
+    if hits.is_empty() {
+        return;
+    }
+    let span = |v: &mut dyn Iterator<Item = i64>| {
+        let v: Vec<i64> = v.collect();
+        let (lo, hi) = (v.iter().min().copied(), v.iter().max().copied());
+        match (lo, hi) {
+            (Some(lo), Some(hi)) if lo == hi => format!("{lo}"),
+            (Some(lo), Some(hi)) => format!("{lo} to {hi}"),
+            _ => "—".to_owned(),
+        }
+    };
+    let within = hits
+        .iter()
+        .filter(|&&(_, _, o, rf)| o as f64 <= 0.4 * rf as f64)
+        .count();
+    let below: Vec<String> = hits
+        .iter()
+        .filter(|&&(c, f, _, _)| f as f64 > c.target())
+        .map(|&(c, f, _, _)| {
+            format!(
+                "{} {} {} ({f} ns against ≤ {:.0})",
+                c.workload.name(),
+                family_name(c.family),
+                count(c.bindings),
+                c.target()
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        w,
+        "**The hit floor.** On the {} hit rows the floor program costs {} ns \
+         net of empty. Above it, in the same repetitions (the median over r \
+         of program_r − floor_r: what finding the binding costs), skactivate \
+         costs {} ns and the reference {} ns; skactivate is within 0.4× of \
+         the reference above the floor in {within} of {} hit rows. Hit rows \
+         whose target is below the floor itself, so that no dispatcher which \
+         assigns a socket from a SOCKMAP can meet it: {}.\n",
+        hits.len(),
+        span(&mut hits.iter().map(|h| h.1)),
+        span(&mut hits.iter().map(|h| h.2)),
+        span(&mut hits.iter().map(|h| h.3)),
+        hits.len(),
+        if below.is_empty() {
+            "none".to_owned()
+        } else {
+            below.join("; ")
+        }
+    );
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "meets" } else { "**misses**" }
 }
@@ -1724,9 +1825,13 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
          dispatcher, and the reference dispatcher (`ebpf/reference.bpf.c`, \
          written for this bench: tubular's plain design, one LPM trie keyed \
          {{prefixlen, protocol, port, IPv4-mapped address}} asked twice, exact \
-         port then port 0 for `*`, then `bpf_sk_assign` from a SOCKMAP). Each \
+         port then port 0 for `*`, then `bpf_sk_assign` from a SOCKMAP); on \
+         hits a fourth, the hit floor (`ebpf/floor.bpf.c`: no lookup at all, \
+         socket 0 of a SOCKMAP assigned and released, what every hit of any \
+         dispatcher pays at least, `BPF_PROG_TEST_RUN`'s handling of a \
+         selected socket included). Each \
          program runs {} calls of {} repeats per case (the kernel reports the \
-         mean per call), every call on CPU {}; repetition r runs the three on \
+         mean per call), every call on CPU {}; repetition r runs them all on \
          probe r, in an order rotated with r. **Every figure is net of the empty program**: the \
          median over r of (program_r − empty_r). The empty program's median \
          over the whole run: **{} ns**.\n",
@@ -1745,11 +1850,11 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
     );
     let _ = writeln!(
         w,
-        "| workload | family | bindings | case | skactivate (net) | reference (net) | ours / reference | target | verdict |"
+        "| workload | family | bindings | case | skactivate (net) | reference (net) | ours / reference | target | verdict | floor (net) | above the floor: ours / reference |"
     );
     let _ = writeln!(
         w,
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"
     );
     let mut met = 0;
     let mut total = 0;
@@ -1763,9 +1868,17 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
         if c.meets() {
             met += 1;
         }
+        let (floor, above) = match (
+            c.floor_net(),
+            c.above_floor(&c.ours),
+            c.above_floor(&c.reference),
+        ) {
+            (Some(f), Some(o), Some(rf)) => (f.to_string(), format!("{o} / {rf}")),
+            _ => ("—".to_owned(), "—".to_owned()),
+        };
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | **{}** | {} | {ratio} | ≤ {:.0} | {} |",
+            "| {} | {} | {} | {} | **{}** | {} | {ratio} | ≤ {:.0} | {} | {floor} | {above} |",
             c.workload.name(),
             family_name(c.family),
             count(c.bindings),
@@ -1818,23 +1931,29 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
             dearer.join("; ")
         }
     );
+    floor_paragraph(w, r);
     let _ = writeln!(w, "Raw medians (ns, not net), for the record:\n");
     let _ = writeln!(
         w,
-        "| workload | family | bindings | case | empty | skactivate | reference |"
+        "| workload | family | bindings | case | empty | skactivate | reference | floor |"
     );
-    let _ = writeln!(w, "| --- | --- | ---: | --- | ---: | ---: | ---: |");
+    let _ = writeln!(w, "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |");
     for c in r.cases() {
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             c.workload.name(),
             family_name(c.family),
             count(c.bindings),
             c.case,
             Case::raw(&c.empty),
             Case::raw(&c.ours),
-            Case::raw(&c.reference)
+            Case::raw(&c.reference),
+            if c.floor.is_empty() {
+                "—".to_owned()
+            } else {
+                Case::raw(&c.floor).to_string()
+            }
         );
     }
 
@@ -2399,8 +2518,18 @@ fn run_lookup(plan: &'static Plan) {
     ] {
         let phase = run_phase(plan, workload, family, sizes, &[], start);
         for c in &phase.cases {
+            let floor = match (
+                c.floor_net(),
+                c.above_floor(&c.ours),
+                c.above_floor(&c.reference),
+            ) {
+                (Some(f), Some(o), Some(rf)) => {
+                    format!("; floor {f}, above it ours {o} reference {rf}")
+                }
+                _ => String::new(),
+            };
             println!(
-                "{} {} {} {}: ours {} reference {} (net; empty {}) target {:.0}: {}",
+                "{} {} {} {}: ours {} reference {} (net; empty {}) target {:.0}: {}{floor}",
                 workload.name(),
                 family_name(family),
                 count(c.bindings),
