@@ -104,11 +104,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } destinations SEC(".maps");
 
+/* Destination id -> counters, per CPU.  Its first capacity; user space
+ * replaces it by a bigger one, under a new program, before it gives out an
+ * id past its end (see skactivate.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, struct ska_metrics);
-	__uint(max_entries, SKA_MAX_DESTINATIONS);
+	__uint(max_entries, SKA_METRICS_MIN);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } metrics SEC(".maps");
 

@@ -78,8 +78,12 @@
 /* Destinations: ids 0..SKA_MAX_DESTINATIONS-1 index the metrics array.  A
  * destination is one socket of a unit (family and protocol): 1024 are some
  * 500 dual-stack socket units.  The per-CPU metrics array costs 24 bytes per
- * destination and CPU, so this is what keeps the maps small. */
+ * slot and CPU (1.5 MiB for 1024 on 64 CPUs), so it is created with
+ * SKA_METRICS_MIN slots and replaced by one four times as big when an id
+ * reaches its end (16, 64, 256, 1024): lowest ids are allocated first, so it
+ * holds as many slots as destinations were in use at once, rounded up. */
 #define SKA_MAX_DESTINATIONS 1024
+#define SKA_METRICS_MIN 16
 /* systemd's UNIT_NAME_MAX is 256 including the terminating NUL. */
 #define SKA_UNIT_NAME_MAX 256
 

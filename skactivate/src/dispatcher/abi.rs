@@ -121,6 +121,23 @@ pub fn filter_bit(hash: u64, log2: u32) -> u64 {
 
 /// `SKA_MAX_DESTINATIONS`.
 pub const MAX_DESTINATIONS: u32 = 1024;
+/// `SKA_METRICS_MIN`: the `metrics` array's first capacity; it is replaced
+/// by one four times as big when an id reaches its end, up to
+/// `MAX_DESTINATIONS`.
+pub const METRICS_MIN: u32 = 16;
+
+/// The `metrics` capacities a dispatcher makes: `METRICS_MIN`, fourfold
+/// steps, `MAX_DESTINATIONS`.
+pub fn metrics_capacities() -> impl Iterator<Item = u32> {
+    std::iter::successors(Some(METRICS_MIN), |&c| {
+        (c < MAX_DESTINATIONS).then(|| (c * 4).min(MAX_DESTINATIONS))
+    })
+}
+
+/// The smallest `metrics` capacity with a slot for destination `id`.
+pub fn metrics_capacity_for(id: u32) -> Option<u32> {
+    metrics_capacities().find(|&c| c > id)
+}
 /// `SKA_UNIT_NAME_MAX`.
 pub const UNIT_NAME_MAX: usize = 256;
 /// `SKA_PORTS_PORT_WORDS`: words of the `ports` array with a bit per
@@ -460,6 +477,19 @@ mod tests {
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn metrics_grow_fourfold_to_the_destinations_cap() {
+        assert_eq!(
+            metrics_capacities().collect::<Vec<_>>(),
+            [16, 64, 256, 1024]
+        );
+        assert_eq!(metrics_capacity_for(0), Some(16));
+        assert_eq!(metrics_capacity_for(15), Some(16));
+        assert_eq!(metrics_capacity_for(16), Some(64));
+        assert_eq!(metrics_capacity_for(1023), Some(1024));
+        assert_eq!(metrics_capacity_for(1024), None);
     }
 
     #[test]

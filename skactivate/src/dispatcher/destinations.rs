@@ -19,6 +19,9 @@ impl Dispatcher {
         let id = (0..abi::MAX_DESTINATIONS)
             .find(|i| !self.dests.contains_key(i))
             .ok_or(DispatcherError::DestinationsFull)?;
+        if id >= self.metrics_capacity {
+            self.grow_metrics(id)?;
+        }
         let zeros = PerCpuValues::try_from(vec![Metrics::default(); nr_cpus()?])
             .map_err(sys_err("per-CPU values"))?;
         self.metrics.set(id, zeros, 0).map_err(map_err("metrics"))?;
@@ -34,6 +37,56 @@ impl Dispatcher {
             },
         );
         Ok(id)
+    }
+
+    /// Replace the `metrics` array by the next size with a slot for `id`,
+    /// under a program that counts there. The new array is staged aside
+    /// with every destination's counters, then the link runs its program;
+    /// what the old program counted meanwhile (it runs until the link
+    /// update, and to the end of a lookup it had begun) is added after. On
+    /// an error before the link update nothing has changed.
+    fn grow_metrics(&mut self, id: u32) -> Result<()> {
+        let cap = abi::metrics_capacity_for(id).ok_or(DispatcherError::DestinationsFull)?;
+        let (program, map) = pinned::stage_metrics(&self.dir, self.hash_capacity, cap)?;
+        let staged = self.dir.join(METRICS_PIN_NEW);
+        let unstage = |e| {
+            let _ = fs::remove_file(&staged);
+            e
+        };
+        let mut new = PerCpuArray::<_, Metrics>::try_from(Map::PerCpuArray(map))
+            .map_err(map_err(METRICS))
+            .map_err(unstage)?;
+        let mut copied = Vec::with_capacity(self.dests.len());
+        for &i in self.dests.keys() {
+            let r = self.metrics.get(&i, 0).and_then(|v| {
+                let v = v.to_vec();
+                new.set(i, PerCpuValues::try_from(v.clone())?, 0)?;
+                Ok(v)
+            });
+            copied.push((i, r.map_err(map_err(METRICS)).map_err(unstage)?));
+        }
+        self.swap_program(program, true)?;
+        let old = std::mem::replace(&mut self.metrics, new);
+        self.metrics_capacity = cap;
+        for (i, before) in copied {
+            let after = old.get(&i, 0).map_err(map_err(METRICS))?;
+            if after.iter().eq(before.iter()) {
+                continue;
+            }
+            let now = self.metrics.get(&i, 0).map_err(map_err(METRICS))?;
+            let sum: Vec<Metrics> = now
+                .iter()
+                .zip(after.iter().zip(&before))
+                .map(|(n, (a, b))| Metrics {
+                    lookups: n.lookups.wrapping_add(a.lookups.wrapping_sub(b.lookups)),
+                    misses: n.misses.wrapping_add(a.misses.wrapping_sub(b.misses)),
+                    errors: n.errors.wrapping_add(a.errors.wrapping_sub(b.errors)),
+                })
+                .collect();
+            let sum = PerCpuValues::try_from(sum).map_err(sys_err("per-CPU values"))?;
+            self.metrics.set(i, sum, 0).map_err(map_err(METRICS))?;
+        }
+        Ok(())
     }
 
     pub(super) fn socket_cookie(&self, id: u32) -> Result<Option<u64>> {

@@ -64,6 +64,10 @@ const LOOKUP_BATCH: usize = 16384;
 /// The `entries` hash, and where a bigger one is pinned while it is filled.
 const ENTRIES: &str = "entries";
 const ENTRIES_PIN_NEW: &str = "entries-new";
+/// The per-CPU `metrics` array, and where a bigger one is pinned while its
+/// program is loaded.
+const METRICS: &str = "metrics";
+const METRICS_PIN_NEW: &str = "metrics-new";
 
 /// What a pinned map must look like for this build to adopt it.
 struct MapSpec {
@@ -104,12 +108,14 @@ const MAPS: [MapSpec; 8] = [
         value_size: size::<DestinationValue>(),
         max_entries: abi::MAX_DESTINATIONS,
     },
+    // Its capacity grows (see `Dispatcher::grow_metrics`): the object's is
+    // the first.
     MapSpec {
-        name: "metrics",
+        name: METRICS,
         map_type: sys::MAP_TYPE_PERCPU_ARRAY,
         key_size: size::<u32>(),
         value_size: size::<Metrics>(),
-        max_entries: abi::MAX_DESTINATIONS,
+        max_entries: abi::METRICS_MIN,
     },
     MapSpec {
         name: "ports",
@@ -524,6 +530,8 @@ pub struct Dispatcher {
     sockets: MapData,
     destinations: BpfHashMap<MapData, DestinationKey, DestinationValue>,
     metrics: PerCpuArray<MapData, Metrics>,
+    /// Its `max_entries`: ids below it have counters.
+    metrics_capacity: u32,
     ports: MapData,
     /// The `entries` hash: every entry, the program's exact-match table.
     hash: MapData,

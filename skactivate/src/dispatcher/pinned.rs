@@ -100,8 +100,11 @@ impl Dispatcher {
         let _ = fs::remove_file(dir.join(ENTRIES_PIN_NEW));
         let _ = fs::remove_file(dir.join(filter::FILTER_PIN_NEW));
         let _ = fs::remove_file(dir.join(filter::CACHE_PIN_NEW));
+        // And a bigger metrics array (see `grow_metrics`).
+        let _ = fs::remove_file(dir.join(METRICS_PIN_NEW));
         let mut maps = HashMap::new();
         let mut hash_capacity = abi::ENTRIES_MIN;
+        let mut metrics_capacity = abi::METRICS_MIN;
         for spec in &MAPS {
             let path = dir.join(spec.name);
             if spec.name == filter::FILTER || spec.name == filter::CACHE {
@@ -119,8 +122,15 @@ impl Dispatcher {
             let grown = spec.name == ENTRIES
                 && found.max_entries.is_power_of_two()
                 && (abi::ENTRIES_MIN..=abi::MAX_BINDINGS).contains(&found.max_entries);
+            // The metrics array grows fourfold (state of skactivate before
+            // it did has the largest).
+            let grown_metrics =
+                spec.name == METRICS && abi::metrics_capacities().any(|c| c == found.max_entries);
             let want_max = if grown {
                 hash_capacity = found.max_entries;
+                found.max_entries
+            } else if grown_metrics {
+                metrics_capacity = found.max_entries;
                 found.max_entries
             } else {
                 spec.max_entries
@@ -154,7 +164,7 @@ impl Dispatcher {
         let destinations = BpfHashMap::try_from(Map::HashMap(take("destinations")))
             .map_err(map_err("destinations"))?;
         let metrics =
-            PerCpuArray::try_from(Map::PerCpuArray(take("metrics"))).map_err(map_err("metrics"))?;
+            PerCpuArray::try_from(Map::PerCpuArray(take(METRICS))).map_err(map_err(METRICS))?;
         let ports = take("ports");
         let hash = take(ENTRIES);
         // A filter and cache made here run only once filled
@@ -179,6 +189,7 @@ impl Dispatcher {
             sockets,
             destinations,
             metrics,
+            metrics_capacity,
             ports,
             hash,
             hash_capacity,
@@ -218,6 +229,7 @@ impl Dispatcher {
     /// old, with the same destination).
     pub(super) fn swap_program(&mut self, program: OwnedFd, replaces: bool) -> Result<()> {
         let staged = [
+            METRICS_PIN_NEW,
             filter::FILTER_PIN_NEW,
             ENTRIES_PIN_NEW,
             filter::CACHE_PIN_NEW,
@@ -239,7 +251,10 @@ impl Dispatcher {
             return Err(e);
         }
         self.program = program;
-        for (from, to) in staged.iter().zip([filter::FILTER, ENTRIES, filter::CACHE]) {
+        for (from, to) in staged
+            .iter()
+            .zip([METRICS, filter::FILTER, ENTRIES, filter::CACHE])
+        {
             if from.exists() {
                 let pin = self.dir.join(to);
                 fs::rename(from, &pin).map_err(io_err(&pin))?;
@@ -499,16 +514,21 @@ static LOADER: LazyLock<Mutex<EbpfLoader<'static>>> = LazyLock::new(|| {
 /// Load the object against `dir`: each map pinned there is used, a missing
 /// one is created and pinned there, except the `entries` hash, its filter
 /// and its cache, which are pinned at `entries_pin`, and at `filter_pin`
-/// and `cache_pin`, and created for a capacity of `capacity` entries.
+/// and `cache_pin`, and created for a capacity of `capacity` entries, and
+/// the `metrics` array, pinned at `metrics_pin` and created with
+/// `metrics_capacity` slots.
 pub(super) fn load_object(
     dir: &Path,
     entries_pin: &Path,
     [filter_pin, cache_pin]: [&Path; 2],
     capacity: u32,
+    (metrics_pin, metrics_capacity): (&Path, u32),
 ) -> Result<aya::Ebpf> {
     let mut loader = LOADER.lock().unwrap_or_else(PoisonError::into_inner);
     loader
         .default_map_pin_directory(dir)
+        .map_pin_path(METRICS, metrics_pin.to_owned())
+        .map_max_entries(METRICS, metrics_capacity)
         .map_pin_path(ENTRIES, entries_pin.to_owned())
         .map_max_entries(ENTRIES, capacity)
         .map_pin_path(filter::FILTER, filter_pin.to_owned())
@@ -523,7 +543,45 @@ pub(super) fn load_object(
 /// their usual pins.
 fn load_pinned(dir: &Path, capacity: u32) -> Result<aya::Ebpf> {
     let pins = [filter::FILTER, filter::CACHE].map(|n| dir.join(n));
-    load_object(dir, &dir.join(ENTRIES), [&pins[0], &pins[1]], capacity)
+    load_object(
+        dir,
+        &dir.join(ENTRIES),
+        [&pins[0], &pins[1]],
+        capacity,
+        (&dir.join(METRICS), abi::METRICS_MIN),
+    )
+}
+
+/// Load the program against a new `metrics` array of `metrics_capacity`
+/// slots pinned aside (`metrics-new`) and the other maps pinned in `dir`
+/// (an `entries` hash of `capacity` entries). The program is not run and
+/// the new array is zeroed; on an error nothing staged is left.
+pub(super) fn stage_metrics(
+    dir: &Path,
+    capacity: u32,
+    metrics_capacity: u32,
+) -> Result<(OwnedFd, MapData)> {
+    let pin = dir.join(METRICS_PIN_NEW);
+    let _ = fs::remove_file(&pin);
+    let built = (|| {
+        let pins = [filter::FILTER, filter::CACHE].map(|n| dir.join(n));
+        let mut ebpf = load_object(
+            dir,
+            &dir.join(ENTRIES),
+            [&pins[0], &pins[1]],
+            capacity,
+            (&pin, metrics_capacity),
+        )?;
+        let program = load_fd(program_of(&mut ebpf)?)?;
+        match ebpf.take_map(METRICS) {
+            Some(Map::PerCpuArray(m)) => Ok((program, m)),
+            _ => Err(DispatcherError::MissingProgram { name: METRICS }),
+        }
+    })();
+    if built.is_err() {
+        let _ = fs::remove_file(&pin);
+    }
+    built
 }
 
 /// The maps `stage` made.
@@ -554,7 +612,13 @@ pub(super) fn stage(
         let _ = fs::remove_file(p);
     }
     let built = (|| {
-        let mut ebpf = load_object(dir, entries_pin, [&filter_pin, &cache_pin], capacity)?;
+        let mut ebpf = load_object(
+            dir,
+            entries_pin,
+            [&filter_pin, &cache_pin],
+            capacity,
+            (&dir.join(METRICS), abi::METRICS_MIN),
+        )?;
         let program = load_fd(program_of(&mut ebpf)?)?;
         let hash = match (new_hash, ebpf.take_map(ENTRIES)) {
             (false, _) => None,
