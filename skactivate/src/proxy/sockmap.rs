@@ -747,7 +747,7 @@ impl End {
     }
 
     fn acked_since(&self) -> io::Result<u64> {
-        Ok(sys::bytes_acked(self.fd.as_fd())? - self.acked_base)
+        Ok(sys::bytes_acked(self.fd.as_fd())?.saturating_sub(self.acked_base))
     }
 }
 
@@ -1057,7 +1057,7 @@ pub async fn relay(
         if hold && !held {
             // The credit ran out: size the next one to the peer's pace.
             let acked = dst.acked_since().map_err(Fault::Write)?;
-            limit = credit.after_hold(limit, acked - since.0, since.1.elapsed());
+            limit = credit.after_hold(limit, acked.saturating_sub(since.0), since.1.elapsed());
             since = (acked, Instant::now());
             room = flow.room(dst, &count, limit)?;
         }
