@@ -1251,7 +1251,8 @@ fn destroy_detaches_the_program() {
 /// The daemon runs with exactly the capability set and memlock limit of the
 /// shipped unit: a process with just those creates the dispatcher (first
 /// start), adopts it again (restart), upgrades the program, registers a
-/// socket, binds and looks up.
+/// socket, binds, grows the metrics array past its first 16 destinations
+/// and looks up.
 #[test]
 fn the_shipped_units_capabilities_and_memlock_are_enough_to_create_and_serve() {
     in_netns(
@@ -1334,6 +1335,31 @@ fn child_with_the_units_limits() {
         .clone();
     d.add_bindings(&[(bind(Protocol::Tcp, "192.0.2.0/24", Ports::single(80)), to)])
         .expect("bind");
+    // More destinations than the first metrics array has slots: it is
+    // replaced (a map created and pinned, a program loaded, the link
+    // updated) under these limits too.
+    let more: Vec<_> = (1..20u8)
+        .map(|i| {
+            (
+                bind(
+                    Protocol::Tcp,
+                    &format!("198.51.100.{i}/32"),
+                    Ports::single(80),
+                ),
+                Destination {
+                    unit: format!("u{i}.socket"),
+                    family: Family::V4,
+                    protocol: Protocol::Tcp,
+                },
+            )
+        })
+        .collect();
+    d.add_bindings(&more).expect("bind 19 more destinations");
+    let metrics = skactivate::dispatcher::sys::obj_get(&d.dir().join("metrics")).expect("pin");
+    let slots = skactivate::dispatcher::sys::map_info(metrics.as_fd())
+        .expect("map info")
+        .max_entries;
+    assert_eq!(slots, 64, "the metrics array grew");
     let l = d
         .lookup(Protocol::Tcp, v4("192.0.2.8"), 80)
         .expect("lookup");
