@@ -1198,8 +1198,9 @@ fn pin_array_map(path: &std::path::Path, value_size: u32) {
     unsafe { libc::close(fd as i32) };
 }
 
-/// The maps a dispatcher pins in its state directory.
-const MAP_PINS: [&str; 7] = [
+/// The maps a dispatcher pins in its state directory (and `records`, the
+/// units' records, pinned beside them: see `records.rs`).
+const MAP_PINS: [&str; 8] = [
     "bindings",
     "sockets",
     "destinations",
@@ -1207,6 +1208,7 @@ const MAP_PINS: [&str; 7] = [
     "ports",
     "entries",
     "filter",
+    "cache",
 ];
 
 #[test]
@@ -1576,7 +1578,7 @@ fn one_binding_and_one_socket_cost_little_map_memory() {
         let (_web, d) = serve_web(fs);
         let mut total = 0u64;
         let mut each = Vec::new();
-        for name in MAP_PINS {
+        for name in MAP_PINS.into_iter().chain(["records"]) {
             let fd = skactivate::dispatcher::sys::obj_get(&d.dir().join(name)).unwrap();
             let info =
                 std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
