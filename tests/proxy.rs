@@ -1899,6 +1899,9 @@ fn socket_activated_under_systemd_with_type_notify() {
             "{reply:?}\n{}",
             sd.journal("webserver-proxy.service")
         );
+        // It serves while it decides its mode, so the reply may come
+        // before READY=1 and the STATUS= sent with it.
+        sd.wait_state("webserver-proxy.service", "active");
         let said = sd.property("webserver-proxy.service", "StatusText");
         assert!(said.starts_with(status), "{said}");
         sd.ok(&["systemctl", "stop", "webserver-proxy.service"]);
