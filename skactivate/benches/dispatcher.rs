@@ -1,10 +1,12 @@
 //! `cargo bench -p skactivate --bench dispatcher`: what one lookup costs
-//! skactivate's dispatcher, measured in the same run and interleaved with two
+//! skactivate's dispatcher, measured in the same run and interleaved with
 //! programs of our own: the empty `SK_PASS` program (`ebpf/empty.bpf.c`, the
-//! cost of running any program at all) and a plain single-trie reference
+//! cost of running any program at all), a plain single-trie reference
 //! dispatcher (`ebpf/reference.bpf.c`: tubular's design, one LPM trie asked
-//! twice). Every lookup figure is given net of the empty program; the issue's
-//! target is "≤ 0.4× the reference's net cost". Around it: loading and
+//! twice), and on hits the hit floor (`ebpf/floor.bpf.c`: a socket assigned
+//! without any lookup, what every hit costs at least). Every lookup figure is
+//! given net of the empty program; the issue's target is "≤ 0.4× the
+//! reference's net cost". Around it: loading and
 //! adopting 1M bindings, map memory, fresh-dispatcher creation, the shipped
 //! daemon's RSS (measured as `benches/daemon.rs` does, by the module it
 //! shares, `benches/shared/daemon.rs`) and steered traffic against no program at all. The report goes to
@@ -20,7 +22,7 @@
 //! bound port, unbound port) is timed with `BPF_PROG_TEST_RUN`, `repeat` runs
 //! per call (the kernel reports the mean ns per run), `runs` calls per program,
 //! round-robin: repetition r runs the empty program, ours and the reference
-//! on the same probe, in an order rotated with r. Before timing, one call per
+//! (and on hits the floor) on the same probe, in an order rotated with r. Before timing, one call per
 //! probe and program checks the answer (the listener's cookie for a hit, a
 //! plain pass otherwise), and so does every timed call. Net of empty = median over r of (program_r −
 //! empty_r).
