@@ -2251,11 +2251,15 @@ fn filter_words(d: &Dispatcher) -> (u64, Vec<u64>) {
 /// Every word of the pinned `cache` array (header line first), and the
 /// array itself.
 fn cache_map(d: &Dispatcher) -> (Vec<u64>, aya::maps::Array<aya::maps::MapData, [u64; 8]>) {
-    let data = aya::maps::MapData::from_pin(d.dir().join("cache")).unwrap();
-    let cache: aya::maps::Array<_, [u64; 8]> =
-        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    let cache = cache_lines(d);
     let words = cache.iter().flat_map(|l| l.unwrap()).collect();
     (words, cache)
+}
+
+/// The pinned `cache` array, its lines.
+fn cache_lines(d: &Dispatcher) -> aya::maps::Array<aya::maps::MapData, [u64; 8]> {
+    let data = aya::maps::MapData::from_pin(d.dir().join("cache")).unwrap();
+    aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap()
 }
 
 /// The pinned cache's slots in use: (key words, tag).
@@ -2519,6 +2523,41 @@ fn the_cache_answers_hits_and_agrees_with_the_hash() {
         assert!(slots_of(&entries, &nested[2..]).is_subset(&cache_slots(&d)));
         assert_eq!(goes_to(&d, "198.18.124.9", 77), some("a.socket"));
         assert_eq!(goes_to(&d, "198.18.64.9", 77), None);
+
+        // Past 65536 entries the hash grows to its last capacity, and the
+        // cache to 2^19 buckets, filled (when it grows) and written (when
+        // entries come) in the order of its buckets: every entry is cached
+        // where the program looks for it (read line by line: the whole
+        // cache is 32 MiB).
+        let wide = bind(Protocol::Tcp, "198.18.3.9/32", Ports::Range(1, 65535));
+        serve(&mut d, "a.socket", &a, &[wide]);
+        let more = bind(Protocol::Tcp, "198.18.4.9/32", Ports::Range(1, 30000));
+        serve(&mut d, "a.socket", &a, &[more]);
+        let entries = entries_hash(&d);
+        let lines = cache_lines(&d);
+        let header = lines.get(&0, 0).unwrap();
+        assert_eq!(header[1] + 1, 1 << 19, "buckets");
+        let cached = |key: &aya::maps::lpm_trie::Key<abi::BindingKey>| {
+            let (words, tag) = cache_slot(key, entries.get(key, 0).unwrap().destination);
+            let hash = abi::key_hash(key);
+            let first = hash >> header[0];
+            [first, first ^ abi::cache_other(hash, header[1])]
+                .iter()
+                .any(|&b| {
+                    let line = lines.get(&(1 + b as u32), 0).unwrap();
+                    line.chunks(4).any(|s| s[..3] == words && s[3] == tag)
+                })
+        };
+        for b in [many, wide, more] {
+            let keys = entry_keys(&[b]);
+            // Every 16th: a few thousand of each range.
+            let sample: Vec<_> = keys.iter().step_by(16).collect();
+            let missing = sample.iter().filter(|k| !cached(k)).count();
+            assert_eq!(missing, 0, "{missing} of {} not cached", sample.len());
+        }
+        assert_eq!(goes_to(&d, "198.18.3.9", 65535), some("a.socket"));
+        assert_eq!(goes_to(&d, "198.18.4.9", 30000), some("a.socket"));
+        assert_eq!(goes_to(&d, "198.18.4.9", 30001), None);
     });
 }
 

@@ -484,9 +484,8 @@ impl Dispatcher {
         self.delete_keys(true, &keys)?;
         // Mapped for a change already, or (adoption) until it ends.
         self.filter.map()?;
-        for (key, (_, id)) in keys.iter().zip(&short) {
-            self.filter.cache(key, *id);
-        }
+        self.filter
+            .cache_many(keys.iter().zip(&short).map(|(key, (_, id))| (key, *id)));
         Ok(())
     }
 
@@ -568,11 +567,13 @@ impl Dispatcher {
         self.filter.add(keys.iter());
         let (n, r) = self.write_entries(false, &keys, &values);
         let cached = self.cached_kinds();
-        for (key, (e, id)) in keys.iter().zip(batch).take(n) {
-            if cached(e) {
-                self.filter.cache(key, *id);
-            }
-        }
+        self.filter.cache_many(
+            keys.iter()
+                .zip(batch)
+                .take(n)
+                .filter(|(_, (e, _))| cached(e))
+                .map(|(key, (_, id))| (key, *id)),
+        );
         if let Err(err) = r {
             return Err(write_err(err, batch.get(n).map(|a| a.0), "entries"));
         }
@@ -680,45 +681,56 @@ impl Dispatcher {
         // Which entries this change added (the others were present with
         // the same destination, or named twice): what a failure undoes.
         let mut added = vec![0u64; total.div_ceil(64)];
+        // The entries of one step, then those of them that are new.
+        let mut step: Vec<(Entry, u32)> = Vec::with_capacity(total.min(APPLY_BATCH));
         let mut batch: Vec<(Entry, u32)> = Vec::with_capacity(total.min(APPLY_BATCH));
         let mut per_id: BTreeMap<u32, u32> = BTreeMap::new();
         let (mut pos, mut counted) = (0, 0);
         let mut failure = None;
-        'all: for (b, i) in add {
+        let mut entries = add.iter().flat_map(|(b, i)| {
             let id = ids[*i as usize];
-            for e in Entry::of(b) {
-                match self.entries.insert_new(e, id) {
+            Entry::of(b).map(move |e| (e, id))
+        });
+        loop {
+            step.clear();
+            step.extend(entries.by_ref().take(APPLY_BATCH));
+            if step.is_empty() {
+                break;
+            }
+            // Into the index in its own order; a conflict stops the
+            // change once the step is in (the first of the step's, in the
+            // order of `add`, is the one reported), and what it added goes
+            // out again with the rest.
+            let answers = self.entries.insert_new_many(&step);
+            batch.clear();
+            for (j, (&(e, id), answer)) in step.iter().zip(answers).enumerate() {
+                match answer {
                     None => {
-                        added[pos / 64] |= 1 << (pos % 64);
+                        added[(pos + j) / 64] |= 1 << ((pos + j) % 64);
                         batch.push((e, id));
                         *per_id.entry(id).or_default() += 1;
                     }
                     Some(other) if other == id => {}
                     Some(other) => {
-                        failure = Some(DispatcherError::Conflict {
+                        failure.get_or_insert_with(|| DispatcherError::Conflict {
                             binding: e.binding(),
                             other: self.dests[&other].destination.clone(),
                         });
-                        break 'all;
                     }
-                }
-                pos += 1;
-                if batch.len() == APPLY_BATCH {
-                    counted = pos;
-                    if let Err(e) = self.write_batch(&batch) {
-                        failure = Some(e);
-                        break 'all;
-                    }
-                    batch.clear();
                 }
             }
-        }
-        if failure.is_none() && !batch.is_empty() {
+            pos += step.len();
+            if failure.is_some() {
+                break;
+            }
+            // What a failed write leaves half done is undone with the rest.
             counted = pos;
             if let Err(e) = self.write_batch(&batch) {
                 failure = Some(e);
+                break;
             }
         }
+        drop(step);
         drop(batch);
         if let Some(e) = failure {
             self.roll_back(add, &added, pos, counted);

@@ -19,6 +19,7 @@
 //! them: new maps are filled before a program that reads them runs beside
 //! any entry (`Dispatcher::swap_program`; a fresh dispatcher has none).
 
+use std::borrow::Borrow;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
 
@@ -39,6 +40,11 @@ const STALE_MIN: usize = 4096;
 const LINE: usize = abi::CACHE_LINE_WORDS as usize;
 /// Words of a cache slot: the key's three, then the tag.
 const SLOT_WORDS: usize = 4;
+/// From how many buckets on (as bits: 4 MiB of cache) `Filter::cache_many`
+/// writes in the cache's order.
+const GROUPED_CACHE_LOG2: u32 = 16;
+/// Keys `Filter::cache_many` orders at a time.
+const CACHE_STEP: usize = 1 << 16;
 
 type Key = aya::maps::lpm_trie::Key<BindingKey>;
 
@@ -295,12 +301,39 @@ impl Filter {
             })
     }
 
-    /// Cache `key`, now in the hash with destination `id`, unless it is
-    /// there or both its buckets are full: in an empty slot of the emptier
-    /// bucket, the first on a tie.
-    pub(super) fn cache(&mut self, key: &Key, id: u32) {
-        let hash = abi::key_hash(key);
-        let words = abi::filter_key_words(key);
+    /// Cache each of `keys`, now in the hash with its destination (see
+    /// `cache_words`): in the order of
+    /// their first buckets where the cache is larger than the CPU's caches,
+    /// so that they are written front to back, not a cache miss or two
+    /// each. Where buckets run full, which keys find room depends on the
+    /// order; any is right (a key not cached is found in the hash).
+    pub(super) fn cache_many<K: Borrow<Key>>(&mut self, keys: impl Iterator<Item = (K, u32)>) {
+        let mut keys = keys.map(|(key, id)| {
+            let key = key.borrow();
+            (abi::key_hash(key), abi::filter_key_words(key), id)
+        });
+        loop {
+            // A step at a time (2.5 MiB), however many there are.
+            let step: Vec<(u64, [u64; 3], u32)> = keys.by_ref().take(CACHE_STEP).collect();
+            if step.is_empty() {
+                return;
+            }
+            let step = if self.cache_log2 >= GROUPED_CACHE_LOG2 {
+                let shift = 64 - self.cache_log2;
+                index::grouped(step, self.cache_log2, |(hash, ..)| hash >> shift)
+            } else {
+                step
+            };
+            for (hash, words, id) in step {
+                self.cache_words(hash, words, id);
+            }
+        }
+    }
+
+    /// Cache the key of `hash` and `words` with destination `id`, unless it
+    /// is there or both its buckets are full: in an empty slot of the
+    /// emptier bucket, the first on a tie.
+    fn cache_words(&mut self, hash: u64, words: [u64; 3], id: u32) {
         if self.find(hash, &words).is_some() {
             return;
         }
@@ -361,9 +394,7 @@ impl Filter {
             }
         }
         fence(Ordering::SeqCst);
-        for (key, id) in entries {
-            self.cache(&key, id);
-        }
+        self.cache_many(entries);
         if self.slot_word(0).load(Ordering::Relaxed) == 0 {
             self.slot_word(1)
                 .store((1 << self.cache_log2) - 1, Ordering::Relaxed);

@@ -111,12 +111,69 @@ fn unpack(k: V4Key) -> Entry {
     }
 }
 
-/// From how many buckets on (about 6 MiB of table) `Index::insert_many`
-/// groups what it inserts by where it goes.
+/// From how many buckets on (about 6 MiB of table) inserting many keys
+/// goes in the table's order.
 const SORTED_INSERT_BUCKETS: usize = 1 << 19;
 /// Into how many groups (as bits): 2^11 groups of a 2^21-bucket table are
 /// 13 KiB of it each.
 const INSERT_GROUP_BITS: u32 = 11;
+
+/// `key` into `map` unless present: `None` when inserted, else its id.
+fn insert_new<K: Hash + Eq>(map: &mut HashMap<K, u32, Fast>, key: K, id: u32) -> Option<u32> {
+    use std::collections::hash_map::Entry as Slot;
+    match map.entry(key) {
+        Slot::Occupied(o) => Some(*o.get()),
+        Slot::Vacant(v) => {
+            v.insert(id);
+            None
+        }
+    }
+}
+
+/// `items` (each a key first) in the order in which to insert them into a
+/// table with room for `capacity` items: grouped by where each goes.
+/// hashbrown puts an item in the bucket its hash selects (its hash masked
+/// to the buckets), so keys inserted by the top bits of that fill the table
+/// front to back, a stretch small enough to stay in cache at a time, where a
+/// million inserted in any other order cost a cache miss or two each. As
+/// they come where the table fits in the caches, and keys are inserted
+/// faster that way.
+fn in_table_order<K: Hash + Copy, T: Copy>(capacity: usize, items: Vec<(K, T)>) -> Vec<(K, T)> {
+    // hashbrown keeps 7/8 of its buckets usable (a power of two): a wrong
+    // guess here would only cost speed.
+    let buckets = (capacity * 8).div_ceil(7).next_power_of_two();
+    if buckets < SORTED_INSERT_BUCKETS {
+        return items;
+    }
+    let bits = buckets.trailing_zeros();
+    let mask = (buckets - 1) as u64;
+    let hasher = Fast::default();
+    grouped(items, bits, |(k, _)| hasher.hash_one(k) & mask)
+}
+
+/// `items` grouped (stably) by the top [`INSERT_GROUP_BITS`] bits of
+/// `place`, a number below `2^bits` (where each goes in a table): one
+/// counting pass, one scatter.
+pub(super) fn grouped<T: Copy>(items: Vec<T>, bits: u32, place: impl Fn(&T) -> u64) -> Vec<T> {
+    let Some(&first) = items.first() else {
+        return items;
+    };
+    let shift = bits.saturating_sub(INSERT_GROUP_BITS);
+    let groups: Vec<u16> = items.iter().map(|t| (place(t) >> shift) as u16).collect();
+    let mut start = vec![0usize; (1 << (bits - shift)) + 1];
+    for &g in &groups {
+        start[usize::from(g) + 1] += 1;
+    }
+    for i in 1..start.len() {
+        start[i] += start[i - 1];
+    }
+    let mut out = vec![first; items.len()];
+    for (item, &g) in items.iter().zip(&groups) {
+        out[start[usize::from(g)]] = *item;
+        start[usize::from(g)] += 1;
+    }
+    out
+}
 
 /// Every entry and its destination id.
 #[derive(Debug, Default)]
@@ -149,27 +206,6 @@ impl Index {
         }
     }
 
-    /// Insert `e` unless present: `None` when inserted, else the id it has.
-    pub(super) fn insert_new(&mut self, e: Entry, id: u32) -> Option<u32> {
-        use std::collections::hash_map::Entry as Slot;
-        match pack(&e) {
-            Some(k) => match self.v4.entry(k) {
-                Slot::Occupied(o) => Some(*o.get()),
-                Slot::Vacant(v) => {
-                    v.insert(id);
-                    None
-                }
-            },
-            None => match self.v6.entry(e) {
-                Slot::Occupied(o) => Some(*o.get()),
-                Slot::Vacant(v) => {
-                    v.insert(id);
-                    None
-                }
-            },
-        }
-    }
-
     /// Room for `v4` more IPv4 entries and `v6` more IPv6 ones.
     pub(super) fn reserve(&mut self, v4: usize, v6: usize) {
         self.v4.reserve(v4);
@@ -184,53 +220,46 @@ impl Index {
     }
 
     /// Insert many entries (none of them present yet, or replaced): in
-    /// the table's own order. hashbrown puts an item in the bucket its hash
-    /// selects (`hash & (buckets - 1)`), so items inserted in that order
-    /// fill the table front to back, where inserting a million in any other
-    /// order costs a cache miss or two each.
+    /// the table's own order (see [`table_order`]).
     pub(super) fn insert_many(&mut self, items: impl IntoIterator<Item = (Entry, u32)>) {
         let mut v4: Vec<(V4Key, u32)> = Vec::new();
+        let mut v6: Vec<(Entry, u32)> = Vec::new();
         for (e, id) in items {
             match pack(&e) {
                 Some(k) => v4.push((k, id)),
-                None => {
-                    self.v6.insert(e, id);
-                }
+                None => v6.push((e, id)),
             }
         }
         self.v4.reserve(v4.len());
-        // hashbrown keeps 7/8 of its buckets usable (a power of two): a wrong
-        // guess here would only cost speed.
-        let buckets = (self.v4.capacity() * 8).div_ceil(7).next_power_of_two();
-        // A table that fits in the caches (13 bytes a bucket) is filled
-        // faster as it comes than grouped first.
-        if buckets < SORTED_INSERT_BUCKETS || v4.len() < buckets / 8 {
-            self.v4.extend(v4);
-            return;
+        let v4 = in_table_order(self.v4.capacity(), v4);
+        self.v4.extend(v4);
+        self.v6.reserve(v6.len());
+        let v6 = in_table_order(self.v6.capacity(), v6);
+        self.v6.extend(v6);
+    }
+
+    /// Insert each of `items` unless its entry is present, in the tables'
+    /// own order (see [`table_order`]; the tables hold room for them
+    /// already): for each, in the order of `items`, `None` where it went
+    /// in, else the id its entry has.
+    pub(super) fn insert_new_many(&mut self, items: &[(Entry, u32)]) -> Vec<Option<u32>> {
+        // Each with its id and its position in `items`.
+        let mut v4: Vec<(V4Key, (u32, u32))> = Vec::new();
+        let mut v6: Vec<(Entry, (u32, u32))> = Vec::new();
+        for (i, &(e, id)) in items.iter().enumerate() {
+            match pack(&e) {
+                Some(k) => v4.push((k, (id, i as u32))),
+                None => v6.push((e, (id, i as u32))),
+            }
         }
-        // Grouped by the top bits of the bucket each item goes to (one
-        // counting pass, one scatter): each group fills a stretch of the
-        // table small enough to stay in cache.
-        let bits = buckets.trailing_zeros();
-        let shift = bits.saturating_sub(INSERT_GROUP_BITS);
-        let mask = (buckets - 1) as u64;
-        let hasher = Fast::default();
-        let group = |k: &V4Key| ((hasher.hash_one(k) & mask) >> shift) as usize;
-        let mut start = vec![0usize; (1 << (bits - shift)) + 1];
-        for (k, _) in &v4 {
-            start[group(k) + 1] += 1;
+        let mut answers = vec![None; items.len()];
+        for (k, (id, i)) in in_table_order(self.v4.capacity(), v4) {
+            answers[i as usize] = insert_new(&mut self.v4, k, id);
         }
-        for i in 1..start.len() {
-            start[i] += start[i - 1];
+        for (e, (id, i)) in in_table_order(self.v6.capacity(), v6) {
+            answers[i as usize] = insert_new(&mut self.v6, e, id);
         }
-        let mut grouped: Vec<(V4Key, u32)> = vec![(V4Key(0, 0), 0); v4.len()];
-        for item in &v4 {
-            let g = group(&item.0);
-            grouped[start[g]] = *item;
-            start[g] += 1;
-        }
-        drop(v4);
-        self.v4.extend(grouped);
+        answers
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = (Entry, u32)> + '_ {
@@ -313,5 +342,77 @@ mod tests {
         assert_eq!(index.remove(&entries[2]), Some(2));
         assert!(!index.contains_key(&entries[2]));
         assert_eq!(index.len(), 3);
+    }
+
+    fn entry(prefix: IpNet, port: u16) -> Entry {
+        Entry {
+            protocol: Protocol::Tcp,
+            prefix,
+            port,
+        }
+    }
+
+    /// `insert_new_many` answers, for each item in its place, what
+    /// inserting the items one by one in their order would: `None` for an
+    /// entry new here (the first of two alike in one call), else the id
+    /// the entry had; into tables large enough to be filled in their own
+    /// order, and small ones.
+    #[test]
+    fn insert_new_many_answers_as_one_by_one_would() {
+        for n in [1_000u32, 300_000] {
+            let v4 = |i: u32| IpNet::V4(Ipv4Net::new(Ipv4Addr::from(0xc612_0000 + i), 32).unwrap());
+            let v6 = |i: u32| {
+                let a = std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i));
+                IpNet::V6(ipnet::Ipv6Net::new(a, 128).unwrap())
+            };
+            let mut index = Index::default();
+            // Present already: every third of the first half, id 7.
+            let present: Vec<(Entry, u32)> = (0..n / 2)
+                .step_by(3)
+                .flat_map(|i| [(entry(v4(i), 80), 7), (entry(v6(i), 80), 7)])
+                .collect();
+            index.insert_many(present.iter().copied());
+            let mut items: Vec<(Entry, u32)> = (0..n)
+                .flat_map(|i| [(entry(v4(i), 80), i % 5), (entry(v6(i), 80), i % 5)])
+                .collect();
+            // Named twice in one call, with the same id and another.
+            items.push((entry(v4(n - 1), 80), (n - 1) % 5));
+            items.push((entry(v6(n - 1), 80), 9));
+            index.reserve(items.len(), items.len());
+            let mut one_by_one: HashMap<Entry, u32> = present.iter().copied().collect();
+            let expected: Vec<Option<u32>> = items
+                .iter()
+                .map(|&(e, id)| match one_by_one.get(&e) {
+                    Some(&had) => Some(had),
+                    None => {
+                        one_by_one.insert(e, id);
+                        None
+                    }
+                })
+                .collect();
+            assert_eq!(index.insert_new_many(&items), expected, "{n}");
+            assert_eq!(index.len(), one_by_one.len());
+            for (e, id) in &one_by_one {
+                assert_eq!(index.get(e), Some(*id), "{e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_keeps_every_item_and_the_order_within_a_group() {
+        let items: Vec<(u64, u32)> = (0..10_000u32)
+            .map(|i| (u64::from(i.wrapping_mul(2_654_435_761)) >> 12, i))
+            .collect();
+        let out = grouped(items.clone(), 20, |(place, _)| *place);
+        let shift = 20 - INSERT_GROUP_BITS;
+        assert!(out.windows(2).all(|w| w[0].0 >> shift <= w[1].0 >> shift));
+        assert!(
+            out.windows(2)
+                .all(|w| w[0].0 >> shift != w[1].0 >> shift || w[0].1 < w[1].1),
+            "stable"
+        );
+        let mut sorted = out.clone();
+        sorted.sort_by_key(|&(_, i)| i);
+        assert_eq!(sorted, items);
     }
 }
