@@ -2422,7 +2422,7 @@ fn the_cache_answers_hits_and_agrees_with_the_hash() {
                 .map(|k| cache_slot(k, entries.get(k, 0).unwrap().destination))
                 .collect::<std::collections::BTreeSet<_>>()
         };
-        // 15 entries (12 of them full length) in 512 buckets of two slots,
+        // 15 entries (12 of them full length) in 1024 buckets of two slots,
         // each with two buckets to choose from: every one cached.
         let want = slots_of(&entries, &few);
         assert_eq!(want.len(), 15);

@@ -2005,10 +2005,10 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
         "A hit whose entry is cached costs a filter read and a cache read; \
          one whose entry is not, a second cache bucket and the hash lookup \
          more. \
-         The cache has a slot per entry of the hash's capacity (a quarter at \
-         the first capacity, 4096), two per bucket, and a key two buckets to \
-         choose from: where the bindings fill the capacity (1k, 1M) some keys \
-         find both full. Entries of every length are cached. Read from the \
+         The cache has a slot per entry of the hash's capacity (half at the \
+         first capacity, 4096), two per bucket, and a key two buckets to \
+         choose from: where the bindings fill the cache (1M) some keys find \
+         both full. Entries of every length are cached. Read from the \
          pinned map after loading each size; \"probes\": which of the hit \
          probes' entries were cached, in the order they were timed (C cached, \
          . not).\n"

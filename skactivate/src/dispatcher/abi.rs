@@ -50,7 +50,7 @@ pub const fn cache_other(hash: u64, mask: u64) -> u64 {
 /// beside an `entries` hash of `capacity` entries.
 pub const fn cache_buckets(capacity: u32) -> u32 {
     if capacity <= ENTRIES_MIN {
-        capacity / 8
+        capacity / 4
     } else {
         capacity / 2
     }
