@@ -2459,8 +2459,9 @@ fn the_cache_answers_hits_and_agrees_with_the_hash() {
         assert_eq!(goes_to(&d, "198.18.5.5", 99), some("a.socket"));
         // Adoption trusts a cache whose header is written (its writers
         // keep it within the hash) and rewrites nothing of it: the slot of
-        // the key taken out behind the daemon's back stays. (The filter,
-        // computed from the hash again, now stops a probe of it first.)
+        // the key taken out behind the daemon's back stays. (The `ports`
+        // words, counted from the hash again, now say that no entry has
+        // port 99, nor any `*` entry: the program does not probe for them.)
         drop(d);
         let d = open(fs);
         assert_eq!(cache_slots(&d), want);
