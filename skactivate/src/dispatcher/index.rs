@@ -1,17 +1,19 @@
 //! The in-memory index of the entries (entry → destination id), kept compact:
 //! the daemon holds one item per entry, up to 2^20 of them.
 //!
-//! IPv4 entries, nearly all of them in a large configuration, are packed into
-//! 8 bytes (address; port, prefix length and protocol), 12 bytes with their
-//! id; IPv6 entries keep their `Entry`. Both maps hash with a multiplicative
-//! hash instead of SipHash: the keys come from the administrator's own unit
-//! files, not from the network.
+//! IPv4 entries are packed into 8 bytes (address; port, prefix length and
+//! protocol), 12 bytes with their id; IPv6 entries into 20, 24 with their
+//! id. (hashbrown keeps 8/7 to 16/7 as many buckets as items, and a byte
+//! more per bucket: 2^20 IPv6 entries take 50 MiB, 58 as an `Entry` and
+//! its id.) Both maps hash with a multiplicative hash instead of SipHash:
+//! the keys come from the administrator's own unit files, not from the
+//! network.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::bindings::Entry;
 use crate::binding::Protocol;
@@ -80,34 +82,83 @@ impl Hash for V4Key {
     }
 }
 
-fn pack(e: &Entry) -> Option<V4Key> {
-    let IpNet::V4(net) = e.prefix else {
-        return None;
-    };
+/// An IPv6 entry: the address as four words, then port (16 bits), prefix
+/// length (8) and protocol (1). Words of 4 bytes, so that with its id an
+/// item of the table is 24 bytes (an `Entry` and its id take 28).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct V6Key([u32; 5]);
+
+impl Hash for V6Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let [a, b, c, d, meta] = self.0.map(u64::from);
+        state.write_u64(a | b << 32);
+        state.write_u64(c | d << 32);
+        state.write_u64(meta);
+    }
+}
+
+const _: () = assert!(size_of::<(V6Key, u32)>() == 24);
+
+/// An entry packed for its family's table.
+enum Packed {
+    V4(V4Key),
+    V6(V6Key),
+}
+
+fn pack(e: &Entry) -> Packed {
     let protocol = match e.protocol {
         Protocol::Tcp => 0,
         Protocol::Udp => 1,
     };
-    Some(V4Key(
-        u32::from(net.addr()),
-        u32::from(e.port) | u32::from(net.prefix_len()) << 16 | protocol << 22,
-    ))
+    match e.prefix {
+        IpNet::V4(net) => Packed::V4(V4Key(
+            u32::from(net.addr()),
+            u32::from(e.port) | u32::from(net.prefix_len()) << 16 | protocol << 22,
+        )),
+        IpNet::V6(net) => {
+            let a = u128::from(net.addr());
+            Packed::V6(V6Key([
+                (a >> 96) as u32,
+                (a >> 64) as u32,
+                (a >> 32) as u32,
+                a as u32,
+                u32::from(e.port) | u32::from(net.prefix_len()) << 16 | protocol << 24,
+            ]))
+        }
+    }
 }
 
-fn unpack(k: V4Key) -> Entry {
-    let protocol = if k.1 >> 22 & 1 == 0 {
+fn protocol_of(bit: u32) -> Protocol {
+    if bit & 1 == 0 {
         Protocol::Tcp
     } else {
         Protocol::Udp
-    };
+    }
+}
+
+fn unpack(k: V4Key) -> Entry {
     let len = (k.1 >> 16 & 0x3f) as u8;
     let prefix = Ipv4Net::new(Ipv4Addr::from(k.0), len)
         .map(IpNet::V4)
         .unwrap_or_else(|_| IpNet::from(IpAddr::V4(Ipv4Addr::from(k.0))));
     Entry {
-        protocol,
+        protocol: protocol_of(k.1 >> 22),
         prefix,
         port: k.1 as u16,
+    }
+}
+
+fn unpack6(k: V6Key) -> Entry {
+    let [a, b, c, d, meta] = k.0.map(u128::from);
+    let addr = Ipv6Addr::from(a << 96 | b << 64 | c << 32 | d);
+    let len = (meta >> 16 & 0xff) as u8;
+    let prefix = Ipv6Net::new(addr, len)
+        .map(IpNet::V6)
+        .unwrap_or_else(|_| IpNet::from(IpAddr::V6(addr)));
+    Entry {
+        protocol: protocol_of((meta >> 24) as u32),
+        prefix,
+        port: meta as u16,
     }
 }
 
@@ -179,7 +230,7 @@ pub(super) fn grouped<T: Copy>(items: Vec<T>, bits: u32, place: impl Fn(&T) -> u
 #[derive(Debug, Default)]
 pub(super) struct Index {
     v4: HashMap<V4Key, u32, Fast>,
-    v6: HashMap<Entry, u32, Fast>,
+    v6: HashMap<V6Key, u32, Fast>,
 }
 
 impl Index {
@@ -189,8 +240,8 @@ impl Index {
 
     pub(super) fn get(&self, e: &Entry) -> Option<u32> {
         match pack(e) {
-            Some(k) => self.v4.get(&k).copied(),
-            None => self.v6.get(e).copied(),
+            Packed::V4(k) => self.v4.get(&k).copied(),
+            Packed::V6(k) => self.v6.get(&k).copied(),
         }
     }
 
@@ -201,8 +252,8 @@ impl Index {
     #[cfg(test)]
     pub(super) fn insert(&mut self, e: Entry, id: u32) -> Option<u32> {
         match pack(&e) {
-            Some(k) => self.v4.insert(k, id),
-            None => self.v6.insert(e, id),
+            Packed::V4(k) => self.v4.insert(k, id),
+            Packed::V6(k) => self.v6.insert(k, id),
         }
     }
 
@@ -214,20 +265,20 @@ impl Index {
 
     pub(super) fn remove(&mut self, e: &Entry) -> Option<u32> {
         match pack(e) {
-            Some(k) => self.v4.remove(&k),
-            None => self.v6.remove(e),
+            Packed::V4(k) => self.v4.remove(&k),
+            Packed::V6(k) => self.v6.remove(&k),
         }
     }
 
     /// Insert many entries (none of them present yet, or replaced): in
-    /// the table's own order (see [`table_order`]).
+    /// the table's own order (see [`in_table_order`]).
     pub(super) fn insert_many(&mut self, items: impl IntoIterator<Item = (Entry, u32)>) {
         let mut v4: Vec<(V4Key, u32)> = Vec::new();
-        let mut v6: Vec<(Entry, u32)> = Vec::new();
+        let mut v6: Vec<(V6Key, u32)> = Vec::new();
         for (e, id) in items {
             match pack(&e) {
-                Some(k) => v4.push((k, id)),
-                None => v6.push((e, id)),
+                Packed::V4(k) => v4.push((k, id)),
+                Packed::V6(k) => v6.push((k, id)),
             }
         }
         self.v4.reserve(v4.len());
@@ -239,25 +290,25 @@ impl Index {
     }
 
     /// Insert each of `items` unless its entry is present, in the tables'
-    /// own order (see [`table_order`]; the tables hold room for them
+    /// own order (see [`in_table_order`]; the tables hold room for them
     /// already): for each, in the order of `items`, `None` where it went
     /// in, else the id its entry has.
     pub(super) fn insert_new_many(&mut self, items: &[(Entry, u32)]) -> Vec<Option<u32>> {
         // Each with its id and its position in `items`.
         let mut v4: Vec<(V4Key, (u32, u32))> = Vec::new();
-        let mut v6: Vec<(Entry, (u32, u32))> = Vec::new();
+        let mut v6: Vec<(V6Key, (u32, u32))> = Vec::new();
         for (i, &(e, id)) in items.iter().enumerate() {
             match pack(&e) {
-                Some(k) => v4.push((k, (id, i as u32))),
-                None => v6.push((e, (id, i as u32))),
+                Packed::V4(k) => v4.push((k, (id, i as u32))),
+                Packed::V6(k) => v6.push((k, (id, i as u32))),
             }
         }
         let mut answers = vec![None; items.len()];
         for (k, (id, i)) in in_table_order(self.v4.capacity(), v4) {
             answers[i as usize] = insert_new(&mut self.v4, k, id);
         }
-        for (e, (id, i)) in in_table_order(self.v6.capacity(), v6) {
-            answers[i as usize] = insert_new(&mut self.v6, e, id);
+        for (k, (id, i)) in in_table_order(self.v6.capacity(), v6) {
+            answers[i as usize] = insert_new(&mut self.v6, k, id);
         }
         answers
     }
@@ -266,7 +317,7 @@ impl Index {
         self.v4
             .iter()
             .map(|(&k, &id)| (unpack(k), id))
-            .chain(self.v6.iter().map(|(&e, &id)| (e, id)))
+            .chain(self.v6.iter().map(|(&k, &id)| (unpack6(k), id)))
     }
 }
 
@@ -299,6 +350,8 @@ mod tests {
             ("0.0.0.0/0", Protocol::Udp, 0),
             ("203.0.113.7/32", Protocol::Udp, 65535),
             ("2001:db8::/64", Protocol::Tcp, 443),
+            ("2001:db8:ffff:1::7/128", Protocol::Udp, 65535),
+            ("::/0", Protocol::Udp, 0),
         ]
         .iter()
         .map(|&(p, protocol, port)| Entry {
@@ -310,7 +363,7 @@ mod tests {
         for (i, e) in entries.iter().enumerate() {
             assert_eq!(index.insert(*e, i as u32), None);
         }
-        assert_eq!(index.len(), 4);
+        assert_eq!(index.len(), 6);
         for (i, e) in entries.iter().enumerate() {
             assert_eq!(index.get(e), Some(i as u32));
         }
@@ -341,7 +394,7 @@ mod tests {
         }
         assert_eq!(index.remove(&entries[2]), Some(2));
         assert!(!index.contains_key(&entries[2]));
-        assert_eq!(index.len(), 3);
+        assert_eq!(index.len(), 5);
     }
 
     fn entry(prefix: IpNet, port: u16) -> Entry {
@@ -362,8 +415,8 @@ mod tests {
         for n in [1_000u32, 300_000] {
             let v4 = |i: u32| IpNet::V4(Ipv4Net::new(Ipv4Addr::from(0xc612_0000 + i), 32).unwrap());
             let v6 = |i: u32| {
-                let a = std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i));
-                IpNet::V6(ipnet::Ipv6Net::new(a, 128).unwrap())
+                let a = Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i));
+                IpNet::V6(Ipv6Net::new(a, 128).unwrap())
             };
             let mut index = Index::default();
             // Present already: every third of the first half, id 7.
