@@ -31,7 +31,8 @@ use daemon::{IDLE, PORTS};
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     // SKACTIVATE_BENCH_SIZES=100000,… measures those sizes only and writes
-    // no file (for a quick look while working).
+    // no file (for a quick look while working); so does
+    // SKACTIVATE_BENCH_FAMILY=ipv6 (IPv6 /128s on an IPv6 socket).
     let chosen: Option<Vec<u32>> = std::env::var("SKACTIVATE_BENCH_SIZES").ok().map(|v| {
         v.split(',')
             .map(|n| n.trim().parse().expect("a size"))
@@ -42,6 +43,7 @@ fn main() {
         None if bench => &[1_000, 100_000, 1_000_000],
         None => &[1_000],
     };
+    let ipv6 = std::env::var("SKACTIVATE_BENCH_FAMILY").is_ok_and(|f| f == "ipv6");
     let started = Instant::now();
     let Some(daemon::Run {
         idle_rss,
@@ -67,8 +69,14 @@ fn main() {
          `X-SkLookup=tcp:198.18.A.B/32:PORT` lines (the dispatcher bench's workload: /32s from \
          198.18.0.0/15 on ports 8000–80{}, one binding per line, the most the daemon can be \
          asked to hold per binding), registered by the generator's \
-         `skactivate@bench.service`.\n",
-        PORTS - 1
+         `skactivate@bench.service`.{}\n",
+        PORTS - 1,
+        if ipv6 {
+            " **This run: `SKACTIVATE_BENCH_FAMILY=ipv6`**, the lines \
+             `X-SkLookup=tcp:[2001:db8::A:B]/128:PORT` on a socket listening on [::1]."
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         out,
@@ -129,7 +137,7 @@ fn main() {
         );
     }
     print!("{out}");
-    if !bench || chosen.is_some() {
+    if !bench || chosen.is_some() || ipv6 {
         for r in &rows {
             assert!(r.rss > 0 && r.rss_after_restart > 0, "no VmRSS read");
         }

@@ -53,11 +53,13 @@ pub struct Run {
 pub fn run(sizes: &[u32]) -> Option<Run> {
     let sd = Systemd::boot()?;
     sd.install_skactivate();
-    sd.write_file(
-        &format!("{ADMIN_UNITS}/bench.socket"),
-        b"[Socket]\nListenStream=127.0.0.1:7999\n",
-        0o644,
-    );
+    // SKACTIVATE_BENCH_FAMILY=ipv6: IPv6 /128s and an IPv6 socket instead.
+    let listen: &[u8] = if ipv6() {
+        b"[Socket]\nListenStream=[::1]:7999\n"
+    } else {
+        b"[Socket]\nListenStream=127.0.0.1:7999\n"
+    };
+    sd.write_file(&format!("{ADMIN_UNITS}/bench.socket"), listen, 0o644);
     // systemd starts a socket only if it has a service to trigger.
     sd.write_file(
         &format!("{ADMIN_UNITS}/bench.service"),
@@ -76,23 +78,39 @@ pub fn run(sizes: &[u32]) -> Option<Run> {
     })
 }
 
+/// Whether `SKACTIVATE_BENCH_FAMILY=ipv6` asks for the bindings in IPv6.
+fn ipv6() -> bool {
+    std::env::var("SKACTIVATE_BENCH_FAMILY").is_ok_and(|f| f == "ipv6")
+}
+
 /// Register `n` bindings through the unit files, measure, restart, measure,
 /// and unregister them again.
 fn measure(sd: &Systemd, n: u32) -> Row {
     let lines = n;
     let mut dropin = String::with_capacity(n as usize * 40);
     dropin.push_str("[Socket]\n");
+    let v6 = ipv6();
     for i in 0..n {
         // 198.18.0.0/15 holds 131,072 addresses, 16 ports each: 2M bindings.
         let a = i / PORTS;
-        let _ = writeln!(
-            dropin,
-            "X-SkLookup=tcp:198.{}.{}.{}/32:{}",
-            18 + (a >> 16),
-            (a >> 8) & 0xff,
-            a & 0xff,
-            8000 + i % PORTS
-        );
+        let _ = if v6 {
+            writeln!(
+                dropin,
+                "X-SkLookup=tcp:[2001:db8::{:x}:{:x}]/128:{}",
+                a >> 16,
+                a & 0xffff,
+                8000 + i % PORTS
+            )
+        } else {
+            writeln!(
+                dropin,
+                "X-SkLookup=tcp:198.{}.{}.{}/32:{}",
+                18 + (a >> 16),
+                (a >> 8) & 0xff,
+                a & 0xff,
+                8000 + i % PORTS
+            )
+        };
     }
     sd.write_file(
         &format!("{ADMIN_UNITS}/bench.socket.d/sklookup.conf"),
