@@ -179,15 +179,15 @@ impl Checked {
     /// A service unit's values: their grammar is checked, but the sockets
     /// they land on are the running daemon's own, unknown offline.
     fn service_summary(&self, loaded: &Loaded, out: &mut dyn Write) -> io::Result<()> {
-        let values: Vec<(String, &unit::Location)> = loaded
+        let values: Vec<(String, unit::Location)> = loaded
             .unit
             .sklookup
             .iter()
             .flat_map(|l| {
-                crate::directive::parse_list(&l.value)
+                crate::directive::parse_list(l.value)
                     .into_iter()
                     .filter_map(Result::ok)
-                    .map(move |v| (v.text, &l.location))
+                    .map(move |v| (v.text, l.location.clone()))
             })
             .collect();
         match values.len() {

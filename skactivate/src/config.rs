@@ -408,8 +408,11 @@ pub fn resolve_bindings(
 /// The value at `index` (`line << 32 | nth`, the nth value of that line of
 /// `unit.sklookup`) as written, and its line.
 fn value_at(unit: &SocketUnit, index: usize) -> (String, Location) {
-    let line = &unit.sklookup[index >> 32];
-    let text = directive::parse_list(&line.value)
+    let line = unit
+        .sklookup
+        .get(index >> 32)
+        .expect("the index of a value read");
+    let text = directive::parse_list(line.value)
         .into_iter()
         .nth(index & 0xffff_ffff)
         .map(|v| match v {
@@ -434,13 +437,13 @@ fn resolve_each(
     if accept.is_none() && sockets.is_empty() {
         // Said once, at the first value that would need a socket.
         let first = unit.sklookup.iter().find_map(|entry| {
-            directive::parse_list(&entry.value)
+            directive::parse_list(entry.value)
                 .into_iter()
                 .find_map(Result::ok)
-                .map(|value| (value, &entry.location))
+                .map(|value| (value, entry.location))
         });
         if let Some((value, location)) = first {
-            problems.push(Problem::value(location, &value.text, Reason::NoIpSocket));
+            problems.push(Problem::value(&location, &value.text, Reason::NoIpSocket));
         }
     }
 
@@ -450,7 +453,7 @@ fn resolve_each(
     let mut udp_v6 = Vec::new();
     for (line, entry) in unit.sklookup.iter().enumerate() {
         let location = &entry.location;
-        for (nth, parsed) in directive::parse_list(&entry.value).into_iter().enumerate() {
+        for (nth, parsed) in directive::parse_list(entry.value).into_iter().enumerate() {
             let value = match parsed {
                 Ok(value) => value,
                 Err(bad) => {
@@ -684,16 +687,14 @@ mod tests {
     fn unit(lines: &[&str]) -> SocketUnit {
         let mut unit = test_unit();
         for (i, line) in lines.iter().enumerate() {
-            unit.sklookup.push(crate::unit::Located {
-                value: (*line).to_owned(),
-                location: Location::new(std::path::Path::new("/t.socket"), i as u32 + 1),
-            });
+            let location = Location::new(std::path::Path::new("/t.socket"), i as u32 + 1);
+            unit.sklookup.push(&location, line);
         }
         unit
     }
 
     fn test_unit() -> SocketUnit {
-        let mut unit = SocketUnit::inline("t.socket", Vec::new());
+        let mut unit = SocketUnit::inline("t.socket", Default::default());
         unit.fragment = "/t.socket".into();
         unit
     }

@@ -833,7 +833,7 @@ pub fn register_pid(req: &Request, bus: &Bus) -> Result<()> {
         eprintln!("warning: {unit}: {p}");
     }
 
-    let wire_values: Vec<&str> = values.sklookup.iter().map(|l| l.value.as_str()).collect();
+    let wire_values: Vec<&str> = values.sklookup.iter().map(|l| l.value).collect();
     let from_files = req.sklookup.is_empty() && unit.ends_with(".service");
     let fds: Vec<zbus::zvariant::Fd<'_>> = scan
         .kept
