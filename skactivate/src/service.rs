@@ -996,10 +996,7 @@ impl Service {
         // socket by index: a unit may hold a million, and nothing else of
         // them is kept.
         let destinations: Vec<Destination> = sockets.iter().map(|s| s.destination(unit)).collect();
-        let mut items = Vec::new();
-        let problems = config::resolve_bindings(&socket_unit, sockets, |binding, socket| {
-            items.push((binding, socket as u32));
-        });
+        let (mut items, problems) = config::resolve_bindings(&socket_unit, sockets);
         drop(socket_unit);
         let resolution = config::Resolution {
             bindings: Vec::new(),
@@ -1193,7 +1190,7 @@ impl Service {
         if socket_unit.sklookup.is_empty() {
             return Ok(false);
         }
-        let problems = config::resolve_bindings(&socket_unit, &files.sockets(), |_, _| {});
+        let (_, problems) = config::resolve_bindings(&socket_unit, &files.sockets());
         let resolution = config::Resolution {
             bindings: Vec::new(),
             problems,
