@@ -103,9 +103,12 @@ fn main() {
          must leave the `Bindings` count at N); after unregistering them (`systemctl stop \
          bench.socket`). **peak**: the daemon's `VmHWM` with the N bindings: the most its \
          process ever had resident, since it started (at the bench's start for the first \
-         row, at the previous row's restart for the others; starting takes about 26 MiB \
-         for a moment), so mostly registering the N bindings (reading the lines, resolving \
-         them, loading the maps), done twice by then.\n\
+         row, at the previous row's restart for the others), so mostly registering the N \
+         bindings (reading the lines, resolving them, loading the maps), done twice by then. \
+         It counts the dispatcher's `filter` and `cache` arrays while they are mapped to be \
+         written: every page of such a mapping is resident, though the memory is the map's, \
+         not the daemon's (34 MiB once the `entries` hash holds more than 65,536 entries; \
+         see ARCHITECTURE.md).\n\
          * **idle wakeups**: voluntary and involuntary context switches of all its threads over \
          {} s with nothing happening, with the N bindings. The unit's `WatchdogSec=30s` wakes \
          it every 15 s by design (a ping to systemd), so a window may hold one such wakeup.\n\
