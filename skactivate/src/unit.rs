@@ -165,7 +165,7 @@ impl Values {
         (0..self.len()).map(|i| self.get(i).expect("in range"))
     }
 
-    /// Returns what growing while reading left over.
+    /// Frees the room that growing while reading left unused.
     pub fn shrink_to_fit(&mut self) {
         self.text.shrink_to_fit();
         self.values.shrink_to_fit();
