@@ -199,6 +199,30 @@ fn errors_are_named_and_leave_state_alone() {
             );
             assert_eq!(p.list_bindings().await.unwrap().len(), 1);
 
+            // Two values of one unit that make the same entry, far apart:
+            // the later one is named with the one it repeats; nothing applied.
+            let e = p
+                .register_sockets_with_directives(
+                    "b.socket",
+                    &[Fd::from(b.fd())],
+                    &[
+                        "198.51.100.0/24:8000-8010",
+                        "203.0.113.7",
+                        "198.51.100.0/24:8010-8020",
+                    ],
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(error_name(&e), "org.skactivate1.Error.BadDirective");
+            let text = error_text(&e);
+            assert!(
+                text.contains("--sklookup:3")
+                    && text.contains("198.51.100.0/24:8010-8020")
+                    && text.contains("X-SkLookup=198.51.100.0/24:8000-8010 at --sklookup:1"),
+                "{text}"
+            );
+            assert_eq!(p.list_bindings().await.unwrap().len(), 1);
+
             // A conflict names the unit that has the binding.
             let e = p
                 .register_sockets_with_directives(
