@@ -97,6 +97,15 @@ fn error_text(e: &zbus::Error) -> String {
     }
 }
 
+/// `e` is a `BadDirective` error whose text holds each of `parts`.
+fn assert_bad_directive(e: &zbus::Error, parts: &[&str]) {
+    assert_eq!(error_name(e), "org.skactivate1.Error.BadDirective");
+    let text = error_text(e);
+    for part in parts {
+        assert!(text.contains(part), "no {part:?} in {text}");
+    }
+}
+
 #[test]
 fn register_with_directives_then_traffic_and_lookup() {
     in_netns("register_with_directives_then_traffic_and_lookup", |fs| {
@@ -189,14 +198,7 @@ fn errors_are_named_and_leave_state_alone() {
                 )
                 .await
                 .unwrap_err();
-            assert_eq!(error_name(&e), "org.skactivate1.Error.BadDirective");
-            let text = error_text(&e);
-            assert!(
-                text.contains("--sklookup:2")
-                    && text.contains("192.0.2.0/33:80")
-                    && text.contains("33"),
-                "{text}"
-            );
+            assert_bad_directive(&e, &["--sklookup:2", "192.0.2.0/33:80", "33"]);
             assert_eq!(p.list_bindings().await.unwrap().len(), 1);
 
             // Two values of one unit that make the same entry, far apart:
@@ -213,13 +215,13 @@ fn errors_are_named_and_leave_state_alone() {
                 )
                 .await
                 .unwrap_err();
-            assert_eq!(error_name(&e), "org.skactivate1.Error.BadDirective");
-            let text = error_text(&e);
-            assert!(
-                text.contains("--sklookup:3")
-                    && text.contains("198.51.100.0/24:8010-8020")
-                    && text.contains("X-SkLookup=198.51.100.0/24:8000-8010 at --sklookup:1"),
-                "{text}"
+            assert_bad_directive(
+                &e,
+                &[
+                    "--sklookup:3",
+                    "198.51.100.0/24:8010-8020",
+                    "X-SkLookup=198.51.100.0/24:8000-8010 at --sklookup:1",
+                ],
             );
             assert_eq!(p.list_bindings().await.unwrap().len(), 1);
 
