@@ -40,8 +40,8 @@
 #define SKA_FILTER_BITS_PER_ENTRY 16
 #define SKA_FILTER_WORDS(capacity) ((capacity) * SKA_FILTER_BITS_PER_ENTRY / 64 + 1)
 /* The `cache` array, so that a hit costs an array read instead of a hash
- * lookup (some 15 to 30 ns here); every probe asks it, after the filter.  Lines of 8 words; mmapable, replaced with the hash, written
- * like the filter.  Line 0 is its header: word 0 the shift that takes a key's
+ * lookup (some 15 to 30 ns here); every probe asks it, after the filter.  Lines of 8 words; mmapable, replaced with the hash, and
+ * on its own as the entries grow, written like the filter.  Line 0 is its header: word 0 the shift that takes a key's
  * hash to its first bucket (64 - log2 of the buckets), word 1 the number of
  * buckets - 1; written last, and not tested by the program (a new cache is
  * all zeros, and its slots empty).  Bucket i is line 1 + i.  A key may be in
@@ -61,10 +61,13 @@
  * its prefix length, so a probe finds only its own length's), except the
  * shorter ones of a family and protocol whose trie answers them. */
 #define SKA_CACHE_LINE_WORDS 8
-/* Buckets: a quarter of the hash's first capacity (2048 slots, 64 KiB: at
- * 1,000 entries, where an eighth left 13 % of them uncached, all but a few
- * find room; one binding's memory stays in its budget), half of a larger
- * one (a slot per entry of capacity). */
+/* Buckets: the object's array has a quarter of the hash's first capacity
+ * (2048 slots, 64 KiB: at 1,000 entries, where an eighth left 13 % of them
+ * uncached, all but a few find room; one binding's memory stays in its
+ * budget).  User space sizes the array to the entries, a bucket per entry,
+ * a power of two from that size up to SKA_CACHE_BUCKETS of the hash's
+ * capacity, half of it beyond the first (a slot per entry of capacity); the
+ * program reads the size from the header. */
 #define SKA_CACHE_BUCKETS(capacity) \
 	((capacity) <= SKA_ENTRIES_MIN ? (capacity) / 4 : (capacity) / 2)
 #define SKA_CACHE_LINES(capacity) (1 + SKA_CACHE_BUCKETS(capacity))

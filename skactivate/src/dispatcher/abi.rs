@@ -62,6 +62,30 @@ pub const fn cache_lines(capacity: u32) -> u32 {
     1 + cache_buckets(capacity)
 }
 
+/// The cache's fewest buckets: as many as beside the hash's first
+/// capacity (the object's own size of the array).
+pub const CACHE_BUCKETS_MIN: u32 = cache_buckets(ENTRIES_MIN);
+
+/// The cache's buckets for `entries` entries beside an `entries` hash of
+/// `capacity` entries: a bucket of two slots per entry (so that every
+/// entry but a few finds room), a power of two, at least
+/// `CACHE_BUCKETS_MIN` and at most `cache_buckets(capacity)`, the most
+/// that hash can fill.
+pub fn cache_buckets_for(entries: usize, capacity: u32) -> u32 {
+    let most = cache_buckets(capacity);
+    u32::try_from(entries)
+        .ok()
+        .and_then(u32::checked_next_power_of_two)
+        .unwrap_or(most)
+        .clamp(CACHE_BUCKETS_MIN, most)
+}
+
+/// Whether a cache of `buckets` buckets is a size this build makes beside
+/// an `entries` hash of `capacity` entries.
+pub fn cache_buckets_fit(buckets: u32, capacity: u32) -> bool {
+    buckets.is_power_of_two() && (CACHE_BUCKETS_MIN..=cache_buckets(capacity)).contains(&buckets)
+}
+
 /// log2 of the filter's bits beside an `entries` hash of `capacity`
 /// entries (a power of two), as its header says.
 pub const fn filter_log2(capacity: u32) -> u32 {
@@ -477,6 +501,36 @@ mod tests {
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn the_cache_is_sized_to_its_entries_within_the_hashs_capacity() {
+        let big = 1 << 20;
+        assert_eq!(CACHE_BUCKETS_MIN, 1024);
+        assert_eq!(cache_buckets_for(0, ENTRIES_MIN), 1024);
+        assert_eq!(cache_buckets_for(4096, ENTRIES_MIN), 1024);
+        assert_eq!(cache_buckets_for(1, big), 1024);
+        assert_eq!(cache_buckets_for(6000, 1 << 16), 8192);
+        assert_eq!(cache_buckets_for(60_000, 1 << 16), 1 << 15);
+        assert_eq!(cache_buckets_for(100_000, big), 1 << 17);
+        assert_eq!(cache_buckets_for(1 << 17, big), 1 << 17);
+        assert_eq!(cache_buckets_for((1 << 17) + 1, big), 1 << 18);
+        assert_eq!(cache_buckets_for(1 << 20, big), 1 << 19);
+        assert_eq!(cache_buckets_for(usize::MAX, big), 1 << 19);
+        for (buckets, fits) in [
+            (1024, true),
+            (1 << 19, true),
+            (512, false),
+            (3 << 10, false),
+        ] {
+            assert_eq!(cache_buckets_fit(buckets, big), fits, "{buckets}");
+        }
+        assert!(!cache_buckets_fit(1 << 16, 1 << 16));
+        // The most is what the hash's capacity made before the cache was
+        // sized to its entries: state of that build is adopted as it is.
+        for capacity in [ENTRIES_MIN, 1 << 16, big] {
+            assert!(cache_buckets_fit(cache_buckets(capacity), capacity));
+        }
     }
 
     #[test]

@@ -549,7 +549,8 @@ impl Dispatcher {
 
     /// One step of `apply`: `batch`, new entries already in the index, into
     /// the maps: counted, the hash grown if need be, the `ports` words
-    /// raised, then the hash and (where the program reads it) the trie.
+    /// raised, then the hash, the cache grown if need be, and (where the
+    /// program reads it) the trie.
     fn write_batch(&mut self, batch: &[(Entry, u32)]) -> Result<()> {
         let mut dirty = BTreeSet::new();
         for (e, _) in batch {
@@ -557,7 +558,9 @@ impl Dispatcher {
         }
         let needed = self.entries.len();
         if needed > self.hash_capacity as usize && self.hash_capacity < abi::MAX_BINDINGS {
-            self.grow(needed)?;
+            // A new hash, and the cache with it, holds the whole index,
+            // this batch included.
+            self.make_room(needed)?;
         }
         let filled = self.raise_ports(&dirty)?;
         // A batch cannot say BPF_NOEXIST; it need not, as the index has
@@ -577,6 +580,9 @@ impl Dispatcher {
         if let Err(err) = r {
             return Err(write_err(err, batch.get(n).map(|a| a.0), "entries"));
         }
+        // A larger cache only now: it is filled from the index, and holds
+        // nothing the hash does not.
+        self.make_room(needed)?;
         let mut short: Vec<usize> = (0..batch.len())
             .filter(|&i| {
                 let e = &batch[i].0;
@@ -672,12 +678,9 @@ impl Dispatcher {
             .sum();
         self.entries
             .reserve(reserve.min(v4), reserve.min(total - v4));
-        // Room in the hash before anything is written: growing copies every
-        // entry, so once, to what the change will need.
-        let needed = self.entries.len() + reserve.min(total);
-        if needed > self.hash_capacity as usize && self.hash_capacity < abi::MAX_BINDINGS {
-            self.grow(needed)?;
-        }
+        // Room in the hash and the cache before anything is written:
+        // growing copies every entry, so once, to what the change will need.
+        self.make_room(self.entries.len() + reserve.min(total))?;
         // Which entries this change added (the others were present with
         // the same destination, or named twice): what a failure undoes.
         let mut added = vec![0u64; total.div_ceil(64)];
@@ -801,20 +804,36 @@ impl Dispatcher {
         failure.map_or(Ok(()), Err)
     }
 
-    /// Replace the `entries` hash and its filter by ones with room for
-    /// `needed` entries (sixteenfold steps, at most `MAX_BINDINGS`), under a
-    /// program that uses them. The new maps are created, pinned aside and
-    /// filled first; the link then runs a program on them, and the pins
-    /// follow. A crash in between leaves the link's program not the pinned
-    /// one, and adoption runs one on the pinned maps again (see
-    /// `swap_program` for the order).
-    pub(super) fn grow(&mut self, needed: usize) -> Result<()> {
+    /// Room for `needed` entries: a larger `entries` hash where it has
+    /// less (sixteenfold steps, at most `MAX_BINDINGS`), and a larger cache
+    /// where it has fewer buckets than that, as far as the hash can fill
+    /// (see `abi::cache_buckets_for`). The cache never shrinks.
+    fn make_room(&mut self, needed: usize) -> Result<()> {
         let mut cap = self.hash_capacity.max(abi::ENTRIES_MIN);
         while (cap as usize) < needed && cap < abi::MAX_BINDINGS {
             cap = (cap * 16).min(abi::MAX_BINDINGS);
         }
-        let (program, staged) =
-            pinned::stage(&self.dir, &self.dir.join(ENTRIES_PIN_NEW), cap, true)?;
+        let buckets = abi::cache_buckets_for(needed, cap).max(self.filter.cache_buckets());
+        if cap != self.hash_capacity || buckets != self.filter.cache_buckets() {
+            self.restage((cap, buckets))?;
+        }
+        Ok(())
+    }
+
+    /// Replace the filter and the cache by ones for an `entries` hash of
+    /// `cap` entries and a cache of `buckets` buckets, and the hash too
+    /// where `cap` is not its capacity, under a program that uses them.
+    /// The new maps are created, pinned aside and filled first; the link
+    /// then runs a program on them, and the pins follow. A crash in
+    /// between leaves the link's program not the pinned one, and adoption
+    /// runs one on the pinned maps again (see `swap_program` for the
+    /// order).
+    fn restage(&mut self, (cap, buckets): (u32, u32)) -> Result<()> {
+        let new_hash = cap != self.hash_capacity;
+        let entries_pin = self
+            .dir
+            .join(if new_hash { ENTRIES_PIN_NEW } else { ENTRIES });
+        let (program, staged) = pinned::stage(&self.dir, &entries_pin, (cap, buckets), new_hash)?;
         let unstage = |e| {
             for name in [
                 ENTRIES_PIN_NEW,
@@ -825,11 +844,25 @@ impl Dispatcher {
             }
             e
         };
-        let map = staged.hash.expect("staged with a new hash");
-        let mut filter = filter::Filter::open(staged.filter, staged.cache, cap)
+        let mut filter = filter::Filter::open(staged.filter, staged.cache, (cap, buckets))
             .and_then(|mut f| f.map().map(|()| f))
             .map_err(unstage)?;
         filter.fill(self.entries.iter().map(|(e, _)| e.key()));
+        if let Some(map) = &staged.hash {
+            self.copy_entries(map).map_err(unstage)?;
+        }
+        sync_cache(&self.entries, &mut filter, self.cached_kinds());
+        self.swap_program(program, true)?;
+        if let Some(map) = staged.hash {
+            self.hash = map;
+        }
+        self.filter = filter;
+        self.hash_capacity = cap;
+        Ok(())
+    }
+
+    /// Every entry of the index into `map`, a new `entries` hash.
+    fn copy_entries(&self, map: &MapData) -> Result<()> {
         // The index, a step at a time.
         let fd = map.fd().as_fd();
         let mut r = Ok(());
@@ -848,13 +881,6 @@ impl Dispatcher {
         }
         drop(all);
         r.map_err(sys_err("BPF_MAP_UPDATE (entries)"))
-            .map_err(unstage)?;
-        sync_cache(&self.entries, &mut filter, self.cached_kinds());
-        self.swap_program(program, true)?;
-        self.hash = map;
-        self.filter = filter;
-        self.hash_capacity = cap;
-        Ok(())
     }
 
     /// The ids of `destinations` (allocated where new), and the list of

@@ -205,24 +205,30 @@ fn words_for(keys: impl Iterator<Item = Key>, log2: u32) -> Vec<u64> {
 }
 
 impl Filter {
-    /// The filter `map`, mapped, and the cache `cache`, not yet (see
-    /// `map`): the companions of an `entries` hash of `capacity` entries
-    /// (their sizes checked by the caller).
-    pub(super) fn open(map: MapData, cache: MapData, capacity: u32) -> Result<Filter> {
+    /// The filter `map`, mapped, and the cache `cache` of `cache_buckets`
+    /// buckets, not yet (see `map`): the companions of an `entries` hash
+    /// of `capacity` entries (their sizes checked by the caller).
+    pub(super) fn open(
+        map: MapData,
+        cache: MapData,
+        (capacity, cache_buckets): (u32, u32),
+    ) -> Result<Filter> {
+        debug_assert!(abi::cache_buckets_fit(cache_buckets, capacity));
         let mut words = Words::new(map, abi::filter_words(capacity) as usize, "mmap (filter)");
         words.map()?;
-        let cache = Words::new(
-            cache,
-            abi::cache_lines(capacity) as usize * LINE,
-            "mmap (cache)",
-        );
+        let cache = Words::new(cache, (1 + cache_buckets as usize) * LINE, "mmap (cache)");
         Ok(Filter {
             words,
             cache,
             log2: abi::filter_log2(capacity),
-            cache_log2: abi::cache_buckets(capacity).trailing_zeros(),
+            cache_log2: cache_buckets.trailing_zeros(),
             stale: 0,
         })
+    }
+
+    /// The cache's buckets.
+    pub(super) fn cache_buckets(&self) -> u32 {
+        1 << self.cache_log2
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {

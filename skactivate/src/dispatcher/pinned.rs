@@ -104,13 +104,17 @@ impl Dispatcher {
         let _ = fs::remove_file(dir.join(METRICS_PIN_NEW));
         let mut maps = HashMap::new();
         let mut hash_capacity = abi::ENTRIES_MIN;
+        let mut cache_buckets = 0;
         let mut metrics_capacity = abi::METRICS_MIN;
         for spec in &MAPS {
             let path = dir.join(spec.name);
             if spec.name == filter::FILTER || spec.name == filter::CACHE {
                 // Absent (state an older skactivate made) or not sized to
                 // the hash (a crash while growing): made anew below.
-                if let Some(data) = usable_filter(&path, spec, hash_capacity) {
+                if let Some((data, max)) = usable_filter(&path, spec, hash_capacity) {
+                    if spec.name == filter::CACHE {
+                        cache_buckets = max - 1;
+                    }
                     maps.insert(spec.name, data);
                 }
                 continue;
@@ -170,11 +174,17 @@ impl Dispatcher {
         // A filter and cache made here run only once filled
         // (`load_index`), under a program loaded with them: `staged`.
         let (filter, staged) = match (maps.remove(filter::FILTER), maps.remove(filter::CACHE)) {
-            (Some(data), Some(cache)) => (filter::Filter::open(data, cache, hash_capacity)?, None),
+            (Some(data), Some(cache)) => (
+                filter::Filter::open(data, cache, (hash_capacity, cache_buckets))?,
+                None,
+            ),
             _ => {
-                let (program, map) = stage(dir, &dir.join(ENTRIES), hash_capacity, false)?;
+                // As large as the hash can fill: how many entries it holds
+                // is read only once the program to run is loaded.
+                let sizes = (hash_capacity, abi::cache_buckets(hash_capacity));
+                let (program, map) = stage(dir, &dir.join(ENTRIES), sizes, false)?;
                 (
-                    filter::Filter::open(map.filter, map.cache, hash_capacity)?,
+                    filter::Filter::open(map.filter, map.cache, sizes)?,
                     Some(program),
                 )
             }
@@ -514,14 +524,14 @@ static LOADER: LazyLock<Mutex<EbpfLoader<'static>>> = LazyLock::new(|| {
 /// Load the object against `dir`: each map pinned there is used, a missing
 /// one is created and pinned there, except the `entries` hash, its filter
 /// and its cache, which are pinned at `entries_pin`, and at `filter_pin`
-/// and `cache_pin`, and created for a capacity of `capacity` entries, and
-/// the `metrics` array, pinned at `metrics_pin` and created with
-/// `metrics_capacity` slots.
+/// and `cache_pin`, and created for a capacity of `capacity` entries (the
+/// cache with `cache_buckets` buckets), and the `metrics` array, pinned at
+/// `metrics_pin` and created with `metrics_capacity` slots.
 pub(super) fn load_object(
     dir: &Path,
     entries_pin: &Path,
     [filter_pin, cache_pin]: [&Path; 2],
-    capacity: u32,
+    (capacity, cache_buckets): (u32, u32),
     (metrics_pin, metrics_capacity): (&Path, u32),
 ) -> Result<aya::Ebpf> {
     let mut loader = LOADER.lock().unwrap_or_else(PoisonError::into_inner);
@@ -534,20 +544,20 @@ pub(super) fn load_object(
         .map_pin_path(filter::FILTER, filter_pin.to_owned())
         .map_max_entries(filter::FILTER, abi::filter_words(capacity))
         .map_pin_path(filter::CACHE, cache_pin.to_owned())
-        .map_max_entries(filter::CACHE, abi::cache_lines(capacity))
+        .map_max_entries(filter::CACHE, 1 + cache_buckets)
         .load(DISPATCHER_OBJECT)
         .map_err(load_err)
 }
 
 /// The object against the maps pinned in `dir`, its replaceable maps at
-/// their usual pins.
+/// their usual pins (the sizes of those missing: for `capacity` entries).
 fn load_pinned(dir: &Path, capacity: u32) -> Result<aya::Ebpf> {
     let pins = [filter::FILTER, filter::CACHE].map(|n| dir.join(n));
     load_object(
         dir,
         &dir.join(ENTRIES),
         [&pins[0], &pins[1]],
-        capacity,
+        (capacity, abi::cache_buckets(capacity)),
         (&dir.join(METRICS), abi::METRICS_MIN),
     )
 }
@@ -569,7 +579,7 @@ pub(super) fn stage_metrics(
             dir,
             &dir.join(ENTRIES),
             [&pins[0], &pins[1]],
-            capacity,
+            (capacity, abi::cache_buckets(capacity)),
             (&pin, metrics_capacity),
         )?;
         let program = load_fd(program_of(&mut ebpf)?)?;
@@ -591,14 +601,15 @@ pub(super) struct Staged {
     pub(super) cache: MapData,
 }
 
-/// Load the program against a new filter for `capacity` entries pinned
-/// aside (`filter-new`), and `entries_pin`'s hash: a new one pinned aside
-/// too where `new_hash`, else the one at `entries_pin`. The program is not
-/// run and the new maps are empty; on an error nothing staged is left.
+/// Load the program against a new filter for `capacity` entries and a new
+/// cache of `cache_buckets` buckets, pinned aside (`filter-new`,
+/// `cache-new`), and `entries_pin`'s hash: a new one pinned aside too
+/// where `new_hash`, else the one at `entries_pin`. The program is not run
+/// and the new maps are empty; on an error nothing staged is left.
 pub(super) fn stage(
     dir: &Path,
     entries_pin: &Path,
-    capacity: u32,
+    (capacity, cache_buckets): (u32, u32),
     new_hash: bool,
 ) -> Result<(OwnedFd, Staged)> {
     let filter_pin = dir.join(filter::FILTER_PIN_NEW);
@@ -616,7 +627,7 @@ pub(super) fn stage(
             dir,
             entries_pin,
             [&filter_pin, &cache_pin],
-            capacity,
+            (capacity, cache_buckets),
             (&dir.join(METRICS), abi::METRICS_MIN),
         )?;
         let program = load_fd(program_of(&mut ebpf)?)?;
@@ -649,12 +660,17 @@ pub(super) fn stage(
 }
 
 /// The filter or cache (`spec`) pinned at `path`, if it is one for an
-/// entries hash of `capacity` entries.
-fn usable_filter(path: &Path, spec: &MapSpec, capacity: u32) -> Option<MapData> {
+/// entries hash of `capacity` entries, and its size (`max_entries`): the
+/// filter's is the hash's, the cache's any this build makes beside it.
+fn usable_filter(path: &Path, spec: &MapSpec, capacity: u32) -> Option<(MapData, u32)> {
     let data = MapData::from_pin(path).ok()?;
     let found = sys::map_info(data.fd().as_fd()).ok()?;
     let max = if spec.name == filter::CACHE {
-        abi::cache_lines(capacity)
+        let buckets = found.max_entries.wrapping_sub(1);
+        if !abi::cache_buckets_fit(buckets, capacity) {
+            return None;
+        }
+        found.max_entries
     } else {
         abi::filter_words(capacity)
     };
@@ -666,7 +682,7 @@ fn usable_filter(path: &Path, spec: &MapSpec, capacity: u32) -> Option<MapData> 
         found.max_entries,
     )
         .eq(&want)
-        .then_some(data)
+        .then_some((data, found.max_entries))
 }
 
 /// Create maps and program in `dir`, attach to `netns`, pin the link.
