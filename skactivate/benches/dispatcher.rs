@@ -717,12 +717,17 @@ struct Phase {
 }
 
 /// What the dispatcher's cache holds: slots in use (of `entries`, the
-/// entries there are), and which of the hit probes' entries are among them.
+/// entries there are), and which of the hit probes' entries are among them;
+/// its buckets, and the map memory of the whole state (`memlock`), the
+/// cache's part of it.
 #[derive(Default)]
 struct Occupancy {
     slots: usize,
     entries: usize,
     probes: Vec<bool>,
+    buckets: u64,
+    memory: u64,
+    cache_memory: u64,
 }
 
 /// Read the pinned `cache` array (see `ebpf/skactivate.h`): the slots in
@@ -735,6 +740,12 @@ fn cache_occupancy(
     let data = aya::maps::MapData::from_pin(d.dir().join("cache")).expect("the cache pin");
     let cache: aya::maps::Array<_, [u64; 8]> =
         aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array");
+    let buckets = cache.get(&0, 0).expect("the header")[1] + 1;
+    let (each, _) = state_memlock(d.dir());
+    let cache_memory = each
+        .iter()
+        .find(|(n, _)| n == "cache")
+        .map_or(0, |(_, m)| *m);
     // Line 0 is the header; then two slots of four words per line.
     let slots: std::collections::HashSet<[u64; 3]> = cache
         .iter()
@@ -753,6 +764,9 @@ fn cache_occupancy(
             .iter()
             .map(|k| slots.contains(&dispatcher::abi::filter_key_words(k)))
             .collect(),
+        buckets,
+        memory: each.iter().map(|(_, m)| m).sum(),
+        cache_memory,
     }
 }
 
@@ -925,34 +939,41 @@ fn fresh_opens(fs: &netns::Bpffs, n: usize) -> Vec<Duration> {
         .collect()
 }
 
+/// The `memlock:` of each map pinned in the state directory `dir` (by pin
+/// name, sorted; programs and links have none there), and what each
+/// further CPU adds to the per-CPU ones.
+fn state_memlock(dir: &Path) -> (Vec<(String, u64)>, u64) {
+    let mut each = Vec::new();
+    let mut per_cpu = 0;
+    for entry in std::fs::read_dir(dir).expect("state dir") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            continue;
+        }
+        let Ok(fd) = dispatcher::sys::obj_get(&path) else {
+            continue;
+        };
+        if let Some(m) = fd_memlock(fd.as_fd()) {
+            per_cpu += per_cpu_bytes(fd.as_fd());
+            each.push((
+                path.file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned(),
+                m,
+            ));
+        }
+    }
+    each.sort();
+    (each, per_cpu)
+}
+
 fn run_memory(plan: &'static Plan) -> MapMemory {
     netns::in_netns(move |fs| {
         let fresh = fresh_opens(fs, plan.fresh);
         let mut s = Setup::new(fs, Family::V4);
         s.add(&[Workload::Bench.spec(Family::V4, 0)]);
-        let dir = s.d().dir().to_owned();
-        let mut each = Vec::new();
-        let mut per_cpu = 0;
-        for entry in std::fs::read_dir(&dir).expect("state dir") {
-            let path = entry.expect("dir entry").path();
-            if path.is_dir() {
-                continue;
-            }
-            let Ok(fd) = dispatcher::sys::obj_get(&path) else {
-                continue;
-            };
-            if let Some(m) = fd_memlock(fd.as_fd()) {
-                per_cpu += per_cpu_bytes(fd.as_fd());
-                each.push((
-                    path.file_name()
-                        .expect("name")
-                        .to_string_lossy()
-                        .into_owned(),
-                    m,
-                ));
-            }
-        }
-        each.sort();
+        let (each, per_cpu) = state_memlock(s.d().dir());
         let ours = each.iter().map(|(_, m)| m).sum();
         let reference = ["ref_bindings", "ref_sockets"]
             .iter()
@@ -2005,19 +2026,22 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
         "A hit whose entry is cached costs a filter read and a cache read; \
          one whose entry is not, a second cache bucket and the hash lookup \
          more. \
-         The cache has a slot per entry of the hash's capacity (half at the \
-         first capacity, 4096), two per bucket, and a key two buckets to \
-         choose from: where the bindings fill the cache (1M) some keys find \
-         both full. Entries of every length are cached. Read from the \
+         The cache is sized to the entries: a bucket of two slots per entry, \
+         a power of two, at least 1024 buckets and at most half the entries \
+         hash's capacity (a slot per entry of it), and a key has two buckets \
+         to choose from: where the bindings fill the cache (1M) some keys \
+         find both full. Entries of every length are cached. Read from the \
          pinned map after loading each size; \"probes\": which of the hit \
          probes' entries were cached, in the order they were timed (C cached, \
-         . not).\n"
+         . not); map memory: the `memlock:` of every map of the dispatcher's \
+         state then, as the kernel accounts it (the cache's part of it in \
+         brackets).\n"
     );
     let _ = writeln!(
         w,
-        "| workload | family | bindings | entries cached | hit probes cached |"
+        "| workload | family | bindings | cache buckets | entries cached | hit probes cached | map memory |"
     );
-    let _ = writeln!(w, "| --- | --- | ---: | ---: | --- |");
+    let _ = writeln!(w, "| --- | --- | ---: | ---: | ---: | --- | ---: |");
     for p in &r.phases {
         let Some(c) = p.cases.first() else { continue };
         for (n, o) in &p.caches {
@@ -2026,17 +2050,21 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
                 .iter()
                 .map(|&c| if c { 'C' } else { '.' })
                 .collect();
+            let mib = |b: u64| b as f64 / f64::from(1 << 20);
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} of {} ({:.1} %) | {} of {}: `{flags}` |",
+                "| {} | {} | {} | {} | {} of {} ({:.1} %) | {} of {}: `{flags}` | {:.1} MiB ({:.1}) |",
                 c.workload.name(),
                 family_name(c.family),
                 count(*n),
+                o.buckets,
                 o.slots,
                 o.entries,
                 100.0 * o.slots as f64 / o.entries.max(1) as f64,
                 o.probes.iter().filter(|&&c| c).count(),
-                o.probes.len()
+                o.probes.len(),
+                mib(o.memory),
+                mib(o.cache_memory)
             );
         }
     }
