@@ -107,8 +107,9 @@ fn main() {
          bindings (reading the lines, resolving them, loading the maps), done twice by then. \
          It counts the dispatcher's `filter` and `cache` arrays while they are mapped to be \
          written: every page of such a mapping is resident, though the memory is the map's, \
-         not the daemon's (34 MiB once the `entries` hash holds more than 65,536 entries; \
-         see ARCHITECTURE.md).\n\
+         not the daemon's (the filter 2 MiB once the `entries` hash holds more than 65,536 \
+         entries, the cache 64 bytes per entry rounded up to a power of two, up to 32 MiB: \
+         10 MiB with 100k entries, 34 MiB with 1M; see ARCHITECTURE.md).\n\
          * **idle wakeups**: voluntary and involuntary context switches of all its threads over \
          {} s with nothing happening, with the N bindings. The unit's `WatchdogSec=30s` wakes \
          it every 15 s by design (a ping to systemd), so a window may hold one such wakeup.\n\
