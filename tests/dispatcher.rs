@@ -1830,6 +1830,23 @@ fn four_kinds() -> [Binding; 4] {
     ]
 }
 
+/// A fresh dispatcher's `ports` words: no port bit, and every lengths word
+/// says that no kind of entry exists (a zero word would send a probe to
+/// every length): written before its program first runs.
+#[test]
+fn a_fresh_dispatchers_words_say_no_entry_exists() {
+    in_netns("a_fresh_dispatchers_words_say_no_entry_exists", |fs| {
+        let d = open(fs);
+        let words = ports_words(&d);
+        let (port_words, lengths_words) = words.split_at(abi::PORTS_LENGTHS as usize);
+        assert!(port_words.iter().all(|&w| w == 0), "a bit set");
+        let none = abi::lengths_word(&[], Default::default(), Default::default());
+        assert_ne!(none, 0);
+        assert_eq!(lengths_words, [none; 4]);
+        assert_eq!(goes_to(&d, "198.18.0.7", 80), None);
+    });
+}
+
 /// Removing every entry clears every `ports` word it set; more entries than
 /// the hash's first capacity grow it, and the grown hash is adopted.
 #[test]

@@ -688,6 +688,18 @@ fn usable_filter(path: &Path, spec: &MapSpec, capacity: u32) -> Option<(MapData,
 /// Create maps and program in `dir`, attach to `netns`, pin the link.
 pub(super) fn build(dir: &Path, netns: BorrowedFd<'_>) -> Result<()> {
     let mut ebpf = load_pinned(dir, abi::ENTRIES_MIN)?;
+    // The lengths words of no entries, while no program runs: nothing can
+    // read one half written, so plain updates do, and a fresh dispatcher
+    // need not load `skactivate_store_word` to write them (see
+    // `Dispatcher::sync_ports`; adoption finds them as the entries want).
+    let Some(Map::Array(ports)) = ebpf.map("ports") else {
+        return Err(DispatcherError::MissingProgram { name: "ports" });
+    };
+    let none = abi::lengths_word(&[], Default::default(), Default::default());
+    let words: Vec<u32> = (abi::PORTS_LENGTHS..abi::PORTS_WORDS).collect();
+    bindings::update_each(ports.fd().as_fd(), &words, &vec![none; words.len()])
+        .1
+        .map_err(sys_err("BPF_MAP_UPDATE_ELEM (ports)"))?;
     let prog = program_of(&mut ebpf)?;
     prog.load().map_err(program_err)?;
     let link_id = prog.attach(netns).map_err(DispatcherError::Program)?;
