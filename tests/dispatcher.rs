@@ -2686,6 +2686,53 @@ fn the_cache_grows_with_its_entries_beside_the_same_hash() {
     );
 }
 
+/// A larger cache that cannot be made (here its staging pin is taken by a
+/// directory; the kernel's memory, elsewhere) does not fail the change: the
+/// entries go in beside the cache there is, those it has no room for are
+/// found in the hash, and the next change makes the larger cache.
+#[test]
+fn a_cache_that_cannot_grow_leaves_the_change_whole() {
+    in_netns("a_cache_that_cannot_grow_leaves_the_change_whole", |fs| {
+        let a = tcp_server("a", "127.0.0.1:9341", false);
+        let mut d = open(fs);
+        let first = bind(Protocol::Tcp, "198.18.6.1/32", Ports::Range(1000, 6999));
+        serve(&mut d, "a.socket", &a, &[first]);
+        assert_eq!(lines_max(&d), 1 + 8192);
+        let program = d.program().unwrap().id;
+        let blocker = d.dir().join("cache-new");
+        std::fs::create_dir(&blocker).unwrap();
+        // 16000 entries want 16384 buckets.
+        let second = bind(Protocol::Tcp, "198.18.6.2/32", Ports::Range(1000, 10999));
+        serve(&mut d, "a.socket", &a, &[second]);
+        assert_eq!(lines_max(&d), 1 + 8192, "a cache made after all");
+        assert_eq!(d.program().unwrap().id, program);
+        assert!(!d.dir().join("filter-new").exists());
+        assert_eq!(d.bindings().unwrap().len(), 2);
+        for (addr, port) in [
+            ("198.18.6.1", 1000),
+            ("198.18.6.2", 1000),
+            ("198.18.6.2", 10999),
+        ] {
+            assert_eq!(goes_to(&d, addr, port), some("a.socket"), "{addr}:{port}");
+        }
+        assert!(filter_has(&d, &[first, second]));
+        // In the cache, every slot in use right.
+        let entries = entries_hash(&d);
+        let want: std::collections::BTreeSet<_> = entry_keys(&[first, second])
+            .iter()
+            .map(|k| cache_slot(k, entries.get(k, 0).unwrap().destination))
+            .collect();
+        assert!(cache_slots(&d).is_subset(&want));
+        std::fs::remove_dir(&blocker).unwrap();
+        let third = bind(Protocol::Tcp, "198.18.6.3/32", Ports::single(80));
+        serve(&mut d, "a.socket", &a, &[third]);
+        assert_eq!(lines_max(&d), 1 + 16384);
+        assert_ne!(d.program().unwrap().id, program);
+        assert_eq!(goes_to(&d, "198.18.6.2", 10999), some("a.socket"));
+        assert_eq!(goes_to(&d, "198.18.6.3", 80), some("a.socket"));
+    });
+}
+
 /// While thousands of other entries come and go (their filter bits set,
 /// then the filter's words computed again without them, each time), a
 /// prober running the live program never misses an entry that stays.

@@ -814,8 +814,20 @@ impl Dispatcher {
             cap = (cap * 16).min(abi::MAX_BINDINGS);
         }
         let buckets = abi::cache_buckets_for(needed, cap).max(self.filter.cache_buckets());
-        if cap != self.hash_capacity || buckets != self.filter.cache_buckets() {
-            self.restage((cap, buckets))?;
+        if cap != self.hash_capacity {
+            return self.restage((cap, buckets));
+        }
+        if buckets != self.filter.cache_buckets() {
+            // The cache only spares hits a hash lookup: where a larger one
+            // cannot be made (memory), the change goes on beside this one,
+            // whose entries stay right, and what it has no room for is
+            // found in the hash. The next change tries again.
+            if let Err(e) = self.restage((cap, buckets)) {
+                tracing::warn!(
+                    "the dispatcher's cache stays at {} buckets, {buckets} wanted: {e}",
+                    self.filter.cache_buckets()
+                );
+            }
         }
         Ok(())
     }
