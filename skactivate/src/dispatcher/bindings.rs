@@ -856,7 +856,7 @@ impl Dispatcher {
             }
             e
         };
-        let mut filter = filter::Filter::open(staged.filter, staged.cache, (cap, buckets))
+        let mut filter = filter::Filter::open_new(staged.filter, staged.cache, (cap, buckets))
             .and_then(|mut f| f.map().map(|()| f))
             .map_err(unstage)?;
         filter.fill(self.entries.iter().map(|(e, _)| e.key()));

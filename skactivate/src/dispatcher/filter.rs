@@ -182,6 +182,10 @@ pub(super) struct Filter {
     cache_log2: u32,
     /// Entries removed since the words were last computed from the index.
     stale: usize,
+    /// The cache was made empty (all zeros) by this process, which has
+    /// filled slots only from its index since: there is no slot to check
+    /// against the index (see `sync_cache`).
+    cache_new: bool,
 }
 
 impl std::fmt::Debug for Filter {
@@ -223,7 +227,16 @@ impl Filter {
             log2: abi::filter_log2(capacity),
             cache_log2: cache_buckets.trailing_zeros(),
             stale: 0,
+            cache_new: false,
         })
+    }
+
+    /// As `open`, for a filter and cache just created (`pinned::stage`),
+    /// all zeros.
+    pub(super) fn open_new(map: MapData, cache: MapData, sizes: (u32, u32)) -> Result<Filter> {
+        let mut f = Self::open(map, cache, sizes)?;
+        f.cache_new = true;
+        Ok(f)
     }
 
     /// The cache's buckets.
@@ -399,13 +412,19 @@ impl Filter {
     /// Make the cache agree with the index (`get`: an entry's destination
     /// there): a slot holding what the index does not is emptied, and an
     /// entry is cached where its bucket has room. On a cache that agrees,
-    /// as one this process kept, this writes nothing.
+    /// as one this process kept, this writes nothing; a new one's slots,
+    /// all empty, are not read (32 MiB at the most).
     pub(super) fn sync_cache(
         &mut self,
         get: impl Fn(&Key) -> Option<u32>,
         entries: impl Iterator<Item = (Key, u32)>,
     ) {
-        for s in (LINE..self.cache.len).step_by(SLOT_WORDS) {
+        let check = if std::mem::take(&mut self.cache_new) {
+            0..0
+        } else {
+            LINE..self.cache.len
+        };
+        for s in check.step_by(SLOT_WORDS) {
             let tag = self.slot_word(s + 3).load(Ordering::Relaxed);
             if tag == 0 {
                 continue;

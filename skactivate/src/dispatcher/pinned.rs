@@ -184,7 +184,7 @@ impl Dispatcher {
                 let sizes = (hash_capacity, abi::cache_buckets(hash_capacity));
                 let (program, map) = stage(dir, &dir.join(ENTRIES), sizes, false)?;
                 (
-                    filter::Filter::open(map.filter, map.cache, sizes)?,
+                    filter::Filter::open_new(map.filter, map.cache, sizes)?,
                     Some(program),
                 )
             }
