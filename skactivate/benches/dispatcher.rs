@@ -1661,6 +1661,17 @@ impl Results {
             .map(|a| a.1)
     }
 
+    /// The map memory of the first phase's state (the bench workload,
+    /// IPv4) with `n` bindings.
+    fn maps_bytes(&self, n: u32) -> Option<u64> {
+        self.phases
+            .first()?
+            .caches
+            .iter()
+            .find(|c| c.0 == n)
+            .map(|c| c.1.memory)
+    }
+
     fn rss(&self, n: u32) -> Option<u64> {
         self.rss.iter().find(|r| r.0 == n).map(|r| r.2)
     }
@@ -1691,6 +1702,8 @@ fn json(r: &Results) -> String {
         "adopt_100k_s": secs(r.adopt(100_000)),
         "maps_bytes_one_binding": r.memory.ours,
         "reference_maps_bytes_one_binding": r.memory.reference,
+        "maps_bytes_100k": r.maps_bytes(100_000),
+        "maps_bytes_1m": r.maps_bytes(1_000_000),
         "daemon_rss_100k_bytes": r.rss(100_000),
         "daemon_rss_1m_bytes": r.rss(1_000_000),
         "fresh_dispatcher_s": median_secs(&r.memory.fresh),
@@ -2261,7 +2274,9 @@ fn report(plan: &Plan, r: &Results, root: &Path) -> String {
          `reference_ns` and `reference_raw_ns` the same for the reference \
          dispatcher. `load_1m_s`, `adopt_1m_s` (and `adopt_100k_s`) in \
          seconds; `maps_bytes_one_binding` (and \
-         `reference_maps_bytes_one_binding`), `daemon_rss_100k_bytes`, \
+         `reference_maps_bytes_one_binding`, and `maps_bytes_100k`, \
+         `maps_bytes_1m`: the bench workload's IPv4 state with 100k and 1M \
+         bindings, as in \"The cache\"), `daemon_rss_100k_bytes`, \
          `daemon_rss_1m_bytes` in bytes; `fresh_dispatcher_s`, \
          `fresh_dispatcher_first_s`, `fresh_dispatcher_first_unit_s`, \
          `tcp_connect_ratio`, `udp_request_response_ratio` (the steered \
