@@ -1652,24 +1652,27 @@ impl Results {
         Some((n, p.loads.iter().map(|l| l.2).sum()))
     }
 
-    fn adopt(&self, n: u32) -> Option<Duration> {
-        self.phases
-            .first()?
-            .adopts
+    /// What `of` says of the first phase (the bench workload, IPv4) at `n`
+    /// bindings, from its list of (bindings, figure).
+    fn first_phase_at<T, R>(
+        &self,
+        n: u32,
+        of: impl Fn(&Phase) -> &[(u32, T)],
+        get: impl Fn(&T) -> R,
+    ) -> Option<R> {
+        of(self.phases.first()?)
             .iter()
-            .find(|a| a.0 == n)
-            .map(|a| a.1)
+            .find(|(m, _)| *m == n)
+            .map(|(_, t)| get(t))
     }
 
-    /// The map memory of the first phase's state (the bench workload,
-    /// IPv4) with `n` bindings.
+    fn adopt(&self, n: u32) -> Option<Duration> {
+        self.first_phase_at(n, |p| &p.adopts, |&d| d)
+    }
+
+    /// The map memory of the first phase's state with `n` bindings.
     fn maps_bytes(&self, n: u32) -> Option<u64> {
-        self.phases
-            .first()?
-            .caches
-            .iter()
-            .find(|c| c.0 == n)
-            .map(|c| c.1.memory)
+        self.first_phase_at(n, |p| &p.caches, |o| o.memory)
     }
 
     fn rss(&self, n: u32) -> Option<u64> {
