@@ -133,28 +133,40 @@ pub fn lock(root: &Path, netns: u64) -> Result<StateLock, LockError> {
     }
 }
 
+/// `flock(LOCK_EX | LOCK_NB)` on `dir`: whether it was taken.
+fn try_flock(dir: &fs::File) -> io::Result<bool> {
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
 /// `None`: the directory locked was removed meanwhile (see the module doc).
 fn lock_once(path: &Path) -> Result<Option<StateLock>, LockError> {
     use std::os::unix::fs::MetadataExt;
     let path = path.to_owned();
     mkdir(&path)?;
     let dir = fs::File::open(&path).map_err(io_err(&path))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(io_err(&path)(e));
+    // The holder records its pid just after locking: a lock without a
+    // record is being taken, or was let go by a holder whose descriptor
+    // lives on for a moment in a child another thread of its process has
+    // forked (until the child's exec closes it). So where no pid is
+    // recorded, the lock is tried again for a moment before it is called
+    // held.
+    let mut tries = 0;
+    while !try_flock(&dir).map_err(io_err(&path))? {
+        let pid = recorded(&path).into_iter().max();
+        if pid.is_some() || tries == 20 {
+            return Err(LockError::Held { path, pid });
         }
-        // The holder records its pid just after locking: give it a moment.
-        let mut pid = None;
-        for _ in 0..20 {
-            pid = recorded(&path).into_iter().max();
-            if pid.is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        return Err(LockError::Held { path, pid });
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(5));
     }
     let held = dir.metadata().map_err(io_err(&path))?;
     match fs::metadata(&path) {
