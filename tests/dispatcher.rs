@@ -2686,6 +2686,68 @@ fn the_cache_grows_with_its_entries_beside_the_same_hash() {
     );
 }
 
+/// A swap whose link update went through but whose pins could not be moved
+/// into place (here a directory holds the filter's pin name): the handle
+/// writes to the maps the program reads, and no change is made until the
+/// pins are in place, so a daemon adopting the state never finds maps the
+/// program no longer reads. Once the way is clear the next change moves
+/// them, and adoption finds every entry.
+#[test]
+fn a_swap_whose_pins_lag_refuses_changes_until_they_are_in_place() {
+    in_netns(
+        "a_swap_whose_pins_lag_refuses_changes_until_they_are_in_place",
+        |fs| {
+            let a = tcp_server("a", "127.0.0.1:9343", false);
+            let mut d = open(fs);
+            let first = bind(Protocol::Tcp, "198.18.9.1/32", Ports::Range(80, 89));
+            let dest = serve(&mut d, "a.socket", &a, &[first]);
+            let pin = d.dir().join("filter");
+            std::fs::remove_file(&pin).unwrap();
+            std::fs::create_dir(&pin).unwrap();
+            // 6000 entries: the hash grows, under a new program.
+            let second = bind(Protocol::Tcp, "198.18.9.2/32", Ports::Range(1000, 6999));
+            let program = d.program().unwrap().id;
+            let e = d.add_bindings(&[(second, dest.clone())]).unwrap_err();
+            let shown = e.to_string();
+            assert!(shown.contains(&pin.display().to_string()), "{shown}");
+            assert_ne!(
+                d.program().unwrap().id,
+                program,
+                "the link runs the new program"
+            );
+            assert_eq!(goes_to(&d, "198.18.9.1", 80), some("a.socket"));
+            assert_eq!(goes_to(&d, "198.18.9.2", 1000), None);
+            assert_eq!(d.bindings().unwrap().len(), 1);
+            // Refused while the pins lag, the state as it was.
+            let again = d.add_bindings(&[(second, dest.clone())]).unwrap_err();
+            assert_eq!(again.to_string(), shown);
+            let e = d
+                .remove_bindings(&[first])
+                .expect_err("a removal while the pins lag");
+            assert_eq!(e.to_string(), shown);
+            assert_eq!(goes_to(&d, "198.18.9.1", 80), some("a.socket"));
+            std::fs::remove_dir(&pin).unwrap();
+            d.add_bindings(&[(second, dest.clone())]).unwrap();
+            for staged in ["cache-new", "filter-new", "entries-new"] {
+                assert!(!d.dir().join(staged).exists(), "{staged} left behind");
+            }
+            assert_eq!(pinned_map(&d, "entries").max_entries, 1 << 16);
+            assert!(filter_has(&d, &[first, second]));
+            let running = d.program().unwrap().id;
+            drop(d);
+            let d = open(fs);
+            assert_eq!(
+                d.program().unwrap().id,
+                running,
+                "adoption swapped programs"
+            );
+            assert_eq!(d.bindings().unwrap().len(), 2);
+            assert_eq!(goes_to(&d, "198.18.9.1", 89), some("a.socket"));
+            assert_eq!(goes_to(&d, "198.18.9.2", 6999), some("a.socket"));
+        },
+    );
+}
+
 /// A larger cache that cannot be made (here its staging pin is taken by a
 /// directory; the kernel's memory, elsewhere) does not fail the change: the
 /// entries go in beside the cache there is, those it has no room for are

@@ -651,6 +651,7 @@ impl Dispatcher {
         remove: Vec<Entry>,
         reserve: usize,
     ) -> Result<Changes> {
+        self.settle_pending()?;
         // The filter and cache are mapped for the change only (see
         // `filter::Words`).
         self.filter.map()?;
@@ -864,13 +865,13 @@ impl Dispatcher {
             self.copy_entries(map).map_err(unstage)?;
         }
         sync_cache(&self.entries, &mut filter, self.cached_kinds());
-        self.swap_program(program, true)?;
-        if let Some(map) = staged.hash {
-            self.hash = map;
-        }
-        self.filter = filter;
-        self.hash_capacity = cap;
-        Ok(())
+        self.swap_program(program, true, |d| {
+            if let Some(map) = staged.hash {
+                d.hash = map;
+            }
+            d.filter = filter;
+            d.hash_capacity = cap;
+        })
     }
 
     /// Every entry of the index into `map`, a new `entries` hash.

@@ -46,6 +46,7 @@ impl Dispatcher {
     /// update, and to the end of a lookup it had begun) is added after. On
     /// an error before the link update nothing has changed.
     fn grow_metrics(&mut self, id: u32) -> Result<()> {
+        self.settle_pending()?;
         let cap = abi::metrics_capacity_for(id).ok_or(DispatcherError::DestinationsFull)?;
         let (program, map) = pinned::stage_metrics(&self.dir, self.hash_capacity, cap)?;
         let staged = self.dir.join(METRICS_PIN_NEW);
@@ -65,9 +66,14 @@ impl Dispatcher {
             });
             copied.push((i, r.map_err(map_err(METRICS)).map_err(unstage)?));
         }
-        self.swap_program(program, true)?;
-        let old = std::mem::replace(&mut self.metrics, new);
-        self.metrics_capacity = cap;
+        let mut old = None;
+        let settled = self.swap_program(program, true, |d| {
+            old = Some(std::mem::replace(&mut d.metrics, new));
+            d.metrics_capacity = cap;
+        });
+        let Some(old) = old else {
+            return settled;
+        };
         for (i, before) in copied {
             let after = old.get(&i, 0).map_err(map_err(METRICS))?;
             if after.iter().eq(before.iter()) {
@@ -86,7 +92,7 @@ impl Dispatcher {
             let sum = PerCpuValues::try_from(sum).map_err(sys_err("per-CPU values"))?;
             self.metrics.set(i, sum, 0).map_err(map_err(METRICS))?;
         }
-        Ok(())
+        settled
     }
 
     pub(super) fn socket_cookie(&self, id: u32) -> Result<Option<u64>> {

@@ -562,6 +562,9 @@ pub struct Dispatcher {
     /// `skactivate_store_word`, loaded the first time a lengths word is
     /// written (see `sync_ports`).
     store: Option<OwnedFd>,
+    /// Whether a swap's pins are still to be moved into place (see
+    /// `settle_pins`).
+    pins_pending: bool,
 }
 
 impl std::fmt::Debug for Dispatcher {

@@ -214,16 +214,17 @@ impl Dispatcher {
             lock: None,
             records: records::Records::open(dir)?,
             store: None,
+            pins_pending: false,
         };
         d.batch = d.probe_batch();
         d.hash_batch = probe_batch(d.hash.fd().as_fd());
         d.load_index()?;
         d.filter.unmap();
         match (staged, repair) {
-            (Some(program), _) => d.swap_program(program, !repair)?,
+            (Some(program), _) => d.swap_program(program, !repair, |_| {})?,
             (None, true) => {
                 let program = d.program.try_clone().map_err(sys_err("dup"))?;
-                d.swap_program(program, false)?;
+                d.swap_program(program, false, |_| {})?;
             }
             (None, false) => {}
         }
@@ -232,19 +233,17 @@ impl Dispatcher {
 
     /// Run `program` (loaded against the pinned maps, or maps staged aside,
     /// all filled) in the link in place of `self.program` (only if that is
-    /// what runs, where `replaces`), then move the staged pins into place,
-    /// the filter first and the cache last: a crash in between leaves a
-    /// filter with a bit for every entry of either hash, and a cache of
-    /// entries the pinned hash has (the new hash holds every entry of the
-    /// old, with the same destination).
-    pub(super) fn swap_program(&mut self, program: OwnedFd, replaces: bool) -> Result<()> {
-        let staged = [
-            METRICS_PIN_NEW,
-            filter::FILTER_PIN_NEW,
-            ENTRIES_PIN_NEW,
-            filter::CACHE_PIN_NEW,
-        ]
-        .map(|n| self.dir.join(n));
+    /// what runs, where `replaces`), hand this handle the maps it reads
+    /// (`install`), then move the staged pins into place (`settle_pins`).
+    /// An error before the link update leaves everything as it was; after
+    /// it, the handle writes where the program reads, and only the pins lag.
+    pub(super) fn swap_program(
+        &mut self,
+        program: OwnedFd,
+        replaces: bool,
+        install: impl FnOnce(&mut Self),
+    ) -> Result<()> {
+        let staged = STAGED_PINS.map(|(from, _)| self.dir.join(from));
         let old = replaces.then(|| self.program.as_fd());
         let r = staged
             .iter()
@@ -261,16 +260,38 @@ impl Dispatcher {
             return Err(e);
         }
         self.program = program;
-        for (from, to) in staged
-            .iter()
-            .zip([METRICS, filter::FILTER, ENTRIES, filter::CACHE])
-        {
+        install(self);
+        self.settle_pins()
+    }
+
+    /// Move the staged pins into place, the filter first and the cache
+    /// last: a crash in between leaves a filter with a bit for every entry
+    /// of either hash, and a cache of entries the pinned hash has (the new
+    /// hash holds every entry of the old, with the same destination); then
+    /// pin the program that runs. Until this has succeeded no change is
+    /// made (`settle_pending`): a daemon adopting the state would find the
+    /// maps the pins name, not the ones the program reads.
+    pub(super) fn settle_pins(&mut self) -> Result<()> {
+        self.pins_pending = true;
+        for (from, to) in STAGED_PINS {
+            let from = self.dir.join(from);
             if from.exists() {
                 let pin = self.dir.join(to);
-                fs::rename(from, &pin).map_err(io_err(&pin))?;
+                fs::rename(&from, &pin).map_err(io_err(&pin))?;
             }
         }
-        pin_program(&self.dir, self.program.as_fd())
+        pin_program(&self.dir, self.program.as_fd())?;
+        self.pins_pending = false;
+        Ok(())
+    }
+
+    /// Before a change: the pins of an earlier swap that could not be moved
+    /// into place, moved now, or the change refused with the reason.
+    pub(super) fn settle_pending(&mut self) -> Result<()> {
+        if self.pins_pending {
+            self.settle_pins()?;
+        }
+        Ok(())
     }
 
     /// Read the destinations and the entries hash into the in-memory index
@@ -520,6 +541,15 @@ static LOADER: LazyLock<Mutex<EbpfLoader<'static>>> = LazyLock::new(|| {
     loader.btf(None);
     Mutex::new(loader)
 });
+
+/// The pins a swap stages aside, and where each goes once the link runs a
+/// program on them, in that order (see `Dispatcher::settle_pins`).
+const STAGED_PINS: [(&str, &str); 4] = [
+    (METRICS_PIN_NEW, METRICS),
+    (filter::FILTER_PIN_NEW, filter::FILTER),
+    (ENTRIES_PIN_NEW, ENTRIES),
+    (filter::CACHE_PIN_NEW, filter::CACHE),
+];
 
 /// Load the object against `dir`: each map pinned there is used, a missing
 /// one is created and pinned there, except the `entries` hash, its filter
