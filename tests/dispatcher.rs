@@ -1576,30 +1576,16 @@ fn child_opens_a_locked_dispatcher() {
 fn one_binding_and_one_socket_cost_little_map_memory() {
     in_netns("one_binding_and_one_socket_cost_little_map_memory", |fs| {
         let (_web, d) = serve_web(fs);
-        let mut total = 0u64;
-        let mut each = Vec::new();
-        for name in MAP_PINS.into_iter().chain(["records"]) {
-            let fd = skactivate::dispatcher::sys::obj_get(&d.dir().join(name)).unwrap();
-            let info =
-                std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
-            let memlock: u64 = info
-                .lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
-                .map(|v| v.trim().parse().unwrap())
-                .unwrap();
-            if name == "bindings" && memlock > 1 << 20 {
-                // Before 6.4 fdinfo shows a formula of max_entries, not what
-                // the map holds: nothing to measure.
-                eprintln!(
-                    "SKIP one_binding_and_one_socket_cost_little_map_memory: kernel {} reports \
-                     map capacity ({memlock} bytes for a one-entry trie), not map memory in use",
-                    skactivate::dispatcher::kernel_release()
-                );
-                return;
-            }
-            each.push(format!("{name} {memlock}"));
-            total += memlock;
-        }
+        let Some((total, each)) = maps_memlock(&d) else {
+            // Before 6.4 fdinfo shows a formula of max_entries, not what
+            // the map holds: nothing to measure.
+            eprintln!(
+                "SKIP one_binding_and_one_socket_cost_little_map_memory: kernel {} reports \
+                 map capacity (for the one-entry trie), not map memory in use",
+                skactivate::dispatcher::kernel_release()
+            );
+            return;
+        };
         let cpus = aya::util::nr_cpus().expect("possible CPUs") as u64;
         let allowed = (256 << 10) + cpus.saturating_sub(2) * 16 * 24;
         println!(
@@ -1609,6 +1595,31 @@ fn one_binding_and_one_socket_cost_little_map_memory() {
         );
         assert!(total <= allowed, "{total} > {allowed}: {}", each.join(", "));
     });
+}
+
+/// The map memory of the state's pinned maps as the kernel accounts it
+/// (`memlock` in fdinfo), in total and map by map; `None` on kernels before
+/// 6.4, which report a formula of `max_entries` there (megabytes for the
+/// empty trie), not what a map holds.
+fn maps_memlock(d: &Dispatcher) -> Option<(u64, Vec<String>)> {
+    let mut total = 0u64;
+    let mut each = Vec::new();
+    for name in MAP_PINS.into_iter().chain(["records"]) {
+        let fd = skactivate::dispatcher::sys::obj_get(&d.dir().join(name)).unwrap();
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        let memlock: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap();
+        if name == "bindings" && memlock > 1 << 20 {
+            return None;
+        }
+        each.push(format!("{name} {memlock}"));
+        total += memlock;
+    }
+    Some((total, each))
 }
 
 /// Where the live program sends a TCP lookup (`BPF_PROG_TEST_RUN`): the unit
@@ -2383,8 +2394,8 @@ fn the_filter_guards_every_probe_and_is_kept_exact() {
         assert!(!d.dir().join("filter-new").exists());
         assert_eq!(goes_to(&d, "198.18.2.9", 6999), some("a.socket"));
 
-        // 6000 entries gone: more stale bits than entries present, so the
-        // words are computed again and hold only the present entries' bits.
+        // 6000 entries gone, 14 left: the maps shrink back to their first
+        // sizes, and the new filter holds only the present entries' bits.
         d.remove_bindings(&[many]).unwrap();
         assert!(filter_has(&d, &few));
         let set: u32 = filter_words(&d).1.iter().map(|w| w.count_ones()).sum();
@@ -2407,7 +2418,7 @@ fn the_filter_guards_every_probe_and_is_kept_exact() {
         let d = open(fs);
         assert_eq!(
             filter_words(&d).1.len() as u32 + 1,
-            abi::filter_words(1 << 16)
+            abi::filter_words(abi::ENTRIES_MIN)
         );
         assert!(filter_has(&d, &few));
         assert_eq!(goes_to(&d, "198.18.0.255", 1), some("a.socket"));
@@ -2603,7 +2614,8 @@ fn the_cache_answers_hits_and_agrees_with_the_hash() {
 /// with them: past a bucket per entry a larger one is made and filled
 /// beside the same hash (not copied), and the link runs a program on it,
 /// while a prober running the program it replaces never gets a wrong
-/// answer. Adoption keeps it as it is; it does not shrink when entries go.
+/// answer. Adoption keeps it as it is; it shrinks only once the entries
+/// fall to a quarter of its buckets.
 #[test]
 fn the_cache_grows_with_its_entries_beside_the_same_hash() {
     in_netns(
@@ -2677,13 +2689,110 @@ fn the_cache_grows_with_its_entries_beside_the_same_hash() {
             assert!(got.len() > 15_900, "{} of 16000 cached", got.len());
             assert_eq!(goes_to(&d, "198.18.6.2", 1000), some("a.socket"));
             assert!(!state.join("cache-new").exists());
-            // Entries gone leave the cache as large.
+            // 6000 entries left of 16000 fill a quarter of 2^15 buckets at
+            // most: the cache halves (to a bucket for twice as many), beside
+            // the same hash.
+            let hash = pinned_map(&d, "entries").id;
             d.remove_bindings(&[second]).unwrap();
-            assert_eq!(lines_max(&d), 1 + (1 << 15));
+            assert_eq!(lines_max(&d), 1 + (1 << 14));
+            assert_eq!(pinned_map(&d, "entries").id, hash);
             assert_eq!(goes_to(&d, "198.18.6.2", 1000), None);
             assert_eq!(goes_to(&d, "198.18.6.1", 1000), some("a.socket"));
         },
     );
+}
+
+/// Memory follows what the maps hold both ways: once most entries are gone,
+/// the hash, its filter and its cache are replaced by smaller ones (as when
+/// they grow: filled, then run by a new program, then pinned), while a
+/// prober of the entries that stay never gets a wrong answer; smaller maps
+/// that cannot be made leave the removal whole, and the next one shrinks.
+#[test]
+fn the_maps_shrink_when_most_entries_go() {
+    in_netns("the_maps_shrink_when_most_entries_go", |fs| {
+        use skactivate::dispatcher::socket;
+        let a = tcp_server("a", "127.0.0.1:9342", false);
+        let cookie = socket::socket_cookie(a.fd()).unwrap();
+        let mut d = open(fs);
+        let stay = bind(Protocol::Tcp, "198.18.7.1/32", Ports::Range(80, 89));
+        serve(&mut d, "a.socket", &a, &[stay]);
+        let small = maps_memlock(&d);
+        let fresh = (pinned_map(&d, "entries").max_entries, lines_max(&d));
+        assert_eq!(fresh, (1 << 12, 1 + 1024));
+        // 70,000 entries more: the hash of 2^20, a cache of 2^17 buckets.
+        let many = [
+            bind(Protocol::Tcp, "198.18.8.1/32", Ports::Range(1000, 60999)),
+            bind(Protocol::Tcp, "198.18.8.2/32", Ports::Range(1000, 10999)),
+        ];
+        serve(&mut d, "a.socket", &a, &many);
+        assert_eq!(pinned_map(&d, "entries").max_entries, 1 << 20);
+        assert_eq!(lines_max(&d), 1 + (1 << 17));
+        let large = maps_memlock(&d);
+        let program = d.program().unwrap().id;
+        let prober = Prober::start(
+            &d,
+            (80..90)
+                .map(|port| (v4("198.18.7.1"), port, cookie))
+                .collect(),
+        );
+        // Back to 10 entries: the first sizes again.
+        assert_eq!(d.remove_bindings(&many).unwrap().removed, 70_000);
+        prober.finish("lookups while the maps shrank answered otherwise");
+        assert_eq!(
+            (pinned_map(&d, "entries").max_entries, lines_max(&d)),
+            fresh
+        );
+        assert_eq!(
+            pinned_map(&d, "filter").max_entries,
+            abi::filter_words(1 << 12)
+        );
+        assert_ne!(d.program().unwrap().id, program);
+        for staged in ["cache-new", "filter-new", "entries-new"] {
+            assert!(!d.dir().join(staged).exists(), "{staged} left behind");
+        }
+        if let (Some((small, _)), Some((large, _)), Some((now, each))) =
+            (small, large, maps_memlock(&d))
+        {
+            println!("map memory: {small} bytes, {large} with 70,010 entries, {now} after");
+            assert!(large > 24 << 20, "{large}");
+            // The hash's elements freed, the metrics as they were: about
+            // where it started.
+            assert!(
+                now < small + (64 << 10),
+                "{now} after, {small} before: {}",
+                each.join(", ")
+            );
+        }
+        assert_eq!(goes_to(&d, "198.18.7.1", 80), some("a.socket"));
+        assert_eq!(goes_to(&d, "198.18.8.1", 1000), None);
+        assert!(filter_has(&d, &[stay]));
+        // Adopted as it is.
+        drop(d);
+        let mut d = open(fs);
+        assert_eq!(
+            (pinned_map(&d, "entries").max_entries, lines_max(&d)),
+            fresh
+        );
+        assert_eq!(goes_to(&d, "198.18.7.1", 89), some("a.socket"));
+
+        // Where the smaller maps cannot be made, the removal still goes in
+        // whole, beside the larger maps, and the next one shrinks them.
+        serve(&mut d, "a.socket", &a, &many);
+        let blocker = d.dir().join("cache-new");
+        std::fs::create_dir(&blocker).unwrap();
+        d.remove_bindings(&many[..1]).unwrap();
+        assert_eq!(pinned_map(&d, "entries").max_entries, 1 << 20);
+        assert_eq!(goes_to(&d, "198.18.8.1", 1000), None);
+        assert_eq!(goes_to(&d, "198.18.8.2", 1000), some("a.socket"));
+        std::fs::remove_dir(&blocker).unwrap();
+        d.remove_bindings(&many[1..]).unwrap();
+        assert_eq!(
+            (pinned_map(&d, "entries").max_entries, lines_max(&d)),
+            fresh
+        );
+        assert_eq!(goes_to(&d, "198.18.8.2", 1000), None);
+        assert_eq!(goes_to(&d, "198.18.7.1", 80), some("a.socket"));
+    });
 }
 
 /// A swap whose link update went through but whose pins could not be moved
@@ -2809,7 +2918,10 @@ fn the_filter_never_hides_a_present_entry_while_others_churn() {
             let cookie = socket::socket_cookie(a.fd()).unwrap();
             let mut d = open(fs);
             // Entries that stay: /32s on one port, a /24 on every port, a
-            // /20 on a range, so that probes of every kind pass the filter.
+            // /20 on a range, so that probes of every kind pass the filter;
+            // and 4100 /32s, so that the maps never shrink (see
+            // `abi::shrunk_sizes`): the filter's words are computed again
+            // in place, under the program that reads them.
             let stay: Vec<Binding> = (1..=48)
                 .map(|i| {
                     bind(
@@ -2821,6 +2933,7 @@ fn the_filter_never_hides_a_present_entry_while_others_churn() {
                 .chain([
                     bind(Protocol::Tcp, "198.18.1.0/24", Ports::All),
                     bind(Protocol::Tcp, "198.18.16.0/20", Ports::Range(80, 90)),
+                    bind(Protocol::Tcp, "198.18.2.1/32", Ports::Range(2000, 6099)),
                 ])
                 .collect();
             serve(&mut d, "a.socket", &a, &stay);
@@ -2854,7 +2967,7 @@ fn the_filter_never_hides_a_present_entry_while_others_churn() {
             );
             let set_bits =
                 |d: &Dispatcher| -> u32 { filter_words(d).1.iter().map(|w| w.count_ones()).sum() };
-            let stay_entries = 48 + 1 + 11;
+            let stay_entries = 48 + 1 + 11 + 4100;
             for round in 1..=8 {
                 let more = churn(round);
                 d.add_bindings(&[(more, destination.clone())]).unwrap();

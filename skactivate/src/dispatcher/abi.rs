@@ -80,6 +80,26 @@ pub fn cache_buckets_for(entries: usize, capacity: u32) -> u32 {
         .clamp(CACHE_BUCKETS_MIN, most)
 }
 
+/// The sizes (the `entries` hash's capacity, the cache's buckets) to
+/// which maps of sizes `have` shrink once `entries` entries are left: the
+/// hash a sixteenth (down to `ENTRIES_MIN`) while they fill at most a
+/// quarter of that; the cache to `cache_buckets_for` twice the entries
+/// where that is at most half what it has (or has to be, beside a smaller
+/// hash). `have` where nothing shrinks. So it takes a fourfold fall to
+/// shrink, and twice the entries left to grow again.
+pub fn shrunk_sizes(entries: usize, (capacity, buckets): (u32, u32)) -> (u32, u32) {
+    let mut cap = capacity;
+    while cap > ENTRIES_MIN && entries <= (cap / 64) as usize {
+        cap /= 16;
+    }
+    let fit = cache_buckets_for(entries.saturating_mul(2), cap);
+    if buckets > cache_buckets(cap) || buckets / 2 >= fit {
+        (cap, fit)
+    } else {
+        (cap, buckets)
+    }
+}
+
 /// Whether a cache of `buckets` buckets is a size this build makes beside
 /// an `entries` hash of `capacity` entries.
 pub fn cache_buckets_fit(buckets: u32, capacity: u32) -> bool {
@@ -508,6 +528,32 @@ mod tests {
         let big = 1 << 20;
         assert_eq!(CACHE_BUCKETS_MIN, 1024);
         assert_eq!(cache_buckets_for(0, ENTRIES_MIN), 1024);
+        // Shrinking: a fourfold fall, never below the first sizes, and
+        // room for twice the entries left.
+        assert_eq!(shrunk_sizes(1_000_000, (big, 1 << 19)), (big, 1 << 19));
+        assert_eq!(shrunk_sizes(200_000, (big, 1 << 19)), (big, 1 << 19));
+        assert_eq!(shrunk_sizes(131_073, (big, 1 << 19)), (big, 1 << 19));
+        assert_eq!(shrunk_sizes(131_072, (big, 1 << 19)), (big, 1 << 18));
+        assert_eq!(shrunk_sizes(16_385, (big, 1 << 17)), (big, 1 << 16));
+        assert_eq!(shrunk_sizes(16_384, (big, 1 << 17)), (1 << 16, 1 << 15));
+        assert_eq!(shrunk_sizes(1_024, (1 << 16, 1 << 14)), (ENTRIES_MIN, 1024));
+        assert_eq!(shrunk_sizes(1_025, (1 << 16, 1 << 14)), (1 << 16, 1 << 12));
+        assert_eq!(shrunk_sizes(0, (big, 1 << 19)), (ENTRIES_MIN, 1024));
+        assert_eq!(shrunk_sizes(0, (ENTRIES_MIN, 1024)), (ENTRIES_MIN, 1024));
+        for entries in [0, 1, 1_000, 4_096, 4_097, 60_000, 65_537, 400_000, 1 << 20] {
+            for have in [(ENTRIES_MIN, 1024), (1 << 16, 1 << 15), (big, 1 << 19)] {
+                let (cap, buckets) = shrunk_sizes(entries, have);
+                assert!(cap <= have.0 && buckets <= have.1);
+                assert!(cache_buckets_fit(buckets, cap), "{entries} {have:?}");
+                if (cap, buckets) != have {
+                    // Room for the entries, and for as many again; and a
+                    // fourfold fall at least.
+                    assert!(entries * 2 <= cap as usize, "{entries} {have:?}");
+                    assert!(cache_buckets_for(entries * 2, cap) <= buckets);
+                    assert!(entries * 4 <= have.1 as usize || cap < have.0);
+                }
+            }
+        }
         assert_eq!(cache_buckets_for(4096, ENTRIES_MIN), 1024);
         assert_eq!(cache_buckets_for(1, big), 1024);
         assert_eq!(cache_buckets_for(6000, 1 << 16), 8192);

@@ -754,6 +754,9 @@ impl Dispatcher {
         let failure = self.remove_entries(&remove, &mut touched).err();
         self.write_refcounts(touched)?;
         self.collect_garbage()?;
+        if failure.is_none() && !remove.is_empty() {
+            self.shrink_to_fit();
+        }
         match failure {
             Some(e) => Err(e),
             None => Ok(Changes {
@@ -808,7 +811,8 @@ impl Dispatcher {
     /// Room for `needed` entries: a larger `entries` hash where it has
     /// less (sixteenfold steps, at most `MAX_BINDINGS`), and a larger cache
     /// where it has fewer buckets than that, as far as the hash can fill
-    /// (see `abi::cache_buckets_for`). The cache never shrinks.
+    /// (see `abi::cache_buckets_for`). Shrinking is `shrink_to_fit`'s, after
+    /// removals.
     fn make_room(&mut self, needed: usize) -> Result<()> {
         let mut cap = self.hash_capacity.max(abi::ENTRIES_MIN);
         while (cap as usize) < needed && cap < abi::MAX_BINDINGS {
@@ -831,6 +835,35 @@ impl Dispatcher {
             }
         }
         Ok(())
+    }
+
+    /// After entries went: a smaller `entries` hash where those left fill at
+    /// most a quarter of the next capacity down, and a smaller cache where
+    /// they would fill at most a quarter of this one's buckets (see
+    /// `abi::shrunk_sizes`), so that what a namespace's maps take follows
+    /// what it holds both ways. Not on every removal: it takes a fourfold
+    /// fall, and growing back takes the entries past the smaller size, so a
+    /// set that comes and goes around one size does not copy its entries
+    /// each time. The maps are replaced as when they grow (`restage`); where
+    /// smaller ones cannot be made, the larger serve as well: warned, and
+    /// tried again at the next removal.
+    fn shrink_to_fit(&mut self) {
+        let have = (self.hash_capacity, self.filter.cache_buckets());
+        let want = abi::shrunk_sizes(self.entries.len(), have);
+        if want == have {
+            return;
+        }
+        if let Err(e) = self.restage(want) {
+            tracing::warn!(
+                "the dispatcher's maps stay sized for {} entries (a cache of {} buckets), \
+                 {} left, for which {} (and {}) would do: {e}",
+                have.0,
+                have.1,
+                self.entries.len(),
+                want.0,
+                want.1,
+            );
+        }
     }
 
     /// Replace the filter and the cache by ones for an `entries` hash of
