@@ -32,6 +32,10 @@
 //!   `SKACTIVATE_BENCH_CPU_LATENCY_US=N` the bench holds
 //!   `/dev/cpu_dma_latency` at N for the run (0: idle CPUs poll instead of
 //!   halting), as latency-minded hosts are tuned.
+//! * `SKACTIVATE_BENCH_PROXY_CPU=1` pins the proxies to CPU 1 as well, with
+//!   the clients and backends: a proxy sharing its CPU with the programs it
+//!   serves, as on a busy host (the kernel threads that do sockmap's
+//!   redirected sends run there too).
 //!
 //! Run without `--bench` (as `cargo test --benches` does) it is a smoke test:
 //! small sizes, no file written.
@@ -147,7 +151,14 @@ fn first_reply(name: &str, argv: &[&str], echo: SocketAddr, hide_btf: bool) -> f
     ms
 }
 
-/// Spawn a proxy to `target` on CPU 0 with `l` as its socket from systemd;
+/// The CPU the proxies run on: 0, or `SKACTIVATE_BENCH_PROXY_CPU`.
+fn proxy_cpu() -> usize {
+    std::env::var("SKACTIVATE_BENCH_PROXY_CPU").map_or(0, |v| {
+        v.parse().expect("SKACTIVATE_BENCH_PROXY_CPU: a CPU number")
+    })
+}
+
+/// Spawn a proxy to `target` on [`proxy_cpu`] with `l` as its socket from systemd;
 /// with `hide_btf`, in a mount namespace where the kernel's BTF cannot be
 /// read, as the example unit's `InaccessiblePaths=` has it.
 fn spawn(
@@ -158,6 +169,7 @@ fn spawn(
     hide_btf: bool,
 ) -> Child {
     let fd = l.as_raw_fd();
+    let cpu = proxy_cpu();
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
@@ -175,7 +187,7 @@ fn spawn(
             }
             libc::fcntl(3, libc::F_SETFD, 0);
             let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
+            libc::CPU_SET(cpu, &mut set);
             libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
             if hide_btf {
                 let null = std::ptr::null::<libc::c_char>();
@@ -585,13 +597,14 @@ fn run(plan: &Plan) -> String {
     let mut out = String::new();
     out += &format!(
         "Waking a thread on the other CPU and back (pipe ping-pong, median of 2000): {:.1} µs \
-         before the rounds, {:.1} µs after; {}.\n\n",
+         before the rounds, {:.1} µs after; {}; the proxies on CPU {}, clients and backends on CPU 1.\n\n",
         wakeup_before.as_secs_f64() * 1e6,
         wakeup_after.as_secs_f64() * 1e6,
         match &hold {
             Some((_, us)) => format!("`/dev/cpu_dma_latency` held at {us} µs"),
             None => "CPU idle states as the machine has them".to_owned(),
-        }
+        },
+        proxy_cpu()
     );
     let gib = (plan.bulk as f64) / f64::from(1u32 << 30);
     out += "| proxy | latency median µs | p99 µs | median ratio | p99 ratio | throughput GiB/s | proxy CPU s/GiB | ratio | + kernel threads s/GiB | ratio | connections/s | ratio | slow reader: held MiB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
