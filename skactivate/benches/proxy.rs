@@ -17,7 +17,9 @@
 //!   time of every kernel thread (kworker/*, ksoftirqd/*: in sockmap mode the
 //!   redirected sends run in a kworker) over the same interval; and, from
 //!   the bulk proxy's `STATUS=` (to a notify socket of the bench's), how
-//!   many bytes the kernel redirected and how many the proxy copied.
+//!   many bytes the kernel redirected and how many the proxy copied; and
+//!   the idle time of CPU 1 over each transfer, per GiB (CPU 1 runs the
+//!   client and backend: a transfer that leaves it idle is waiting).
 //! * connections: sequential connect, 1 byte each way, close, for `CONN_TIME`.
 //! * slow reader: the backend reads nothing while the client pushes for
 //!   `SLOW_TIME`; the most the proxy held (bytes its client socket took,
@@ -225,6 +227,20 @@ fn cpu_of(pid: u32) -> f64 {
     ticks(&stat)
 }
 
+/// Seconds CPU 1 has spent idle (/proc/stat: idle and iowait).
+fn idle_of_cpu1() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let line = stat.lines().find(|l| l.starts_with("cpu1 ")).unwrap();
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    // SAFETY: plain sysconf.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f[3] + f[4]) / hz
+}
+
 fn ticks(stat: &str) -> f64 {
     let Some((_, rest)) = stat.rsplit_once(") ") else {
         return 0.0;
@@ -302,6 +318,10 @@ struct Bulk {
     secs: f64,
     proxy_cpu: f64,
     kthreads_cpu: f64,
+    /// Idle time of CPU 1 (the clients' and backends'; the proxies' too
+    /// with `SKACTIVATE_BENCH_PROXY_CPU=1`) over the transfer: where it
+    /// is busy, a transfer that leaves it idle waits on something.
+    idle_cpu1: f64,
     /// Bytes the backend received (sent: `bytes` + 1).
     received: usize,
     /// The proxy reset the connection (it does when the kernel handed its
@@ -328,7 +348,12 @@ fn bulk(p: &Proxy, sink: &TcpListener, bytes: usize) -> Bulk {
     // Connection set up and armed before the clock starts.
     c.write_all(&chunk[..1]).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    let (cpu0, k0, t0) = (cpu_of(p.child.id()), kernel_threads_cpu(), Instant::now());
+    let (cpu0, k0, i0, t0) = (
+        cpu_of(p.child.id()),
+        kernel_threads_cpu(),
+        idle_of_cpu1(),
+        Instant::now(),
+    );
     let mut sent = 0;
     let mut reset = false;
     while sent < bytes && !reset {
@@ -345,6 +370,7 @@ fn bulk(p: &Proxy, sink: &TcpListener, bytes: usize) -> Bulk {
         secs,
         proxy_cpu: cpu_of(p.child.id()) - cpu0,
         kthreads_cpu: kernel_threads_cpu() - k0,
+        idle_cpu1: idle_of_cpu1() - i0,
         received: got,
         reset,
     }
@@ -697,6 +723,23 @@ fn run(plan: &Plan) -> String {
         "\n{} starts each, the order rotated each time.\n",
         plan.starts
     );
+    out += "\nCPU 1 idle during the bulk rounds (it runs the clients and backends; a transfer that \
+            leaves it idle waits on something, e.g. a zero window), s per GiB:";
+    for i in 0..n {
+        let idle: f64 = bulks[i].iter().map(|b| b.idle_cpu1).sum();
+        let per_round: Vec<String> = bulks[i]
+            .iter()
+            .map(|b| format!("{:.2}", b.idle_cpu1 / gib))
+            .collect();
+        out += &format!(
+            "{} {}: {:.3} (rounds: {})",
+            if i == 0 { "" } else { ";" },
+            proxies[i].name,
+            idle / (gib * bulks[i].len() as f64),
+            per_round.join(", ")
+        );
+    }
+    out += ".\n";
     for (i, st) in bulk_status.iter().enumerate() {
         let Some(st) = st else { continue };
         let (Some(r), Some(c)) = (
