@@ -214,8 +214,19 @@ fn serve(l: &TcpListener) {
 }
 
 fn ask(to: SocketAddr) -> Result<String> {
-    let mut c =
-        TcpStream::connect_timeout(&to, TIMEOUT).with_context(|| format!("connect {to}"))?;
+    // A port of the ephemeral range on a local address: the kernel may
+    // pick that very port as the source, and the socket then connects to
+    // itself (TCP simultaneous open) and waits for an answer that never
+    // comes. Seen once in 1792 connections; connect again.
+    let mut tries = 0;
+    let mut c = loop {
+        let c =
+            TcpStream::connect_timeout(&to, TIMEOUT).with_context(|| format!("connect {to}"))?;
+        tries += 1;
+        if c.local_addr()? != to || tries == 3 {
+            break c;
+        }
+    };
     c.set_read_timeout(Some(TIMEOUT))?;
     let mut s = String::new();
     c.read_to_string(&mut s)
