@@ -8,9 +8,12 @@
  *
  * One LPM trie keyed {prefixlen, protocol, port, address}, the address
  * IPv4-mapped for IPv4 (::ffff:a.b.c.d), packed as tubular packs it; a `*`
- * binding is stored with port 0. A lookup asks the trie twice: with the
- * connection's port, then with port 0. The value is an index into a
- * SOCKMAP; the socket found there is assigned.
+ * binding is stored with port 0. As tubular does, every lookup asks the trie
+ * twice, with the connection's port and with port 0, and keeps the longer
+ * match (the specific port on equal length); then it counts the lookup in a
+ * per-CPU array of counters per destination, takes the destination's socket
+ * from a SOCKMAP and assigns it. The value is the destination's index and the
+ * binding's prefix length.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -29,11 +32,22 @@ struct ref_key {
 	__u8 addr[16];
 } __attribute__((packed));
 
+struct ref_binding {
+	__u32 id;
+	__u32 prefixlen;
+};
+
+struct ref_metrics {
+	__u64 lookups;
+	__u64 misses;
+	__u64 errors;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, REF_MAX_BINDINGS);
 	__type(key, struct ref_key);
-	__type(value, __u32);
+	__type(value, struct ref_binding);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } ref_bindings SEC(".maps");
 
@@ -43,6 +57,13 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } ref_sockets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, REF_MAX_SOCKETS);
+	__type(key, __u32);
+	__type(value, struct ref_metrics);
+} ref_metrics SEC(".maps");
 
 SEC("sk_lookup")
 int reference_dispatcher(struct bpf_sk_lookup *ctx)
@@ -68,20 +89,34 @@ int reference_dispatcher(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	}
 
-	__u32 *index = bpf_map_lookup_elem(&ref_bindings, &key);
-	if (!index) {
-		key.port = 0;
-		index = bpf_map_lookup_elem(&ref_bindings, &key);
-		if (!index)
-			return SK_PASS;
-	}
+	const struct ref_binding *bind = bpf_map_lookup_elem(&ref_bindings, &key);
 
-	struct bpf_sock *sk = bpf_map_lookup_elem(&ref_sockets, index);
-	if (!sk)
+	key.port = 0;
+	const struct ref_binding *wild = bpf_map_lookup_elem(&ref_bindings, &key);
+
+	/* The longer prefix wins; on equal length the specific port. */
+	if (!bind || (wild && wild->prefixlen > bind->prefixlen))
+		bind = wild;
+	if (!bind)
+		return SK_PASS;
+
+	struct ref_metrics *m = bpf_map_lookup_elem(&ref_metrics, &bind->id);
+	if (!m)
 		return SK_DROP;
+	m->lookups++;
+
+	struct bpf_sock *sk = bpf_map_lookup_elem(&ref_sockets, &bind->id);
+	if (!sk) {
+		m->misses++;
+		return SK_DROP;
+	}
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
-	return err ? SK_DROP : SK_PASS;
+	if (err) {
+		m->errors++;
+		return SK_DROP;
+	}
+	return SK_PASS;
 }
 
 char _license[] SEC("license") = "Dual MIT/GPL";
