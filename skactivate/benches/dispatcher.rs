@@ -575,7 +575,9 @@ fn prog_fd<'a>(ebpf: &'a aya::Ebpf, name: &str) -> BorrowedFd<'a> {
 
 fn map_fd<'a>(ebpf: &'a aya::Ebpf, name: &str) -> BorrowedFd<'a> {
     match ebpf.map(name).expect("map in object") {
-        aya::maps::Map::LpmTrie(m) | aya::maps::Map::SockMap(m) => m.fd().as_fd(),
+        aya::maps::Map::LpmTrie(m)
+        | aya::maps::Map::SockMap(m)
+        | aya::maps::Map::PerCpuArray(m) => m.fd().as_fd(),
         _ => panic!("{name}: unexpected map type"),
     }
 }
