@@ -431,7 +431,7 @@ pub async fn relay_pair(
     if !(sockmap::established(&c) && sockmap::established(&b)) {
         return (splice_unarmed(c, b, idle_timeout, &mut stats).await, stats);
     }
-    let arming = sockmap::arm(kernel, &c, &b, credit.base);
+    let arming = sockmap::arm(kernel, &c, &b, credit);
     let armed = match arming {
         Ok(armed) => armed,
         Err(ref e) => {

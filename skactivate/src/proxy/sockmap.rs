@@ -92,6 +92,11 @@
 //! the limit grown to 32 MiB, 2 to 3 %. A reader that reads nothing keeps
 //! the limit at [`LIMIT`].
 //!
+//! **The peer's send buffer holds the whole credit** ([`fix_sndbuf`]): a
+//! redirected chunk that finds the send queue full puts the kernel worker
+//! off by a jiffy, and nothing wakes it sooner. The credit is kept within
+//! half of what the buffer was given ([`Credit::within_send_buffer`]).
+//!
 //! **Nothing but the program, an end or an error wakes a relay.** The
 //! sockets are out of the runtime's hands ([`End::new`]) and watched by
 //! an epoll instance of the [`Kernel`]'s for their end and errors only
@@ -318,6 +323,10 @@ static PROXY_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// direction hold, with the receive buffer.
 pub const LIMIT: u64 = 4 << 20;
 
+/// The smallest send buffer a credit is sized to (the probe's credit is a
+/// 64th of [`LIMIT`], 64 KiB).
+const CAP_FLOOR: u64 = 128 * 1024;
+
 /// How a direction's credit may grow: from `base`, up to `max` while the
 /// peer keeps up (see [`Credit::after_hold`]).
 #[derive(Debug, Clone, Copy)]
@@ -354,6 +363,22 @@ impl Credit {
         Credit {
             base: limit,
             max: limit,
+        }
+    }
+
+    /// This credit within what `dst`'s send buffer holds: half of it, the
+    /// rest left for the buffers' own overhead (see [`fix_sndbuf`]).
+    fn within_send_buffer(self, dst: &End) -> Credit {
+        let Ok(sndbuf) =
+            sys::getsockopt::<libc::c_int>(dst.fd.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF)
+        else {
+            return self;
+        };
+        let cap = u64::try_from(sndbuf).unwrap_or(0).max(CAP_FLOOR) / 2;
+        let base = self.base.min(cap);
+        Credit {
+            base,
+            max: self.max.min(cap).max(base),
         }
     }
 
@@ -824,7 +849,7 @@ pub fn arm<'a>(
     kernel: &'a Kernel,
     client: &'a End,
     backend: &'a End,
-    limit: u64,
+    credit: Credit,
 ) -> io::Result<Armed<'a>> {
     let mut armed = Armed {
         kernel,
@@ -861,31 +886,26 @@ pub fn arm<'a>(
     }
     for end in [client, backend] {
         fix_rcvbuf(end);
+        fix_sndbuf(end, credit.max);
     }
     // Step 4 before step 5: bytes already queued are passed, not
     // redirected from our context (see the module's documentation).
     kernel_kick(client);
     kernel_kick(backend);
-    let sides = kernel.set_side(
-        client.cookie,
-        &Side {
-            peer: backend.cookie,
-            drained: 0,
-            allowed: limit.saturating_sub(backend.in_flight),
-            notify: notify_at(0, limit.saturating_sub(backend.in_flight), limit),
-        },
-    );
-    let sides = sides.and_then(|()| {
+    let first = |src: &End, dst: &End| {
+        let limit = credit.within_send_buffer(dst).base;
+        let room = limit.saturating_sub(dst.in_flight);
         kernel.set_side(
-            backend.cookie,
+            src.cookie,
             &Side {
-                peer: client.cookie,
+                peer: dst.cookie,
                 drained: 0,
-                allowed: limit.saturating_sub(client.in_flight),
-                notify: notify_at(0, limit.saturating_sub(client.in_flight), limit),
+                allowed: room,
+                notify: notify_at(0, room, limit),
             },
         )
-    });
+    };
+    let sides = first(client, backend).and_then(|()| first(backend, client));
     if let Err(e) = sides {
         // The kick may have passed bytes to a socket's own queue; taking
         // the socket out of the SOCKHASH would discard them. Both stay in,
@@ -924,6 +944,38 @@ fn fix_rcvbuf(end: &End) {
     let half = i32::try_from(RCVBUF_CAP / 2).unwrap_or(i32::MAX);
     if let Err(e) = sys::setsockopt(end.fd.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, half) {
         tracing::debug!("SO_RCVBUF: {e}");
+    }
+}
+
+/// Fix `end`'s send buffer at twice `ceiling`, the most credit a direction
+/// towards it may reach ([`Credit::serving`]'s maximum), so that the bytes
+/// the program redirects to it always find room in its send queue.
+///
+/// A redirected chunk is sent from a kernel worker (`sk_psock_backlog`).
+/// Where the socket's send queue is full the send fails with `EAGAIN`, and
+/// the worker puts itself off by one jiffy (`schedule_delayed_work(…, 1)`,
+/// since the sockmap fixes of 6.4 and the stable kernels they went to; 4 ms
+/// at `HZ=250`). The room the peer's acknowledgements free meanwhile wakes
+/// it no sooner: the write-space callback's own `schedule_delayed_work(…,
+/// 0)` finds the work already pending and does nothing (before 6.4 that
+/// callback was what restarted the worker). Autotuned, the send buffer stops at `tcp_wmem`'s maximum (4 MiB),
+/// under a credit that grows to `tcp_rmem`'s (32 MiB here), so a bulk transfer
+/// hit that pause every few MiB, with every thread of the transfer waiting:
+/// 0.8 s of the clients' CPU idle per GiB in the bench's bulk rounds.
+///
+/// The buffer is a bound, not an allocation: what is queued stays within
+/// the credit. `SO_SNDBUFFORCE` passes `net.core.wmem_max` with
+/// `CAP_NET_ADMIN`, which sockmap mode has; otherwise `SO_SNDBUF` gives what
+/// that allows, and the credit is kept within it
+/// ([`Credit::within_send_buffer`]).
+fn fix_sndbuf(end: &End, ceiling: u64) {
+    // The kernel doubles the value it is given.
+    let v = i32::try_from(ceiling).unwrap_or(i32::MAX / 2);
+    let fd = end.fd.as_fd();
+    if sys::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, v).is_err()
+        && let Err(e) = sys::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, v)
+    {
+        tracing::debug!("SO_SNDBUF: {e}");
     }
 }
 
@@ -1034,10 +1086,11 @@ pub async fn relay(
     credit: Credit,
     activity: &Activity,
 ) -> Result<(), Fault> {
-    let mut limit = credit.base;
     if !armed.full {
         return relay_copied(armed, src, dst, activity).await;
     }
+    let credit = credit.within_send_buffer(dst);
+    let mut limit = credit.base;
     let kernel = armed.kernel;
     let mut flow = Flow {
         written: dst.in_flight,
@@ -1475,5 +1528,44 @@ mod tests {
         assert_eq!(std::mem::offset_of!(Count, started), 36);
         assert_eq!(std::mem::offset_of!(Count, error), 40);
         assert_eq!(std::mem::offset_of!(Count, failures), 44);
+    }
+
+    /// What a direction may queue towards a socket fits in its send buffer
+    /// (so a redirect never finds it full: see [`fix_sndbuf`]). A small
+    /// buffer halves the credit down to its size; fixed, the buffer holds
+    /// the whole ceiling twice over where `SO_SNDBUFFORCE` is allowed (as
+    /// root; sockmap mode has `CAP_NET_ADMIN`), else what `wmem_max` allows,
+    /// and the credit stays within half of it.
+    #[test]
+    fn the_credit_fits_the_peers_send_buffer() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let end = End::new(OwnedFd::from(c), 0).unwrap();
+        let sndbuf = |end: &End| {
+            let v: libc::c_int =
+                sys::getsockopt(end.fd.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap();
+            u64::try_from(v).unwrap()
+        };
+        let credit = Credit {
+            base: LIMIT,
+            max: 32 << 20,
+        };
+
+        // The kernel doubles it: 128 KiB.
+        sys::setsockopt(end.fd.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, 64 << 10).unwrap();
+        assert_eq!(sndbuf(&end), 128 << 10);
+        let small = credit.within_send_buffer(&end);
+        assert_eq!((small.base, small.max), (64 << 10, 64 << 10));
+
+        fix_sndbuf(&end, credit.max);
+        let fixed = sndbuf(&end);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(fixed, 64 << 20);
+        }
+        let within = credit.within_send_buffer(&end);
+        assert_eq!(within.max, credit.max.min(fixed / 2));
+        assert_eq!(within.base, credit.base.min(fixed / 2));
+        assert!(2 * within.max <= fixed, "{within:?} in {fixed}");
     }
 }
