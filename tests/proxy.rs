@@ -1732,7 +1732,8 @@ fn auto_uses_sockmap_only_where_an_overlapping_segment_is_read_once() {
 /// (the socket in the SOCKHASH, plain TCP) every byte of a bulk transfer
 /// arrives once and in order, and so does the segment that overlaps bytes
 /// already received, made by the `--repair` pair and by the `--overlap`
-/// peer (which shows that TCP takes their segments). Not run with its
+/// peer (which shows that TCP takes their segments), and a transfer
+/// through a send buffer fixed with `--sndbuf`. Not run with its
 /// verdict program here: every kernel tried answers that wrongly, which is
 /// the reproducer's point, not a fault of ours.
 #[test]
@@ -1754,6 +1755,27 @@ fn the_pass_path_reproducer_is_right_where_the_kernel_is() {
         ],
         "0 of 2 transfers of 64 MiB wrong (no program",
     );
+    // The send buffer the pause report's runs fix (docs/
+    // kernel-report-sockmap-backlog-pause.md) is the one asked for, and
+    // the bytes still come right through it.
+    let (code, text) = reproducer(&[
+        "--no-program",
+        "--sndbuf",
+        "262144",
+        "--mib",
+        "16",
+        "--runs",
+        "1",
+        "--stall",
+        "60",
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("the send buffer towards the backend: 262144 bytes"),
+        "{text}"
+    );
+    assert!(text.contains("0 of 1 transfers of 16 MiB wrong"), "{text}");
+    assert!(text.contains("median transfer: "), "{text}");
     check(
         &["--repair", "--no-program", "--stall", "30"],
         "right: a segment overlapping bytes already received, made with TCP_REPAIR (no program)",

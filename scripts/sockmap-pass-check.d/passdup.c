@@ -35,6 +35,11 @@
  * the copier's socket towards the backend (bpf_sk_redirect_hash, no
  * BPF_F_INGRESS) and user space copies nothing: the redirect path.
  *
+ * Each transfer's time is printed, and the median. --sndbuf fixes that socket's send buffer
+ * (SO_SNDBUFFORCE): the kernel worker that sends redirected bytes
+ * (sk_psock_backlog) meets a full send queue, and how long it then waits
+ * shows in the time (docs/kernel-report-sockmap-backlog-pause.md).
+ *
  * Besides the bytes, it reports what tells where they went wrong: the
  * verdict program counts the bytes it is handed, marks each skb it has
  * given a verdict on (skb->priority, writable from sk_skb) and counts the
@@ -70,6 +75,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 enum mode { VERDICT, PARSER, NO_PROGRAM, REDIRECT };
@@ -83,6 +89,7 @@ static struct {
 	int copier_cpu, client_cpu, backend_cpu;
 	unsigned stall;
 	int overlap;
+	int sndbuf;
 
 } opt = {
 	.bytes = (size_t)1024 << 20,
@@ -97,6 +104,12 @@ static struct {
 
 static uint8_t *pattern;
 static int backend_listener, copier_listener, seen_again, overlapped;
+/* --redirect: the copier says on it that the socket is in the SOCKHASH, and
+ * the client writes only then. A byte that came before would wait in the
+ * receive queue, be read by the copier and written after bytes the program
+ * redirected meanwhile: out of order through no fault of the kernel's (it
+ * happened once in six transfers under 5.10). */
+static int go[2];
 static struct tcp_info client_info;
 static unsigned long retransmitted, retransmitted_wrong;
 static const uint16_t BACKEND_PORT = 9000, COPIER_PORT = 8000;
@@ -431,6 +444,8 @@ static void *client(void *unused)
 	(void)unused;
 	pin(opt.client_cpu);
 	fd = connected(COPIER_PORT);
+	if (opt.mode == REDIRECT && read(go[0], &c, 1) != 1)
+		die("client waiting for the copier");
 	write_all(fd, pattern, opt.bytes, "client write");
 	if (shutdown(fd, SHUT_WR))
 		die("client shutdown");
@@ -498,11 +513,32 @@ static uint64_t acked(int fd)
 	return info.bytes_acked;
 }
 
+static double now(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* Each transfer's time, from the client's connection to the backend's EOF;
+ * the first 1024. */
+static double transfer_seconds[1024];
+
+static int by_value(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
 static int transfer(int map, uint64_t key, uint8_t *buf)
 {
 	pthread_t b, c;
 	void *result;
 	int from, to;
+	double start = now();
+	const uint64_t run = key;
 
 	if (pthread_create(&b, NULL, backend, NULL) || pthread_create(&c, NULL, client, NULL))
 		die("pthread_create");
@@ -510,6 +546,17 @@ static int transfer(int map, uint64_t key, uint8_t *buf)
 	if (from < 0)
 		die("copier accept");
 	to = connected(BACKEND_PORT);
+	/* The kernel doubles what it is given, as for SO_SNDBUF. */
+	if (opt.sndbuf) {
+		int half = opt.sndbuf / 2, got;
+		socklen_t len = sizeof(got);
+
+		if (setsockopt(to, SOL_SOCKET, SO_SNDBUFFORCE, &half, sizeof(half)) ||
+		    getsockopt(to, SOL_SOCKET, SO_SNDBUF, &got, &len))
+			die("SO_SNDBUFFORCE");
+		if (run == 0)
+			printf("the send buffer towards the backend: %d bytes\n", got);
+	}
 	if (opt.mode != NO_PROGRAM) {
 		const uint64_t zero = 0;
 
@@ -522,6 +569,8 @@ static int transfer(int map, uint64_t key, uint8_t *buf)
 		key = 0;
 	}
 	insert(map, key, from);
+	if (opt.mode == REDIRECT && write(go[1], "", 1) != 1)
+		die("copier telling the client");
 	for (;;) {
 		ssize_t n = recv(from, buf, opt.buf, opt.nonblocking ? MSG_DONTWAIT : 0);
 
@@ -546,6 +595,10 @@ static int transfer(int map, uint64_t key, uint8_t *buf)
 		die("copier shutdown");
 	if (pthread_join(b, &result))
 		die("pthread_join");
+	if (run < sizeof(transfer_seconds) / sizeof(transfer_seconds[0]))
+		transfer_seconds[run] = now() - start;
+	printf("  transfer %lu: %.3f s, %.0f MiB/s\n", (unsigned long)run, now() - start,
+		       (double)(opt.bytes >> 20) / (now() - start));
 	if (opt.mode != NO_PROGRAM) {
 		uint64_t first = counter(FIRST, NULL), again = counter(AGAIN, NULL);
 		uint64_t overlaps = counter(OVERLAPS, NULL);
@@ -850,7 +903,8 @@ static void usage(FILE *f)
 {
 	fprintf(f, "usage: passdup [--mib N] [--runs N] [--buf BYTES] [--nonblocking]\n"
 		   "               [--parser | --no-program | --redirect] [--copier-cpu N] [--client-cpu N]\n"
-		   "               [--backend-cpu N] [--stall SECONDS] [--overlap | --repair]\n");
+		   "               [--backend-cpu N] [--stall SECONDS] [--sndbuf BYTES]\n"
+		   "               [--overlap | --repair]\n");
 }
 
 int main(int argc, char **argv)
@@ -869,13 +923,14 @@ int main(int argc, char **argv)
 		{ "client-cpu", required_argument, NULL, 'c' },
 		{ "backend-cpu", required_argument, NULL, 'B' },
 		{ "stall", required_argument, NULL, 's' },
+		{ "sndbuf", required_argument, NULL, 'S' },
 
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
 	};
 	static const char *const mode_names[] = { "verdict only", "parser and verdict", "no program",
 						  "redirect to the backend" };
-	int o, map, wrong = 0;
+	int o, map, n, wrong = 0;
 	uint8_t *buf;
 
 	while ((o = getopt_long(argc, argv, "", options, NULL)) != -1) {
@@ -893,6 +948,7 @@ int main(int argc, char **argv)
 		case 'c': opt.client_cpu = atoi(optarg); break;
 		case 'B': opt.backend_cpu = atoi(optarg); break;
 		case 's': opt.stall = (unsigned)atoi(optarg); break;
+		case 'S': opt.sndbuf = atoi(optarg); break;
 
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
@@ -900,7 +956,7 @@ int main(int argc, char **argv)
 	}
 	if (opt.overlap)
 		opt.bytes = 1 << 20; /* the pattern the peer sends from */
-	if (optind != argc || !opt.bytes || opt.runs < 1 || !opt.buf) {
+	if (optind != argc || !opt.bytes || opt.runs < 1 || !opt.buf || opt.sndbuf < 0) {
 		usage(stderr);
 		return 2;
 	}
@@ -918,6 +974,8 @@ int main(int argc, char **argv)
 		pattern[i] = byte_at(i);
 	backend_listener = listener(BACKEND_PORT);
 	copier_listener = listener(COPIER_PORT);
+	if (pipe(go))
+		die("pipe");
 
 	map = sockhash();
 	signal(SIGALRM, stalled);
@@ -941,6 +999,11 @@ int main(int argc, char **argv)
 	       opt.backend_cpu, opt.buf, opt.nonblocking ? ", non-blocking" : "");
 	printf("the client's TCP retransmitted %lu segments in all, %lu in the wrong transfers\n",
 	       retransmitted, retransmitted_wrong);
+	n = opt.runs < 1024 ? opt.runs : 1024;
+	qsort(transfer_seconds, (size_t)n, sizeof(transfer_seconds[0]), by_value);
+	printf("median transfer: %.3f s, %.0f MiB/s (send buffer towards the backend %s)\n",
+	       transfer_seconds[n / 2], (double)(opt.bytes >> 20) / transfer_seconds[n / 2],
+	       opt.sndbuf ? "fixed" : "autotuned");
 	if (opt.mode == REDIRECT)
 		printf("the redirect program counted bytes only\n");
 	else if (opt.mode != NO_PROGRAM && no_overlap_check)
