@@ -958,10 +958,14 @@ fn fix_rcvbuf(end: &End) {
 /// at `HZ=250`). The room the peer's acknowledgements free meanwhile wakes
 /// it no sooner: the write-space callback's own `schedule_delayed_work(…,
 /// 0)` finds the work already pending and does nothing (before 6.4 that
-/// callback was what restarted the worker). Autotuned, the send buffer stops at `tcp_wmem`'s maximum (4 MiB),
-/// under a credit that grows to `tcp_rmem`'s (32 MiB here), so a bulk transfer
-/// hit that pause every few MiB, with every thread of the transfer waiting:
-/// 0.8 s of the clients' CPU idle per GiB in the bench's bulk rounds.
+/// callback was what restarted the worker). Autotuned, the send buffer
+/// stops at `tcp_wmem`'s maximum (4 MiB), under a credit that grows to
+/// `tcp_rmem`'s (32 MiB here), so a bulk transfer hit that pause every few
+/// MiB, with every thread of the transfer waiting: 0.8 s of the clients' CPU
+/// idle per GiB in the bench's bulk rounds. A redirect towards a send buffer
+/// of `S` bytes moves about `S/2` per jiffy; measured on 5.10 to 7.2 with
+/// `scripts/sockmap-pass-check --redirect --sndbuf` and written up in
+/// docs/kernel-report-sockmap-backlog-pause.md.
 ///
 /// The buffer is a bound, not an allocation: what is queued stays within
 /// the credit. `SO_SNDBUFFORCE` passes `net.core.wmem_max` with
