@@ -374,9 +374,21 @@ pub fn tcp_ask(to: SocketAddr) -> std::io::Result<String> {
     Ok(name.to_owned())
 }
 
-/// Like [`tcp_ask`] with a short connect timeout, for probes expected to fail.
+/// Like [`tcp_ask`] with a short connect timeout, for probes expected to
+/// fail: true when no server took the connection. A socket that connected
+/// to itself (the kernel picked `to`'s own port as the ephemeral port, see
+/// [`tcp_ask`]) says nothing either way: its SYN met the socket itself
+/// before any listener lookup, so neither a listener nor a program was
+/// asked. It connects again, as [`tcp_ask`] does.
 pub fn tcp_refused(to: SocketAddr) -> bool {
-    TcpStream::connect_timeout(&to, Duration::from_millis(300)).is_err()
+    for _ in 0..3 {
+        match TcpStream::connect_timeout(&to, Duration::from_millis(300)) {
+            Err(_) => return true,
+            Ok(c) if c.local_addr().is_ok_and(|local| local == to) => continue,
+            Ok(_) => return false,
+        }
+    }
+    panic!("{to}: connected to itself, thrice");
 }
 
 /// Send a datagram from a connected UDP socket (so only a reply from `to`
