@@ -1790,6 +1790,35 @@ fn the_pass_path_reproducer_is_right_where_the_kernel_is() {
     );
 }
 
+/// A service manager that does not read its notification socket does not
+/// hold the proxy up. The socket here, never read, holds one datagram
+/// (`net.unix.max_dgram_qlen` 0 in this namespace, set before it is made):
+/// `READY=1` fills it, and the status line after the first connection finds
+/// it full. The proxy sends without waiting and serves the next client;
+/// `sd_notify()`'s blocking send stopped the whole proxy there (the proxy
+/// bench hung on it, in a namespace whose queues hold ten).
+#[test]
+fn a_manager_that_reads_late_does_not_hold_the_proxy_up() {
+    in_netns("manager reads late", |_| {
+        std::fs::write("/proc/sys/net/unix/max_dgram_qlen", "0").unwrap();
+        let b = backend(echo);
+        let t = b.addr.to_string();
+        let data = Arc::new(pattern(7, 64 * 1024));
+        for mode in ["splice", "sockmap"] {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = l.local_addr().unwrap();
+            let _p = Proxy::spawn_under(&[], &["--mode", mode, t.as_str()], &[&l], &[]);
+            assert_eq!(echo_through(a, &data), *data, "{mode}: first client");
+            // The status is looked at every 500 ms: by now the line that
+            // counts the first client has found the queue full.
+            thread::sleep(Duration::from_millis(1200));
+            for i in 0..3 {
+                assert_eq!(echo_through(a, &data), *data, "{mode}: client {i} after");
+            }
+        }
+    });
+}
+
 /// A client that comes while the proxy decides its mode (the program
 /// loading on a thread of its own, the probe) is served at once, not after
 /// the decision; its connection is copied until then, and armed once the

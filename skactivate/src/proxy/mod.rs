@@ -26,6 +26,7 @@
 
 pub mod datagram;
 pub mod header;
+pub mod notify;
 pub mod opening;
 pub mod probe;
 pub mod sockmap;
@@ -809,7 +810,7 @@ pub fn run(opts: Options) -> Result<()> {
     let r = local.block_on(&rt, serve(opts));
     if let Err(e) = &r {
         tracing::error!("{e:#}");
-        let _ = sd_notify::notify(&[NotifyState::Status(&format!("failed: {e:#}"))]);
+        let _ = notify::notify_nowait(&[NotifyState::Status(&format!("failed: {e:#}"))]);
     }
     r
 }
@@ -887,11 +888,9 @@ async fn serve(opts: Options) -> Result<()> {
         });
     }
     shared.choice.decided.set(true);
-    let _ = sd_notify::notify(&[
-        NotifyState::Ready,
-        NotifyState::Status(&status_line(&shared)),
-    ]);
-    let mut last_status = status_line(&shared);
+    // Never waits on the manager: see notify.rs.
+    let mut notifier = notify::Notifier::default();
+    notifier.update(true, &status_line(&shared));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -902,11 +901,7 @@ async fn serve(opts: Options) -> Result<()> {
             }
             _ = tick.tick() => {}
         }
-        let line = status_line(&shared);
-        if line != last_status {
-            let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
-            last_status = line;
-        }
+        notifier.update(true, &status_line(&shared));
         let idle = shared.open.get() == 0;
         if accept_yes && idle && tasks.is_empty() {
             // Accept=yes: our one connection is done.
@@ -917,7 +912,7 @@ async fn serve(opts: Options) -> Result<()> {
             && shared.idle_since.get().elapsed() >= t
         {
             tracing::info!("no connection for {t:?}: exiting (--exit-idle-time)");
-            let _ = sd_notify::notify(&[NotifyState::Stopping]);
+            let _ = notify::notify_nowait(&[NotifyState::Stopping]);
             return Ok(());
         }
     }
