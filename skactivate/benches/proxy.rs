@@ -39,6 +39,12 @@
 //!   serves, as on a busy host (the kernel threads that do sockmap's
 //!   redirected sends run there too).
 //!
+//! * `SKACTIVATE_BENCH_ONLY=bulk` measures the bulk rounds alone (no starts,
+//!   latency, connections or slow reader; their columns say `—`), and
+//!   `SKACTIVATE_BENCH_ROUNDS=N` sets the number of rounds (4 by default):
+//!   the proxy's CPU per GiB varies from round to round, and more rounds of
+//!   it alone take less time than more rounds of everything.
+//!
 //! Run without `--bench` (as `cargo test --benches` does) it is a smoke test:
 //! small sizes, no file written.
 
@@ -523,7 +529,22 @@ fn cpu_latency_hold() -> Option<(std::fs::File, i32)> {
     Some((f, us))
 }
 
+/// `SKACTIVATE_BENCH_ONLY=bulk`: the bulk rounds alone.
+fn only_bulk() -> bool {
+    match std::env::var("SKACTIVATE_BENCH_ONLY") {
+        Err(_) => false,
+        Ok(v) if v == "bulk" => true,
+        Ok(v) => panic!("SKACTIVATE_BENCH_ONLY={v}: the proxy bench knows only \"bulk\""),
+    }
+}
+
+/// A figure, or `—` for one not measured.
+fn figure(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "—".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
 fn run(plan: &Plan) -> String {
+    let only_bulk = only_bulk();
     let hold = cpu_latency_hold();
     let wakeup_before = cross_cpu_wakeup();
     pin(1);
@@ -560,7 +581,7 @@ fn run(plan: &Plan) -> String {
         ),
     ];
     let mut starts: Vec<Vec<f64>> = vec![Vec::new(); starting.len()];
-    for r in 0..plan.starts {
+    for r in 0..if only_bulk { 0 } else { plan.starts } {
         for k in 0..starting.len() {
             let i = (k + r) % starting.len();
             let (name, argv, hide_btf) = &starting[i];
@@ -591,31 +612,48 @@ fn run(plan: &Plan) -> String {
     let mut bulks: Vec<Vec<Bulk>> = (0..n).map(|_| Vec::new()).collect();
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); n];
     let mut held: Vec<usize> = vec![0; n];
+    // The newest STATUS= of each bulk proxy, read after every round: a
+    // queue left unread fills (ten datagrams in a fresh namespace), and
+    // what does not fit is sent later or not at all.
+    let mut bulk_status: Vec<Option<String>> = vec![None; n];
     for round in 0..plan.rounds {
         for k in 0..n {
             // Rotate the order each round.
             let i = (k + round) % n;
-            latency(&proxies[i], plan.pings_per_round, &mut lat[i]);
+            if !only_bulk {
+                latency(&proxies[i], plan.pings_per_round, &mut lat[i]);
+            }
             let b = bulk(&sink_proxies[i], &sinks[i], plan.bulk);
             if plan.strict {
                 assert!(!b.reset, "{}: bulk connection reset", proxies[i].name);
                 assert_eq!(b.received, plan.bulk + 1, "{}: bulk bytes", proxies[i].name);
             }
             bulks[i].push(b);
-            rates[i].push(conn_rate(&proxies[i], plan.conn_time));
+            if let Some(st) = last_status(&notifies[i].0) {
+                bulk_status[i] = Some(st);
+            }
+            if !only_bulk {
+                rates[i].push(conn_rate(&proxies[i], plan.conn_time));
+            }
         }
-        let d = Proxy {
-            name: "direct",
-            child: Command::new("true").spawn().unwrap(),
-            addr: echo,
-        };
-        latency(&d, plan.pings_per_round, &mut direct);
+        if !only_bulk {
+            let d = Proxy {
+                name: "direct",
+                child: Command::new("true").spawn().unwrap(),
+                addr: echo,
+            };
+            latency(&d, plan.pings_per_round, &mut direct);
+        }
         eprintln!("round {} of {} done", round + 1, plan.rounds);
     }
     // Every bulk connection is closed; the status is at most 500 ms old.
     std::thread::sleep(Duration::from_millis(700));
-    let bulk_status: Vec<Option<String>> = notifies.iter().map(|(s, _)| last_status(s)).collect();
-    for i in 0..n {
+    for (i, (s, _)) in notifies.iter().enumerate() {
+        if let Some(st) = last_status(s) {
+            bulk_status[i] = Some(st);
+        }
+    }
+    for i in 0..if only_bulk { 0 } else { n } {
         held[i] = slow_reader(&sink_proxies[i], &sinks[i], plan.slow_time);
     }
     direct.sort_by(f64::total_cmp);
@@ -638,7 +676,11 @@ fn run(plan: &Plan) -> String {
     for i in 0..n {
         let mut l = lat[i].clone();
         l.sort_by(f64::total_cmp);
-        let (med, p99) = (percentile(&l, 0.5), percentile(&l, 0.99));
+        let (med, p99) = if l.is_empty() {
+            (f64::NAN, f64::NAN)
+        } else {
+            (percentile(&l, 0.5), percentile(&l, 0.99))
+        };
         let secs: f64 = bulks[i].iter().map(|b| b.secs).sum();
         let total_gib = gib * bulks[i].len() as f64;
         let cpu = bulks[i].iter().map(|b| b.proxy_cpu).sum::<f64>() / total_gib;
@@ -651,32 +693,48 @@ fn run(plan: &Plan) -> String {
         if i == 0 {
             base = (med, p99, cpu, kcpu, rate);
         }
+        // NaN where a figure was not measured (SKACTIVATE_BENCH_ONLY).
+        let some = |v: f64| Some(v).filter(|v| v.is_finite());
         out += &format!(
-            "| {} | {med:.1} | {p99:.1} | {:.2} | {:.2} | {:.2} | {cpu:.3} | {:.2} | {kcpu:.3} | {:.2} | {rate:.0} | {:.2} | {:.1} |\n",
+            "| {} | {} | {} | {} | {} | {:.2} | {cpu:.3} | {:.2} | {kcpu:.3} | {:.2} | {} | {} | {} |\n",
             proxies[i].name,
-            med / base.0,
-            p99 / base.1,
+            figure(some(med), 1),
+            figure(some(p99), 1),
+            figure(some(med / base.0), 2),
+            figure(some(p99 / base.1), 2),
             total_gib / secs,
             cpu / base.2,
             kcpu / base.3,
-            rate / base.4,
-            held[i] as f64 / f64::from(1u32 << 20),
+            figure(some(rate), 0),
+            figure(some(rate / base.4), 2),
+            figure(
+                (!only_bulk).then(|| held[i] as f64 / f64::from(1u32 << 20)),
+                1
+            ),
         );
     }
-    out += &format!(
-        "\nNo proxy (client straight to the echo backend): median {:.1} µs, p99 {:.1} µs over {} round trips.\n\nEach proxy: {} round trips ({} rounds of {}); {} rounds of {:.0} MiB bulk; {} rounds of {:?} of connections; slow reader {:?}.\n",
-        percentile(&direct, 0.5),
-        percentile(&direct, 0.99),
-        direct.len(),
-        plan.rounds * plan.pings_per_round,
-        plan.rounds,
-        plan.pings_per_round,
-        plan.rounds,
-        plan.bulk as f64 / f64::from(1u32 << 20),
-        plan.rounds,
-        plan.conn_time,
-        plan.slow_time,
-    );
+    if only_bulk {
+        out += &format!(
+            "\nBulk rounds only (`SKACTIVATE_BENCH_ONLY=bulk`): {} rounds of {:.0} MiB each.\n",
+            plan.rounds,
+            plan.bulk as f64 / f64::from(1u32 << 20),
+        );
+    } else {
+        out += &format!(
+            "\nNo proxy (client straight to the echo backend): median {:.1} µs, p99 {:.1} µs over {} round trips.\n\nEach proxy: {} round trips ({} rounds of {}); {} rounds of {:.0} MiB bulk; {} rounds of {:?} of connections; slow reader {:?}.\n",
+            percentile(&direct, 0.5),
+            percentile(&direct, 0.99),
+            direct.len(),
+            plan.rounds * plan.pings_per_round,
+            plan.rounds,
+            plan.pings_per_round,
+            plan.rounds,
+            plan.bulk as f64 / f64::from(1u32 << 20),
+            plan.rounds,
+            plan.conn_time,
+            plan.slow_time,
+        );
+    }
     for (i, b) in bulks.iter().enumerate() {
         let wrong: Vec<String> = b
             .iter()
@@ -701,28 +759,30 @@ fn run(plan: &Plan) -> String {
             );
         }
     }
-    out += "\nSocket-activated start: from the proxy's spawn to the echo of a byte its first client \
+    if !only_bulk {
+        out += "\nSocket-activated start: from the proxy's spawn to the echo of a byte its first client \
             sent at once, ms (`auto` and `sockmap` serve from the start while they load the \
             program, on a thread of their own, and probe it; a connection that comes \
             meanwhile is copied until the mode is decided):\n\n| proxy | median ms | max ms | median ratio |\n| --- | ---: | ---: | ---: |\n";
-    let mut base = 0.0;
-    for (i, (name, ..)) in starting.iter().enumerate() {
-        let mut t = starts[i].clone();
-        t.sort_by(f64::total_cmp);
-        let med = percentile(&t, 0.5);
-        if i == 0 {
-            base = med;
+        let mut base = 0.0;
+        for (i, (name, ..)) in starting.iter().enumerate() {
+            let mut t = starts[i].clone();
+            t.sort_by(f64::total_cmp);
+            let med = percentile(&t, 0.5);
+            if i == 0 {
+                base = med;
+            }
+            out += &format!(
+                "| {name} | {med:.1} | {:.1} | {:.2} |\n",
+                t[t.len() - 1],
+                med / base
+            );
         }
         out += &format!(
-            "| {name} | {med:.1} | {:.1} | {:.2} |\n",
-            t[t.len() - 1],
-            med / base
+            "\n{} starts each, the order rotated each time.\n",
+            plan.starts
         );
     }
-    out += &format!(
-        "\n{} starts each, the order rotated each time.\n",
-        plan.starts
-    );
     out += "\nCPU 1 idle during the bulk rounds (it runs the clients and backends; a transfer that \
             leaves it idle waits on something, e.g. a zero window), s per GiB:";
     for i in 0..n {
@@ -763,9 +823,15 @@ fn run(plan: &Plan) -> String {
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
+    let rounds = std::env::var("SKACTIVATE_BENCH_ROUNDS").map_or(4, |v| {
+        v.parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .expect("SKACTIVATE_BENCH_ROUNDS: a number of rounds, at least 1")
+    });
     let plan = if bench {
         Plan {
-            rounds: 4,
+            rounds,
             pings_per_round: 6000,
             bulk: 1 << 30,
             conn_time: Duration::from_secs(2),
