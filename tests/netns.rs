@@ -9,6 +9,8 @@
 //! to the manager (as tests/dbus.rs), and through the real `skactivate
 //! daemon` binary on a private dbus-daemon, asked by the real CLI
 //! (`lookup --netns`, `status --json`, `bindings --json`, `metrics`).
+//! That daemon also shows it never waits on a service manager whose
+//! notification queue is full.
 
 mod common;
 
@@ -580,10 +582,16 @@ struct Daemon {
     daemon: Option<Child>,
     address: String,
     bpffs: PathBuf,
+    /// `NOTIFY_SOCKET` for the daemon, if any.
+    notify: Option<PathBuf>,
 }
 
 impl Daemon {
     fn start(fs: &Bpffs) -> Daemon {
+        Daemon::start_notifying(fs, None)
+    }
+
+    fn start_notifying(fs: &Bpffs, notify: Option<&Path>) -> Daemon {
         let dir = std::env::temp_dir().join(format!(
             "skactivate-netns-bus-{}-{}",
             std::process::id(),
@@ -612,6 +620,7 @@ impl Daemon {
             daemon: None,
             address,
             bpffs: fs.path.clone(),
+            notify: notify.map(Path::to_owned),
         };
         d.restart();
         d
@@ -619,15 +628,17 @@ impl Daemon {
 
     fn restart(&mut self) {
         self.stop();
-        let child = Command::new(env!("CARGO_BIN_EXE_skactivate"))
-            .args(["daemon", "--bus", &self.address, "--bpffs"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_skactivate"));
+        cmd.args(["daemon", "--bus", &self.address, "--bpffs"])
             .arg(&self.bpffs)
             // No system bus: systemd is not asked about these units.
             .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
             .env_remove("NOTIFY_SOCKET")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("skactivate daemon");
+            .stderr(Stdio::piped());
+        if let Some(n) = &self.notify {
+            cmd.env("NOTIFY_SOCKET", n);
+        }
+        let child = cmd.spawn().expect("skactivate daemon");
         self.daemon = Some(child);
         let start = Instant::now();
         loop {
@@ -690,6 +701,100 @@ impl Drop for Daemon {
         let _ = self.bus.kill();
         let _ = self.bus.wait();
     }
+}
+
+/// The daemon never waits on the service manager. Its notification queue
+/// is full (`net.unix.max_dgram_qlen` 0 in this namespace: one datagram
+/// fits, READY=1 takes it, and nothing reads until later): a registration,
+/// whose handler tells the manager the new status with the service locked,
+/// still answers, and so does `status`; the new status is sent once there is
+/// room; and with the queue full again SIGTERM still stops the daemon.
+/// (With `sd_notify`'s blocking send the registration never returned.)
+#[test]
+fn a_manager_that_reads_late_does_not_hold_the_daemon_up() {
+    in_netns(
+        "a_manager_that_reads_late_does_not_hold_the_daemon_up",
+        |fs| {
+            std::fs::write("/proc/sys/net/unix/max_dgram_qlen", "0").unwrap();
+            let dir = std::env::temp_dir().join(format!(
+                "skactivate-notify-{}-{}",
+                std::process::id(),
+                own_netns_inode()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("notify");
+            let _ = std::fs::remove_file(&path);
+            // Made in this namespace, so its queue holds one datagram.
+            let rx = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+            rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut d = Daemon::start_notifying(fs, Some(&path));
+            let web = tcp_server("web", "127.0.0.1:8080", false);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let registered = rt.block_on(async {
+                let conn = zbus::connection::Builder::address(d.address.as_str())
+                    .unwrap()
+                    .build()
+                    .await
+                    .unwrap();
+                let call = async {
+                    SkactivateProxy::new(&conn)
+                        .await
+                        .unwrap()
+                        .register_sockets_with_directives(
+                            "web.socket",
+                            &[Fd::from(web.fd())],
+                            &[&format!("tcp:{PREFIX}:80")],
+                        )
+                        .await
+                        .unwrap()
+                };
+                tokio::time::timeout(Duration::from_secs(10), call)
+                    .await
+                    .expect("the registration waited on the service manager's queue")
+            });
+            assert_eq!(registered, (1, 1));
+            let s = d.json(&["status", "--json"]);
+            assert_eq!(s["units"][0]["unit"], "web.socket", "{s}");
+            let mut buf = [0u8; 4096];
+            let k = rx.recv(&mut buf).expect("READY=1");
+            let first = String::from_utf8_lossy(&buf[..k]).into_owned();
+            assert!(
+                first.contains("READY=1\n")
+                    && first.contains("STATUS=0 units, 0 bindings, 0 sockets\n"),
+                "{first:?}"
+            );
+            // Room now: the status the registration left owed comes (sent again
+            // every 500 ms while owed), and nothing older.
+            let k = rx.recv(&mut buf).expect("the status owed");
+            assert_eq!(
+                String::from_utf8_lossy(&buf[..k]),
+                "STATUS=1 units, 1 bindings, 1 sockets\n"
+            );
+            // The queue full again: SIGTERM's STOPPING=1 does not wait either.
+            let filler = std::os::unix::net::UnixDatagram::unbound().unwrap();
+            filler.send_to(b"X=1\n", &path).unwrap();
+            let mut child = d.daemon.take().unwrap();
+            // SAFETY: kill(2) on our own child's pid, which we have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            let status = loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    break st;
+                }
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the daemon did not stop on SIGTERM with the manager's queue full");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(status.success(), "{status:?}");
+            let _ = std::fs::remove_dir_all(&dir);
+        },
+    );
 }
 
 /// The real daemon and CLI: a socket of another namespace registered over

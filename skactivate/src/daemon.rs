@@ -16,6 +16,7 @@ use zbus::Connection;
 
 use crate::dbus::{self, MANAGER_PATH, Manager, Shared};
 use crate::dispatcher::Dispatcher;
+use crate::notify::{Notifier, notify_nowait};
 use crate::service::Service;
 
 /// Which bus to serve on.
@@ -108,9 +109,56 @@ pub fn run(opts: &Options) -> Result<()> {
     let r = rt.block_on(serve(opts));
     // The caller prints the error (stderr reaches the journal): said once.
     if let Err(e) = &r {
-        let _ = sd_notify::notify(&[NotifyState::Status(&format!("failed: {e:#}"))]);
+        let _ = notify_nowait(&[NotifyState::Status(&format!("failed: {e:#}"))]);
     }
     r
+}
+
+/// What the daemon tells the service manager. Nothing waits on the manager
+/// (see [`crate::notify`]): a change is told from a D-Bus handler with the
+/// service locked, and a full queue would hold every call. What finds the
+/// queue full is sent again by [`Telling::settle`], which runs only while
+/// something is owed: no wake-ups when idle.
+struct Telling {
+    notifier: Mutex<Notifier>,
+    owed: tokio::sync::Notify,
+}
+
+impl Telling {
+    fn new() -> Telling {
+        Telling {
+            notifier: Mutex::new(Notifier::default()),
+            owed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Notifier> {
+        self.notifier
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `f` with the notifier; what it leaves owed is sent again later.
+    fn with(&self, f: impl FnOnce(&mut Notifier)) {
+        let mut n = self.lock();
+        f(&mut n);
+        if n.owes() {
+            self.owed.notify_one();
+        }
+    }
+
+    /// Send what is owed every `every` until nothing is.
+    async fn settle(&self, every: Duration) {
+        loop {
+            self.owed.notified().await;
+            loop {
+                tokio::time::sleep(every).await;
+                if self.lock().flush() {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Who owns `org.skactivate1` on `conn`'s bus, if anyone: its pid.
@@ -208,12 +256,28 @@ async fn serve(opts: &Options) -> Result<()> {
         Bus::System => Some(conn.clone()),
         _ => Connection::system().await.ok(),
     };
+    let telling = Arc::new(Telling::new());
+    let watchdog = sd_notify::watchdog_enabled();
+    // Owed messages go again this often: a WATCHDOG=1 that found the queue
+    // full goes well within the watchdog's time.
+    let again = watchdog.map_or(Duration::from_millis(500), |d| {
+        (d / 4).min(Duration::from_millis(500))
+    });
+    let settling = {
+        let telling = telling.clone();
+        tokio::spawn(async move { telling.settle(again).await })
+    };
     let shared = Arc::new(Shared {
         service: Mutex::new(service),
         systemd,
-        on_change: Box::new(|s: &Service| {
-            let _ = sd_notify::notify(&[NotifyState::Status(&status_line(s))]);
-        }),
+        on_change: {
+            let telling = telling.clone();
+            Box::new(move |s: &Service| {
+                telling.with(|n| {
+                    n.update(false, &status_line(s));
+                });
+            })
+        },
     });
     conn.object_server()
         .at(
@@ -235,8 +299,9 @@ async fn serve(opts: &Options) -> Result<()> {
         dbus::publish_unit(conn.object_server(), &shared, &unit).await?;
     }
     let status = status_line(&shared.lock());
-    sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)])
-        .context("sd_notify READY=1")?;
+    telling.with(|n| {
+        n.update(true, &status);
+    });
     tracing::info!("ready: {status}");
 
     let watch = shared.systemd.clone().map(|sys| {
@@ -251,27 +316,31 @@ async fn serve(opts: &Options) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let watchdog = sd_notify::watchdog_enabled();
     let mut tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                let _ = sd_notify::notify(&[NotifyState::Reloading]);
+                telling.with(Notifier::reloading);
                 let failures = dbus::reload_all(&shared, conn.object_server()).await;
                 let status = status_line(&shared.lock());
-                let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                telling.with(|n| {
+                    n.update(true, &status);
+                });
                 tracing::info!("reloaded on SIGHUP ({} unit(s) refused): {status}", failures.len());
             }
             _ = tick.tick() => {
                 if watchdog.is_some() {
-                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                    telling.with(|n| {
+                        n.watchdog();
+                    });
                 }
             }
         }
     }
-    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    settling.abort();
+    let _ = notify_nowait(&[NotifyState::Stopping]);
     if let Some(w) = watch {
         w.abort();
     }

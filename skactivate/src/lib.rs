@@ -12,6 +12,7 @@
 //! * [`client`] — `skactivate register` / `unregister`.
 //! * [`register_pid`] — `skactivate register-pid`: sockets of a running process.
 //! * [`generator`] — `skactivate-generator`, the systemd generator.
+//! * [`notify`] — `sd_notify` messages that never wait on the manager.
 //! * [`proxy`] — `skactivate proxy`, the socket-activated proxy.
 
 pub mod binding;
@@ -24,6 +25,7 @@ pub mod dbus;
 pub mod directive;
 pub mod dispatcher;
 pub mod generator;
+pub mod notify;
 pub mod paths;
 pub mod proxy;
 pub mod register_pid;

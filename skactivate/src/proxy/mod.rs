@@ -26,7 +26,6 @@
 
 pub mod datagram;
 pub mod header;
-pub mod notify;
 pub mod opening;
 pub mod probe;
 pub mod sockmap;
@@ -47,6 +46,7 @@ use sd_notify::NotifyState;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Semaphore;
 
+use crate::notify;
 use sys::Addr;
 
 /// `--mode`.
@@ -888,7 +888,7 @@ async fn serve(opts: Options) -> Result<()> {
         });
     }
     shared.choice.decided.set(true);
-    // Never waits on the manager: see notify.rs.
+    // Never waits on the manager: see crate::notify.
     let mut notifier = notify::Notifier::default();
     notifier.update(true, &status_line(&shared));
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -901,6 +901,7 @@ async fn serve(opts: Options) -> Result<()> {
             }
             _ = tick.tick() => {}
         }
+        // What found the queue full is sent again here.
         notifier.update(true, &status_line(&shared));
         let idle = shared.open.get() == 0;
         if accept_yes && idle && tasks.is_empty() {
