@@ -74,6 +74,17 @@ fn own_netns_inode() -> u64 {
         .unwrap()
 }
 
+/// A directory of this test process and namespace, made if missing.
+fn scratch_dir(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "skactivate-{kind}-{}-{}",
+        std::process::id(),
+        own_netns_inode()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn state_dir(fs: &Bpffs, ino: u64) -> PathBuf {
     fs.path.join("skactivate").join(ino.to_string())
 }
@@ -592,12 +603,7 @@ impl Daemon {
     }
 
     fn start_notifying(fs: &Bpffs, notify: Option<&Path>) -> Daemon {
-        let dir = std::env::temp_dir().join(format!(
-            "skactivate-netns-bus-{}-{}",
-            std::process::id(),
-            own_netns_inode()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir("netns-bus");
         let sock = dir.join("bus");
         let _ = std::fs::remove_file(&sock);
         let address = format!("unix:path={}", sock.display());
@@ -716,12 +722,7 @@ fn a_manager_that_reads_late_does_not_hold_the_daemon_up() {
         "a_manager_that_reads_late_does_not_hold_the_daemon_up",
         |fs| {
             std::fs::write("/proc/sys/net/unix/max_dgram_qlen", "0").unwrap();
-            let dir = std::env::temp_dir().join(format!(
-                "skactivate-notify-{}-{}",
-                std::process::id(),
-                own_netns_inode()
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
+            let dir = scratch_dir("notify");
             let path = dir.join("notify");
             let _ = std::fs::remove_file(&path);
             // Made in this namespace, so its queue holds one datagram.
