@@ -1776,6 +1776,42 @@ fn the_pass_path_reproducer_is_right_where_the_kernel_is() {
     );
     assert!(text.contains("0 of 1 transfers of 16 MiB wrong"), "{text}");
     assert!(text.contains("median transfer: "), "{text}");
+    // The redirect with a copier that never blocks in recv(2) leaves the
+    // source socket's copied_seq where rcv_nxt is (docs/
+    // kernel-report-sockmap-copied-seq-rollback.md: a blocking one rolls it
+    // back on 6.12 and later, this host's 6.18 among them). Only the
+    // bookkeeping is asserted: a redirected transfer can still meet the
+    // overlap defect (skactivate-proxy(8)).
+    let args = [
+        "--redirect",
+        "--nonblocking",
+        "--sndbuf",
+        "67108864",
+        "--mib",
+        "16",
+        "--runs",
+        "2",
+        "--stall",
+        "60",
+    ];
+    let (_, text) = reproducer(&args);
+    assert!(
+        text.contains("copied_seq lagged behind rcv_nxt after 0 transfers (non-blocking copier)"),
+        "{text}"
+    );
+    // A blocking copier: the count is the kernel's to give, the line is
+    // there.
+    let blocking: Vec<&str> = args
+        .iter()
+        .copied()
+        .filter(|a| *a != "--nonblocking")
+        .collect();
+    let (_, text) = reproducer(&blocking);
+    assert!(
+        text.contains("transfers of 16 MiB wrong (redirect"),
+        "{text}"
+    );
+    assert!(text.contains("transfers (blocking copier)"), "{text}");
     check(
         &["--repair", "--no-program", "--stall", "30"],
         "right: a segment overlapping bytes already received, made with TCP_REPAIR (no program)",

@@ -39,6 +39,12 @@
  * (SO_SNDBUFFORCE): the kernel worker that sends redirected bytes
  * (sk_psock_backlog) meets a full send queue, and how long it then waits
  * shows in the time (docs/kernel-report-sockmap-backlog-pause.md).
+ * After each redirect transfer the copier takes its socket out of the
+ * SOCKHASH and asks SIOCINQ, which for a plain TCP socket is rcv_nxt minus
+ * copied_seq: everything was redirected, so it should be 0; a copier
+ * blocked in recv(2) meanwhile (the default; not with --nonblocking) rolls
+ * copied_seq back on kernels with that defect
+ * (docs/kernel-report-sockmap-copied-seq-rollback.md).
  *
  * Besides the bytes, it reports what tells where they went wrong: the
  * verdict program counts the bytes it is handed, marks each skb it has
@@ -58,6 +64,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <linux/if_tun.h>
+#include <linux/sockios.h>
 #include <net/if.h>
 #include <netinet/ip.h>
 #include <linux/bpf.h>
@@ -103,7 +110,7 @@ static struct {
 };
 
 static uint8_t *pattern;
-static int backend_listener, copier_listener, seen_again, overlapped;
+static int backend_listener, copier_listener, seen_again, overlapped, behind;
 /* --redirect: the copier says on it that the socket is in the SOCKHASH, and
  * the client writes only then. A byte that came before would wait in the
  * receive queue, be read by the copier and written after bytes the program
@@ -497,6 +504,17 @@ static void insert(int map, uint64_t key, int fd)
 		die("adding a socket to the SOCKHASH");
 }
 
+static void take_out(int map, uint64_t key)
+{
+	union bpf_attr attr;
+
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = (uint32_t)map;
+	attr.key = (uintptr_t)&key;
+	if (sys_bpf(BPF_MAP_DELETE_ELEM, &attr))
+		die("taking a socket out of the SOCKHASH");
+}
+
 /* Bytes the peer of `fd` has acknowledged: tcpi_bytes_acked (Linux 4.1),
  * which glibc's struct tcp_info does not have; the kernel's layout up to it. */
 static uint64_t acked(int fd)
@@ -599,6 +617,21 @@ static int transfer(int map, uint64_t key, uint8_t *buf)
 		transfer_seconds[run] = now() - start;
 	printf("  transfer %lu: %.3f s, %.0f MiB/s\n", (unsigned long)run, now() - start,
 		       (double)(opt.bytes >> 20) / (now() - start));
+	if (opt.mode == REDIRECT) {
+		/* Out of the SOCKHASH, the socket is plain TCP again: SIOCINQ is
+		 * rcv_nxt - copied_seq (less the FIN, once it came). */
+		int inq = 0;
+
+		take_out(map, 0);
+		if (ioctl(from, SIOCINQ, &inq))
+			die("SIOCINQ");
+		if (inq) {
+			behind++;
+			printf("  the copier's socket: copied_seq %d bytes behind rcv_nxt, its receive "
+			       "queue empty\n",
+			       inq);
+		}
+	}
 	if (opt.mode != NO_PROGRAM) {
 		uint64_t first = counter(FIRST, NULL), again = counter(AGAIN, NULL);
 		uint64_t overlaps = counter(OVERLAPS, NULL);
@@ -1005,7 +1038,9 @@ int main(int argc, char **argv)
 	       transfer_seconds[n / 2], (double)(opt.bytes >> 20) / transfer_seconds[n / 2],
 	       opt.sndbuf ? "fixed" : "autotuned");
 	if (opt.mode == REDIRECT)
-		printf("the redirect program counted bytes only\n");
+		printf("the redirect program counted bytes only; copied_seq lagged behind rcv_nxt "
+		       "after %d transfers (%s copier)\n",
+		       behind, opt.nonblocking ? "non-blocking" : "blocking");
 	else if (opt.mode != NO_PROGRAM && no_overlap_check)
 		printf("the verdict program counted bytes only (BPF_CMPXCHG needs Linux 5.12)\n");
 	else if (opt.mode != NO_PROGRAM)
