@@ -1779,7 +1779,7 @@ fn the_pass_path_reproducer_is_right_where_the_kernel_is() {
     // The redirect with a copier that never blocks in recv(2) leaves the
     // source socket's copied_seq where rcv_nxt is (docs/
     // kernel-report-sockmap-copied-seq-rollback.md: a blocking one rolls it
-    // back on 6.12 and later, this host's 6.18 among them). Only the
+    // back on 6.1 and later, this host's 6.18 among them). Only the
     // bookkeeping is asserted: a redirected transfer can still meet the
     // overlap defect (skactivate-proxy(8)).
     let args = [
