@@ -595,6 +595,8 @@ struct Daemon {
     bpffs: PathBuf,
     /// `NOTIFY_SOCKET` for the daemon, if any.
     notify: Option<PathBuf>,
+    /// `WATCHDOG_USEC` for the daemon, if any.
+    watchdog: Option<Duration>,
 }
 
 impl Daemon {
@@ -603,6 +605,10 @@ impl Daemon {
     }
 
     fn start_notifying(fs: &Bpffs, notify: Option<&Path>) -> Daemon {
+        Daemon::start_watched(fs, notify, None)
+    }
+
+    fn start_watched(fs: &Bpffs, notify: Option<&Path>, watchdog: Option<Duration>) -> Daemon {
         let dir = scratch_dir("netns-bus");
         let sock = dir.join("bus");
         let _ = std::fs::remove_file(&sock);
@@ -627,6 +633,7 @@ impl Daemon {
             address,
             bpffs: fs.path.clone(),
             notify: notify.map(Path::to_owned),
+            watchdog,
         };
         d.restart();
         d
@@ -643,6 +650,10 @@ impl Daemon {
             .stderr(Stdio::piped());
         if let Some(n) = &self.notify {
             cmd.env("NOTIFY_SOCKET", n);
+        }
+        cmd.env_remove("WATCHDOG_USEC").env_remove("WATCHDOG_PID");
+        if let Some(w) = self.watchdog {
+            cmd.env("WATCHDOG_USEC", w.as_micros().to_string());
         }
         let child = cmd.spawn().expect("skactivate daemon");
         self.daemon = Some(child);
@@ -793,6 +804,79 @@ fn a_manager_that_reads_late_does_not_hold_the_daemon_up() {
                 std::thread::sleep(Duration::from_millis(20));
             };
             assert!(status.success(), "{status:?}");
+            let _ = std::fs::remove_dir_all(&dir);
+        },
+    );
+}
+
+/// The daemon's notifications over time: with `WATCHDOG_USEC` (1 s here) it
+/// pings at half that; without, it says `READY=1` and then nothing, and its
+/// threads do not run while nothing happens (no timer of its own).
+#[test]
+fn the_daemon_pings_its_watchdog_and_is_quiet_without_one() {
+    in_netns(
+        "the_daemon_pings_its_watchdog_and_is_quiet_without_one",
+        |fs| {
+            let dir = scratch_dir("watchdog");
+            let path = dir.join("notify");
+            let _ = std::fs::remove_file(&path);
+            let rx = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+            rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut buf = [0u8; 4096];
+            let mut next = |timeout: Duration| {
+                rx.set_read_timeout(Some(timeout)).unwrap();
+                rx.recv(&mut buf)
+                    .ok()
+                    .map(|k| String::from_utf8_lossy(&buf[..k]).into_owned())
+            };
+
+            let mut d = Daemon::start_watched(fs, Some(&path), Some(Duration::from_secs(1)));
+            let first = next(Duration::from_secs(10)).expect("READY=1");
+            assert!(first.contains("READY=1\n"), "{first:?}");
+            let start = Instant::now();
+            let mut pings = 0;
+            while start.elapsed() < Duration::from_millis(2200) {
+                match next(Duration::from_millis(2200)) {
+                    Some(m) => {
+                        assert_eq!(m, "WATCHDOG=1\n");
+                        pings += 1;
+                    }
+                    None => break,
+                }
+            }
+            assert!(
+                (3..=6).contains(&pings),
+                "{pings} pings in 2.2 s at WATCHDOG_USEC=1s"
+            );
+            d.stop();
+            // What the first daemon said last (a ping, STOPPING=1) is read.
+            while next(Duration::from_millis(300)).is_some() {}
+
+            d.watchdog = None;
+            d.restart();
+            let first = next(Duration::from_secs(10)).expect("READY=1");
+            assert!(first.contains("READY=1\n"), "{first:?}");
+            let pid = d.daemon.as_ref().unwrap().id();
+            let switches = || -> u64 {
+                std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .unwrap()
+                    .flatten()
+                    .map(|t| {
+                        std::fs::read_to_string(t.path().join("status"))
+                            .unwrap_or_default()
+                            .lines()
+                            .filter(|l| l.contains("ctxt_switches"))
+                            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                            .sum::<u64>()
+                    })
+                    .sum()
+            };
+            // Let the start settle, then watch two idle seconds.
+            std::thread::sleep(Duration::from_millis(500));
+            let before = switches();
+            assert_eq!(next(Duration::from_secs(2)), None, "a message while idle");
+            assert_eq!(switches(), before, "the daemon ran while idle");
+            d.stop();
             let _ = std::fs::remove_dir_all(&dir);
         },
     );

@@ -316,7 +316,9 @@ async fn serve(opts: &Options) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+    // The watchdog's ping, at half its time; without a watchdog no timer at
+    // all: nothing wakes the daemon while nothing happens.
+    let mut ping = watchdog.map(|d| tokio::time::interval(d / 2));
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -330,12 +332,17 @@ async fn serve(opts: &Options) -> Result<()> {
                 });
                 tracing::info!("reloaded on SIGHUP ({} unit(s) refused): {status}", failures.len());
             }
-            _ = tick.tick() => {
-                if watchdog.is_some() {
-                    telling.with(|n| {
-                        n.watchdog();
-                    });
+            _ = async {
+                match ping.as_mut() {
+                    Some(p) => {
+                        p.tick().await;
+                    }
+                    None => std::future::pending().await,
                 }
+            } => {
+                telling.with(|n| {
+                    n.watchdog();
+                });
             }
         }
     }
