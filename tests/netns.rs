@@ -707,6 +707,33 @@ impl Daemon {
     fn json(&self, args: &[&str]) -> serde_json::Value {
         serde_json::from_str(&self.ok(args)).unwrap()
     }
+
+    /// `RegisterSocketsWithDirectives(unit, [fd], [directive])` over the
+    /// daemon's bus, answered within 10 s: (sockets, bindings).
+    fn register(&self, unit: &str, fd: std::os::fd::BorrowedFd<'_>, directive: &str) -> (u32, u32) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let conn = zbus::connection::Builder::address(self.address.as_str())
+                .unwrap()
+                .build()
+                .await
+                .unwrap();
+            let call = async {
+                SkactivateProxy::new(&conn)
+                    .await
+                    .unwrap()
+                    .register_sockets_with_directives(unit, &[Fd::from(fd)], &[directive])
+                    .await
+                    .unwrap()
+            };
+            tokio::time::timeout(Duration::from_secs(10), call)
+                .await
+                .unwrap_or_else(|_| panic!("registering {unit} took more than 10 s"))
+        })
+    }
 }
 
 impl Drop for Daemon {
@@ -741,32 +768,8 @@ fn a_manager_that_reads_late_does_not_hold_the_daemon_up() {
             rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let mut d = Daemon::start_notifying(fs, Some(&path));
             let web = tcp_server("web", "127.0.0.1:8080", false);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let registered = rt.block_on(async {
-                let conn = zbus::connection::Builder::address(d.address.as_str())
-                    .unwrap()
-                    .build()
-                    .await
-                    .unwrap();
-                let call = async {
-                    SkactivateProxy::new(&conn)
-                        .await
-                        .unwrap()
-                        .register_sockets_with_directives(
-                            "web.socket",
-                            &[Fd::from(web.fd())],
-                            &[&format!("tcp:{PREFIX}:80")],
-                        )
-                        .await
-                        .unwrap()
-                };
-                tokio::time::timeout(Duration::from_secs(10), call)
-                    .await
-                    .expect("the registration waited on the service manager's queue")
-            });
+            // The handler tells the manager with the service locked.
+            let registered = d.register("web.socket", web.fd(), &format!("tcp:{PREFIX}:80"));
             assert_eq!(registered, (1, 1));
             let s = d.json(&["status", "--json"]);
             assert_eq!(s["units"][0]["unit"], "web.socket", "{s}");
@@ -894,30 +897,10 @@ fn the_daemon_and_its_cli_show_and_ask_other_namespaces() {
             let inner = Netns::new();
             let web = inner.run(|| tcp_server("inner-web", "127.0.0.1:8080", false));
             let mut d = Daemon::start(fs);
-            let register = |d: &Daemon| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    let conn = zbus::connection::Builder::address(d.address.as_str())
-                        .unwrap()
-                        .build()
-                        .await
-                        .unwrap();
-                    SkactivateProxy::new(&conn)
-                        .await
-                        .unwrap()
-                        .register_sockets_with_directives(
-                            "inner.socket",
-                            &[Fd::from(web.fd())],
-                            &["tcp:192.0.2.0/24:80"],
-                        )
-                        .await
-                        .unwrap()
-                })
-            };
-            assert_eq!(register(&d), (1, 1));
+            assert_eq!(
+                d.register("inner.socket", web.fd(), "tcp:192.0.2.0/24:80"),
+                (1, 1)
+            );
             assert_eq!(
                 inner.run(|| tcp_ask(to("192.0.2.9", 80))).unwrap(),
                 "inner-web"
